@@ -1,0 +1,41 @@
+# causal-ltar: `make demo` and `make test` do all set-up on a new machine.
+# Stage targets take CONFIG=pipeline.yaml and SET="key=value key=value".
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+LTAR   := $(VENV)/bin/ltar
+CONFIG ?= pipeline.yaml
+SET    ?=
+ARGS   := --config $(CONFIG) $(foreach kv,$(SET),--set $(kv))
+
+.PHONY: setup demo synth test bench lint clean
+
+# The venv is rebuilt only when the package metadata or the pinned versions change.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $@
+
+setup: $(VENV)/.installed
+
+synth: setup
+	$(LTAR) synth $(ARGS)
+
+# Every stage that exists, in order, on the embedded synthetic dataset.
+demo: setup
+	$(LTAR) synth $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	@for b in bench/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lint: setup
+	$(VENV)/bin/ruff check extract train tests bench
+	$(VENV)/bin/ruff format --check extract train tests bench
+
+clean:
+	rm -rf data runs
+	find cache -mindepth 1 -not -name README.md -exec rm -rf {} +

@@ -1,0 +1,169 @@
+"""`ltar`: the command line of causal-ltar.
+
+Every command takes `--config PATH` (default pipeline.yaml) and repeated `--set KEY=VALUE`.
+Exit codes: 0 success, 1 finished with recorded failures, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+from extract.config import Config, ConfigError, dump_yaml, load_config, write_resolved
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+
+app = typer.Typer(
+    name="ltar",
+    help=(
+        "Long-term action recognition with causal intervention heads on a frozen-feature cache.\n\n"
+        "Typical run: ltar synth; ltar extract; ltar inspect.\n\n"
+        "Example: ltar synth --set synthetic.rho=0.5 --set dataset.root=data/synth-rho50"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+# Shared by every command (typer has no inheritance of options, so each command declares them).
+ConfigOpt = typer.Option(Path("pipeline.yaml"), "--config", "-c", help="The pipeline YAML file.")
+SetOpt = typer.Option([], "--set", "-s", help="Override one key, e.g. --set train.lr=1e-4 (repeatable).")
+
+
+class _State:
+    quiet = False
+
+
+def progress_enabled() -> bool:
+    """Progress bars show unless --quiet was given."""
+    return not _State.quiet
+
+
+@app.callback()
+def _main(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; warnings and errors only."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:
+    _State.quiet = quiet
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def resolve_config(config: Path, overrides: list[str]) -> Config:
+    """Load and validate; a bad config stops here with exit code 2 before any work starts."""
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+
+
+@config_app.command("show")
+def config_show(config: Path = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Print the resolved configuration (defaults, file and --set overrides merged and checked).
+
+    Example: ltar config show --set frames.num_frames=32
+    """
+    from extract.datasets import dataset_names
+    from extract.encoders import encoder_names
+
+    cfg = resolve_config(config, set_)
+    typer.echo(dump_yaml(cfg), nl=False)
+    typer.echo(f"# registered datasets: {', '.join(dataset_names())}")
+    typer.echo(f"# registered encoders: {', '.join(encoder_names())}")
+
+
+@app.command()
+def synth(config: Path = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Render the synthetic confounded benchmark (videos + manifest.jsonl) into dataset.root.
+
+    Re-running with the same `synthetic` section is a no-op.
+
+    Example: ltar synth --set synthetic.videos.train=400 --set synthetic.rho=0.95
+    """
+    from extract.synthetic import write_dataset
+
+    cfg = resolve_config(config, set_)
+    root = Path(cfg.dataset.root)
+    summary = write_dataset(cfg.synthetic, root, progress=progress_enabled())
+    write_resolved(cfg, root)
+    typer.echo(_format_summary(summary))
+    typer.echo(f"wrote {root / 'manifest.jsonl'}")
+
+
+@app.command()
+def extract(config: Path = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Decode every video of the dataset and write CLIP, saliency and TimeSformer features to the cache.
+
+    Resumes an interrupted run; videos that cannot be decoded are recorded and skipped (exit code 1).
+
+    Example: ltar extract --set frames.num_frames=32 --set encoders.device=cuda:0
+    """
+    from extract.datasets import DatasetError
+    from extract.pipeline import extract as run_extract
+    from extract.schema import CacheError
+    from extract.store import ExtractError
+
+    cfg = resolve_config(config, set_)
+    try:
+        summary = run_extract(cfg, progress=progress_enabled())
+    except (DatasetError, CacheError, ExtractError) as e:
+        raise _fail(str(e)) from None
+    write_resolved(cfg, summary.store.parent, f"{summary.store.stem}.config.yaml")
+    for line in summary.lines():
+        typer.echo(line)
+    if summary.failures:
+        raise typer.Exit(EXIT_FAILURES)
+
+
+@app.command()
+def inspect(
+    video_id: str = typer.Argument(None, help="A video id; without one, print the cache summary."),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    store: Path = typer.Option(None, "--store", help="A store path (default: the one the config names)."),
+    out: Path = typer.Option(None, "--out", help="PNG path (default runs/inspect/<video_id>.png)."),
+) -> None:
+    """Show what the cache holds: a summary, or one video's frames, saliency, foreground and background.
+
+    Example: ltar inspect train_00003   (writes runs/inspect/train_00003.png)
+    """
+    from extract.inspect import cache_summary, inspect_video, locate_store
+    from extract.schema import CacheError
+
+    cfg = resolve_config(config, set_)
+    try:
+        path = store or locate_store(cfg)
+        if video_id is None:
+            typer.echo(cache_summary(path))
+            return
+        png = inspect_video(cfg, path, video_id, out or Path("runs/inspect") / f"{video_id}.png")
+    except (CacheError, KeyError) as e:
+        raise _fail(str(e).strip("'\"")) from None
+    typer.echo(f"wrote {png}")
+
+
+def _format_summary(summary: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in summary.items())
+
+
+def main() -> None:
+    """Console-script entry point: map uncaught user errors to exit code 2 with one sentence."""
+    try:
+        app()
+    except ConfigError as e:  # pragma: no cover - resolve_config already maps these
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""Typed configuration: one frozen dataclass per `pipeline.yaml` section, a strict loader.
+
+Every key is checked before any work starts: unknown keys (with a did-you-mean), wrong types,
+out-of-range numbers and values outside a fixed set fail with the full key path. `--set a.b=c`
+overrides go through the same checks. Both stages read this module; it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user fixes by editing the YAML or a `--set` override."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, doc: str = "") -> dict:
+    return {"range": (lo, hi), "doc": doc}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str = "synthetic"  # a registered dataset adapter (`ltar config show` lists them)
+    root: str = "data/synthetic"  # where the dataset lives; `ltar synth` writes here
+
+
+@dataclass(frozen=True)
+class SplitSizes:
+    train: int = field(default=192, metadata=_range(0))  # videos in the training split
+    test_iid: int = field(default=64, metadata=_range(0))  # same scene/co-occurrence bias as train
+    test_ood: int = field(default=64, metadata=_range(0))  # scene and co-occurrence drawn independently
+    pretrain: int = field(default=0, metadata=_range(0))  # separate split for VLM pretraining (own seed)
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    seed: int = 0  # one seed decides every video of train/test_iid/test_ood
+    pretrain_seed: int = 1000  # the pretraining split has its own seed, never overlapping the others
+    videos: SplitSizes = SplitSizes()  # videos per split
+    rho: float = field(default=0.85, metadata=_range(0.0, 1.0))  # P(scene = activity's usual scene) in train/iid
+    ood_scene: Literal["independent", "anti"] = "independent"  # test_ood: scene independent of, or never equal to, the usual one
+    cooccur_high: float = field(default=0.8, metadata=_range(0.0, 1.0))  # P(co-occurring action) for activities that favour it
+    cooccur_low: float = field(default=0.1, metadata=_range(0.0, 1.0))  # ... and for the others (train/iid)
+    height: int = field(default=96, metadata=_range(32, 1024))  # rendered frame size in pixels
+    width: int = field(default=96, metadata=_range(32, 1024))
+    fps: int = field(default=8, metadata=_range(1, 120))  # frames per second of the written videos
+    min_seconds: float = field(default=6.0, metadata=_range(1.0))  # video length is drawn in [min, max]
+    max_seconds: float = field(default=10.0, metadata=_range(1.0))
+    codec: Literal["mpeg4", "libx264", "h264"] = "mpeg4"  # encoder for the mp4 files (mpeg4 is in every PyAV wheel)
+    quality: int = field(default=4, metadata=_range(1, 31))  # mpeg4 qscale (lower = better, larger files)
+
+
+@dataclass(frozen=True)
+class FramesConfig:
+    num_frames: int = field(default=16, metadata=_range(1, 4096))  # L: frames sampled per video
+    sampling: Literal["uniform", "region"] = "uniform"  # uniform over the video, or over the annotated region
+    min_frames: int = field(default=2, metadata=_range(1))  # a video with fewer decodable frames is a recorded failure
+    decode_workers: int = field(default=2, metadata=_range(0, 64))  # decoding processes overlapping the encoders (0 = inline)
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    model: str = "ViT-B-16"  # open_clip architecture name (`tiny` preset: our small ViT of the same layout)
+    pretrained: str | None = None  # open_clip pretrained tag, e.g. laion2b_s34b_b88k or openai (needs the weights locally)
+    weights: str | None = None  # local checkpoint (.pt / .bin / .safetensors); an open_clip JSON config beside it names the architecture
+    preset: Literal["tiny", "base"] = "tiny"  # random-weight architecture used when no weights are given or reachable (loudly logged)
+    prompts: tuple[str, ...] = ("a video of {}.", "a person {}.", "{}")  # text templates, averaged per class
+
+
+@dataclass(frozen=True)
+class TimesformerConfig:
+    weights: str | None = None  # official facebookresearch/TimeSformer .pyth checkpoint or a Hugging Face TimesformerModel folder
+    preset: Literal["tiny", "base"] = "tiny"  # random-weight architecture when no weights are given (base = ViT-B/16, divided ST)
+
+
+@dataclass(frozen=True)
+class EncodersConfig:
+    clip: ClipConfig = ClipConfig()
+    timesformer: TimesformerConfig = TimesformerConfig()
+    precision: Literal["fp32", "fp16", "bf16"] = "fp16"  # autocast dtype on GPU (CPU always runs fp32)
+    device: str = "auto"  # auto = cuda when available, else cpu; or an explicit torch device such as cuda:1
+    batch_frames: int = field(default=256, metadata=_range(1))  # frames per encoder batch, across videos
+
+
+@dataclass(frozen=True)
+class SaliencyConfig:
+    method: Literal["clip-attention", "spectral-residual"] = "clip-attention"  # where the foreground comes from
+    map_size: int | None = field(default=None, metadata=_range(2, 256))  # stored map is (map_size, map_size) uint8; null = CLIP's patch grid
+    mass: float = field(default=0.6, metadata=_range(0.05, 1.0))  # the foreground box holds this share of the salient mass
+    background_fill: Literal["mean", "blur", "zero"] = "mean"  # what replaces the salient region in the background frame
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    root: str = "cache"  # stores land in <root>/<dataset>/<fingerprint>.zarr
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0  # seeds torch, numpy and the data order
+    epochs: int = field(default=30, metadata=_range(1))  # passes over the training split
+    lr: float = field(default=1e-3, metadata=_range(0.0))  # AdamW peak learning rate
+    batch_size: int = field(default=32, metadata=_range(1))  # videos per step
+
+
+@dataclass(frozen=True)
+class Config:
+    dataset: DatasetConfig = DatasetConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+    frames: FramesConfig = FramesConfig()
+    encoders: EncodersConfig = EncodersConfig()
+    saliency: SaliencyConfig = SaliencyConfig()
+    cache: CacheConfig = CacheConfig()
+    train: TrainConfig = TrainConfig()
+
+
+# Cross-field checks that a single field's type or range cannot express; each returns a message.
+def _cross_checks(cfg: Config) -> list[str]:
+    errors = []
+    s = cfg.synthetic
+    if s.min_seconds > s.max_seconds:
+        errors.append(
+            f"synthetic.min_seconds ({s.min_seconds}) is larger than synthetic.max_seconds ({s.max_seconds}); "
+            "make min_seconds <= max_seconds"
+        )
+    if s.pretrain_seed == s.seed:
+        errors.append("synthetic.pretrain_seed must differ from synthetic.seed so pretraining never sees test videos")
+    return errors
+
+
+# Keys whose accepted values come from a registry rather than a fixed Literal.
+_REGISTRY_KEYS: dict[str, typing.Callable[[], list[str]]] = {}
+
+
+def register_choices(key_path: str, names: typing.Callable[[], list[str]]) -> None:
+    """Declare that `key_path` (e.g. `dataset.name`) must be one of `names()` (a registry)."""
+    _REGISTRY_KEYS[key_path] = names
+
+
+# ---------------------------------------------------------------------------------------------
+# Loader
+# ---------------------------------------------------------------------------------------------
+
+
+def _suggest(word: str, options: typing.Iterable[str]) -> str:
+    """`; did you mean 'x'?` for a near miss (a typo, or a known key with something appended)."""
+    options = [str(o) for o in options]
+    close = [o for o in options if word.startswith(o) or o.startswith(word)]
+    close = close or difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of names to {_type_name(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping (section)"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _convert(tp: Any, value: Any, path: str, meta: dict | None = None) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, path, meta)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            hint = _suggest(str(value), allowed)
+            raise ConfigError(f"{path}: {value!r} is not accepted{hint} Choose from {list(allowed)}.")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_convert(item, v, f"{path}[{i}]", meta) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(item, v, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+    elif tp is Any:
+        return value
+    else:  # pragma: no cover - a section declared a type the loader does not know
+        raise TypeError(f"config field {path} has unsupported type {tp!r}")
+    lo, hi = (meta or {}).get("range", (None, None))
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise ConfigError(f"{path}: {value!r} is out of range; accepted values lie in {bounds}")
+    if path in _REGISTRY_KEYS:
+        names = _REGISTRY_KEYS[path]()
+        if value not in names:
+            hint = _suggest(str(value), names)
+            raise ConfigError(f"{path}: unknown name {value!r}{hint} Choose from {names}.")
+    return value
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping (section), got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            hint = _suggest(str(key), fields)
+            raise ConfigError(f"{key_path}: unknown key{hint} Accepted keys: {sorted(fields)}.")
+        kwargs[key] = _convert(hints[key], value, key_path, dict(fields[key].metadata))
+    # Defaults are checked too (a registry key's default must name a registered entry).
+    for name, f in fields.items():
+        if name not in kwargs and f"{path}.{name}".lstrip(".") in _REGISTRY_KEYS:
+            _convert(hints[name], getattr(cls(), name), f"{path}.{name}".lstrip("."), dict(f.metadata))
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a', 'b', 'c'], parsed YAML value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: the key must be a dotted path such as train.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({e.problem})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
+    """Return a copy of the raw mapping with each `KEY=VALUE` override applied."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def from_dict(data: dict) -> Config:
+    """Validate a raw mapping into a `Config` (raises ConfigError with the full key path)."""
+    import extract.datasets  # noqa: F401  (registers the accepted values of dataset.name)
+
+    cfg = _build(Config, data, "")
+    errors = _cross_checks(cfg)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return cfg
+
+
+def load_config(path: str | Path = "pipeline.yaml", overrides: typing.Iterable[str] = ()) -> Config:
+    """Read `path`, apply `--set` overrides, validate. A missing file means all defaults only if
+    it is the default path; an explicitly named file must exist."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist; pass --config PATH or run from the repository root")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return from_dict(apply_overrides(raw, overrides))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain YAML-ready data (tuples as lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def write_resolved(cfg: Config, out_dir: str | Path, name: str = "config.resolved.yaml") -> Path:
+    """Write the resolved config beside an output, so every result says how it was made."""
+    out = Path(out_dir) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(dump_yaml(cfg))
+    return out
