@@ -51,8 +51,10 @@ class SyntheticConfig:
     pretrain_seed: int = 1000  # the pretraining split has its own seed, never overlapping the others
     videos: SplitSizes = SplitSizes()  # videos per split
     rho: float = field(default=0.85, metadata=_range(0.0, 1.0))  # P(scene = activity's usual scene) in train/iid
-    ood_scene: Literal["independent", "anti"] = "independent"  # test_ood: scene independent of, or never equal to, the usual one
-    cooccur_high: float = field(default=0.8, metadata=_range(0.0, 1.0))  # P(co-occurring action) for activities that favour it
+    # test_ood: scene independent of, or never equal to, the usual one
+    ood_scene: Literal["independent", "anti"] = "independent"
+    # P(co-occurring action) for activities that favour it
+    cooccur_high: float = field(default=0.8, metadata=_range(0.0, 1.0))
     cooccur_low: float = field(default=0.1, metadata=_range(0.0, 1.0))  # ... and for the others (train/iid)
     height: int = field(default=96, metadata=_range(32, 1024))  # rendered frame size in pixels
     width: int = field(default=96, metadata=_range(32, 1024))
@@ -68,22 +70,28 @@ class FramesConfig:
     num_frames: int = field(default=16, metadata=_range(1, 4096))  # L: frames sampled per video
     sampling: Literal["uniform", "region"] = "uniform"  # uniform over the video, or over the annotated region
     min_frames: int = field(default=2, metadata=_range(1))  # a video with fewer decodable frames is a recorded failure
-    decode_workers: int = field(default=2, metadata=_range(0, 64))  # decoding processes overlapping the encoders (0 = inline)
+    # decoding processes overlapping the encoders (0 = inline)
+    decode_workers: int = field(default=2, metadata=_range(0, 64))
 
 
 @dataclass(frozen=True)
 class ClipConfig:
     model: str = "ViT-B-16"  # open_clip architecture name (`tiny` preset: our small ViT of the same layout)
-    pretrained: str | None = None  # open_clip pretrained tag, e.g. laion2b_s34b_b88k or openai (needs the weights locally)
-    weights: str | None = None  # local checkpoint (.pt / .bin / .safetensors); an open_clip JSON config beside it names the architecture
-    preset: Literal["tiny", "base"] = "tiny"  # random-weight architecture used when no weights are given or reachable (loudly logged)
+    # open_clip pretrained tag, e.g. laion2b_s34b_b88k or openai (needs the weights locally)
+    pretrained: str | None = None
+    # local checkpoint (.pt / .bin / .safetensors); an open_clip JSON config beside it names the architecture
+    weights: str | None = None
+    # random-weight architecture used when no weights are given or reachable (loudly logged)
+    preset: Literal["tiny", "base"] = "tiny"
     prompts: tuple[str, ...] = ("a video of {}.", "a person {}.", "{}")  # text templates, averaged per class
 
 
 @dataclass(frozen=True)
 class TimesformerConfig:
-    weights: str | None = None  # official facebookresearch/TimeSformer .pyth checkpoint or a Hugging Face TimesformerModel folder
-    preset: Literal["tiny", "base"] = "tiny"  # random-weight architecture when no weights are given (base = ViT-B/16, divided ST)
+    # official facebookresearch/TimeSformer .pyth checkpoint or a Hugging Face TimesformerModel folder
+    weights: str | None = None
+    # random-weight architecture when no weights are given (base = ViT-B/16, divided ST)
+    preset: Literal["tiny", "base"] = "tiny"
 
 
 @dataclass(frozen=True)
@@ -98,9 +106,12 @@ class EncodersConfig:
 @dataclass(frozen=True)
 class SaliencyConfig:
     method: Literal["clip-attention", "spectral-residual"] = "clip-attention"  # where the foreground comes from
-    map_size: int | None = field(default=None, metadata=_range(2, 256))  # stored map is (map_size, map_size) uint8; null = CLIP's patch grid
-    mass: float = field(default=0.6, metadata=_range(0.05, 1.0))  # the foreground box holds this share of the salient mass
-    background_fill: Literal["mean", "blur", "zero"] = "mean"  # what replaces the salient region in the background frame
+    # stored map is (map_size, map_size) uint8; null = CLIP's patch grid
+    map_size: int | None = field(default=None, metadata=_range(2, 256))
+    # the foreground box holds this share of the salient mass
+    mass: float = field(default=0.6, metadata=_range(0.05, 1.0))
+    # what replaces the salient region in the background frame
+    background_fill: Literal["mean", "blur", "zero"] = "mean"
 
 
 @dataclass(frozen=True)

@@ -97,9 +97,10 @@ class DatasetError(RuntimeError):
     """The dataset cannot be indexed at all (missing root or manifest)."""
 
 
-def read_manifest(manifest: Path, root: Path | None = None, check_files: bool = True) -> DatasetIndex:
-    """Read a manifest.jsonl; malformed lines, duplicate ids and missing videos are reported with
-    their line number and skipped, never silently dropped."""
+def read_manifest(manifest: Path, root: Path | None = None) -> DatasetIndex:
+    """Read a manifest.jsonl; malformed lines and duplicate ids are reported with their line number
+    and skipped. A video whose file is missing is reported and kept: extraction records it as failed
+    in the cache, so restoring the file later fills its row without changing the fingerprint."""
     root = manifest.parent if root is None else root
     if not manifest.exists():
         raise DatasetError(
@@ -128,9 +129,8 @@ def read_manifest(manifest: Path, root: Path | None = None, check_files: bool = 
             continue
         path = Path(row["path"])
         path = path if path.is_absolute() else root / path
-        if check_files and not path.exists():
-            problems.append(f"{where}: video {vid!r} has no file at {path}; skipped")
-            continue
+        if not path.exists():
+            problems.append(f"{where}: video {vid!r} has no file at {path}; extraction will record it as failed")
         labels = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(row["labels"]).items()}
         region = row.get("region")
         meta = {k: v for k, v in row.items() if k not in ("id", "path", "split", "labels", "region")}
@@ -169,4 +169,3 @@ def manifest_dataset(cfg: Config) -> DatasetIndex:
 def synthetic_dataset(cfg: Config) -> DatasetIndex:
     """The embedded synthetic benchmark, as written by `ltar synth` (a manifest dataset)."""
     return manifest_dataset(cfg)
-

@@ -1,0 +1,106 @@
+"""`ltar inspect`: what a cache store holds, and what one video's confounder features are made of."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from extract import schema
+from extract.config import Config
+from extract.schema import CacheError
+
+
+def locate_store(cfg: Config) -> Path:
+    """The store the config names (same fingerprint as `ltar extract` would compute)."""
+    from extract.datasets import load_dataset
+    from extract.pipeline import fingerprint, resolve_device
+
+    index = load_dataset(cfg)
+    path = schema.store_path(cfg.cache.root, cfg.dataset.name, fingerprint(cfg, index, resolve_device(cfg)))
+    if not path.exists():
+        raise CacheError(f"no cache store at {path} for this configuration; run `ltar extract` first")
+    return path
+
+
+def cache_summary(path: Path) -> str:
+    """Arrays with shapes and dtypes, done/failed counts per split, encoder provenance."""
+    import json
+
+    group, info = schema.open_cache(path)
+    done = np.asarray(group[schema.DONE][:])
+    splits = np.asarray(info.splits)
+    lines = [f"store: {path}", f"fingerprint: {info.attrs['fingerprint']}  schema: {info.attrs['schema_version']}"]
+    for split in sorted(set(info.splits)):
+        sel = splits == split
+        lines.append(f"split {split}: {int(sel.sum())} videos, {int(done[sel].sum())} done")
+    lines.append(f"failed: {len(info.failures)}")
+    lines += [f"  {vid}: {reason}" for vid, reason in sorted(info.failures.items())]
+    lines.append("arrays:")
+    for name, arr in sorted(_arrays(group)):
+        dims = ", ".join(arr.metadata.dimension_names or ())
+        lines.append(f"  {name:<20} {str(arr.shape):<22} {str(arr.dtype):<8} ({dims})")
+    lines.append("provenance: " + json.dumps(info.attrs.get("provenance", {}), indent=2, sort_keys=True))
+    return "\n".join(lines)
+
+
+def _arrays(group, prefix: str = ""):
+    import zarr
+
+    for name, member in group.members():
+        if isinstance(member, zarr.Group):
+            yield from _arrays(member, f"{prefix}{name}/")
+        else:
+            yield f"{prefix}{name}", member
+
+
+def inspect_video(cfg: Config, path: Path, video_id: str, out: Path, max_frames: int = 8) -> Path:
+    """PNG: sampled frames, saliency map, foreground crop and background frame, one row per frame."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from extract.decode import decode_frames
+    from extract.saliency import foreground_background
+
+    group, info = schema.open_cache(path)
+    if video_id not in info.video_ids:
+        raise CacheError(f"video {video_id!r} is not in {path}; `ltar inspect` without an id lists the splits")
+    row = info.video_ids.index(video_id)
+    if not bool(group[schema.DONE][row]):
+        reason = info.failures.get(video_id, "not extracted yet")
+        raise CacheError(f"video {video_id!r} has no features in {path} ({reason})")
+    mask = np.asarray(group[schema.FRAME_MASK][row])  # (L,)
+    ts = np.asarray(group[schema.TIMESTAMPS][row])[mask]  # (L',) seconds
+    sal = np.asarray(group[schema.SALIENCY][row])[mask]  # (L', h, w) uint8
+    pick = np.unique(np.linspace(0, len(ts) - 1, min(max_frames, len(ts))).round().astype(int))
+    video_path = Path(info.attrs["video_paths"][row])
+    size = int(info.attrs["decode_size"])
+    frames = decode_frames(video_path, ts[pick], size=size).frames  # (K, H, W, 3)
+    h, w = frames.shape[1:3]
+    y, x = (h - size) // 2, (w - size) // 2
+    frames = frames[:, y : y + size, x : x + size]  # (K, S, S, 3) what the encoders saw
+    sal_t = torch.from_numpy(sal[pick]).float() / 255.0  # (K, h, w)
+    fg, bg = foreground_background(
+        torch.from_numpy(np.ascontiguousarray(frames)), sal_t, cfg.saliency.mass, cfg.saliency.background_fill, size
+    )
+    cols = ["frame", "saliency", "foreground", "background"]
+    fig, axes = plt.subplots(len(pick), 4, figsize=(8, 2 * len(pick)), squeeze=False)
+    for r, k in enumerate(pick):
+        panels = [frames[r], sal[k], fg[r].numpy(), bg[r].numpy()]
+        for c, img in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(img, cmap="inferno" if c == 1 else None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(cols[c])
+        axes[r, 0].set_ylabel(f"t={ts[k]:.2f}s")
+    fig.suptitle(f"{video_id} ({info.splits[row]})")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out

@@ -1,0 +1,138 @@
+"""The cache schema, declared once. `extract` writes it; `train` reads it through `open_cache`.
+
+One Zarr v3 store per (dataset, fingerprint): `<cache.root>/<dataset>/<fingerprint>.zarr`.
+Per-video arrays have the video index as first axis, one video per chunk row, rows grouped into
+shards of `SHARD_VIDEOS` (so a large dataset is not millions of files), fp16 features with zstd,
+and named dimensions so `xarray.open_zarr` shows them. `done[i]` is written after every other
+array of row i, so a row is either complete or recomputed on resume.
+
+Arrays (N videos, L frames, Dc CLIP dim, Dv TimeSformer dim, h×w saliency map):
+    clip/frame        (N, L, Dc) fp16   VP: pooled, projected, L2-normalised CLIP image embedding
+    clip/fg           (N, L, Dc) fp16   FG: CLIP embedding of the foreground crop
+    clip/bg           (N, L, Dc) fp16   BG: CLIP embedding of the frame with the salient region masked
+    saliency          (N, L, h, w) uint8 the saliency map the crops came from (0..255)
+    timesformer/frame (N, L, Dv) fp16   V: TimeSformer spatial tokens averaged per frame
+    timesformer/cls   (N, Dv) fp16      v_cls: clip-level CLS
+    frame_mask        (N, L) bool       True where the slot holds a real frame
+    timestamps        (N, L) float32    seconds of the frame actually sampled per slot
+    fps               (N,) float32      the video's average frame rate
+    done              (N,) bool         the row is complete
+    labels/<task>     (N,) int32 (single label, -1 = none) or (N, C) bool (multi-hot)
+    text/<task>       (C, Dc) fp16      T0: class-name embeddings averaged over prompt templates
+Attributes (root): schema_version, fingerprint, dataset, video_ids, splits, vocabularies,
+provenance (encoders, weights, libraries), config (resolved), failures {video_id: reason}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+SHARD_VIDEOS = 64  # videos per shard file along the video axis
+
+CLIP_FRAME, CLIP_FG, CLIP_BG = "clip/frame", "clip/fg", "clip/bg"
+SALIENCY = "saliency"
+TSF_FRAME, TSF_CLS = "timesformer/frame", "timesformer/cls"
+FRAME_MASK, TIMESTAMPS, FPS, DONE = "frame_mask", "timestamps", "fps", "done"
+LABELS, TEXT = "labels", "text"
+
+
+class CacheError(RuntimeError):
+    """A store that cannot be used as it is: missing, unfinished, or of another schema version."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    name: str  # path inside the store
+    shape: tuple[int, ...]
+    dims: tuple[str, ...]  # dimension names (xarray reads them)
+    dtype: str
+    per_video: bool = True  # first axis is the video index: one chunk per row, sharded
+
+
+@dataclass(frozen=True)
+class Sizes:
+    num_videos: int  # N
+    num_frames: int  # L
+    clip_dim: int  # Dc
+    timesformer_dim: int  # Dv
+    map_size: int  # h = w of the stored saliency map
+
+
+def array_specs(sizes: Sizes, tasks: dict[str, tuple[int, bool]]) -> list[ArraySpec]:
+    """Every array of a store; `tasks` maps task -> (number of classes, multi-label)."""
+    n, ll, dc, dv, m = sizes.num_videos, sizes.num_frames, sizes.clip_dim, sizes.timesformer_dim, sizes.map_size
+    vlf = ("video", "frame", "feature")
+    specs = [
+        ArraySpec(CLIP_FRAME, (n, ll, dc), vlf, "float16"),
+        ArraySpec(CLIP_FG, (n, ll, dc), vlf, "float16"),
+        ArraySpec(CLIP_BG, (n, ll, dc), vlf, "float16"),
+        ArraySpec(SALIENCY, (n, ll, m, m), ("video", "frame", "map_y", "map_x"), "uint8"),
+        ArraySpec(TSF_FRAME, (n, ll, dv), ("video", "frame", "timesformer_feature"), "float16"),
+        ArraySpec(TSF_CLS, (n, dv), ("video", "timesformer_feature"), "float16"),
+        ArraySpec(FRAME_MASK, (n, ll), ("video", "frame"), "bool"),
+        ArraySpec(TIMESTAMPS, (n, ll), ("video", "frame"), "float32"),
+        ArraySpec(FPS, (n,), ("video",), "float32"),
+    ]
+    for task, (c, multi) in sorted(tasks.items()):
+        if multi:
+            specs.append(ArraySpec(f"{LABELS}/{task}", (n, c), ("video", f"{task}_class"), "bool"))
+        else:
+            specs.append(ArraySpec(f"{LABELS}/{task}", (n,), ("video",), "int32"))
+        specs.append(ArraySpec(f"{TEXT}/{task}", (c, dc), (f"{task}_class", "feature"), "float16", per_video=False))
+    specs.append(ArraySpec(DONE, (n,), ("video",), "bool"))  # last: written after the row
+    return specs
+
+
+def store_path(cache_root: str | Path, dataset: str, fingerprint: str) -> Path:
+    return Path(cache_root) / dataset / f"{fingerprint}.zarr"
+
+
+@dataclass
+class CacheInfo:
+    """What a reader needs to know about a store, from its attributes."""
+
+    path: Path
+    attrs: dict[str, Any]
+
+    @property
+    def video_ids(self) -> list[str]:
+        return list(self.attrs["video_ids"])
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.attrs["splits"])
+
+    @property
+    def vocabularies(self) -> dict[str, dict]:
+        return dict(self.attrs["vocabularies"])
+
+    @property
+    def failures(self) -> dict[str, str]:
+        return dict(self.attrs.get("failures", {}))
+
+    def split_indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(np.asarray(self.splits) == split)
+
+
+def open_cache(path: str | Path, mode: str = "r") -> tuple[Any, CacheInfo]:
+    """Open a store and check its schema version; returns (zarr group, CacheInfo)."""
+    import zarr
+
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise CacheError(f"{path} is not a cache store; run `ltar extract` to create it")
+    group = zarr.open_group(str(path), mode=mode)
+    attrs = dict(group.attrs)
+    version = attrs.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise CacheError(
+            f"{path} was written with cache schema version {version}, this causal-ltar reads version "
+            f"{SCHEMA_VERSION}; re-extract into a new store (delete it or change cache.root) or use the "
+            "causal-ltar release that wrote it"
+        )
+    return group, CacheInfo(path, attrs)

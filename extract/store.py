@@ -1,0 +1,112 @@
+"""Writing the cache store: create it from the schema, write rows, record failures.
+
+Crash safety: zarr's local store replaces a shard file atomically (temporary file + rename), so a
+kill mid-write leaves the previous shard intact; `done[i]` is written after every other array of
+row i; stale `*.partial` temporaries from a killed writer are removed when the store is reopened.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from extract import schema
+from extract.schema import ArraySpec, CacheError
+
+log = logging.getLogger(__name__)
+
+
+class ExtractError(RuntimeError):
+    """Extraction cannot go on (disk full, unwritable store); finished videos are kept."""
+
+
+def _create_array(group: Any, spec: ArraySpec) -> None:
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    compressor = ZstdCodec(level=3) if spec.dtype == "float16" else BloscCodec(cname="zstd", clevel=3)
+    if spec.per_video:
+        chunks = (1, *spec.shape[1:])
+        shards = (min(schema.SHARD_VIDEOS, max(spec.shape[0], 1)), *spec.shape[1:])
+    else:
+        chunks, shards = spec.shape, None
+    group.create_array(
+        spec.name,
+        shape=spec.shape,
+        chunks=chunks,
+        shards=shards,
+        dtype=spec.dtype,
+        compressors=compressor,
+        fill_value=-1 if spec.dtype == "int32" else 0,
+        dimension_names=spec.dims,
+    )
+
+
+def create_store(path: Path, specs: list[ArraySpec], attrs: dict[str, Any]) -> Any:
+    """Create every array, then the attributes; `schema_version` is written last, so a store whose
+    creation was interrupted is recognised (it has none) and recreated."""
+    import zarr
+
+    if path.exists():
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(str(path), mode="w")
+    for spec in specs:
+        _create_array(group, spec)
+    group.attrs.update(attrs)
+    group.attrs["schema_version"] = schema.SCHEMA_VERSION
+    return group
+
+
+def open_for_writing(path: Path, fingerprint: str) -> Any | None:
+    """Reopen an existing store of this fingerprint for resuming; None when it must be created."""
+    import zarr
+
+    if not (path / "zarr.json").exists():
+        return None
+    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    if "schema_version" not in attrs:
+        log.warning("%s: its creation was interrupted; creating it again", path)
+        return None
+    group, info = schema.open_cache(path, mode="r+")
+    if info.attrs.get("fingerprint") != fingerprint:
+        raise CacheError(f"{path} holds fingerprint {info.attrs.get('fingerprint')}, not {fingerprint}; remove it")
+    for stale in path.rglob("*.partial"):  # temporaries of a writer killed mid-write
+        stale.unlink(missing_ok=True)
+    return group
+
+
+def contiguous_runs(rows: np.ndarray) -> Iterator[tuple[int, int]]:
+    """Sorted row indices -> (start, stop) half-open runs, so each run is one slice write."""
+    if rows.size == 0:
+        return
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for run in np.split(rows, breaks):
+        yield int(run[0]), int(run[-1]) + 1
+
+
+def write_rows(group: Any, start: int, values: dict[str, np.ndarray]) -> None:
+    """Write rows start..start+n of every array in `values`, then mark them done."""
+    try:
+        n = None
+        for name, value in values.items():
+            n = len(value)
+            group[name][start : start + n] = value
+        if n:
+            group[schema.DONE][start : start + n] = True
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise ExtractError(
+                f"the disk holding {group.store} is full; finished videos are kept and marked done. "
+                "Free space (or move cache.root) and run `ltar extract` again to resume."
+            ) from None
+        raise ExtractError(f"could not write to the cache store {group.store}: {e}; re-run to resume") from None
+
+
+def store_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
