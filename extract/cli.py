@@ -20,7 +20,7 @@ app = typer.Typer(
     name="ltar",
     help=(
         "Long-term action recognition with causal intervention heads on a frozen-feature cache.\n\n"
-        "Typical run: ltar synth; ltar extract; ltar inspect.\n\n"
+        "Typical run: ltar synth; ltar extract; ltar dictionaries; ltar train; ltar ablate.\n\n"
         "Example: ltar synth --set synthetic.rho=0.5 --set dataset.root=data/synth-rho50"
     ),
     no_args_is_help=True,

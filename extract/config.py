@@ -26,6 +26,9 @@ def _range(lo: float | None = None, hi: float | None = None, *, doc: str = "") -
     return {"range": (lo, hi), "doc": doc}
 
 
+bounds = _range  # field(metadata=bounds(0, 1)): accepted range of a number, for sections typed elsewhere
+
+
 # ---------------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------------
@@ -120,11 +123,73 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class DictionarySpec:
+    """One dictionary `ltar dictionaries` writes into the store as `dictionaries/<name>/` (see
+    extract/dictionaries.py); the keys a variant does not use are recorded as such in its attrs."""
+
+    # cache array the points come from: clip/bg (confounder Z), clip/frame or timesformer/frame (global G)
+    source: Literal["clip/bg", "clip/fg", "clip/frame", "timesformer/frame"] = "clip/bg"
+    size: int = field(default=256, metadata=_range(1))  # K: number of entries (average: ignored, K = classes)
+    # kmeans (FAISS) | random (random features) | average (class-average features, prior = class frequency)
+    variant: Literal["kmeans", "random", "average"] = "kmeans"
+    task: str = "activity"  # the label task whose classes `average` averages over
+    split: str = "train"  # only this split's rows are used
+    # kmeans: reduce to this many dims first (FAISS PCAMatrix); centroids are also stored mapped back
+    pca: int | None = field(default=None, metadata=_range(1))
+    spherical: bool = True  # L2-normalise the entries (the features are L2-normalised)
+    niter: int = field(default=20, metadata=_range(1))  # k-means iterations
+    nredo: int = field(default=1, metadata=_range(1))  # k-means restarts, best objective kept
+    init: Literal["random", "kmeans++"] = "random"  # k-means seeding: K random points (FAISS default) or k-means++
+    max_points: int | None = field(default=100_000, metadata=_range(1))  # kmeans: seeded subsample; null = all
+    seed: int = 0  # seeds the subsample, the k-means init and the `random` draw
+
+
+def _default_dictionaries() -> dict[str, DictionarySpec]:
+    return {
+        "confounder": DictionarySpec(source="clip/bg", size=256),
+        "global": DictionarySpec(source="clip/frame", size=512),
+    }
+
+
+@dataclass(frozen=True)
+class VlmConfig:
+    steps: int = field(default=600, metadata=_range(1))  # contrastive training steps
+    batch_size: int = field(default=128, metadata=_range(2))  # frame-caption pairs per step
+    lr: float = field(default=5e-4, metadata=_range(0.0))  # AdamW peak learning rate (cosine decay)
+    frames_per_video: int = field(default=4, metadata=_range(1))  # frames drawn from each pretraining video
+    action_mention: float = field(default=0.6, metadata=_range(0.0, 1.0))  # P(caption names the visible action)
+    scene_mention: float = field(default=0.3, metadata=_range(0.0, 1.0))  # P(caption names the scene)
+    seed: int = 0
+    out: str = "cache/vlm"  # checkpoints land in <out>/<fingerprint>/
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0  # seeds torch, numpy and the data order
     epochs: int = field(default=30, metadata=_range(1))  # passes over the training split
-    lr: float = field(default=1e-3, metadata=_range(0.0))  # AdamW peak learning rate
+    lr: float = field(default=1e-3, metadata=_range(0.0))  # AdamW peak learning rate (cosine decay after warm-up)
     batch_size: int = field(default=32, metadata=_range(1))  # videos per step
+    weight_decay: float = field(default=0.05, metadata=_range(0.0))  # AdamW decoupled weight decay
+    warmup_epochs: float = field(default=2.0, metadata=_range(0.0))  # linear warm-up before the cosine
+    grad_clip: float = field(default=1.0, metadata=_range(0.0))  # max gradient norm; 0 = no clipping
+    task: str = "activity"  # label task: activity (single label, CE) or atomic (multi-label, BCE)
+    head: str = "baseline"  # registered head (`ltar config show` lists them)
+    variant: str | None = None  # a named variant of the head (heads.<head>.variants), null = the full head
+    device: str = "auto"  # auto = cuda when available, else cpu
+    amp: bool = True  # mixed precision on GPU (ignored on CPU)
+    # split that picks best.pt by its primary metric; null = best is the last epoch (never select on test)
+    select_split: str | None = None
+    eval_splits: tuple[str, ...] = ()  # splits evaluated after training; empty = every split except train
+    memory_budget_mb: int = field(default=4096, metadata=_range(1))  # larger splits stream chunk-wise from Zarr
+    runs_root: str = "runs"  # runs land in <runs_root>/<head>[-<variant>]-<task>-s<seed>/
+
+
+@dataclass(frozen=True)
+class AblationTable:
+    rows: tuple[str, ...] = ()  # `head` or `head:variant`, one row each
+    tasks: tuple[str, ...] = ("activity",)  # each row is trained and evaluated on every task listed
+    seeds: int = field(default=3, metadata=_range(1))  # mean ± std over this many seeds (`--seeds` overrides)
+    caption: str = ""  # written above the table
 
 
 @dataclass(frozen=True)
@@ -135,7 +200,12 @@ class Config:
     encoders: EncodersConfig = EncodersConfig()
     saliency: SaliencyConfig = SaliencyConfig()
     cache: CacheConfig = CacheConfig()
+    dictionaries: dict[str, DictionarySpec] = field(default_factory=_default_dictionaries)
+    vlm: VlmConfig = VlmConfig()
     train: TrainConfig = TrainConfig()
+    # head name -> its options and `variants`; checked against the head's own typed config (train.heads)
+    heads: dict[str, Any] = field(default_factory=dict)
+    ablations: dict[str, AblationTable] = field(default_factory=dict)  # named tables for `ltar ablate`
 
 
 # Cross-field checks that a single field's type or range cannot express; each returns a message.
@@ -150,6 +220,17 @@ def _cross_checks(cfg: Config) -> list[str]:
     if s.pretrain_seed == s.seed:
         errors.append("synthetic.pretrain_seed must differ from synthetic.seed so pretraining never sees test videos")
     return errors
+
+
+# Whole-config checks registered by packages that own part of the config (train.heads checks
+# `heads`, `ablations` and `train.head` against the head registry).
+_VALIDATORS: list[typing.Callable[[Config], list[str]]] = []
+
+
+def register_validator(fn: typing.Callable[[Config], list[str]]) -> None:
+    """`fn(cfg)` returns error messages (with full key paths); they fail the load like any other."""
+    if fn not in _VALIDATORS:
+        _VALIDATORS.append(fn)
 
 
 # Keys whose accepted values come from a registry rather than a fixed Literal.
@@ -259,6 +340,11 @@ def _convert(tp: Any, value: Any, path: str, meta: dict | None = None) -> Any:
     return value
 
 
+def build_section(cls: type, data: Any, path: str) -> Any:
+    """Validate a mapping into dataclass `cls` (for sections typed by other packages, e.g. heads)."""
+    return _build(cls, data, path)
+
+
 def _build(cls: type, data: Any, path: str) -> Any:
     if data is None:
         data = {}
@@ -320,6 +406,8 @@ def from_dict(data: dict) -> Config:
 
     cfg = _build(Config, data, "")
     errors = _cross_checks(cfg)
+    for validate in _VALIDATORS:
+        errors += validate(cfg)
     if errors:
         raise ConfigError("; ".join(errors))
     return cfg

@@ -17,10 +17,14 @@ def locate_store(cfg: Config) -> Path:
     from extract.pipeline import fingerprint, resolve_device
 
     index = load_dataset(cfg)
-    path = schema.store_path(cfg.cache.root, cfg.dataset.name, fingerprint(cfg, index, resolve_device(cfg)))
-    if not path.exists():
-        raise CacheError(f"no cache store at {path} for this configuration; run `ltar extract` first")
-    return path
+    here = resolve_device(cfg)
+    # this machine's device first; a store extracted on the other kind (GPU fp16 / CPU fp32) also serves
+    for device in dict.fromkeys([here, "cpu", "cuda"]):
+        path = schema.store_path(cfg.cache.root, cfg.dataset.name, fingerprint(cfg, index, device))
+        if path.exists():
+            return path
+    path = schema.store_path(cfg.cache.root, cfg.dataset.name, fingerprint(cfg, index, here))
+    raise CacheError(f"no cache store at {path} for this configuration; run `ltar extract` first (or pass --store)")
 
 
 def cache_summary(path: Path) -> str:

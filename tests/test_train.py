@@ -1,0 +1,274 @@
+"""Stage 2: every registered head and variant, metrics against scikit-learn, checkpoints, the CLI."""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, average_precision_score, top_k_accuracy_score
+from typer.testing import CliRunner
+
+from extract.config import ConfigError
+from extract.schema import CacheError
+from train.cli import app
+from train.data import CacheReader, iterate_batches
+from train.engine import RunError, evaluate, train
+from train.heads import Batch, HeadContext, build_head, head_entry, head_names, variant_names
+from train.metrics import average_precision, compute_metrics, mean_average_precision, topk_accuracy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics: known answers from scikit-learn
+# ------------------------------------------------------------------------------------------------
+
+
+def test_metrics_equal_scikit_learn():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.normal(size=(80, 7)), 1)  # rounded: many ties
+    labels = rng.integers(0, 7, 80)
+    assert topk_accuracy(scores, labels, 1) == pytest.approx(accuracy_score(labels, scores.argmax(1)))
+    for k in (2, 5):
+        assert topk_accuracy(scores, labels, k) == pytest.approx(top_k_accuracy_score(labels, scores, k=k))
+    targets = rng.random((80, 7)) < 0.25
+    targets[:, 3] = False  # a class with no positive is left out of the mean
+    ap = average_precision(scores, targets)
+    ref = [average_precision_score(targets[:, c], scores[:, c]) for c in range(7) if targets[:, c].any()]
+    assert np.isnan(ap[3]) and np.allclose(ap[np.isfinite(ap)], ref)
+    valid = targets.any(0)
+    sk_macro = average_precision_score(targets[:, valid], scores[:, valid], average="macro")
+    assert mean_average_precision(scores, targets) == pytest.approx(sk_macro)
+    # a hand-computed ranking: positives at ranks 1 and 3 of 4 -> AP = (1/1 + 2/3) / 2
+    assert average_precision(np.array([[0.9], [0.8], [0.7], [0.1]]), np.array([[1], [0], [1], [0]], bool))[
+        0
+    ] == pytest.approx((1 + 2 / 3) / 2)
+    m = compute_metrics(scores, labels, multi_label=False)
+    assert set(m) == {"acc1", "acc5", "map"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Every registered head and variant, on random tensors
+# ------------------------------------------------------------------------------------------------
+
+B, L, DC, DV, C = 4, 8, 32, 48, 5
+
+
+def _context(multi_label: bool) -> HeadContext:
+    g = torch.Generator().manual_seed(0)
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
+    dicts = {"confounder": (unit(6, DC), torch.full((6,), 1 / 6)), "global": (unit(10, DC), torch.full((10,), 0.1))}
+    return HeadContext(DC, DV, L, C, multi_label, unit(C, DC), dicts)
+
+
+def _batch(ctx: HeadContext, seed: int) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, -3:] = False  # a shorter video
+    if ctx.multi_label:
+        labels = (torch.rand(B, C, generator=g) < 0.4).float()
+    else:
+        labels = torch.randint(0, C, (B,), generator=g)
+    return Batch(
+        vp=torch.randn(B, L, DC, generator=g).half(),
+        v=torch.randn(B, L, DV, generator=g).half(),
+        fg=torch.randn(B, L, DC, generator=g).half(),
+        bg=torch.randn(B, L, DC, generator=g).half(),
+        mask=mask,
+        t0=ctx.t0,
+        dictionaries=ctx.dictionaries,
+        labels=labels,
+    )
+
+
+def _all_variants():
+    from extract.config import from_dict
+
+    cfg = from_dict({})
+    return [(h, v) for h in head_names() for v in [None, *variant_names(cfg, h)]]
+
+
+@pytest.mark.parametrize("multi_label", [False, True], ids=["activity", "atomic"])
+@pytest.mark.parametrize("head_name,variant", _all_variants())
+def test_every_head_and_variant(head_name, variant, multi_label):
+    from extract.config import from_dict
+    from train.engine import loss_fn
+
+    torch.manual_seed(0)
+    cfg = from_dict({})
+    ctx = _context(multi_label)
+    head = build_head(head_name, cfg, ctx, variant)
+    batches = [_batch(ctx, 1), _batch(ctx, 2)]
+    logits = head(batches[0])
+    assert logits.shape == (B, C) and torch.isfinite(logits).all()
+    # one backward step touches only head parameters; the cached inputs and T0 stay as they were
+    before = {n: p.detach().clone() for n, p in head.named_parameters()}
+    t0 = batches[0].t0.clone()
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
+    loss = loss_fn(head(batches[0]), batches[0].labels, multi_label)
+    loss.backward()
+    assert all(p.grad is None for p in (batches[0].vp, batches[0].v))
+    opt.step()
+    assert torch.equal(batches[0].t0, t0)
+    changed = [n for n, p in head.named_parameters() if not torch.equal(p, before[n])]
+    assert changed, "no parameter moved"
+    # overfits two batches: the loss falls clearly
+    head.train()
+    first = None
+    for step in range(80):
+        batch = batches[step % 2]
+        loss = loss_fn(head(batch), batch.labels, multi_label)
+        opt.zero_grad()
+        (loss + (getattr(head, "aux_loss", None) or 0)).backward()
+        opt.step()
+        first = float(loss.detach()) if first is None else first
+    head.eval()
+    with torch.no_grad():
+        final = np.mean([float(loss_fn(head(b), b.labels, multi_label)) for b in batches])
+    assert final < 0.5 * first, (first, final)
+
+
+def test_unknown_head_and_variant_are_sentences():
+    from extract.config import from_dict
+
+    with pytest.raises(KeyError, match="unknown head 'nope'; choose from"):
+        head_entry("nope")
+    with pytest.raises(ConfigError, match="unknown variant 'x'"):
+        build_head("baseline", from_dict({}), _context(False), "x")
+
+
+def test_frozen_text_keeps_t0_and_clip_only_reads_vp():
+    from extract.config import from_dict
+
+    ctx = _context(False)
+    frozen = build_head("baseline", from_dict({}), ctx, "frozen_text")
+    assert not any("text.text" in n for n, _ in frozen.named_parameters())
+    clip_only = build_head("baseline", from_dict({}), ctx, "clip_only")
+    batch = _batch(ctx, 3)
+    out = clip_only(dataclasses.replace(batch, v=torch.full_like(batch.v, float("nan"))))
+    assert torch.isfinite(out).all()  # V is not read at all
+
+
+# ------------------------------------------------------------------------------------------------
+# On the tiny extracted cache
+# ------------------------------------------------------------------------------------------------
+
+
+def test_streamed_split_equals_in_memory(tiny_cache):
+    cfg, store = tiny_cache
+    reader = CacheReader(store, "activity")
+    mem = reader.load_split("train")
+    streamed = reader.stream_split("train", block_rows=2)
+    got = {}
+    for pos, batch in iterate_batches(streamed, 3, mem.vp[:0], {}, "cpu", torch.Generator().manual_seed(0)):
+        for p, row in zip(pos, batch.vp, strict=True):
+            got[int(p)] = row
+    assert sorted(got) == list(range(len(mem))) and all(torch.equal(got[i], mem.vp[i]) for i in got)
+
+
+def test_resume_gives_the_same_next_epoch(tiny_cache, tmp_path):
+    cfg, store = tiny_cache
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3, runs_root=str(tmp_path)))
+    full = train(cfg, store=store, progress=False, run_dir=tmp_path / "full")
+    steps_per_epoch = full.steps // 3
+    cut = train(cfg, store=store, progress=False, run_dir=tmp_path / "cut", max_steps=steps_per_epoch)
+    assert cut.steps == steps_per_epoch
+    with pytest.raises(RunError, match="already holds a run; pass --resume"):
+        train(cfg, store=store, progress=False, run_dir=tmp_path / "cut")
+    resumed = train(cfg, store=store, progress=False, run_dir=tmp_path / "cut", resume=True)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    assert resumed.metrics == full.metrics
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2]
+    assert (tmp_path / "cut" / "metrics.csv").read_text().count("\n") == 4
+
+
+def test_a_kill_while_writing_a_checkpoint_leaves_the_old_one(tiny_cache, tmp_path, monkeypatch):
+    import train.engine as engine
+
+    cfg, store = tiny_cache
+    train(cfg, store=store, progress=False, run_dir=tmp_path)
+    good = torch.load(tmp_path / "last.pt", weights_only=False)
+    real_save = torch.save
+
+    def dies_half_way(obj, f):
+        real_save(obj, f)
+        f.truncate(f.tell() // 2)
+        raise KeyboardInterrupt  # the process dies here, mid-write
+
+    monkeypatch.setattr(engine.torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        engine.atomic_save({"x": 1}, tmp_path / "last.pt")
+    monkeypatch.setattr(engine.torch, "save", real_save)
+    again = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert again["epoch"] == good["epoch"] and again["step"] == good["step"]
+
+
+def test_evaluate_refuses_a_checkpoint_from_another_cache(tiny_cache, tmp_path):
+    cfg, store = tiny_cache
+    result = train(cfg, store=store, progress=False, run_dir=tmp_path / "run")
+    ev = evaluate(tmp_path / "run" / "best.pt", "test_ood", store=store)
+    assert ev.metrics == pytest.approx(result.metrics["test_ood"])
+    assert ev.confusion_png.read_bytes()[:4] == b"\x89PNG"
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    ckpt["fingerprint"] = "0" * 16
+    torch.save(ckpt, tmp_path / "other.pt")
+    with pytest.raises(CacheError, match="was trained on cache 0000000000000000, but"):
+        evaluate(tmp_path / "other.pt", "test_ood", store=store)
+
+
+def test_partial_store_is_refused_unless_allowed(tiny_cache, tmp_path):
+    import shutil
+
+    import zarr
+
+    cfg, store = tiny_cache
+    copy = tmp_path / "partial.zarr"
+    shutil.copytree(store, copy)
+    zarr.open_group(str(copy), mode="r+")["done"][0] = False
+    with pytest.raises(CacheError, match="1 of 12 videos have no features.*--allow-partial"):
+        CacheReader(copy, "activity")
+    reader = CacheReader(copy, "activity", allow_partial=True)
+    assert 0 not in reader.split_rows("train")
+    with pytest.raises(CacheError, match="no label task 'verbs'"):
+        CacheReader(copy, "verbs")
+
+
+def test_cli_train_evaluate_ablate(tiny_cache, tmp_path):
+    cfg, store = tiny_cache
+    os.chdir(tmp_path)
+    sets = [
+        f"dataset.root={cfg.dataset.root}",
+        f"cache.root={cfg.cache.root}",
+        "frames.num_frames=8",
+        "train.epochs=2",
+        "train.batch_size=4",
+        f"train.runs_root={tmp_path / 'runs'}",
+    ]
+    common = ["--config", str(REPO / "pipeline.yaml")] + [a for s in sets for a in ("--set", s)]
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["-q", "train", "--task", "atomic", *common, "--set", "synthetic.videos.train=6"] + ["--store", str(store)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "test_ood: map=" in res.output
+    run = tmp_path / "runs" / "baseline-atomic-s0"
+    assert (run / "best.pt").exists() and (run / "config.resolved.yaml").exists()
+    res = runner.invoke(
+        app, ["-q", "evaluate", str(run / "last.pt"), "--split", "test_iid", "--store", str(store), *common]
+    )
+    assert res.exit_code == 0 and "test_iid: map=" in res.output, res.output
+    res = runner.invoke(app, ["-q", "ablate", "--table", "baseline", "--seeds", "2", "--store", str(store), *common])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "runs" / "ablations" / "baseline.md").read_text()
+    assert "| baseline:clip_only |" in md and "activity Acc@1 test_ood" in md and "atomic mAP test_iid" in md
+    csv_lines = (tmp_path / "runs" / "ablations" / "baseline.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 3 * 2 * 2  # rows x tasks x eval splits
+    assert (tmp_path / "runs" / "ablations" / "baseline.png").read_bytes()[:4] == b"\x89PNG"
+    res = runner.invoke(app, ["-q", "ablate", "--table", "nope", *common])
+    assert res.exit_code == 2 and "no ablation table(s) ['nope']" in res.output
+    res = runner.invoke(app, ["-q", "train", "--head", "nope", *common])
+    assert res.exit_code == 2 and "train.head: unknown head 'nope'" in res.output

@@ -1,0 +1,177 @@
+"""`ltar ablate`: every row of a named table × task × seed, trained from one cache, written as files.
+
+Outputs in `<runs_root>/ablations/`: `<table>.md` (paste into a paper), `<table>.csv` (one line per
+row, task, split and metric, with mean, std and the per-seed values) and `<table>.png` (bar chart with
+std error bars). Runs already finished (their `last.pt` reached the last epoch) are reused, so an
+interrupted ablation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from extract.config import AblationTable, Config
+from train.engine import RunResult, run_name, train
+from train.heads import parse_row
+
+log = logging.getLogger(__name__)
+
+METRIC_LABEL = {"acc1": "Acc@1", "acc5": "Acc@5", "map": "mAP"}
+
+
+@dataclass
+class Cell:
+    row: str
+    task: str
+    split: str
+    metric: str
+    values: list[float]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else 0.0
+
+
+@dataclass
+class TableResult:
+    name: str
+    cells: list[Cell]
+    seconds: float
+    runs: int
+    files: list[Path]
+
+
+def _run_cfg(cfg: Config, row: str, task: str, seed: int) -> Config:
+    head, variant = parse_row(row)
+    return replace(cfg, train=replace(cfg.train, head=head, variant=variant, task=task, seed=seed))
+
+
+def _finished(run_dir: Path, epochs: int) -> RunResult | None:
+    last = run_dir / "last.pt"
+    if not last.exists():
+        return None
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    if ckpt["epoch"] + 1 < epochs:
+        return None
+    final = ckpt["history"][-1]
+    splits = {k.split("/", 1)[0] for k in final if "/" in k}
+    metrics = {s: {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith(f"{s}/")} for s in splits}
+    return RunResult(run_dir, metrics, 0.0, ckpt["step"], ckpt["history"])
+
+
+def main_metric(task_multi_label: bool) -> list[str]:
+    return ["map"] if task_multi_label else ["acc1"]
+
+
+def run_table(
+    cfg: Config, name: str, seeds: int | None = None, store: Path | None = None, progress: bool = True
+) -> TableResult:
+    """Train and evaluate every row of `ablations.<name>`; write the .md, .csv and .png."""
+    from tqdm import tqdm
+
+    if name not in cfg.ablations:
+        raise KeyError(f"no ablation table {name!r}; pipeline.yaml defines {sorted(cfg.ablations)}")
+    table: AblationTable = cfg.ablations[name]
+    n_seeds = seeds or table.seeds
+    out_root = Path(cfg.train.runs_root) / "ablations"
+    t0 = time.perf_counter()
+    results: dict[tuple[str, str], list[RunResult]] = {}
+    jobs = [(row, task, cfg.train.seed + s) for row in table.rows for task in table.tasks for s in range(n_seeds)]
+    bar = tqdm(jobs, desc=f"ablate {name}", unit="run", disable=not progress)
+    for row, task, seed in bar:
+        run_cfg = _run_cfg(cfg, row, task, seed)
+        run_dir = out_root / name / run_name(run_cfg)
+        done = _finished(run_dir, run_cfg.train.epochs)
+        result = done or train(run_cfg, store=store, resume=True, progress=False, run_dir=run_dir)
+        results.setdefault((row, task), []).append(result)
+    cells = []
+    for (row, task), runs in results.items():
+        splits = sorted(runs[0].metrics)
+        multi = "acc1" not in runs[0].metrics[splits[0]]
+        for split in splits:
+            for metric in main_metric(multi):
+                cells.append(Cell(row, task, split, metric, [r.metrics[split][metric] for r in runs]))
+    result = TableResult(name, cells, time.perf_counter() - t0, len(jobs), [])
+    result.files = write_table(result, table, out_root, n_seeds)
+    return result
+
+
+def _columns(cells: list[Cell]) -> list[tuple[str, str, str]]:
+    seen: dict[tuple[str, str, str], None] = {}
+    for c in cells:
+        seen[(c.task, c.metric, c.split)] = None
+    return list(seen)
+
+
+def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds: int) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_root.mkdir(parents=True, exist_ok=True)
+    rows = list(dict.fromkeys(c.row for c in result.cells))
+    cols = _columns(result.cells)
+    by = {(c.row, c.task, c.metric, c.split): c for c in result.cells}
+    header = [f"{t} {METRIC_LABEL[m]} {s}" for t, m, s in cols]
+    lines = []
+    if table.caption:
+        lines += [table.caption, ""]
+    lines.append(f"Table `{result.name}`: mean ± std over {seeds} seed(s); all numbers in %.")
+    lines.append("")
+    lines.append("| row | " + " | ".join(header) + " |")
+    lines.append("|---|" + "---:|" * len(cols))
+    for r in rows:
+        vals = []
+        for t, m, s in cols:
+            c = by.get((r, t, m, s))
+            vals.append(f"{100 * c.mean:.1f} ± {100 * c.std:.1f}" if c else "—")
+        lines.append(f"| {r} | " + " | ".join(vals) + " |")
+    md = out_root / f"{result.name}.md"
+    md.write_text("\n".join(lines) + "\n")
+
+    path_csv = out_root / f"{result.name}.csv"
+    with path_csv.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "task", "split", "metric", "mean", "std", "seeds", "values"])
+        for c in result.cells:
+            w.writerow(
+                [
+                    c.row,
+                    c.task,
+                    c.split,
+                    c.metric,
+                    f"{c.mean:.6f}",
+                    f"{c.std:.6f}",
+                    len(c.values),
+                    " ".join(f"{v:.6f}" for v in c.values),
+                ]
+            )
+
+    fig, axes = plt.subplots(
+        1, len(cols), figsize=(max(4.0, 1.0 + 0.7 * len(rows)) * len(cols) / 1.5, 3.6), squeeze=False
+    )
+    for ax, (t, m, s) in zip(axes[0], cols, strict=True):
+        means = [100 * by[(r, t, m, s)].mean if (r, t, m, s) in by else 0 for r in rows]
+        stds = [100 * by[(r, t, m, s)].std if (r, t, m, s) in by else 0 for r in rows]
+        ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color="#4C72B0")
+        ax.set_xticks(range(len(rows)), rows, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{t} {METRIC_LABEL[m]} ({s})", fontsize=9)
+        ax.set_ylim(0, 100)
+    fig.suptitle(f"{result.name} (mean ± std, {seeds} seeds)", fontsize=10)
+    fig.tight_layout()
+    png = out_root / f"{result.name}.png"
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return [md, path_csv, png]

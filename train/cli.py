@@ -1,0 +1,111 @@
+"""Stage-2 commands (`ltar train`, `ltar evaluate`, `ltar ablate`) added to the `ltar` app.
+
+The console script points here: train depends on extract (the schema, the config), never the
+other way round, so the full command line is assembled in this package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+import train.heads  # noqa: F401  (registers heads; the config loader checks heads/ablations against them)
+from extract.cli import EXIT_USAGE, ConfigOpt, SetOpt, _fail, app, progress_enabled, resolve_config
+from extract.config import ConfigError, write_resolved
+from extract.schema import CacheError
+
+StoreOpt = typer.Option(None, "--store", help="A cache store path (default: the store the config names).")
+
+
+@app.command("train")
+def train_cmd(
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    head: str = typer.Option(None, "--head", help="Registered head (overrides train.head)."),
+    variant: str = typer.Option(None, "--variant", help="Named variant of the head (overrides train.variant)."),
+    task: str = typer.Option(None, "--task", help="activity (single label) or atomic (multi-label)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run from its last.pt."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Train on the done rows of an unfinished store."),
+    store: Path = StoreOpt,
+) -> None:
+    """Train one head from the cache; metrics per epoch and checkpoints under runs/<run>/.
+
+    Example: ltar train --head baseline --variant clip_only --task atomic --set train.epochs=10
+    """
+    from train.engine import RunError, train
+
+    extra = [f"train.head={head}"] if head else []
+    extra += [f"train.variant={variant}"] if variant else []
+    extra += [f"train.task={task}"] if task else []
+    cfg = resolve_config(config, [*set_, *extra])
+    try:
+        result = train(cfg, store=store, resume=resume, progress=progress_enabled(), allow_partial=allow_partial)
+    except (CacheError, RunError, ConfigError) as e:
+        raise _fail(str(e)) from None
+    for split, metrics in result.metrics.items():
+        typer.echo(f"{split}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    typer.echo(f"{result.steps} steps in {result.seconds:.1f} s; wrote {result.run_dir}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `ltar train` (best.pt or last.pt)."),
+    split: list[str] = typer.Option(["test_iid", "test_ood"], "--split", help="Split(s) to evaluate (repeatable)."),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    store: Path = StoreOpt,
+) -> None:
+    """Metrics of a checkpoint on any split, and a confusion-matrix PNG for activity tasks.
+
+    Example: ltar evaluate runs/baseline-activity-s0/best.pt --split test_ood
+    """
+    from train.engine import RunError, evaluate
+
+    cfg = resolve_config(config, set_)
+    try:
+        for s in split:
+            result = evaluate(checkpoint, s, store=store, cfg=cfg)
+            typer.echo(f"{s}: " + " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
+            if result.confusion_png:
+                typer.echo(f"wrote {result.confusion_png}")
+    except (CacheError, RunError) as e:
+        raise _fail(str(e)) from None
+
+
+@app.command("ablate")
+def ablate_cmd(
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    table: list[str] = typer.Option(None, "--table", help="Table name(s) from `ablations` (default: every table)."),
+    seeds: int = typer.Option(None, "--seeds", help="Seeds per row (overrides the table's own)."),
+    store: Path = StoreOpt,
+) -> None:
+    """Run every variant of the named tables from one cache; write runs/ablations/<table>.md, .csv, .png.
+
+    Example: ltar ablate --table main --seeds 3
+    """
+    from train.ablate import run_table
+    from train.engine import RunError
+
+    cfg = resolve_config(config, set_)
+    names = table or sorted(cfg.ablations)
+    unknown = [n for n in names if n not in cfg.ablations]
+    if unknown:
+        raise _fail(f"no ablation table(s) {unknown} in {config}; defined: {sorted(cfg.ablations)}", EXIT_USAGE)
+    for name in names:
+        try:
+            result = run_table(cfg, name, seeds=seeds, store=store, progress=progress_enabled())
+        except (CacheError, RunError, ConfigError) as e:
+            raise _fail(str(e)) from None
+        write_resolved(cfg, result.files[0].parent, f"{name}.config.yaml")
+        typer.echo(result.files[0].read_text())
+        typer.echo(f"{result.runs} runs in {result.seconds:.1f} s; wrote " + ", ".join(map(str, result.files)))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

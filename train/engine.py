@@ -1,0 +1,335 @@
+"""Train and evaluate one head on the cache: AdamW, warm-up + cosine, AMP on GPU, atomic checkpoints.
+
+A run lives in `<train.runs_root>/<head>[-<variant>]-<task>-s<seed>/`: `config.resolved.yaml`,
+`metrics.jsonl` and `metrics.csv` (one row per epoch and split), `last.pt` and `best.pt` (written to
+a temporary file and renamed, so a kill never leaves a truncated checkpoint). `--resume` continues
+from `last.pt` with the same data order and RNG state as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from extract.config import Config, from_dict, to_dict, write_resolved
+from extract.schema import CacheError
+from train.data import CacheReader, SplitTensors, StreamedSplit, iterate_batches
+from train.heads import build_head, head_options
+from train.metrics import compute_metrics, primary_metric
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue as asked (a sentence saying what to do)."""
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def run_name(cfg: Config) -> str:
+    t = cfg.train
+    return f"{t.head}{'-' + t.variant if t.variant else ''}-{t.task}-s{t.seed}"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def find_store(cfg: Config, store: Path | None) -> Path:
+    """An explicit store, else the one the config names (its fingerprint, on any device)."""
+    if store is not None:
+        return Path(store)
+    from extract.inspect import locate_store
+
+    return locate_store(cfg)
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """CE for single-label tasks, BCE for multi-label tasks."""
+    if multi_label:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
+def lr_lambda(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 over the remaining steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary name, fsync, rename: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, dict[str, float]]  # split -> metric -> value, after the last epoch
+    seconds: float
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _eval_splits(cfg: Config, reader: CacheReader) -> list[str]:
+    splits = list(cfg.train.eval_splits) or sorted(set(reader.info.splits) - {"train", "pretrain"})
+    if cfg.train.select_split and cfg.train.select_split not in splits:
+        splits.append(cfg.train.select_split)
+    return splits
+
+
+def _load(reader: CacheReader, split: str, cfg: Config, device: str) -> SplitTensors | StreamedSplit:
+    budget = cfg.train.memory_budget_mb * 2**20
+    size = reader.split_bytes(split)
+    if size <= budget:
+        data = reader.load_split(split)
+        return data.to(device) if device.startswith("cuda") else data
+    rows_per_block = max(cfg.train.batch_size, int(len(reader.split_rows(split)) * budget / (4 * size)))
+    log.info(
+        "split %s (%.0f MiB) exceeds the memory budget; streaming blocks of %d rows",
+        split,
+        size / 2**20,
+        rows_per_block,
+    )
+    return reader.stream_split(split, rows_per_block)
+
+
+@torch.no_grad()
+def predict(head: torch.nn.Module, data, ctx, device: str, batch_size: int, amp: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N, C) and labels for a split, in split order."""
+    head.eval()
+    scores = np.zeros((len(data), ctx.num_classes), dtype=np.float32)
+    labels: list[np.ndarray] = []
+    positions: list[np.ndarray] = []
+    dicts = {k: (c.to(device), p.to(device)) for k, (c, p) in ctx.dictionaries.items()}
+    for pos, batch in iterate_batches(data, batch_size, ctx.t0.to(device), dicts, device):
+        with torch.autocast("cuda", enabled=amp and device.startswith("cuda")):
+            logits = head(batch)
+        scores[pos] = logits.float().cpu().numpy()
+        labels.append(batch.labels.cpu().numpy())
+        positions.append(pos)
+    order = np.argsort(np.concatenate(positions))
+    return scores, np.concatenate(labels)[order]
+
+
+def train(
+    cfg: Config,
+    store: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    allow_partial: bool = False,
+    run_dir: Path | None = None,
+    max_steps: int | None = None,
+) -> RunResult:
+    """Train `cfg.train.head` (variant `cfg.train.variant`) on `cfg.train.task`; evaluate every epoch."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    store = find_store(cfg, store)
+    reader = CacheReader(store, tc.task, allow_partial=allow_partial)
+    ctx = reader.context()
+    run_dir = Path(run_dir or Path(tc.runs_root) / run_name(cfg))
+    last_path = run_dir / "last.pt"
+    if last_path.exists() and not resume:
+        raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or remove the folder")
+    seed_everything(tc.seed)
+    head = build_head(tc.head, cfg, ctx, tc.variant).to(device)
+    train_data = _load(reader, "train", cfg, device)
+    evals = {s: _load(reader, s, cfg, device) for s in _eval_splits(cfg, reader)}
+    steps_per_epoch = math.ceil(len(train_data) / tc.batch_size)
+    total = steps_per_epoch * tc.epochs
+    warmup = int(round(tc.warmup_epochs * steps_per_epoch))
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, warmup))
+    use_amp = tc.amp and device.startswith("cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start_epoch, best, history, step = 0, -math.inf, [], 0
+    if resume and last_path.exists():
+        ckpt = torch.load(last_path, map_location=device, weights_only=False)
+        if ckpt["fingerprint"] != reader.fingerprint:
+            raise RunError(f"{last_path} was trained on cache {ckpt['fingerprint']}, not {reader.fingerprint}")
+        head.load_state_dict(ckpt["state_dict"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"])
+        start_epoch, best, history, step = ckpt["epoch"] + 1, ckpt["best"], ckpt["history"], ckpt["step"]
+        log.info("resuming %s at epoch %d", run_dir, start_epoch)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved(cfg, run_dir)
+    select = tc.select_split
+    metric = primary_metric(ctx.multi_label)
+    t0_dev = ctx.t0.to(device)
+    dicts = {k: (c.to(device), p.to(device)) for k, (c, p) in ctx.dictionaries.items()}
+    bar = tqdm(total=total, initial=step, disable=not progress, desc=run_name(cfg), unit="step")
+    for epoch in range(start_epoch, tc.epochs):
+        head.train()
+        gen = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)  # data order: a function of (seed, epoch)
+        losses = []
+        for _, batch in iterate_batches(train_data, tc.batch_size, t0_dev, dicts, device, gen):
+            with torch.autocast("cuda", enabled=use_amp):
+                logits = head(batch)  # (B, C)
+                loss = loss_fn(logits, batch.labels, ctx.multi_label)
+                aux = getattr(head, "aux_loss", None)
+                if aux is not None:
+                    loss = loss + aux
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if tc.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if max_steps is not None and step >= max_steps:
+                break
+        row = {"epoch": epoch, "step": step, "lr": sched.get_last_lr()[0], "loss": float(np.mean(losses))}
+        for split, data in evals.items():
+            scores, labels = predict(head, data, ctx, device, tc.batch_size, use_amp)
+            row.update({f"{split}/{k}": v for k, v in compute_metrics(scores, labels, ctx.multi_label).items()})
+        history.append(row)
+        _append_metrics(run_dir, row)
+        score = row[f"{select}/{metric}"] if select else epoch  # no selection split: best = last
+        state = {
+            "head": tc.head,
+            "variant": tc.variant,
+            "task": tc.task,
+            "options": to_dict(head_options(cfg, tc.head, tc.variant)),
+            "state_dict": head.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "epoch": epoch,
+            "step": step,
+            "best": max(best, score),
+            "history": history,
+            "fingerprint": reader.fingerprint,
+            "store": str(store),
+            "class_names": reader.class_names,
+            "config": to_dict(cfg),
+        }
+        if score > best:
+            best = score
+            atomic_save(state, run_dir / "best.pt")
+        atomic_save(state, last_path)
+        if max_steps is not None and step >= max_steps:
+            break
+    bar.close()
+    final = history[-1] if history else {}
+    metrics = {s: {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith(f"{s}/")} for s in evals}
+    return RunResult(run_dir, metrics, time.perf_counter() - t0, step, history)
+
+
+def _append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    path = run_dir / "metrics.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+@dataclass
+class EvalResult:
+    split: str
+    metrics: dict[str, float]
+    confusion_png: Path | None
+
+
+def evaluate(
+    checkpoint: Path, split: str, store: Path | None = None, cfg: Config | None = None, out_dir: Path | None = None
+) -> EvalResult:
+    """Metrics of a checkpoint on a split; refuses a checkpoint trained on another cache."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise RunError(f"checkpoint {checkpoint} does not exist; `ltar train` writes runs/<run>/best.pt and last.pt")
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    run_cfg = from_dict(ckpt["config"])
+    if cfg is not None:  # the caller's cache location wins; everything else is the run's own
+        run_cfg = replace(run_cfg, cache=cfg.cache, dataset=cfg.dataset)
+    store = Path(store) if store else Path(ckpt["store"]) if Path(ckpt["store"]).exists() else find_store(run_cfg, None)
+    reader = CacheReader(store, ckpt["task"], allow_partial=True)
+    if reader.fingerprint != ckpt["fingerprint"]:
+        raise CacheError(
+            f"{checkpoint} was trained on cache {ckpt['fingerprint']}, but {store} is cache {reader.fingerprint}; "
+            "evaluate it on the store it was trained on (--store) or retrain on this one"
+        )
+    ctx = reader.context()
+    device = resolve_device(run_cfg.train.device)
+    head = build_head(ckpt["head"], run_cfg, ctx, ckpt["variant"]).to(device)
+    head.load_state_dict(ckpt["state_dict"])
+    data = _load(reader, split, run_cfg, device)
+    scores, labels = predict(head, data, ctx, device, run_cfg.train.batch_size, run_cfg.train.amp)
+    metrics = compute_metrics(scores, labels, ctx.multi_label)
+    png = None
+    if not ctx.multi_label:
+        png = confusion_png(
+            scores,
+            labels,
+            reader.class_names,
+            Path(out_dir or checkpoint.parent) / f"confusion-{split}.png",
+            f"{ckpt['head']} {ckpt['variant'] or ''} on {split}",
+        )
+    return EvalResult(split, metrics, png)
+
+
+def confusion_png(scores: np.ndarray, labels: np.ndarray, names: list[str], out: Path, title: str) -> Path:
+    """Row-normalised confusion matrix (true class rows, predicted class columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = len(names)
+    pred = scores.argmax(1)
+    counts = np.zeros((c, c))
+    np.add.at(counts, (labels, pred), 1)
+    norm = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1 + 0.45 * c, 1 + 0.45 * c))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(c), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(c), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

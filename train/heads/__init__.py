@@ -1,0 +1,184 @@
+"""Head registry: `@register_head("name", config=Cls)`, `build_head(name, cfg, cache_info)`.
+
+Every head is an `nn.Module` with `forward(batch) -> logits (B, C)`. Its options are a frozen
+dataclass (one field per module the paper ablates), filled from `heads.<name>` in pipeline.yaml;
+`heads.<name>.variants.<variant>` is a named set of overrides of those options. The config loader
+checks every head section, variant and ablation row against this registry before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from extract.config import Config, ConfigError, build_section, register_validator
+
+# Head modules, imported on first use of the registry (each registers itself).
+_HEAD_MODULES = ("train.heads.baseline", "train.heads.cmdcl", "train.heads.pcmci", "train.heads.ecrl")
+
+
+@dataclass(frozen=True)
+class HeadEntry:
+    name: str
+    cls: type[torch.nn.Module]
+    config: type  # frozen dataclass of the head's options
+    builtin_variants: dict[str, dict[str, Any]]  # variants every config has (the paper's ablations)
+
+
+_HEADS: dict[str, HeadEntry] = {}
+
+
+def register_head(name: str, config: type, variants: dict[str, dict[str, Any]] | None = None) -> Callable:
+    """Class decorator: register a head with its options dataclass and its built-in variants."""
+
+    def wrap(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
+        _HEADS[name] = HeadEntry(name, cls, config, dict(variants or {}))
+        return cls
+
+    return wrap
+
+
+def _load_all() -> None:
+    for module in _HEAD_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:  # a paper head not written yet
+            if e.name != module:
+                raise
+
+
+def head_names() -> list[str]:
+    _load_all()
+    return sorted(_HEADS)
+
+
+def head_entry(name: str) -> HeadEntry:
+    _load_all()
+    if name not in _HEADS:
+        raise KeyError(f"unknown head {name!r}; choose from {head_names()}")
+    return _HEADS[name]
+
+
+def head_options(cfg: Config, name: str, variant: str | None = None) -> Any:
+    """The head's options: dataclass defaults <- heads.<name> <- the variant's overrides."""
+    entry = head_entry(name)
+    section = dict(cfg.heads.get(name) or {})
+    user_variants = section.pop("variants", None) or {}
+    variants = {**entry.builtin_variants, **user_variants}
+    data = dict(section)
+    path = f"heads.{name}"
+    if variant is not None:
+        if variant not in variants:
+            raise ConfigError(f"{path}.variants: unknown variant {variant!r}; choose from {sorted(variants)}")
+        data.update(variants[variant] or {})
+        path = f"{path}.variants.{variant}"
+    return build_section(entry.config, data, path)
+
+
+def variant_names(cfg: Config, name: str) -> list[str]:
+    entry = head_entry(name)
+    return sorted({**entry.builtin_variants, **((cfg.heads.get(name) or {}).get("variants") or {})})
+
+
+def parse_row(row: str) -> tuple[str, str | None]:
+    """`head` or `head:variant` -> (head, variant or None)."""
+    head, _, variant = row.partition(":")
+    return head, (variant or None)
+
+
+def _validate(cfg: Config) -> list[str]:
+    errors = []
+    names = head_names()
+    for name, section in cfg.heads.items():
+        if name not in names:
+            errors.append(f"heads.{name}: unknown head; choose from {names}")
+            continue
+        if section is not None and not isinstance(section, dict):
+            errors.append(f"heads.{name}: expected a mapping of options, got {section!r}")
+            continue
+        try:
+            head_options(cfg, name)
+            for variant in variant_names(cfg, name):
+                head_options(cfg, name, variant)
+        except ConfigError as e:
+            errors.append(str(e))
+    rows = [("train.head", f"{cfg.train.head}:{cfg.train.variant}" if cfg.train.variant else cfg.train.head)]
+    rows += [(f"ablations.{t}.rows[{i}]", r) for t, table in cfg.ablations.items() for i, r in enumerate(table.rows)]
+    for key, row in rows:
+        head, variant = parse_row(row)
+        if head not in names:
+            errors.append(f"{key}: unknown head {head!r}; choose from {names}")
+        elif variant is not None and variant not in variant_names(cfg, head):
+            errors.append(f"{key}: head {head!r} has no variant {variant!r}; choose from {variant_names(cfg, head)}")
+    for t, table in cfg.ablations.items():
+        if not table.rows:
+            errors.append(f"ablations.{t}.rows: a table needs at least one row")
+    return errors
+
+
+register_validator(_validate)
+
+
+@dataclass(frozen=True)
+class HeadContext:
+    """What a head may size and initialise itself from: read from the store, never from an encoder."""
+
+    clip_dim: int  # Dc
+    video_dim: int  # Dv
+    num_frames: int  # L
+    num_classes: int  # C
+    multi_label: bool
+    t0: torch.Tensor  # T0 (C, Dc): initial class text embeddings
+    dictionaries: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (K, D), (K,)
+
+
+@dataclass
+class Batch:
+    """One batch as every head sees it (B videos, L frames, C classes)."""
+
+    vp: torch.Tensor  # VP (B, L, Dc): CLIP frame embeddings
+    v: torch.Tensor  # V (B, L, Dv): TimeSformer frame features
+    fg: torch.Tensor  # FG (B, L, Dc): foreground crops
+    bg: torch.Tensor  # BG (B, L, Dc): backgrounds
+    mask: torch.Tensor  # (B, L) bool, True = real frame
+    t0: torch.Tensor  # T0 (C, Dc): class-name text embeddings
+    dictionaries: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (centroids (K, D), prior (K,))
+    labels: torch.Tensor | None = None  # (B,) long or (B, C) float multi-hot
+
+    def to(self, device: Any) -> Batch:
+        move = lambda x: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        return dataclasses.replace(
+            self,
+            vp=move(self.vp),
+            v=move(self.v),
+            fg=move(self.fg),
+            bg=move(self.bg),
+            mask=move(self.mask),
+            t0=move(self.t0),
+            dictionaries={k: (move(c), move(p)) for k, (c, p) in self.dictionaries.items()},
+            labels=move(self.labels),
+        )
+
+
+def required_dictionaries(cfg: Config, name: str, variant: str | None = None) -> tuple[str, ...]:
+    """Names of the cache dictionaries a head (with these options) reads."""
+    entry = head_entry(name)
+    needs = getattr(entry.cls, "required_dictionaries", None)
+    return tuple(needs(head_options(cfg, name, variant))) if needs else ()
+
+
+def build_head(name: str, cfg: Config, ctx: HeadContext, variant: str | None = None) -> torch.nn.Module:
+    """Build a registered head from the config (its section and variant) and the cache."""
+    entry = head_entry(name)
+    missing = [d for d in required_dictionaries(cfg, name, variant) if d not in ctx.dictionaries]
+    if missing:
+        raise ConfigError(
+            f"head {name!r} needs the dictionaries {missing}, which the cache does not hold; "
+            "run `ltar dictionaries` (or `make dictionaries`) first"
+        )
+    return entry.cls(head_options(cfg, name, variant), ctx)
