@@ -9,7 +9,7 @@ CONFIG ?= pipeline.yaml
 SET    ?=
 ARGS   := --config $(CONFIG) $(foreach kv,$(SET),--set $(kv))
 
-.PHONY: setup demo synth test bench lint clean
+.PHONY: setup demo synth extract dictionaries train ablate test bench lint clean
 
 # The venv is rebuilt only when the package metadata or the pinned versions change.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -22,9 +22,24 @@ setup: $(VENV)/.installed
 synth: setup
 	$(LTAR) synth $(ARGS)
 
-# Every stage that exists, in order, on the embedded synthetic dataset.
+extract: setup
+	$(LTAR) extract $(ARGS)
+
+dictionaries: setup
+	$(LTAR) dictionaries $(ARGS)
+
+train: setup
+	$(LTAR) train $(ARGS)
+
+ablate: setup
+	$(LTAR) ablate $(ARGS)
+
+# Every stage, in order, on the embedded synthetic dataset; ends by printing the main table.
 demo: setup
 	$(LTAR) synth $(ARGS)
+	$(LTAR) extract $(ARGS)
+	$(LTAR) dictionaries $(ARGS)
+	$(LTAR) ablate --table baseline $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q

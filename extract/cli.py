@@ -126,6 +126,25 @@ def extract(config: Path = ConfigOpt, set_: list[str] = SetOpt) -> None:
 
 
 @app.command()
+def dictionaries(config: Path = ConfigOpt, set_: list[str] = SetOpt, store: Path = typer.Option(None, "--store")) -> None:
+    """Build the confounder and global dictionaries (FAISS k-means) into the cache store.
+
+    Re-running with the same parameters is a no-op; the cache features are never rewritten.
+
+    Example: ltar dictionaries --set dictionaries.confounder.size=64
+    """
+    from extract.dictionaries import DictionaryError, build_dictionaries
+
+    cfg = resolve_config(config, set_)
+    try:
+        results = build_dictionaries(cfg, store, progress=progress_enabled())
+    except DictionaryError as e:
+        raise _fail(str(e)) from None
+    for result in results:
+        typer.echo(str(result))
+
+
+@app.command()
 def inspect(
     video_id: str = typer.Argument(None, help="A video id; without one, print the cache summary."),
     config: Path = ConfigOpt,

@@ -136,3 +136,71 @@ def open_cache(path: str | Path, mode: str = "r") -> tuple[Any, CacheInfo]:
             "causal-ltar release that wrote it"
         )
     return group, CacheInfo(path, attrs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dictionaries (`ltar dictionaries`, extract/dictionaries.py), written into a finished store; the
+# feature arrays above are never rewritten. One group per configured name, not per video:
+#     dictionaries/<name>/centroids      (K, D) float32  entries in the source array's space: what heads use
+#     dictionaries/<name>/prior          (K,) float32    p(z_i) = N_i / N over every point of the split; sums to 1
+#   only when the dictionary was clustered after PCA to P dims (heads working in that space project
+#   features with `(x - pca_mean) @ pca_matrix.T`, (..., D) -> (..., P)):
+#     dictionaries/<name>/pca_centroids  (K, P) float32  the k-means centroids in the PCA space
+#     dictionaries/<name>/pca_matrix     (P, D) float32  rows are the principal directions
+#     dictionaries/<name>/pca_mean       (D,) float32
+# Group attributes: DICTIONARY_ATTRS; `params_hash` is written last, so an interrupted write is redone.
+# ---------------------------------------------------------------------------------------------
+
+DICTIONARIES = "dictionaries"
+DICT_CENTROIDS, DICT_PRIOR = "centroids", "prior"
+DICT_PCA_CENTROIDS, DICT_PCA_MATRIX, DICT_PCA_MEAN = "pca_centroids", "pca_matrix", "pca_mean"
+DICTIONARY_SOURCES = (CLIP_BG, CLIP_FG, CLIP_FRAME, TSF_FRAME)  # per-frame (N, L, D) arrays a dictionary reads
+DICTIONARY_ATTRS = (
+    "source",  # the cache array the points came from
+    "split",  # the split whose real frames were used
+    "size",  # K written (average: the number of classes)
+    "size_requested",  # the configured size
+    "variant",  # kmeans | random | average
+    "task",  # average: the label task (null otherwise)
+    "pca",  # P, or null
+    "spherical",
+    "init",  # kmeans: random | kmeans++ (null otherwise)
+    "seed",
+    "niter",  # kmeans only (null otherwise), as are nredo and max_points
+    "nredo",
+    "max_points",
+    "iterations",  # k-means iterations run (niter x nredo), 0 for random / average
+    "objective",  # mean squared L2 distance of the split's points to their nearest entry (clustering space)
+    "points_used",  # points the entries were computed from (the k-means subsample)
+    "points_total",  # real frames of the split's finished videos: what the prior counts
+    "videos",  # finished videos of the split used
+    "skipped_failed",  # videos of the split skipped because extraction recorded a failure
+    "empty_classes",  # average: classes without a video in the split (zero entry, prior 0)
+    "faiss_version",
+    "device",  # where k-means ran: cpu (T threads) or gpu (G GPUs)
+    "seconds",
+    "params_hash",  # hash of the parameters and the rows used: equal hash = nothing to do (written last)
+)
+
+
+def dictionary_path(name: str, array: str | None = None) -> str:
+    """`dictionaries/<name>` or `dictionaries/<name>/<array>`."""
+    return f"{DICTIONARIES}/{name}" + (f"/{array}" if array else "")
+
+
+def dictionary_specs(name: str, k: int, d: int, feature_dim: str, pca: int | None) -> list[ArraySpec]:
+    """The arrays of one dictionary; `feature_dim` is the source array's last dimension name."""
+    entry = f"{name}_entry"
+    specs = [
+        ArraySpec(dictionary_path(name, DICT_CENTROIDS), (k, d), (entry, feature_dim), "float32", per_video=False),
+        ArraySpec(dictionary_path(name, DICT_PRIOR), (k,), (entry,), "float32", per_video=False),
+    ]
+    if pca:
+        specs += [
+            ArraySpec(dictionary_path(name, DICT_PCA_CENTROIDS), (k, pca), (entry, "pca_component"), "float32", False),
+            ArraySpec(
+                dictionary_path(name, DICT_PCA_MATRIX), (pca, d), ("pca_component", feature_dim), "float32", False
+            ),
+            ArraySpec(dictionary_path(name, DICT_PCA_MEAN), (d,), (feature_dim,), "float32", per_video=False),
+        ]
+    return specs

@@ -26,7 +26,8 @@ class ExtractError(RuntimeError):
     """Extraction cannot go on (disk full, unwritable store); finished videos are kept."""
 
 
-def _create_array(group: Any, spec: ArraySpec) -> None:
+def create_array(group: Any, spec: ArraySpec) -> None:
+    """Create one schema array in `group`: per-video arrays one row per chunk, sharded; others whole."""
     from zarr.codecs import BloscCodec, ZstdCodec
 
     compressor = ZstdCodec(level=3) if spec.dtype == "float16" else BloscCodec(cname="zstd", clevel=3)
@@ -57,7 +58,7 @@ def create_store(path: Path, specs: list[ArraySpec], attrs: dict[str, Any]) -> A
     path.parent.mkdir(parents=True, exist_ok=True)
     group = zarr.open_group(str(path), mode="w")
     for spec in specs:
-        _create_array(group, spec)
+        create_array(group, spec)
     group.attrs.update(attrs)
     group.attrs["schema_version"] = schema.SCHEMA_VERSION
     return group

@@ -57,10 +57,15 @@ def test_metrics_equal_scikit_learn():
 B, L, DC, DV, C = 4, 8, 32, 48, 5
 
 
-def _context(multi_label: bool) -> HeadContext:
+def _context(multi_label: bool, names=("confounder", "global")) -> HeadContext:
+    """Random unit-norm T0 and one random dictionary (K = 6 + i, prior ∝ 1..K) per name."""
     g = torch.Generator().manual_seed(0)
     unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
-    dicts = {"confounder": (unit(6, DC), torch.full((6,), 1 / 6)), "global": (unit(10, DC), torch.full((10,), 0.1))}
+    dicts = {}
+    for i, name in enumerate(sorted(set(names))):
+        k = 6 + i
+        prior = torch.arange(1, k + 1, dtype=torch.float32)
+        dicts[name] = (unit(k, DC), prior / prior.sum())
     return HeadContext(DC, DV, L, C, multi_label, unit(C, DC), dicts)
 
 
@@ -97,9 +102,11 @@ def test_every_head_and_variant(head_name, variant, multi_label):
     from extract.config import from_dict
     from train.engine import loss_fn
 
+    from train.heads import required_dictionaries
+
     torch.manual_seed(0)
     cfg = from_dict({})
-    ctx = _context(multi_label)
+    ctx = _context(multi_label, ("confounder", "global", *required_dictionaries(cfg, head_name, variant)))
     head = build_head(head_name, cfg, ctx, variant)
     batches = [_batch(ctx, 1), _batch(ctx, 2)]
     logits = head(batches[0])

@@ -1,0 +1,164 @@
+"""Extraction throughput, measured side by side in one run on the demo world.
+
+- decode-only: the extractor's own decoding workers (DataLoader, `frames.decode_workers`), no encoders;
+- encode-only: the same groups, frames already in memory, through `encode_group` (CLIP + saliency
+  fg/bg + TimeSformer);
+- end-to-end: `ltar extract` into a fresh store (decode in workers overlapping the encoders, writes);
+  target: end-to-end >= 0.8 x the slower of the two isolated stages;
+- sampled-frame decoding on a long video (3,000 frames, 30 fps, H.264 with B-frames): seek vs decode-all;
+- the store's size against raw fp32;
+- on a machine with a GPU: frames/s of the `base` presets (CLIP ViT-B/16, TimeSformer-B, random weights).
+
+Usage: python bench/extract.py [--videos 96] [--frames 16]
+The last line is `key=value` pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._videos import render_long_video, time_decode  # noqa: E402
+from extract.config import from_dict  # noqa: E402
+from extract.pipeline import (  # noqa: E402
+    _GroupDecoder,
+    _groups,
+    _worker_init,
+    build_encoders,
+    decode_size,
+    encode_group,
+    extract,
+    resolve_device,
+)
+from extract.synthetic import write_dataset  # noqa: E402
+
+
+def _config(root: Path, cache: Path, videos: int, frames: int, **encoders):
+    n_iid = max(1, videos // 6)
+    return from_dict(
+        {
+            "dataset": {"root": str(root)},
+            "synthetic": {"videos": {"train": videos - 2 * n_iid, "test_iid": n_iid, "test_ood": n_iid}},
+            "frames": {"num_frames": frames},
+            "encoders": {**encoders},
+            "cache": {"root": str(cache)},
+        }
+    )
+
+
+def decode_only(cfg, items, groups, size) -> tuple[float, int, list]:
+    loader = torch.utils.data.DataLoader(
+        _GroupDecoder(items, groups, cfg, size),
+        batch_size=None,
+        num_workers=cfg.frames.decode_workers,
+        worker_init_fn=_worker_init if cfg.frames.decode_workers else None,
+    )
+    t0 = time.perf_counter()
+    decoded = list(loader)
+    seconds = time.perf_counter() - t0
+    frames = sum(int(v["valid"].sum()) for g in decoded for v in g["videos"] if "valid" in v)
+    return seconds, frames, decoded
+
+
+def encode_only(cfg, enc, decoded) -> tuple[float, int]:
+    batches = []
+    for g in decoded:
+        ok = [v for v in g["videos"] if "frames" in v]
+        batches.append((np.stack([v["frames"] for v in ok]), np.stack([v["valid"] for v in ok])))
+    encode_group(*batches[0], cfg, enc)  # warm-up (kernel selection, allocator)
+    t0 = time.perf_counter()
+    frames = 0
+    for frames_np, valid in batches:
+        encode_group(frames_np, valid, cfg, enc)
+        frames += int(valid.sum())
+    if enc.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, frames
+
+
+def gpu_base_presets(frames: int) -> dict[str, float]:
+    """frames/s of the real architectures (random weights) on the GPU, batch of 16 clips."""
+    cfg = from_dict({"encoders": {"clip": {"preset": "base"}, "timesformer": {"preset": "base"}}})
+    enc = build_encoders(cfg, "cuda")
+    x = torch.randint(0, 255, (16, frames, 224, 224, 3), dtype=torch.uint8, device="cuda")
+    out = {}
+    for name, fn in (
+        ("clip_base_fps", lambda: enc.clip.encode(x.flatten(0, 1))),
+        ("timesformer_base_fps", lambda: enc.timesformer.encode(x)),
+    ):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        out[name] = 3 * x.shape[0] * frames / (time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--videos", type=int, default=96)
+    ap.add_argument("--frames", type=int, default=16)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cfg = _config(tmp / "data", tmp / "cache", args.videos, args.frames)
+        write_dataset(cfg.synthetic, tmp / "data", progress=False)
+        from extract.datasets import load_dataset
+
+        index = load_dataset(cfg)
+        device = resolve_device(cfg)
+        enc = build_encoders(cfg, device)
+        n = len(index.items)
+        groups = _groups(np.arange(n), n, max(1, cfg.encoders.batch_frames // args.frames))
+        size = decode_size(enc)
+
+        dec_s, dec_frames, decoded = decode_only(cfg, index.items, groups, size)
+        enc_s, enc_frames = encode_only(cfg, enc, decoded)
+        t0 = time.perf_counter()
+        summary = extract(cfg, progress=False, index=index)
+        e2e_s = time.perf_counter() - t0
+        e2e_frames = summary.frames
+        decode_fps, encode_fps, e2e_fps = dec_frames / dec_s, enc_frames / enc_s, e2e_frames / e2e_s
+        slower = min(decode_fps, encode_fps)
+        print(f"videos={n} frames_per_video={args.frames} device={device} decode_workers={cfg.frames.decode_workers}")
+        print(f"decode-only:  {decode_fps:8.1f} frames/s ({dec_s:.1f} s)")
+        print(f"encode-only:  {encode_fps:8.1f} frames/s ({enc_s:.1f} s)")
+        print(f"end-to-end:   {e2e_fps:8.1f} frames/s ({e2e_s:.1f} s, includes store creation and writes)")
+        print(f"end-to-end / slower stage = {e2e_fps / slower:.2f} (target >= 0.8)")
+        print(f"store: {summary.store_bytes / 2**20:.2f} MiB vs raw fp32 {summary.raw_fp32_bytes / 2**20:.2f} MiB")
+
+        long = render_long_video(tmp / "long.mp4", num_frames=3000)
+        timing = time_decode(long, num_frames=32, repeats=3)
+        print(
+            f"long video (3000 frames, 32 samples): sequential {timing['sequential']['seconds']:.3f} s, "
+            f"seek {timing['seek']['seconds']:.3f} s, identical={timing['identical']}"
+        )
+    gpu = gpu_base_presets(args.frames) if torch.cuda.is_available() else {}
+    figures = {
+        "decode_fps": f"{decode_fps:.1f}",
+        "encode_fps": f"{encode_fps:.1f}",
+        "e2e_fps": f"{e2e_fps:.1f}",
+        "e2e_over_slower": f"{e2e_fps / slower:.2f}",
+        "seek_speedup": f"{timing['seek_speedup']:.2f}",
+        "seek_identical": timing["identical"],
+        "cache_ratio": f"{summary.raw_fp32_bytes / summary.store_bytes:.2f}",
+        "device": device,
+    }
+    figures.update({k: f"{v:.1f}" for k, v in gpu.items()} or {"gpu": "none"})
+    print(" ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+if __name__ == "__main__":
+    main()

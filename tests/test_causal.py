@@ -1,0 +1,70 @@
+"""The shared back-door / front-door / Sinkhorn helpers against independent answers (POT, explicit sums)."""
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from train.heads.causal import BackdoorAttention, SampleBankAttention, nwgm_expectation, sinkhorn
+
+
+def test_sinkhorn_matches_pot_and_its_marginals():
+    g = torch.Generator().manual_seed(0)
+    cost = torch.rand(2, 5, 7, generator=g, dtype=torch.float64)
+    plan = sinkhorn(cost, eps=0.1, iters=500)
+    assert torch.allclose(plan.sum(2), torch.full((2, 5), 1 / 5, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(plan.sum(1), torch.full((2, 7), 1 / 7, dtype=torch.float64), atol=1e-9)
+    for b in range(2):
+        ref = ot.sinkhorn(np.full(5, 1 / 5), np.full(7, 1 / 7), cost[b].numpy(), reg=0.1, numItermax=5000,
+                          stopThr=1e-12)
+        assert np.allclose(plan[b].numpy(), ref, atol=1e-8)
+
+
+def test_sinkhorn_masks_frames_and_is_differentiable():
+    cost = torch.rand(1, 3, 6, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, True, True, True, False, False]])
+    plan = sinkhorn(cost, eps=0.2, iters=300, mask=mask)
+    assert torch.all(plan[0, :, 4:] == 0)
+    ref = ot.sinkhorn(np.full(3, 1 / 3), np.full(4, 1 / 4), cost[0, :, :4].detach().numpy(), reg=0.2,
+                      numItermax=5000, stopThr=1e-12)
+    assert np.allclose(plan[0, :, :4].detach().numpy(), ref, atol=1e-8)
+    (plan * cost).sum().backward()
+    assert torch.isfinite(cost.grad).all() and cost.grad[0, :, :4].abs().sum() > 0
+
+
+def test_backdoor_expectation_is_the_explicit_weighted_sum():
+    torch.manual_seed(0)
+    for mode in ("dot", "additive"):
+        bd = BackdoorAttention(6, 4, 8, mode=mode)
+        q, z, prior = torch.randn(3, 6), torch.randn(5, 4), torch.softmax(torch.randn(5), 0)
+        lam = bd.weights(q, z)
+        explicit = torch.stack([sum(lam[b, i] * z[i] * prior[i] for i in range(5)) for b in range(3)])
+        assert torch.allclose(bd(q, z, prior), explicit, atol=1e-6)
+        assert torch.allclose(lam.sum(-1), torch.ones(3))
+    flat = BackdoorAttention(6, 4, 8, use_lambda=False, use_prior=False)
+    assert torch.allclose(flat(q, z, prior), (z / 25).sum(0).expand(3, 4), atol=1e-6)  # Σ (1/K)(1/K) z_i
+
+
+def test_nwgm_with_a_one_hot_prior_is_the_single_entry_term():
+    feats = torch.randn(2, 5, 3)
+    onehot = torch.zeros(5)
+    onehot[2] = 1
+    assert torch.equal(nwgm_expectation(feats, onehot), feats[:, 2])
+    uniform = torch.full((5,), 0.2)
+    assert torch.allclose(nwgm_expectation(feats, uniform), feats.mean(1))
+
+
+def test_sample_bank_prior_weights_the_bank():
+    torch.manual_seed(0)
+    att = SampleBankAttention(4, 6, 8)
+    q, bank = torch.randn(3, 4), torch.randn(5, 6)
+    onehot = torch.zeros(5)
+    onehot[1] = 1.0
+    out = att(q, bank, onehot)
+    assert torch.allclose(out, att.w_v(bank[1]).expand(3, 8), atol=1e-5)
+    assert att(q, bank).shape == (3, 8)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 6)])
+def test_nwgm_shapes(shape):
+    assert nwgm_expectation(torch.randn(*shape, 3), torch.full((shape[-1],), 1 / shape[-1])).shape == (*shape[:-1], 3)

@@ -1,0 +1,120 @@
+"""Causal-intervention building blocks shared by every head, each tested against a known answer.
+
+Back-door adjustment replaces P(z | x) by the prior P(z): the confounder term is an expectation
+over a dataset-level confounder set (a dictionary or a learned memory) weighted by its prior, never
+computed from the current sample alone. NWGM (normalised weighted geometric mean) moves that
+expectation inside the network: one forward pass over prior-weighted features.
+
+Front-door adjustment P(Y | do(X)) = Σ_m P(m | x) Σ_x' P(x') P(Y | x', m): the inner Σ_x' P(x') is an
+expectation over *other samples* — the global dictionary G or a memory bank — taken by attention
+from the mediator (cross-sample attention), with P(x') as the bank's prior.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+def nwgm_expectation(features: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """E_{p(z)}[f(z)] ≈ Σ_k p_k f_k (NWGM): features (..., K, D), prior (K,) or (..., K) -> (..., D)."""
+    return torch.einsum("...kd,...k->...d", features, prior.to(features.dtype))
+
+
+class BackdoorAttention(nn.Module):
+    """E_z[g(z)] = Σ_i λ_i z_i p(z_i) (ECRL Eq. 6): λ over the confounder set from the sample's query.
+
+    `dot`: λ = softmax_i((W_c q) · (W_d z_i) / √d); `additive`: λ = softmax_i(w · tanh(W_c q + W_d z_i)).
+    `use_lambda=False` drops λ (uniform 1/K), `use_prior=False` drops p(z_i) (uniform 1/K): the
+    paper's Table 4 rows. The prior is the dictionary's p(z_i) = N_i / N or a uniform one.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        z_dim: int,
+        dim: int,
+        mode: Literal["dot", "additive"] = "dot",
+        use_lambda: bool = True,
+        use_prior: bool = True,
+    ):
+        super().__init__()
+        self.mode, self.use_lambda, self.use_prior = mode, use_lambda, use_prior
+        self.w_c = nn.Linear(query_dim, dim)  # W_c
+        self.w_d = nn.Linear(z_dim, dim)  # W_d
+        self.w_a = nn.Linear(dim, 1, bias=False) if mode == "additive" else None  # w of additive attention
+        self.scale = dim**-0.5
+
+    def weights(self, query: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """λ: query (..., Dq), z (K, Dz) -> (..., K), each row summing to 1."""
+        K = z.shape[0]
+        if not self.use_lambda:
+            return query.new_full((*query.shape[:-1], K), 1.0 / K)
+        q, k = self.w_c(query), self.w_d(z)  # (..., d), (K, d)
+        if self.mode == "dot":
+            scores = torch.einsum("...d,kd->...k", q, k) * self.scale  # (..., K)
+        else:
+            scores = self.w_a(torch.tanh(q.unsqueeze(-2) + k)).squeeze(-1)  # (..., K)
+        return scores.softmax(-1)
+
+    def forward(self, query: torch.Tensor, z: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """query (..., Dq), z (K, Dz), prior (K,) -> E_z (..., Dz)."""
+        lam = self.weights(query, z)  # λ (..., K)
+        p = prior if self.use_prior else torch.full_like(prior, 1.0 / prior.numel())
+        return torch.einsum("...k,k,kd->...d", lam, p.to(lam.dtype), z.to(lam.dtype))  # Σ_i λ_i p(z_i) z_i
+
+
+class SampleBankAttention(nn.Module):
+    """Front-door sample term Σ_x' P(x' | m) x' with P(x' | m) ∝ exp(q(m) · k(x') / √d) · P(x').
+
+    The mediator's query attends over a bank of other samples' features (the global dictionary G or
+    a memory), each weighted by its prior P(x') (uniform without one): cross-sample attention.
+    """
+
+    def __init__(self, query_dim: int, bank_dim: int, dim: int):
+        super().__init__()
+        self.w_q = nn.Linear(query_dim, dim)
+        self.w_k = nn.Linear(bank_dim, dim)
+        self.w_v = nn.Linear(bank_dim, dim)
+        self.scale = dim**-0.5
+
+    def forward(self, query: torch.Tensor, bank: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """query (..., Dq), bank (K, Db), prior (K,) or None -> (..., dim)."""
+        scores = torch.einsum("...d,kd->...k", self.w_q(query), self.w_k(bank)) * self.scale  # (..., K)
+        if prior is not None:
+            scores = scores + prior.clamp_min(1e-12).log().to(scores.dtype)  # × P(x'), renormalised
+        return scores.softmax(-1) @ self.w_v(bank)  # (..., dim)
+
+
+def sinkhorn(cost: torch.Tensor, eps: float, iters: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropic optimal transport plan with uniform marginals, log domain, fixed iterations.
+
+    cost (B, C, L), mask (B, L) True = real frame (masked frames carry no mass) -> plan π (B, C, L)
+    with rows summing to 1/C and real columns to 1/L_valid. Differentiable (unrolled iterations).
+    Equals POT's `ot.sinkhorn(a, b, M, reg=eps)` at convergence.
+    """
+    B, C, L = cost.shape
+    neg = -1e9  # "log 0" kept finite: -inf would turn the gradients of fully masked columns into NaN
+    if mask is None:
+        mask = torch.ones(B, L, dtype=torch.bool, device=cost.device)
+    log_a = torch.full((B, C), -math.log(C), device=cost.device, dtype=cost.dtype)  # log 1/C
+    n_valid = mask.sum(1, keepdim=True).clamp_min(1).to(cost.dtype)  # (B, 1)
+    log_b = torch.where(mask, -n_valid.log(), torch.full_like(n_valid, neg).expand(B, L))  # (B, L)
+    logk = -cost / eps  # log K, (B, C, L)
+    logk = logk.masked_fill(~mask.unsqueeze(1), neg)
+    log_u = torch.zeros(B, C, device=cost.device, dtype=cost.dtype)
+    log_v = torch.zeros(B, L, device=cost.device, dtype=cost.dtype)
+    for _ in range(iters):  # fixed count: a loop over iterations, not over classes or frames
+        log_u = log_a - torch.logsumexp(logk + log_v.unsqueeze(1), dim=2)  # (B, C)
+        log_v = log_b - torch.logsumexp(logk + log_u.unsqueeze(2), dim=1)  # (B, L)
+        log_v = log_v.masked_fill(~mask, neg)
+    return (log_u.unsqueeze(2) + logk + log_v.unsqueeze(1)).exp()  # π = diag(u) K diag(v), (B, C, L)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """softmax over `dim` with masked positions (False) at zero weight."""
+    return scores.masked_fill(~mask, -torch.inf).softmax(dim).nan_to_num(0.0)
+
