@@ -9,7 +9,7 @@ CONFIG ?= pipeline.yaml
 SET    ?=
 ARGS   := --config $(CONFIG) $(foreach kv,$(SET),--set $(kv))
 
-.PHONY: setup demo synth extract dictionaries train ablate test bench lint clean
+.PHONY: setup demo synth pretrain-vlm extract dictionaries train ablate test bench lint clean
 
 # The venv is rebuilt only when the package metadata or the pinned versions change.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -21,6 +21,9 @@ setup: $(VENV)/.installed
 
 synth: setup
 	$(LTAR) synth $(ARGS)
+
+pretrain-vlm: setup
+	$(LTAR) pretrain-vlm $(ARGS)
 
 extract: setup
 	$(LTAR) extract $(ARGS)
@@ -37,15 +40,16 @@ ablate: setup
 # Every stage, in order, on the embedded synthetic dataset; ends by printing the main table.
 demo: setup
 	$(LTAR) synth $(ARGS)
+	$(LTAR) pretrain-vlm $(ARGS)
 	$(LTAR) extract $(ARGS)
 	$(LTAR) dictionaries $(ARGS)
-	$(LTAR) ablate --table baseline $(ARGS)
+	$(LTAR) ablate --table main $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	@for b in bench/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in bench/[!_]*.py; do echo "== $$b"; $(PY) -m bench.$$(basename $$b .py) || exit 1; done
 
 lint: setup
 	$(VENV)/bin/ruff check extract train tests bench

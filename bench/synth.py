@@ -15,6 +15,12 @@ Run from the repository root: `.venv/bin/python bench/synth.py` (or with PYTHONP
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+# the repository root first: run as `python bench/X.py`, bench/extract.py would shadow the extract package
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+
 import os
 import sys
 import tempfile

@@ -101,12 +101,25 @@ def synth(config: Path = ConfigOpt, set_: list[str] = SetOpt) -> None:
 
 
 @app.command()
-def extract(config: Path = ConfigOpt, set_: list[str] = SetOpt) -> None:
+def extract(
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    scheduler: str = typer.Option(
+        None,
+        "--scheduler",
+        help="Run on dask.distributed: local:N (N worker processes here) or tcp://host:port (a running "
+        "cluster, one worker per GPU). Default: this process only.",
+    ),
+    retries: int = typer.Option(2, "--retries", min=0, help="With --scheduler: times a failed shard task is retried."),
+) -> None:
     """Decode every video of the dataset and write CLIP, saliency and TimeSformer features to the cache.
 
     Resumes an interrupted run; videos that cannot be decoded are recorded and skipped (exit code 1).
+    One run writes a store at a time (a lock file inside it); a second is refused.
 
     Example: ltar extract --set frames.num_frames=32 --set encoders.device=cuda:0
+
+    Example: ltar extract --scheduler local:2   (or --scheduler tcp://head-node:8786)
     """
     from extract.datasets import DatasetError
     from extract.pipeline import extract as run_extract
@@ -115,7 +128,12 @@ def extract(config: Path = ConfigOpt, set_: list[str] = SetOpt) -> None:
 
     cfg = resolve_config(config, set_)
     try:
-        summary = run_extract(cfg, progress=progress_enabled())
+        if scheduler:
+            from extract.scale import extract_distributed
+
+            summary = extract_distributed(cfg, scheduler, progress=progress_enabled(), retries=retries)
+        else:
+            summary = run_extract(cfg, progress=progress_enabled())
     except (DatasetError, CacheError, ExtractError) as e:
         raise _fail(str(e)) from None
     write_resolved(cfg, summary.store.parent, f"{summary.store.stem}.config.yaml")
@@ -125,8 +143,27 @@ def extract(config: Path = ConfigOpt, set_: list[str] = SetOpt) -> None:
         raise typer.Exit(EXIT_FAILURES)
 
 
+@app.command("pretrain-vlm")
+def pretrain_vlm_cmd(config: Path = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Train the tiny open_clip CLIP contrastively on the synthetic world's confounded pretraining split.
+
+    Writes an open_clip checkpoint (+ its JSON config) under vlm.out; `encoders.clip.weights: vlm`
+    makes extraction load it. Re-running with the same config is a no-op.
+
+    Example: ltar pretrain-vlm --set vlm.steps=300
+    """
+    from extract.vlm import pretrain_vlm
+
+    cfg = resolve_config(config, set_)
+    result = pretrain_vlm(cfg, progress=progress_enabled())
+    state = "unchanged (same config)" if result.skipped else f"trained {result.steps} steps in {result.seconds:.1f} s"
+    typer.echo(f"{state}; final loss {result.final_loss:.3f}; wrote {result.checkpoint}")
+
+
 @app.command()
-def dictionaries(config: Path = ConfigOpt, set_: list[str] = SetOpt, store: Path = typer.Option(None, "--store")) -> None:
+def dictionaries(
+    config: Path = ConfigOpt, set_: list[str] = SetOpt, store: Path = typer.Option(None, "--store")
+) -> None:
     """Build the confounder and global dictionaries (FAISS k-means) into the cache store.
 
     Re-running with the same parameters is a no-op; the cache features are never rewritten.
@@ -169,6 +206,66 @@ def inspect(
     except (CacheError, KeyError) as e:
         raise _fail(str(e).strip("'\"")) from None
     typer.echo(f"wrote {png}")
+
+
+@app.command("import-h5")
+def import_h5(
+    file: Path = typer.Argument(..., help="HDF5 file: one (T, D) dataset per video id, at the root or per kind group."),
+    dataset: str = typer.Option(None, "--dataset", help="Dataset whose index gives ids, splits, labels."),
+    map_: list[str] = typer.Option(
+        [],
+        "--map",
+        help="KIND=ARRAY: a group of the file (/ for the root) to a cache array (clip/frame, clip/fg, clip/bg, "
+        "timesformer/frame, timesformer/cls) or skip (repeatable); defaults: / and clip -> clip/frame, "
+        "timesformer -> timesformer/frame, fg/bg -> clip/fg/bg, exported paths to themselves.",
+    ),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+) -> None:
+    """Import per-video features from an HDF5 file into a cache store, so heads train on them.
+
+    Every video is resampled to frames.num_frames (uniform rows, or padding with frame_mask False);
+    clip/frame is required, arrays the file lacks are zero (listed). Exit code 1 when videos failed.
+
+    Example: ltar import-h5 feats.h5 --dataset manifest --map features=clip/frame --set dataset.root=data/mine
+    """
+    from extract.datasets import DatasetError
+    from extract.interop import import_h5 as run_import
+    from extract.schema import CacheError
+    from extract.store import ExtractError
+
+    cfg = resolve_config(config, [*set_, *([f"dataset.name={dataset}"] if dataset else [])])
+    try:
+        summary = run_import(cfg, file, map_)
+    except (DatasetError, CacheError, ExtractError) as e:
+        raise _fail(str(e)) from None
+    for line in summary.lines():
+        typer.echo(line)
+    typer.echo(f"train on it with --store {summary.store}")
+    if summary.failures:
+        raise typer.Exit(EXIT_FAILURES)
+
+
+@app.command("export-h5")
+def export_h5(
+    store: Path = typer.Argument(..., help="A cache store (cache/<dataset>/<fingerprint>.zarr)."),
+    array: str = typer.Argument(..., help="A cache array, e.g. clip/frame, timesformer/cls, text/activity."),
+    out: Path = typer.Argument(..., help="HDF5 file to write (arrays of the same store may share it)."),
+) -> None:
+    """Write one cache array to HDF5: /<array>/<video_id> with the valid frames of every done video.
+
+    Example: ltar export-h5 cache/synthetic/0123abcd.zarr clip/frame features.h5
+    """
+    from extract.interop import export_h5 as run_export
+    from extract.schema import CacheError
+    from extract.store import ExtractError
+
+    try:
+        summary = run_export(store, array, out)
+    except (CacheError, ExtractError) as e:
+        raise _fail(str(e)) from None
+    for line in summary.lines():
+        typer.echo(line)
 
 
 def _format_summary(summary: dict) -> str:

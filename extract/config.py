@@ -38,6 +38,13 @@ bounds = _range  # field(metadata=bounds(0, 1)): accepted range of a number, for
 class DatasetConfig:
     name: str = "synthetic"  # a registered dataset adapter (`ltar config show` lists them)
     root: str = "data/synthetic"  # where the dataset lives; `ltar synth` writes here
+    # split scheme where a benchmark has several (Breakfast: s1..s4, person, or a file listing the test
+    # videos); null = the dataset's standard split (Breakfast: person, the Timeception/CMDCL split)
+    split: str | None = None
+    include_sil: bool = True  # Breakfast: count the background unit action SIL (48 classes, as Timeception)
+    stereo_channel: int = field(default=0, metadata=_range(0, 1))  # Breakfast: which stereo camera channel
+    # frame rate of frame-numbered annotations (Breakfast) when it cannot be read from the video
+    fps: float = field(default=15.0, metadata=_range(1.0, 1000.0))
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,9 @@ class SaliencyConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     root: str = "cache"  # stores land in <root>/<dataset>/<fingerprint>.zarr
+    # videos per shard file of a NEW store (fixed once created: it decides the encoder groups, so a resumed run
+    # or a cluster worker reads it back from the store); not in the fingerprint. Smaller = more, finer cluster tasks
+    shard_videos: int = field(default=64, metadata=_range(1, 65536))
 
 
 @dataclass(frozen=True)
@@ -155,8 +165,9 @@ def _default_dictionaries() -> dict[str, DictionarySpec]:
 class VlmConfig:
     steps: int = field(default=600, metadata=_range(1))  # contrastive training steps
     batch_size: int = field(default=128, metadata=_range(2))  # frame-caption pairs per step
-    lr: float = field(default=5e-4, metadata=_range(0.0))  # AdamW peak learning rate (cosine decay)
-    frames_per_video: int = field(default=4, metadata=_range(1))  # frames drawn from each pretraining video
+    lr: float = field(default=5e-4, metadata=_range(0.0))  # AdamW peak learning rate (5% warm-up, cosine decay)
+    # frames drawn from each pretraining video (rendered once, kept in memory; 80% inside action segments)
+    frames_per_video: int = field(default=8, metadata=_range(1))
     action_mention: float = field(default=0.6, metadata=_range(0.0, 1.0))  # P(caption names the visible action)
     scene_mention: float = field(default=0.3, metadata=_range(0.0, 1.0))  # P(caption names the scene)
     seed: int = 0
@@ -180,6 +191,7 @@ class TrainConfig:
     # split that picks best.pt by its primary metric; null = best is the last epoch (never select on test)
     select_split: str | None = None
     eval_splits: tuple[str, ...] = ()  # splits evaluated after training; empty = every split except train
+    eval_every: int = field(default=1, metadata=_range(1))  # evaluate every N epochs (and always after the last)
     memory_budget_mb: int = field(default=4096, metadata=_range(1))  # larger splits stream chunk-wise from Zarr
     runs_root: str = "runs"  # runs land in <runs_root>/<head>[-<variant>]-<task>-s<seed>/
 

@@ -2,7 +2,8 @@
 
 Every adapter yields `VideoItem`s (`id, path, split, labels, region, meta`) and the label
 vocabularies of its tasks. The synthetic generator writes a `manifest.jsonl` + `classes.json`, so
-the `synthetic` dataset is the manifest reader pointed at `data/synthetic`.
+the `synthetic` dataset is the manifest reader pointed at `data/synthetic`. The benchmarks' own
+formats (Breakfast, COIN, Charades) are read by the adapters in `extract/adapters.py`.
 
 manifest.jsonl — one JSON object per line:
     {"id": "train_00000", "path": "videos/train/train_00000.mp4", "split": "train",
@@ -10,12 +11,18 @@ manifest.jsonl — one JSON object per line:
      "region": null, ...any further fields kept in `meta` (fps, num_frames, segments, scene)}
 classes.json (optional, beside it): {"activity": [names...], "atomic": [names...]}; without it the
 vocabulary of each task is the sorted set of labels seen in the manifest.
+
+manifest.csv — the same as a table: columns id, path, split, then one column per task; a multi-label
+task's cell holds its labels separated by `;` (a `[]` after the column name, `atomic[]`, marks a task
+multi-label even where every cell holds one label); optional `start`/`end` columns give the region.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +48,16 @@ class Vocabulary:
     task: str  # activity, atomic, ...
     names: tuple[str, ...]  # class names, index = class id
     multi_label: bool  # True: multi-hot labels (BCE, mAP); False: one class per video (CE, Acc@k)
+    # text for the text encoder, index = class id (`c092` -> `Holding some clothes`); None = from names
+    prompts: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.prompts is not None and len(self.prompts) != len(self.names):
+            raise ValueError(f"task {self.task!r}: {len(self.prompts)} prompts for {len(self.names)} classes")
 
     def prompt_name(self, i: int) -> str:
-        """Readable text for class `i` (`stir_milk` -> `stir milk`)."""
-        return self.names[i].replace("_", " ")
+        """Readable text for class `i`: its prompt, else its name (`stir_milk` -> `stir milk`)."""
+        return self.prompts[i] if self.prompts is not None else self.names[i].replace("_", " ")
 
 
 @dataclass
@@ -52,17 +65,39 @@ class DatasetIndex:
     items: list[VideoItem]
     vocabularies: dict[str, Vocabulary]
     problems: list[str]  # malformed lines, missing files, unknown labels: reported, then skipped
+    counts: dict[str, int] = field(default_factory=dict)  # problems by kind (see ProblemLog), for the summary
 
     def split(self, name: str) -> list[VideoItem]:
         return [it for it in self.items if it.split == name]
 
     def summary(self) -> str:
-        splits: dict[str, int] = {}
-        for it in self.items:
-            splits[it.split] = splits.get(it.split, 0) + 1
+        """Videos per split, classes per task, problems by kind:
+        `12 videos (4 test, 8 train); activity: 10 classes; 1 missing, 2 malformed; 3 problems`."""
+        splits = Counter(it.split for it in self.items)
         parts = [f"{n} {s}" for s, n in sorted(splits.items())]
         vocab = ", ".join(f"{v.task}: {len(v.names)} classes" for v in self.vocabularies.values())
-        return f"{len(self.items)} videos ({', '.join(parts)}); {vocab}; {len(self.problems)} problems"
+        counts = {"missing": 0, "malformed": 0, **self.counts}
+        kinds = ", ".join(f"{n} {ProblemLog.WORDS.get(k, k)}" for k, n in counts.items())
+        return f"{len(self.items)} videos ({', '.join(parts)}); {vocab}; {kinds}; {len(self.problems)} problems"
+
+
+class ProblemLog:
+    """What an adapter found wrong, one sentence each (with file:line), counted by kind for the summary."""
+
+    WORDS = {"unknown": "unknown labels", "duplicate": "duplicates", "unlabelled": "without annotation"}
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.counts: Counter[str] = Counter()
+
+    def add(self, kind: str, message: str) -> None:
+        """kind: missing (video file absent; kept), malformed (line or entry skipped), unknown (label
+        outside the vocabulary; ignored), duplicate (skipped), unlabelled (video without annotation), or other."""
+        self.lines.append(message)
+        self.counts[kind] += 1
+
+    def index(self, items: list[VideoItem], vocabularies: dict[str, Vocabulary]) -> DatasetIndex:
+        return DatasetIndex(items, vocabularies, self.lines, dict(self.counts))
 
 
 _DATASETS: dict[str, Callable[[Config], DatasetIndex]] = {}
@@ -90,6 +125,7 @@ def load_dataset(cfg: Config) -> DatasetIndex:
     index = _DATASETS[cfg.dataset.name](cfg)
     for problem in index.problems:
         log.warning(problem)
+    log.info("dataset %s at %s: %s", cfg.dataset.name, cfg.dataset.root, index.summary())
     return index
 
 
@@ -98,18 +134,43 @@ class DatasetError(RuntimeError):
 
 
 def read_manifest(manifest: Path, root: Path | None = None) -> DatasetIndex:
-    """Read a manifest.jsonl; malformed lines and duplicate ids are reported with their line number
-    and skipped. A video whose file is missing is reported and kept: extraction records it as failed
-    in the cache, so restoring the file later fills its row without changing the fingerprint."""
+    """Read a manifest.jsonl or manifest.csv; malformed lines and duplicate ids are reported with their
+    line number and skipped. A video whose file is missing is reported and kept: extraction records it as
+    failed in the cache, so restoring the file later fills its row without changing the fingerprint."""
     root = manifest.parent if root is None else root
     if not manifest.exists():
         raise DatasetError(
             f"{manifest} does not exist; run `ltar synth` to generate the synthetic dataset "
-            "or set dataset.root to a folder holding manifest.jsonl"
+            "or set dataset.root to a folder holding manifest.jsonl or manifest.csv"
         )
+    report = ProblemLog()
+    rows = _csv_rows(manifest, report) if manifest.suffix == ".csv" else _jsonl_rows(manifest, report)
     items: list[VideoItem] = []
-    problems: list[str] = []
     seen: set[str] = set()
+    for where, row in rows:
+        vid = str(row["id"])
+        if vid in seen:
+            report.add("duplicate", f"{where}: duplicate video id {vid!r}; line skipped")
+            continue
+        path = Path(row["path"])
+        path = path if path.is_absolute() else root / path
+        if not path.exists():
+            report.add("missing", f"{where}: video {vid!r} has no file at {path}; extraction will record it as failed")
+        labels = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(row["labels"]).items()}
+        region = row.get("region")
+        meta = {k: v for k, v in row.items() if k not in ("id", "path", "split", "labels", "region")}
+        seen.add(vid)
+        items.append(VideoItem(vid, path, str(row["split"]), labels, tuple(region) if region else None, meta))
+    vocabularies = _vocabularies(manifest.parent / "classes.json", items, report)
+    return report.index(items, vocabularies)
+
+
+_REQUIRED = ("id", "path", "split")
+
+
+def _jsonl_rows(manifest: Path, report: ProblemLog) -> list[tuple[str, dict]]:
+    """(file:line, record) of every well-formed line of a manifest.jsonl."""
+    rows = []
     for lineno, line in enumerate(manifest.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -117,30 +178,64 @@ def read_manifest(manifest: Path, root: Path | None = None) -> DatasetIndex:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            problems.append(f"{where}: not valid JSON ({e.msg}); line skipped")
+            report.add("malformed", f"{where}: not valid JSON ({e.msg}); line skipped")
             continue
-        missing = [k for k in ("id", "path", "split", "labels") if k not in row]
+        missing = [k for k in (*_REQUIRED, "labels") if k not in row]
         if missing:
-            problems.append(f"{where}: missing field(s) {missing}; line skipped")
+            report.add("malformed", f"{where}: missing field(s) {missing}; line skipped")
             continue
-        vid = str(row["id"])
-        if vid in seen:
-            problems.append(f"{where}: duplicate video id {vid!r}; line skipped")
-            continue
-        path = Path(row["path"])
-        path = path if path.is_absolute() else root / path
-        if not path.exists():
-            problems.append(f"{where}: video {vid!r} has no file at {path}; extraction will record it as failed")
-        labels = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(row["labels"]).items()}
-        region = row.get("region")
-        meta = {k: v for k, v in row.items() if k not in ("id", "path", "split", "labels", "region")}
-        seen.add(vid)
-        items.append(VideoItem(vid, path, str(row["split"]), labels, tuple(region) if region else None, meta))
-    vocabularies = _vocabularies(manifest.parent / "classes.json", items, problems)
-    return DatasetIndex(items, vocabularies, problems)
+        rows.append((where, row))
+    return rows
 
 
-def _vocabularies(classes_file: Path, items: list[VideoItem], problems: list[str]) -> dict[str, Vocabulary]:
+def _csv_rows(manifest: Path, report: ProblemLog) -> list[tuple[str, dict]]:
+    """(file:line, record) of every well-formed row of a manifest.csv, in the manifest.jsonl form.
+
+    Columns besides id, path, split, start and end are tasks; a task is multi-label when its header
+    ends in `[]` or any of its cells holds a `;`.
+    """
+    with manifest.open(newline="") as fh:
+        reader = csv.reader(fh)
+        header = [h.strip() for h in next(reader, [])]
+        missing = [k for k in _REQUIRED if k not in header]
+        if missing:
+            raise DatasetError(f"{manifest}:1: the header lacks column(s) {missing}; it names {header}")
+        records, line = [], 1
+        for cells in reader:
+            records.append((f"{manifest}:{line + 1}", cells))
+            line = reader.line_num  # a quoted cell may span lines: the next record starts after this one
+    tasks = [h for h in header if h not in (*_REQUIRED, "start", "end")]
+    col = {h: i for i, h in enumerate(header)}
+    multi = {t: t.endswith("[]") or any(len(c) > col[t] and ";" in c[col[t]] for _, c in records) for t in tasks}
+    rows = []
+    for where, cells in records:
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) != len(header):
+            report.add("malformed", f"{where}: {len(cells)} cells for {len(header)} columns; line skipped")
+            continue
+        row = {h: cells[i].strip() for h, i in col.items()}
+        if not all(row[k] for k in _REQUIRED):
+            report.add("malformed", f"{where}: empty {[k for k in _REQUIRED if not row[k]]}; line skipped")
+            continue
+        labels: dict[str, Any] = {}
+        for t in tasks:
+            if multi[t]:
+                labels[t.removesuffix("[]")] = [v.strip() for v in row[t].split(";") if v.strip()]
+            elif row[t]:
+                labels[t] = row[t]
+        out = {"id": row["id"], "path": row["path"], "split": row["split"], "labels": labels}
+        if row.get("start") or row.get("end"):
+            try:
+                out["region"] = (float(row["start"]), float(row["end"]))
+            except (KeyError, ValueError):
+                report.add("malformed", f"{where}: start/end {row.get('start')!r}, {row.get('end')!r} are not numbers")
+                continue
+        rows.append((where, out))
+    return rows
+
+
+def _vocabularies(classes_file: Path, items: list[VideoItem], report: ProblemLog) -> dict[str, Vocabulary]:
     multi = {}
     seen: dict[str, set[str]] = {}
     for it in items:
@@ -153,19 +248,29 @@ def _vocabularies(classes_file: Path, items: list[VideoItem], problems: list[str
         names = tuple(declared.get(task) or sorted(seen.get(task, ())))
         unknown = sorted(seen.get(task, set()) - set(names))
         if unknown:
-            problems.append(f"{classes_file}: task {task!r} has labels outside its vocabulary: {unknown}")
+            report.add("unknown", f"{classes_file}: task {task!r} has labels outside its vocabulary: {unknown}")
         vocabularies[task] = Vocabulary(task, names, multi.get(task, False))
     return vocabularies
 
 
 @register_dataset("manifest")
 def manifest_dataset(cfg: Config) -> DatasetIndex:
-    """A user's own dataset: `dataset.root` holds manifest.jsonl (paths relative to it)."""
+    """A user's own dataset: `dataset.root` holds manifest.jsonl or manifest.csv (paths relative to it)."""
     root = Path(cfg.dataset.root)
-    return read_manifest(root / "manifest.jsonl", root)
+    jsonl, table = root / "manifest.jsonl", root / "manifest.csv"
+    if table.exists() and not jsonl.exists():
+        return read_manifest(table, root)
+    index = read_manifest(jsonl, root)
+    if table.exists():
+        index.problems.append(f"{table}: ignored, {jsonl} is read instead; remove one of the two")
+        index.counts["other"] = index.counts.get("other", 0) + 1
+    return index
 
 
 @register_dataset("synthetic")
 def synthetic_dataset(cfg: Config) -> DatasetIndex:
     """The embedded synthetic benchmark, as written by `ltar synth` (a manifest dataset)."""
     return manifest_dataset(cfg)
+
+
+import extract.adapters  # noqa: E402,F401 (registers breakfast, coin, charades)

@@ -14,8 +14,9 @@ from extract.schema import CacheError
 def locate_store(cfg: Config) -> Path:
     """The store the config names (same fingerprint as `ltar extract` would compute)."""
     from extract.datasets import load_dataset
-    from extract.pipeline import fingerprint, resolve_device
+    from extract.pipeline import fingerprint, resolve_device, resolve_weights
 
+    cfg = resolve_weights(cfg)
     index = load_dataset(cfg)
     here = resolve_device(cfg)
     # this machine's device first; a store extracted on the other kind (GPU fp16 / CPU fp32) also serves

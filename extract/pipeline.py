@@ -1,9 +1,11 @@
 """Stage 1: decode every video, encode it with the frozen encoders, write it into the cache store.
 
 Decoding runs in DataLoader worker processes and overlaps the encoders. Videos are encoded in
-fixed groups of consecutive rows (`encoders.batch_frames // L` videos, never crossing a shard), so
-a video's features never depend on which run encoded it: a resumed run recomputes whole groups
-and ends with the same bytes as an uninterrupted one.
+fixed groups of consecutive rows (`encoders.batch_frames // L` videos, restarting at every shard of
+the store, whose shard size is fixed at creation), so a video's features never depend on which run
+or which cluster worker encoded it: a resumed run recomputes whole groups and ends with the same
+bytes as an uninterrupted one. `extract_groups` is the one writer loop: the single-process run
+hands it every shard, a dask worker one shard (extract/scale.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ import numpy as np
 from extract import schema
 from extract.config import Config, to_dict
 from extract.datasets import DatasetIndex, VideoItem, load_dataset
+from extract.schema import CacheError
 from extract.store import contiguous_runs, create_store, open_for_writing, store_bytes, write_rows
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,27 @@ def _file_digest(path: str | None) -> str | None:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+VLM_WEIGHTS = "vlm"  # encoders.clip.weights: vlm = the checkpoint `ltar pretrain-vlm` writes for this config
+
+
+def resolve_weights(cfg: Config) -> Config:
+    """Replace `encoders.clip.weights: vlm` by the path of the tiny CLIP trained on the synthetic world;
+    it then loads through the same local-checkpoint path as any other weights file."""
+    from dataclasses import replace
+
+    if cfg.encoders.clip.weights != VLM_WEIGHTS:
+        return cfg
+    from extract.vlm import vlm_checkpoint
+
+    path = vlm_checkpoint(cfg)
+    if not path.exists():
+        raise CacheError(
+            f"encoders.clip.weights is 'vlm' but {path} does not exist; run `ltar pretrain-vlm` "
+            "(or `make demo`) first, or set encoders.clip.weights to a checkpoint or null"
+        )
+    return replace(cfg, encoders=replace(cfg.encoders, clip=replace(cfg.encoders.clip, weights=str(path))))
 
 
 def resolve_device(cfg: Config) -> str:
@@ -78,7 +103,10 @@ def fingerprint(cfg: Config, index: DatasetIndex, device: str) -> str:
         "schema": schema.SCHEMA_VERSION,
         "dataset": cfg.dataset.name,
         "items": items,
-        "vocabularies": {t: list(v.names) for t, v in index.vocabularies.items()},
+        # class names and the prompts their text embeddings are made from
+        "vocabularies": {
+            t: [list(v.names), [v.prompt_name(i) for i in range(len(v.names))]] for t, v in index.vocabularies.items()
+        },
         "frames": {
             "num_frames": cfg.frames.num_frames,
             "sampling": cfg.frames.sampling,
@@ -277,125 +305,230 @@ def _labels(index: DatasetIndex) -> dict[str, np.ndarray]:
     return out
 
 
-def _groups(todo_rows: np.ndarray, n: int, group: int) -> list[np.ndarray]:
-    """Fixed groups of `group` consecutive rows, restarting at each shard (a group never crosses a
-    shard, so one writer owns it); only the groups that hold a row still to do."""
+def _shard_groups(start: int, stop: int, group: int) -> list[np.ndarray]:
+    """The fixed groups of one shard [start, stop): `group` consecutive rows each, restarting at `start`."""
+    return [np.arange(s, min(s + group, stop)) for s in range(start, stop, group)]
+
+
+def _groups(todo_rows: np.ndarray, n: int, group: int, shard: int = schema.SHARD_VIDEOS) -> list[np.ndarray]:
+    """Fixed groups of `group` consecutive rows, restarting at each shard of `shard` rows (a group never
+    crosses a shard, so one writer owns it); only the groups that hold a row still to do."""
     todo = np.zeros(n, dtype=bool)
     todo[todo_rows] = True
     out = []
-    for shard_start in range(0, n, schema.SHARD_VIDEOS):
-        shard_stop = min(shard_start + schema.SHARD_VIDEOS, n)
-        for s in range(shard_start, shard_stop, group):
-            rows = np.arange(s, min(s + group, shard_stop))
-            if todo[rows].any():
-                out.append(rows)
+    for shard_start in range(0, n, shard):
+        out += [rows for rows in _shard_groups(shard_start, min(shard_start + shard, n), group) if todo[rows].any()]
     return out
 
 
-def extract(cfg: Config, progress: bool = True, index: DatasetIndex | None = None) -> ExtractSummary:
-    """Run stage 1 for the configured dataset; resumes an interrupted run of the same fingerprint."""
+def store_specs(cfg: Config, index: DatasetIndex, enc: Encoders) -> list[schema.ArraySpec]:
+    """Every array of the store this configuration, dataset and encoders make."""
+    sizes = schema.Sizes(len(index.items), cfg.frames.num_frames, enc.clip.dim, enc.timesformer.dim, map_size(cfg, enc))
+    tasks = {t: (len(v.names), v.multi_label) for t, v in index.vocabularies.items()}
+    return schema.array_specs(sizes, tasks)
+
+
+def raw_fp32_bytes(specs: list[schema.ArraySpec]) -> int:
+    """What the numeric arrays would take as raw fp32: the summary's size reference."""
+    return sum(4 * int(np.prod(s.shape)) for s in specs if s.dtype != schema.STRING)
+
+
+def write_video_coordinates(group: Any, index: DatasetIndex) -> None:
+    """The `video` coordinate arrays (schema.VIDEO_COORDS); created first when an older store lacks them."""
+    from extract.store import create_array
+
+    ids = np.asarray([it.id for it in index.items], dtype=np.dtypes.StringDType())  # (N,)
+    for name in schema.VIDEO_COORDS:
+        if name not in group:
+            create_array(group, schema.ArraySpec(name, ids.shape, (schema.VIDEO,), schema.STRING, per_video=False))
+        group[name][:] = ids
+
+
+def create_cache(cfg: Config, index: DatasetIndex, enc: Encoders, path: Path, fp: str) -> Any:
+    """Create the store with its attributes, labels, text embeddings and video ids; rows stay to do.
+
+    Runs where the encoders are: the single process, or one cluster worker (extract/scale.py)."""
+    attrs = {
+        "fingerprint": fp,
+        "dataset": cfg.dataset.name,
+        "video_ids": [it.id for it in index.items],
+        "video_paths": [str(it.path) for it in index.items],
+        "decode_size": decode_size(enc),
+        "splits": [it.split for it in index.items],
+        "vocabularies": {
+            t: {
+                "names": list(v.names),
+                "multi_label": v.multi_label,
+                "prompts": [v.prompt_name(i) for i in range(len(v.names))],
+            }
+            for t, v in index.vocabularies.items()
+        },
+        "provenance": enc.provenance(),
+        "config": to_dict(cfg),
+        "shard_videos": cfg.cache.shard_videos,
+        "failures": {},
+    }
+    group = create_store(path, store_specs(cfg, index, enc), attrs, cfg.cache.shard_videos)
+    for name, value in _labels(index).items():
+        group[name][:] = value
+    for task, vocab in index.vocabularies.items():
+        prompts = [vocab.prompt_name(i) for i in range(len(vocab.names))]
+        text = enc.clip.encode_text(prompts, cfg.encoders.clip.prompts)  # T0: (C, Dc)
+        group[f"{schema.TEXT}/{task}"][:] = text.float().cpu().numpy()
+    write_video_coordinates(group, index)
+    log.info("created %s", path)
+    return group
+
+
+def resume_store(group: Any, cfg: Config, index: DatasetIndex, path: Path) -> int:
+    """An existing store about to be resumed: its shard size (which decides its groups), ids written."""
+    shard = schema.store_shard_videos(group)
+    configured = min(cfg.cache.shard_videos, len(index.items))
+    if shard != configured:
+        log.warning(
+            "%s keeps its shard size of %d videos (cache.shard_videos=%d applies to new stores only)",
+            path,
+            shard,
+            cfg.cache.shard_videos,
+        )
+    if any(name not in group for name in schema.VIDEO_COORDS):
+        write_video_coordinates(group, index)  # a store written before the coordinate existed
+    log.info("resuming %s", path)
+    return shard
+
+
+@dataclass
+class RowsResult:
+    """What one writer did so far: rows written, real frames in them, failures {video_id: reason}."""
+
+    done: int = 0
+    frames: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def extract_groups(
+    group: Any,
+    items: Any,
+    groups: list[np.ndarray],
+    cfg: Config,
+    enc: Encoders,
+    done: np.ndarray,
+    result: RowsResult,
+    decode_workers: int,
+    on_group: Callable[[int, RowsResult], None] | None = None,
+    before_write: Callable[[], None] | None = None,
+    mp_context: str | None = None,
+) -> RowsResult:
+    """Decode, encode and write fixed `groups` of rows that this writer owns: every shard in a
+    single-process run, one shard per task on a cluster worker (extract/scale.py).
+
+    items[row] is the row's VideoItem (a list, or a dict of the owned rows); done: (N,) bool rows an
+    earlier run finished (never rewritten); `result` is filled as groups land, so a caller still has
+    it when a write fails; on_group(rows, result) after each group; before_write() may refuse a write
+    (a lost store lock); mp_context: how decoding processes start (None: multiprocessing's default).
+    """
     import torch
+
+    loader = torch.utils.data.DataLoader(
+        _GroupDecoder(items, groups, cfg, decode_size(enc)),
+        batch_size=None,
+        shuffle=False,
+        num_workers=decode_workers,
+        worker_init_fn=_worker_init if decode_workers else None,
+        prefetch_factor=2 if decode_workers else None,
+        persistent_workers=False,
+        multiprocessing_context=mp_context if decode_workers else None,
+    )
+    for batch in loader:
+        ok = [v for v in batch["videos"] if "error" not in v]
+        for v in batch["videos"]:
+            if "error" in v:
+                result.failures[items[v["row"]].id] = v["error"]
+        if ok:
+            frames = np.stack([v["frames"] for v in ok])  # (B, L, S, S, 3)
+            valid = np.stack([v["valid"] for v in ok])  # (B, L)
+            arrays = encode_group(frames, valid, cfg, enc)
+            finite = np.ones(len(ok), dtype=bool)
+            for name in (schema.CLIP_FRAME, schema.CLIP_FG, schema.CLIP_BG, schema.TSF_FRAME, schema.TSF_CLS):
+                finite &= np.isfinite(arrays[name].reshape(len(ok), -1)).all(1)
+            arrays[schema.FRAME_MASK] = valid
+            arrays[schema.TIMESTAMPS] = np.stack([v["pts"] for v in ok])
+            arrays[schema.FPS] = np.asarray([v["fps"] for v in ok], dtype=np.float32)
+            rows = np.asarray([v["row"] for v in ok])
+            for b in np.flatnonzero(~finite):
+                result.failures[items[rows[b]].id] = "non-finite: the encoders produced NaN or inf"
+            write = finite & ~done[rows]  # rows done by an earlier run are never rewritten
+            for start, stop in contiguous_runs(rows[write]):  # one slice write per run of rows
+                if before_write is not None:
+                    before_write()
+                a = int(np.searchsorted(rows, start))
+                write_rows(group, start, {k: v[a : a + stop - start] for k, v in arrays.items()})
+            result.done += int(write.sum())
+            result.frames += int(valid[write].sum())
+        if on_group is not None:
+            on_group(len(batch["rows"]) - int(done[batch["rows"]].sum()), result)
+    return result
+
+
+def record_failures(group: Any, video_ids: list[str], previous: dict[str, str], new: dict[str, str]) -> dict:
+    """Write the store's `failures` attribute once: earlier failures of rows still not done, then this run's."""
+    done_now = np.asarray(group[schema.DONE][:])
+    row_of = {vid: r for r, vid in enumerate(video_ids)}
+    failures = {vid: r for vid, r in previous.items() if vid in row_of and not done_now[row_of[vid]]}
+    failures.update(new)
+    group.attrs["failures"] = failures
+    return failures
+
+
+def extract(cfg: Config, progress: bool = True, index: DatasetIndex | None = None) -> ExtractSummary:
+    """Run stage 1 for the configured dataset; resumes an interrupted run of the same fingerprint.
+
+    Takes the store's lock for the whole run (a second concurrent run is refused); `ltar extract
+    --scheduler` runs the same groups on a dask cluster instead (extract/scale.py)."""
     from tqdm import tqdm
 
+    from extract.scale import acquire_lock, check_cache_root
+
     t0 = time.perf_counter()
+    check_cache_root(cfg)
+    cfg = resolve_weights(cfg)
     index = index or load_dataset(cfg)
     if not index.items:
         raise schema.CacheError(f"dataset {cfg.dataset.name!r} at {cfg.dataset.root} has no videos to extract")
     device = resolve_device(cfg)
     fp = fingerprint(cfg, index, device)
     path = schema.store_path(cfg.cache.root, cfg.dataset.name, fp)
-    enc = build_encoders(cfg, device)
-    n, L = len(index.items), cfg.frames.num_frames
-    sizes = schema.Sizes(n, L, enc.clip.dim, enc.timesformer.dim, map_size(cfg, enc))
-    tasks = {t: (len(v.names), v.multi_label) for t, v in index.vocabularies.items()}
-    specs = schema.array_specs(sizes, tasks)
+    with acquire_lock(path):
+        enc = build_encoders(cfg, device)
+        n, L = len(index.items), cfg.frames.num_frames
+        group = open_for_writing(path, fp)
+        if group is None:
+            group = create_cache(cfg, index, enc, path, fp)
+            shard = schema.store_shard_videos(group)
+        else:
+            shard = resume_store(group, cfg, index, path)
 
-    group = open_for_writing(path, fp)
-    if group is None:
-        attrs = {
-            "fingerprint": fp,
-            "dataset": cfg.dataset.name,
-            "video_ids": [it.id for it in index.items],
-            "video_paths": [str(it.path) for it in index.items],
-            "decode_size": decode_size(enc),
-            "splits": [it.split for it in index.items],
-            "vocabularies": {
-                t: {
-                    "names": list(v.names),
-                    "multi_label": v.multi_label,
-                    "prompts": [v.prompt_name(i) for i in range(len(v.names))],
-                }
-                for t, v in index.vocabularies.items()
-            },
-            "provenance": enc.provenance(),
-            "config": to_dict(cfg),
-            "failures": {},
-        }
-        group = create_store(path, specs, attrs)
-        for name, value in _labels(index).items():
-            group[name][:] = value
-        for task, vocab in index.vocabularies.items():
-            prompts = [vocab.prompt_name(i) for i in range(len(vocab.names))]
-            text = enc.clip.encode_text(prompts, cfg.encoders.clip.prompts)  # T0: (C, Dc)
-            group[f"{schema.TEXT}/{task}"][:] = text.float().cpu().numpy()
-        log.info("created %s", path)
-    else:
-        log.info("resuming %s", path)
+        done = np.asarray(group[schema.DONE][:])
+        todo = np.flatnonzero(~done)
+        summary = ExtractSummary(path, total=n, skipped=int(done.sum()))
+        groups = _groups(todo, n, max(1, cfg.encoders.batch_frames // L), shard)
+        previous_failures = dict(group.attrs.get("failures", {}))
+        bar = tqdm(total=len(todo), unit="video", disable=not progress, desc="extract")
 
-    done = np.asarray(group[schema.DONE][:])
-    todo = np.flatnonzero(~done)
-    summary = ExtractSummary(path, total=n, skipped=int(done.sum()))
-    per_group = max(1, cfg.encoders.batch_frames // L)
-    groups = _groups(todo, n, per_group)
-    previous_failures = dict(group.attrs.get("failures", {}))
-    size = decode_size(enc)
-    decoder = _GroupDecoder(index.items, groups, cfg, size)
-    workers = cfg.frames.decode_workers
-    loader = torch.utils.data.DataLoader(
-        decoder,
-        batch_size=None,
-        shuffle=False,
-        num_workers=workers,
-        worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=2 if workers else None,
-        persistent_workers=False,
-    )
-    bar = tqdm(total=len(todo), unit="video", disable=not progress, desc="extract")
-    try:
-        for batch in loader:
-            ok = [v for v in batch["videos"] if "error" not in v]
-            for v in batch["videos"]:
-                if "error" in v:
-                    summary.failures[index.items[v["row"]].id] = v["error"]
-            if ok:
-                frames = np.stack([v["frames"] for v in ok])  # (B, L, S, S, 3)
-                valid = np.stack([v["valid"] for v in ok])  # (B, L)
-                arrays = encode_group(frames, valid, cfg, enc)
-                finite = np.ones(len(ok), dtype=bool)
-                for name in (schema.CLIP_FRAME, schema.CLIP_FG, schema.CLIP_BG, schema.TSF_FRAME, schema.TSF_CLS):
-                    finite &= np.isfinite(arrays[name].reshape(len(ok), -1)).all(1)
-                arrays[schema.FRAME_MASK] = valid
-                arrays[schema.TIMESTAMPS] = np.stack([v["pts"] for v in ok])
-                arrays[schema.FPS] = np.asarray([v["fps"] for v in ok], dtype=np.float32)
-                rows = np.asarray([v["row"] for v in ok])
-                for b in np.flatnonzero(~finite):
-                    summary.failures[index.items[rows[b]].id] = "non-finite: the encoders produced NaN or inf"
-                write = finite & ~done[rows]  # rows done by an earlier run are never rewritten
-                for start, stop in contiguous_runs(rows[write]):  # one slice write per run of rows
-                    a = int(np.searchsorted(rows, start))
-                    write_rows(group, start, {k: v[a : a + stop - start] for k, v in arrays.items()})
-                summary.done += int(write.sum())
-                summary.frames += int(valid[write].sum())
-            bar.update(len(batch["rows"]) - int(done[batch["rows"]].sum()))
-            bar.set_postfix(frames_s=f"{summary.frames / max(time.perf_counter() - t0, 1e-9):.0f}")
-    finally:
-        bar.close()
-        done_now = np.asarray(group[schema.DONE][:])
-        row_of = {it.id: r for r, it in enumerate(index.items)}
-        failures = {vid: r for vid, r in previous_failures.items() if vid in row_of and not done_now[row_of[vid]]}
-        failures.update(summary.failures)
-        group.attrs["failures"] = failures
+        def on_group(rows: int, result: RowsResult) -> None:
+            bar.update(rows)
+            bar.set_postfix(frames_s=f"{result.frames / max(time.perf_counter() - t0, 1e-9):.0f}")
+
+        result = RowsResult(failures=summary.failures)
+        try:
+            extract_groups(
+                group, index.items, groups, cfg, enc, done, result, cfg.frames.decode_workers, on_group=on_group
+            )
+        finally:
+            bar.close()
+            record_failures(group, [it.id for it in index.items], previous_failures, summary.failures)
+    summary.done, summary.frames = result.done, result.frames
     summary.seconds = time.perf_counter() - t0
     summary.store_bytes = store_bytes(path)
-    summary.raw_fp32_bytes = sum(4 * int(np.prod(s.shape)) for s in specs)
+    summary.raw_fp32_bytes = raw_fp32_bytes(store_specs(cfg, index, enc))
     return summary

@@ -17,10 +17,18 @@ Arrays (N videos, L frames, Dc CLIP dim, Dv TimeSformer dim, h×w saliency map):
     timestamps        (N, L) float32    seconds of the frame actually sampled per slot
     fps               (N,) float32      the video's average frame rate
     done              (N,) bool         the row is complete
+    video             (N,) string       the video ids: xarray's `video` coordinate, written at creation; a copy
+                                        in each group whose arrays have a video axis (clip/, timesformer/,
+                                        labels/), since xarray resolves coordinates per group
     labels/<task>     (N,) int32 (single label, -1 = none) or (N, C) bool (multi-hot)
     text/<task>       (C, Dc) fp16      T0: class-name embeddings averaged over prompt templates
 Attributes (root): schema_version, fingerprint, dataset, video_ids, splits, vocabularies,
-provenance (encoders, weights, libraries), config (resolved), failures {video_id: reason}.
+provenance (encoders, weights, libraries), config (resolved), shard_videos, failures {video_id: reason}.
+
+The shard size along the video axis is fixed per store when it is created (`cache.shard_videos`,
+default `SHARD_VIDEOS`): encoder groups restart at every shard, so a store's shard size decides its
+groups, and every later run (resume, cluster workers) reads it back from the store, never from the
+config. `LOCK_FILE` inside the store directory names the run writing it (extract/scale.py).
 """
 
 from __future__ import annotations
@@ -32,13 +40,17 @@ from typing import Any
 import numpy as np
 
 SCHEMA_VERSION = 1
-SHARD_VIDEOS = 64  # videos per shard file along the video axis
+SHARD_VIDEOS = 64  # default videos per shard file along the video axis (cache.shard_videos)
+STRING = "StringDType()"  # variable-length UTF-8 (zarr v3 `string`), as numpy prints the dtype it reads back
+LOCK_FILE = "ltar.lock"  # inside the store directory: the run writing it (host, pid, start time)
 
 CLIP_FRAME, CLIP_FG, CLIP_BG = "clip/frame", "clip/fg", "clip/bg"
 SALIENCY = "saliency"
 TSF_FRAME, TSF_CLS = "timesformer/frame", "timesformer/cls"
 FRAME_MASK, TIMESTAMPS, FPS, DONE = "frame_mask", "timestamps", "fps", "done"
 LABELS, TEXT = "labels", "text"
+VIDEO = "video"  # the video-id coordinate array (and the first dimension of every per-video array)
+VIDEO_COORDS = (VIDEO, f"clip/{VIDEO}", f"timesformer/{VIDEO}", f"{LABELS}/{VIDEO}")  # one per group, see above
 
 
 class CacheError(RuntimeError):
@@ -84,12 +96,20 @@ def array_specs(sizes: Sizes, tasks: dict[str, tuple[int, bool]]) -> list[ArrayS
         else:
             specs.append(ArraySpec(f"{LABELS}/{task}", (n,), ("video",), "int32"))
         specs.append(ArraySpec(f"{TEXT}/{task}", (c, dc), (f"{task}_class", "feature"), "float16", per_video=False))
+    # the ids as xarray's coordinate, one whole chunk each (written once, at creation, never per row)
+    specs += [ArraySpec(name, (n,), (VIDEO,), STRING, per_video=False) for name in VIDEO_COORDS]
     specs.append(ArraySpec(DONE, (n,), ("video",), "bool"))  # last: written after the row
     return specs
 
 
 def store_path(cache_root: str | Path, dataset: str, fingerprint: str) -> Path:
     return Path(cache_root) / dataset / f"{fingerprint}.zarr"
+
+
+def store_shard_videos(group: Any) -> int:
+    """Videos per shard of an existing store (its `done` array's shard shape): what decides its groups."""
+    done = group[DONE]
+    return int(done.shards[0]) if done.shards else int(done.shape[0])
 
 
 @dataclass

@@ -26,39 +26,49 @@ class ExtractError(RuntimeError):
     """Extraction cannot go on (disk full, unwritable store); finished videos are kept."""
 
 
-def create_array(group: Any, spec: ArraySpec) -> None:
+def create_array(group: Any, spec: ArraySpec, shard_videos: int = schema.SHARD_VIDEOS) -> None:
     """Create one schema array in `group`: per-video arrays one row per chunk, sharded; others whole."""
     from zarr.codecs import BloscCodec, ZstdCodec
 
     compressor = ZstdCodec(level=3) if spec.dtype == "float16" else BloscCodec(cname="zstd", clevel=3)
     if spec.per_video:
         chunks = (1, *spec.shape[1:])
-        shards = (min(schema.SHARD_VIDEOS, max(spec.shape[0], 1)), *spec.shape[1:])
+        shards = (min(shard_videos, max(spec.shape[0], 1)), *spec.shape[1:])
     else:
         chunks, shards = spec.shape, None
+    string = spec.dtype == schema.STRING
     group.create_array(
         spec.name,
         shape=spec.shape,
         chunks=chunks,
         shards=shards,
-        dtype=spec.dtype,
+        dtype=np.dtypes.StringDType() if string else spec.dtype,
         compressors=compressor,
-        fill_value=-1 if spec.dtype == "int32" else 0,
+        fill_value="" if string else -1 if spec.dtype == "int32" else 0,
         dimension_names=spec.dims,
     )
 
 
-def create_store(path: Path, specs: list[ArraySpec], attrs: dict[str, Any]) -> Any:
+def create_store(
+    path: Path, specs: list[ArraySpec], attrs: dict[str, Any], shard_videos: int = schema.SHARD_VIDEOS
+) -> Any:
     """Create every array, then the attributes; `schema_version` is written last, so a store whose
-    creation was interrupted is recognised (it has none) and recreated."""
+    creation was interrupted is recognised (it has none) and recreated. The writer's lock file
+    (schema.LOCK_FILE) survives the recreation."""
     import zarr
 
     if path.exists():
-        shutil.rmtree(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(str(path), mode="w")
+        for child in path.iterdir():
+            if child.name == schema.LOCK_FILE:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(str(path), mode="a")  # mode "w" would delete the lock file with the rest
     for spec in specs:
-        create_array(group, spec)
+        create_array(group, spec, shard_videos)
     group.attrs.update(attrs)
     group.attrs["schema_version"] = schema.SCHEMA_VERSION
     return group

@@ -7,7 +7,7 @@ import torch
 
 from extract.config import from_dict
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # small ops: a second thread mostly waits (and tests may run beside other work)
 
 
 def tiny_config(root: Path, cache_root: Path, **sections):

@@ -15,8 +15,9 @@ def test_sinkhorn_matches_pot_and_its_marginals():
     assert torch.allclose(plan.sum(2), torch.full((2, 5), 1 / 5, dtype=torch.float64), atol=1e-9)
     assert torch.allclose(plan.sum(1), torch.full((2, 7), 1 / 7, dtype=torch.float64), atol=1e-9)
     for b in range(2):
-        ref = ot.sinkhorn(np.full(5, 1 / 5), np.full(7, 1 / 7), cost[b].numpy(), reg=0.1, numItermax=5000,
-                          stopThr=1e-12)
+        ref = ot.sinkhorn(
+            np.full(5, 1 / 5), np.full(7, 1 / 7), cost[b].numpy(), reg=0.1, numItermax=5000, stopThr=1e-12
+        )
         assert np.allclose(plan[b].numpy(), ref, atol=1e-8)
 
 
@@ -25,8 +26,9 @@ def test_sinkhorn_masks_frames_and_is_differentiable():
     mask = torch.tensor([[True, True, True, True, False, False]])
     plan = sinkhorn(cost, eps=0.2, iters=300, mask=mask)
     assert torch.all(plan[0, :, 4:] == 0)
-    ref = ot.sinkhorn(np.full(3, 1 / 3), np.full(4, 1 / 4), cost[0, :, :4].detach().numpy(), reg=0.2,
-                      numItermax=5000, stopThr=1e-12)
+    ref = ot.sinkhorn(
+        np.full(3, 1 / 3), np.full(4, 1 / 4), cost[0, :, :4].detach().numpy(), reg=0.2, numItermax=5000, stopThr=1e-12
+    )
     assert np.allclose(plan[0, :, :4].detach().numpy(), ref, atol=1e-8)
     (plan * cost).sum().backward()
     assert torch.isfinite(cost.grad).all() and cost.grad[0, :, :4].abs().sum() > 0

@@ -6,7 +6,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from extract.config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict, write_resolved
+from extract.config import (
+    Config,
+    ConfigError,
+    DictionarySpec,
+    apply_overrides,
+    from_dict,
+    load_config,
+    to_dict,
+    write_resolved,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,8 +34,12 @@ def test_pipeline_yaml_loads_and_names_every_key():
 
     cfg = load_config(REPO / "pipeline.yaml")
     written = set(_keys(yaml.safe_load((REPO / "pipeline.yaml").read_text())))
-    declared = set(_keys(to_dict(Config()))) - {"heads", "ablations"}
-    static = {k for k in written if not k.startswith(("heads.", "ablations."))}
+    declared = {k for k in _keys(to_dict(Config())) if not k.startswith(("heads", "ablations", "dictionaries."))}
+    static = {k for k in written if not k.startswith(("heads.", "ablations.", "dictionaries."))}
+    # every named dictionary writes every field of DictionarySpec
+    spec_fields = {f.name for f in dataclasses.fields(DictionarySpec)}
+    for name, entry in yaml.safe_load((REPO / "pipeline.yaml").read_text())["dictionaries"].items():
+        assert set(entry) == spec_fields, f"dictionaries.{name}: missing {sorted(spec_fields - set(entry))}"
     # pipeline.yaml is the configuration reference: every key the loader accepts is written there,
     assert declared == static, f"missing in pipeline.yaml: {declared - static}; unknown: {static - declared}"
     # every option of every registered head too

@@ -101,7 +101,6 @@ def _all_variants():
 def test_every_head_and_variant(head_name, variant, multi_label):
     from extract.config import from_dict
     from train.engine import loss_fn
-
     from train.heads import required_dictionaries
 
     torch.manual_seed(0)
@@ -248,6 +247,7 @@ def test_cli_train_evaluate_ablate(tiny_cache, tmp_path):
     cfg, store = tiny_cache
     os.chdir(tmp_path)
     sets = [
+        "encoders.clip.weights=null",
         f"dataset.root={cfg.dataset.root}",
         f"cache.root={cfg.cache.root}",
         "frames.num_frames=8",

@@ -216,12 +216,18 @@ def train(
             if max_steps is not None and step >= max_steps:
                 break
         row = {"epoch": epoch, "step": step, "lr": sched.get_last_lr()[0], "loss": float(np.mean(losses))}
-        for split, data in evals.items():
+        last_epoch = epoch + 1 == tc.epochs or (max_steps is not None and step >= max_steps)
+        evaluated = last_epoch or (epoch + 1) % tc.eval_every == 0
+        for split, data in evals.items() if evaluated else ():
             scores, labels = predict(head, data, ctx, device, tc.batch_size, use_amp)
             row.update({f"{split}/{k}": v for k, v in compute_metrics(scores, labels, ctx.multi_label).items()})
         history.append(row)
-        _append_metrics(run_dir, row)
-        score = row[f"{select}/{metric}"] if select else epoch  # no selection split: best = last
+        names = ["map"] if ctx.multi_label else ["acc1", "acc5", "map"]
+        _append_metrics(run_dir, row, ["epoch", "step", "lr", "loss"] + [f"{s}/{m}" for s in evals for m in names])
+        if select and not evaluated:
+            score = -math.inf  # best.pt is chosen only among evaluated epochs
+        else:
+            score = row[f"{select}/{metric}"] if select else epoch  # no selection split: best = last
         state = {
             "head": tc.head,
             "variant": tc.variant,
@@ -248,18 +254,19 @@ def train(
         if max_steps is not None and step >= max_steps:
             break
     bar.close()
-    final = history[-1] if history else {}
+    final = history[-1] if history else {}  # the last epoch is always evaluated
     metrics = {s: {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith(f"{s}/")} for s in evals}
     return RunResult(run_dir, metrics, time.perf_counter() - t0, step, history)
 
 
-def _append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+def _append_metrics(run_dir: Path, row: dict[str, Any], fields: list[str]) -> None:
+    """One line per epoch in metrics.jsonl and metrics.csv (empty cells where an epoch was not evaluated)."""
     with (run_dir / "metrics.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
     path = run_dir / "metrics.csv"
     new = not path.exists()
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         if new:
             writer.writeheader()
         writer.writerow(row)

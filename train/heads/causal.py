@@ -43,9 +43,11 @@ class BackdoorAttention(nn.Module):
     ):
         super().__init__()
         self.mode, self.use_lambda, self.use_prior = mode, use_lambda, use_prior
-        self.w_c = nn.Linear(query_dim, dim)  # W_c
-        self.w_d = nn.Linear(z_dim, dim)  # W_d
-        self.w_a = nn.Linear(dim, 1, bias=False) if mode == "additive" else None  # w of additive attention
+        # without λ there is nothing to score: the scorers do not exist (switching off removes parameters)
+        self.w_c = nn.Linear(query_dim, dim) if use_lambda else None  # W_c
+        # in dot mode a key bias shifts every score of a query equally and cancels in the softmax
+        self.w_d = nn.Linear(z_dim, dim, bias=mode == "additive") if use_lambda else None  # W_d
+        self.w_a = nn.Linear(dim, 1, bias=False) if use_lambda and mode == "additive" else None  # w (additive)
         self.scale = dim**-0.5
 
     def weights(self, query: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -117,4 +119,3 @@ def sinkhorn(cost: torch.Tensor, eps: float, iters: int, mask: torch.Tensor | No
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """softmax over `dim` with masked positions (False) at zero weight."""
     return scores.masked_fill(~mask, -torch.inf).softmax(dim).nan_to_num(0.0)
-

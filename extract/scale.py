@@ -1,0 +1,546 @@
+"""Scale-out: stage 1 on a dask.distributed cluster, and the store lock every writer takes.
+
+`ltar extract --scheduler local:N` starts a `LocalCluster` of N worker processes (1 thread each);
+`--scheduler tcp://host:port` joins a running one (one `dask worker` per GPU). One task = one shard
+of the store: the worker builds the encoders once (kept in a worker-local global), decodes,
+encodes the shard's fixed groups and writes its rows and `done` flags through the same
+`extract_groups` loop as the single-process run, then returns its failures. Workers only ever write
+the shards they were given, so no two processes share a file; the driver holds the store lock,
+shows one progress bar, and writes the `failures` attribute once at the end.
+
+A shard task is idempotent (rows already `done` are skipped, groups are fixed per store), so a task
+whose worker died is simply run again: dask reschedules tasks of a lost worker (up to
+`distributed.scheduler.allowed-failures` times) and `retries=` resubmits a task that raised.
+
+The lock, `<store>/ltar.lock` (schema.LOCK_FILE), is a JSON file created with O_EXCL: host, pid,
+process start time, start time, a random token and the command. A second run is refused with a
+sentence naming the holder; a lock whose pid is gone (same host) is stale and taken over with a
+warning. Cluster tasks check the token before every write, so tasks of a dead driver whose lock was
+taken over stop instead of writing beside the new run. This needs a POSIX filesystem that every
+worker and the driver share (local disk for `local:N`, NFS/Lustre/GPFS for a multi-host cluster).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import logging
+import multiprocessing
+import os
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from extract import schema
+from extract.config import Config, to_dict
+from extract.datasets import DatasetIndex, VideoItem, load_dataset
+from extract.store import ExtractError
+
+log = logging.getLogger(__name__)
+
+PROGRESS_TOPIC = "ltar-extract"  # dask event topic: workers report rows after every group
+
+
+# ---------------------------------------------------------------------------------------------
+# The store lock
+# ---------------------------------------------------------------------------------------------
+
+
+class StoreLocked(ExtractError):
+    """Another live run is writing this store."""
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid from its owner."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    now = _proc_start(pid)
+    return start is None or now is None or now == start
+
+
+@dataclass
+class StoreLock:
+    """A held lock; `release()` (or leaving the `with` block) removes the file."""
+
+    path: Path  # <store>/ltar.lock
+    token: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __enter__(self) -> StoreLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if read_lock(self.path).get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+
+
+def read_lock(path: Path) -> dict[str, Any]:
+    """The lock file's contents; {} when there is none (or it is being written)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(info: dict[str, Any]) -> str:
+    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')}: `{info.get('command', '?')}`"
+
+
+def acquire_lock(store: str | Path, wait_s: float = 2.0) -> StoreLock:
+    """Take `<store>/ltar.lock` or raise StoreLocked with a sentence; a stale lock is taken over.
+
+    `wait_s` covers a lock file caught between its creation and its contents being written."""
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    path = store / schema.LOCK_FILE
+    host, pid = socket.gethostname(), os.getpid()
+    info = {
+        "host": host,
+        "pid": pid,
+        "pid_start": _proc_start(pid),
+        "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "token": uuid.uuid4().hex,
+        "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:300],
+    }
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            held = read_lock(path)
+            if not held:  # empty or half-written: its writer is a moment away from filling it
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                raise StoreLocked(
+                    f"{store} is locked by an unreadable lock file {path}; if no `ltar` run is writing this "
+                    "store, delete that file and run again"
+                ) from None
+            if held.get("host") != host:
+                raise StoreLocked(
+                    f"{store} is being written by another run ({_describe(held)}); a store takes one run at a "
+                    f"time. Wait for it, or, if that run is gone, delete {path} (it is on another host, so "
+                    "this run cannot tell)"
+                ) from None
+            if _alive(int(held.get("pid", -1)), held.get("pid_start")):
+                raise StoreLocked(
+                    f"{store} is being written by another run ({_describe(held)}); a store takes one run at a "
+                    "time: wait for it to finish, or stop it (its finished videos are kept) and run again"
+                ) from None
+            _take_over(path, held)
+            log.warning("%s: taking over a stale lock of a run that is gone (%s)", store, _describe(held))
+            continue
+        with os.fdopen(fd, "w") as fh:
+            json.dump(info, fh)
+        return StoreLock(path, info["token"], info)
+
+
+def _take_over(path: Path, stale: dict[str, Any]) -> None:
+    """Move a stale lock aside atomically; if another run replaced it meanwhile, put that one back."""
+    aside = path.with_name(f"{path.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return  # another run took it over first; the caller looks again
+    if read_lock(aside).get("token") != stale.get("token"):
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)  # a live lock moved by mistake goes back (unless a third run holds one)
+    aside.unlink(missing_ok=True)
+
+
+def check_lock(store: str | Path, token: str) -> None:
+    """Raise when the store's lock no longer holds `token`: another run took it over."""
+    path = Path(store) / schema.LOCK_FILE
+    held = read_lock(path)
+    if held.get("token") != token:
+        who = _describe(held) if held else "nobody"
+        raise ExtractError(f"{store}: this run lost the store lock (now held by {who}); stopping without writing")
+
+
+def check_cache_root(cfg: Config) -> None:
+    """Refuse an object-store URL as cache.root: atomic shard replacement and the lock need POSIX files."""
+    if "://" in cfg.cache.root:
+        raise schema.CacheError(
+            f"cache.root {cfg.cache.root!r} is a URL; the cache must live on a local or shared POSIX filesystem "
+            "(atomic shard writes and the store lock rely on rename and O_EXCL): use a path such as /shared/cache"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side: one task per shard
+# ---------------------------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}  # per worker process: "encoders" -> (key, Encoders)
+
+
+@dataclass
+class ShardResult:
+    """What one shard task did; the driver merges these into the run's ExtractSummary."""
+
+    start: int  # first row of the shard
+    stop: int  # one past its last row
+    done: int = 0  # rows written by this task
+    frames: int = 0  # real frames in them
+    failures: dict[str, str] = field(default_factory=dict)  # video id -> reason
+    seconds: float = 0.0
+    worker: str = ""
+    device: str = ""
+
+
+def worker_device(cfg: Config, dask_worker: Any = None) -> str:
+    """The torch device of this worker: `encoders.device`, or for `auto` with CUDA, GPU `name % count`
+    (LocalCluster names its workers 0..N-1; a worker pinned by CUDA_VISIBLE_DEVICES sees one GPU)."""
+    from extract.pipeline import resolve_device
+
+    device = resolve_device(cfg)
+    if cfg.encoders.device != "auto" or device != "cuda":
+        return device
+    import torch
+
+    name = getattr(dask_worker, "name", None)
+    if dask_worker is None:
+        with contextlib.suppress(ValueError):
+            from distributed import get_worker
+
+            name = get_worker().name
+    index = int(name) if isinstance(name, int) or str(name).isdigit() else 0
+    return f"cuda:{index % max(torch.cuda.device_count(), 1)}"
+
+
+def _worker_encoders(cfg: Config, torch_threads: int | None) -> Any:
+    """Encoders built once per worker process and kept for every later shard of the same configuration."""
+    import torch
+
+    from extract.pipeline import build_encoders
+
+    if torch_threads and torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    device = worker_device(cfg)
+    key = json.dumps([to_dict(cfg.encoders), to_dict(cfg.saliency), device], sort_keys=True, default=str)
+    cached = _WORKER.get("encoders")
+    if cached is None or cached[0] != key:
+        _WORKER["encoders"] = (key, build_encoders(cfg, device))
+    return _WORKER["encoders"][1]
+
+
+def create_store_task(cfg: Config, index: DatasetIndex, path: str, fp: str, torch_threads: int | None) -> str:
+    """Cluster task: create the store on a worker (text embeddings come from the workers' encoders)."""
+    from extract.pipeline import create_cache
+
+    create_cache(cfg, index, _worker_encoders(cfg, torch_threads), Path(path), fp)
+    return path
+
+
+def extract_shard(
+    cfg: Config,
+    path: str,
+    start: int,
+    stop: int,
+    items: dict[int, VideoItem],
+    token: str | None = None,
+    torch_threads: int | None = None,
+) -> ShardResult:
+    """Cluster task: extract the rows still to do of shard [start, stop) of the store at `path`.
+
+    items: row -> VideoItem of this shard. Idempotent: done rows are skipped, so a rerun after a
+    killed worker redoes only the groups that did not land."""
+    from extract.pipeline import RowsResult, _shard_groups, extract_groups
+
+    t0 = time.perf_counter()
+    enc = _worker_encoders(cfg, torch_threads)
+    group, _ = schema.open_cache(path, mode="r+")
+    n = int(group[schema.DONE].shape[0])
+    done = np.zeros(n, dtype=bool)  # (N,): only this shard's rows are read
+    done[start:stop] = np.asarray(group[schema.DONE][start:stop])
+    per_group = max(1, cfg.encoders.batch_frames // cfg.frames.num_frames)
+    groups = [g for g in _shard_groups(start, stop, per_group) if not done[g].all()]
+    decode_workers = cfg.frames.decode_workers
+    if decode_workers and multiprocessing.current_process().daemon:
+        log.warning("this dask worker is a daemon process and cannot start decoding workers; decoding inline")
+        decode_workers = 0
+    # dask starts workers with `spawn`, which DataLoader would inherit: a fresh interpreter importing torch per
+    # decoding process and shard (4x slower end to end here); forking the worker is what the single run does
+    mp_context = "fork" if sys.platform == "linux" else None
+    report = _progress_reporter()
+    result = RowsResult()
+    extract_groups(
+        group,
+        items,
+        groups,
+        cfg,
+        enc,
+        done,
+        result,
+        decode_workers,
+        on_group=report,
+        before_write=(lambda: check_lock(path, token)) if token else None,
+        mp_context=mp_context,
+    )
+    return ShardResult(
+        start,
+        stop,
+        result.done,
+        result.frames,
+        result.failures,
+        time.perf_counter() - t0,
+        worker=str(_worker_name()),
+        device=enc.device,
+    )
+
+
+def _worker_name() -> Any:
+    with contextlib.suppress(ValueError, ImportError):
+        from distributed import get_worker
+
+        return get_worker().name
+    return ""
+
+
+def _progress_reporter() -> Callable[[int, Any], None] | None:
+    """Send rows finished after every group to the driver's progress bar (a dask event)."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ValueError, ImportError):
+        return None
+    return lambda rows, result: worker.log_event(PROGRESS_TOPIC, {"rows": int(rows)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def connect(scheduler: str) -> Iterator[tuple[Any, int | None]]:
+    """(client, torch threads per worker or None) for `local:N` or a scheduler address."""
+    # distributed's INFO lines would drown the progress bar and the summary; a busy machine may take over
+    # 4 s to stop a local worker, and the nanny's "still alive ... killing" warning is noise then
+    quiet = {"distributed": logging.WARNING, "distributed.nanny": logging.ERROR}
+    levels = {name: logging.getLogger(name).level for name in quiet}
+    for name, level in quiet.items():
+        logging.getLogger(name).setLevel(max(levels[name], level))
+    try:
+        with _connect(scheduler) as connected:
+            yield connected
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def _connect(scheduler: str) -> Iterator[tuple[Any, int | None]]:
+    import dask
+    from distributed import Client, LocalCluster
+
+    if scheduler.startswith("local:"):
+        count = scheduler.removeprefix("local:")
+        if not count.isdigit() or int(count) < 1:
+            raise ExtractError(f"--scheduler {scheduler!r}: local:N needs a number of workers N >= 1, e.g. local:2")
+        n = int(count)
+        # non-daemon workers may start decoding processes (frames.decode_workers); restarted ones too
+        with dask.config.set({"distributed.worker.daemon": False}):
+            cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
+            try:
+                with Client(cluster) as client:
+                    yield client, max(1, (os.cpu_count() or 1) // n)
+            finally:
+                cluster.close()
+        return
+    if "://" not in scheduler:
+        raise ExtractError(
+            f"--scheduler {scheduler!r} is neither local:N nor a scheduler address such as tcp://host:8786"
+        )
+    try:
+        client = Client(scheduler, timeout="30s")
+    except OSError as e:
+        raise ExtractError(f"could not reach the dask scheduler at {scheduler}: {e}") from None
+    with client:
+        try:
+            client.wait_for_workers(1, timeout=120)
+        except TimeoutError:
+            raise ExtractError(f"the dask scheduler at {scheduler} has no workers (waited 120 s)") from None
+        yield client, None
+
+
+def cluster_device(client: Any, cfg: Config) -> str:
+    """The device the workers will encode on (it decides the fingerprint's precision); all must agree."""
+    devices = client.run(worker_device, cfg)  # {worker address: device}
+    kinds = sorted({d.split(":")[0] for d in devices.values()})
+    if len(kinds) != 1:
+        listing = ", ".join(f"{addr}: {d}" for addr, d in sorted(devices.items()))
+        raise ExtractError(
+            f"the dask workers would encode on different kinds of device ({listing}); the precision, and so "
+            "the cache fingerprint, depends on it: give every worker the same kind (or set encoders.device)"
+        )
+    return next(iter(devices.values()))
+
+
+def _gpu_resources(client: Any) -> dict[str, float] | None:
+    """resources={'GPU': 1} when the workers declare GPUs (`dask worker --resources GPU=1`)."""
+    workers = client.scheduler_info().get("workers", {})
+    if any("GPU" in (w.get("resources") or {}) for w in workers.values()):
+        return {"GPU": 1}
+    return None
+
+
+def store_array_specs(group: Any, info: schema.CacheInfo) -> list[schema.ArraySpec]:
+    """The schema specs of an existing store, read from its arrays and attributes."""
+    n, ll, dc = group[schema.CLIP_FRAME].shape
+    sizes = schema.Sizes(n, ll, dc, group[schema.TSF_FRAME].shape[2], group[schema.SALIENCY].shape[2])
+    tasks = {t: (len(v["names"]), bool(v["multi_label"])) for t, v in info.vocabularies.items()}
+    return schema.array_specs(sizes, tasks)
+
+
+def extract_distributed(
+    cfg: Config,
+    scheduler: str,
+    progress: bool = True,
+    index: DatasetIndex | None = None,
+    retries: int = 2,
+    task: Callable[..., ShardResult] = extract_shard,
+) -> Any:
+    """Stage 1 on a dask cluster; the same store, bytes and summary as `pipeline.extract`.
+
+    `task` is the shard function (tests wrap it to kill a worker mid-shard)."""
+    from distributed import wait
+    from tqdm import tqdm
+
+    from extract.pipeline import (
+        ExtractSummary,
+        fingerprint,
+        raw_fp32_bytes,
+        record_failures,
+        resolve_weights,
+        resume_store,
+    )
+    from extract.store import open_for_writing, store_bytes
+
+    t0 = time.perf_counter()
+    check_cache_root(cfg)
+    cfg = resolve_weights(cfg)
+    index = index or load_dataset(cfg)
+    if not index.items:
+        raise schema.CacheError(f"dataset {cfg.dataset.name!r} at {cfg.dataset.root} has no videos to extract")
+    # workers may run elsewhere: absolute paths (the same on every host of a shared filesystem)
+    items = [dataclasses.replace(it, path=it.path.absolute()) for it in index.items]
+    with connect(scheduler) as (client, torch_threads):
+        device = cluster_device(client, cfg)
+        fp = fingerprint(cfg, index, device)
+        path = schema.store_path(cfg.cache.root, cfg.dataset.name, fp)
+        resources = _gpu_resources(client)
+        with acquire_lock(path) as lock:
+            group = open_for_writing(path, fp)
+            if group is None:
+                client.submit(
+                    create_store_task,
+                    cfg,
+                    index,
+                    str(path.absolute()),
+                    fp,
+                    torch_threads,
+                    pure=False,
+                    resources=resources,
+                ).result()
+                group, _ = schema.open_cache(path, mode="r+")
+                shard = schema.store_shard_videos(group)
+            else:
+                shard = resume_store(group, cfg, index, path)
+            info = schema.CacheInfo(path, dict(group.attrs))
+            n = len(index.items)
+            done = np.asarray(group[schema.DONE][:])
+            summary = ExtractSummary(path, total=n, skipped=int(done.sum()))
+            previous_failures = info.failures
+            todo = int((~done).sum())
+            shards = [(s, min(s + shard, n)) for s in range(0, n, shard) if not done[s : min(s + shard, n)].all()]
+            futures = {
+                client.submit(
+                    task,
+                    cfg,
+                    str(path.absolute()),
+                    start,
+                    stop,
+                    {r: items[r] for r in range(start, stop)},
+                    lock.token,
+                    torch_threads,
+                    key=f"ltar-shard-{start}-{lock.token[:8]}",
+                    retries=retries,
+                    pure=False,
+                    resources=resources,
+                ): (start, stop)
+                for start, stop in shards
+            }
+            reported: list[int] = []  # rows reported by workers' events (a list: appended from the client's thread)
+            client.subscribe_topic(PROGRESS_TOPIC, lambda event: reported.append(int(event[1].get("rows", 0))))
+            bar = tqdm(total=todo, unit="video", disable=not progress, desc=f"extract ({len(futures)} shards)")
+            finished_rows, t_bar = 0, time.perf_counter()
+            pending = set(futures)
+            try:
+                while pending:
+                    try:
+                        finished, pending = wait(pending, timeout=0.5, return_when="FIRST_COMPLETED")
+                    except TimeoutError:  # nothing finished: refresh the bar from the workers' events
+                        finished = set()
+                    for future in finished:
+                        start, stop = futures[future]
+                        try:
+                            result = future.result()
+                        except ExtractError:
+                            raise
+                        except Exception as e:  # noqa: BLE001 - a task failed after its retries: one sentence
+                            raise ExtractError(
+                                f"rows {start}..{stop - 1} of {path} failed on the cluster after {retries} retries "
+                                f"({type(e).__name__}: {e}); finished rows are kept, run again to resume"
+                            ) from None
+                        finished_rows += int((~done[start:stop]).sum())
+                        summary.done += result.done
+                        summary.frames += result.frames
+                        summary.failures.update(result.failures)
+                    bar.n = min(todo, max(finished_rows, sum(reported)))
+                    bar.set_postfix(frames_s=f"{summary.frames / max(time.perf_counter() - t_bar, 1e-9):.0f}")
+            finally:
+                bar.close()
+                client.unsubscribe_topic(PROGRESS_TOPIC)
+                if pending:
+                    client.cancel(list(pending))
+                record_failures(group, [it.id for it in index.items], previous_failures, summary.failures)
+            # counted from the store: rows that a killed attempt wrote before dying count too
+            new = np.asarray(group[schema.DONE][:]) & ~done  # (N,)
+            summary.done = int(new.sum())
+            summary.frames = int(np.asarray(group[schema.FRAME_MASK][:])[new].sum())
+            specs = store_array_specs(group, info)
+    summary.seconds = time.perf_counter() - t0
+    summary.store_bytes = store_bytes(path)
+    summary.raw_fp32_bytes = raw_fp32_bytes(specs)
+    return summary

@@ -1,0 +1,162 @@
+"""The ECRL head against known answers: BD's explicit expectation, GLCA over all of G, switches, masks."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from train.heads import Batch, HeadContext
+from train.heads.ecrl import Ecrl, EcrlOptions
+
+B, L, DC, DV, C, KZ, KG = 3, 6, 16, 20, 4, 5, 7
+
+
+def _setup(seed: int = 0, **opts) -> tuple[Ecrl, Batch]:
+    g = torch.Generator().manual_seed(seed)
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
+    prior_z = torch.softmax(torch.randn(KZ, generator=g), 0)
+    prior_g = torch.softmax(torch.randn(KG, generator=g), 0)
+    dicts = {"confounder": (unit(KZ, DC), prior_z), "global": (unit(KG, DC), prior_g)}
+    ctx = HeadContext(DC, DV, L, C, False, unit(C, DC), dicts)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, -2:] = False
+    batch = Batch(
+        vp=torch.randn(B, L, DC, generator=g).half(),
+        v=torch.randn(B, L, DV, generator=g).half(),
+        fg=torch.randn(B, L, DC, generator=g).half(),
+        bg=torch.randn(B, L, DC, generator=g).half(),
+        mask=mask,
+        t0=ctx.t0,
+        dictionaries=dicts,
+        labels=torch.randint(0, C, (B,), generator=g),
+    )
+    torch.manual_seed(seed)
+    head = Ecrl(EcrlOptions(dim=16, layers=1, attention_heads=2, **opts), ctx)
+    return head.eval(), batch
+
+
+def _capture(module: torch.nn.Module) -> dict:
+    seen = {}
+    module.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["dot", "additive"])
+def test_bd_expectation_is_the_explicit_sum_from_the_heads_weights(mode):
+    head, batch = _setup(bd_attention=mode)
+    seen = _capture(head.bd)
+    head(batch)
+    j = seen["args"][0]  # J (B, D)
+    z, p = batch.dictionaries["confounder"]
+    bd = head.bd
+    d = bd.w_c.out_features
+    lam = []
+    for b in range(B):  # explicit, one sample and one entry at a time
+        if mode == "dot":
+            s = torch.stack([(bd.w_c(j[b]) @ bd.w_d(z[i])) / d**0.5 for i in range(KZ)])
+        else:
+            s = torch.stack([bd.w_a(torch.tanh(bd.w_c(j[b]) + bd.w_d(z[i])))[0] for i in range(KZ)])
+        lam.append(torch.softmax(s, 0))
+    explicit = torch.stack([sum(lam[b][i] * z[i] * p[i] for i in range(KZ)) for b in range(B)])
+    assert torch.allclose(seen["out"], explicit, atol=1e-6)
+
+
+def test_uniform_prior_equals_an_explicit_uniform_prior():
+    uniform, batch = _setup(prior="uniform")
+    empirical, _ = _setup(prior="empirical")
+    empirical.load_state_dict(uniform.state_dict())
+    z, p = batch.dictionaries["confounder"]
+    flat = dataclasses.replace(
+        batch, dictionaries={**batch.dictionaries, "confounder": (z, torch.full_like(p, 1 / KZ))}
+    )
+    assert not torch.allclose(uniform(batch), empirical(batch))
+    assert torch.allclose(uniform(batch), empirical(flat), atol=1e-6)
+
+
+def test_glca_attends_over_all_of_g_and_every_scorer_and_g_get_gradient():
+    head, batch = _setup()
+    seen = _capture(head.glca)
+    head(batch)
+    f_l = seen["args"][0]  # F_L (B, L, D)
+    w, _ = head.glca.local_global.weights(f_l, head.G, log_prior=head.g_log_prior)
+    assert w.shape == (B, L, KG) and torch.allclose(w.sum(-1), torch.ones(B, L))
+    assert w.std() > 0  # not a constant (the size-1 softmax of the public code gives all ones)
+    ll, _ = head.glca.local_local.weights(f_l, f_l, key_mask=batch.mask)
+    assert torch.all(ll[0, :, -2:] == 0) and torch.allclose(ll.sum(-1), torch.ones(B, L))
+    head.train()
+    torch.nn.functional.cross_entropy(head(batch), batch.labels).backward()
+    scorers = {n: p for n, p in head.named_parameters() if n.startswith(("glca.", "bd.", "w_a.", "w_b.", "G"))}
+    assert "G" in scorers and "bd.w_c.weight" in scorers and "glca.local_global.w_h.weight" in scorers
+    # W_d's bias adds (W_c J)·b_d to every entry's score alike, which the softmax cancels: no gradient by design
+    for name, p in scorers.items():
+        if name != "bd.w_d.bias":  # absent in dot mode (it would cancel in the softmax)
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_additive_bd_scorer_gets_gradient():
+    head, batch = _setup(bd_attention="additive")
+    torch.nn.functional.cross_entropy(head(batch), batch.labels).backward()
+    for name in ("bd.w_a.weight", "bd.w_c.weight", "bd.w_d.weight"):
+        assert head.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def test_eval_is_deterministic_and_g_starts_at_the_dictionary_and_trains():
+    head, batch = _setup()
+    with torch.no_grad():
+        assert torch.equal(head(batch), head(batch))
+    assert torch.equal(head.G, batch.dictionaries["global"][0])
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    torch.nn.functional.cross_entropy(head(batch), batch.labels).backward()
+    opt.step()
+    assert not torch.equal(head.G, batch.dictionaries["global"][0])
+
+
+def test_cross_frame_weights_are_zero_on_masked_frames():
+    head, batch = _setup()
+    h = torch.randn(B, L, 16)
+    alpha, c = head.cfm["fg"].weights(h, batch.mask)
+    assert torch.all(alpha[0, -2:] == 0) and torch.allclose(alpha.sum(1), torch.ones(B))
+    assert torch.allclose(c[0], h[0, :-2].mean(0), atol=1e-6)  # context = mean over the real frames only
+
+
+FULL = {"fcm": True, "bcm": True, "tsc": True, "bd": True, "glca": True}
+
+
+@pytest.mark.parametrize(
+    "base, off, removed",
+    [
+        (FULL, {"fcm": False}, ("encoders.fg.", "cfm.fg.")),
+        (FULL, {"bcm": False}, ("encoders.bg.", "cfm.bg.")),
+        ({**FULL, "bd": False}, {"tsc": False}, ("psi.",)),
+        (FULL, {"bd": False}, ("bd.", "w_a.", "w_b.")),
+        (FULL, {"glca": False}, ("glca.", "G")),
+        (FULL, {"use_lambda": False}, ("bd.w_c.", "bd.w_d.")),
+        (
+            {"fcm": True, "bcm": False, "tsc": False, "bd": False, "glca": False},
+            {"fcm": False},
+            ("cls_1.", "cfm.fg.", "encoders.fg."),
+        ),
+    ],
+    ids=["fcm", "bcm", "tsc", "bd", "glca", "lambda", "fcm_alone"],
+)
+def test_switching_a_module_off_removes_its_parameters_and_changes_the_output(base, off, removed):
+    on, batch = _setup(**base)
+    reduced, _ = _setup(**{**base, **off})
+    names_on, names_off = set(dict(on.named_parameters())), set(dict(reduced.named_parameters()))
+    gone = names_on - names_off
+    assert names_off < names_on and gone
+    assert all(n.startswith(removed) for n in gone) and all(any(n.startswith(r) for n in gone) for r in removed)
+    mine = reduced.state_dict()  # the same weights for what both have (Ψ's width follows the streams)
+    reduced.load_state_dict(
+        {k: v for k, v in on.state_dict().items() if k in mine and v.shape == mine[k].shape}, strict=False
+    )
+    with torch.no_grad():
+        assert not torch.allclose(on(batch), reduced(batch))
+
+
+def test_required_dictionaries_and_option_checks():
+    assert Ecrl.required_dictionaries(EcrlOptions()) == ("confounder", "global")
+    assert Ecrl.required_dictionaries(EcrlOptions(bd=False, confounder_dictionary="x")) == ("global",)
+    assert Ecrl.required_dictionaries(EcrlOptions(glca=False, confounder_dictionary="x")) == ("x",)
+    with pytest.raises(ValueError, match="turn on fcm or bcm"):
+        EcrlOptions(fcm=False, bcm=False)
