@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from extract.config import AblationTable, Config
-from train.engine import RunResult, run_name, train
+from train.engine import RunResult, find_store, run_name, train
 from train.heads import parse_row
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ def run_table(
     if name not in cfg.ablations:
         raise KeyError(f"no ablation table {name!r}; pipeline.yaml defines {sorted(cfg.ablations)}")
     table: AblationTable = cfg.ablations[name]
+    store = find_store(cfg, store)  # once: every run of the table reads the same cache
     n_seeds = seeds or table.seeds
     out_root = Path(cfg.train.runs_root) / "ablations"
     t0 = time.perf_counter()
