@@ -133,11 +133,13 @@ def ablation_cost(videos: int, seeds: int, epochs: int) -> dict[str, float]:
         build_dictionaries(cfg, summary.store, progress=False)
         dict_s = time.perf_counter() - t
         t = time.perf_counter()
-        runs = 0
+        runs, tables = 0, []
         for name in cfg.ablations:
-            runs += run_table(replace(cfg), name, seeds=seeds, store=summary.store, progress=False).runs
+            result = run_table(replace(cfg), name, seeds=seeds, store=summary.store, progress=False)
+            runs += result.runs
+            tables.append(result.files[0].read_text())  # the .md, printed below
         ablate_s = time.perf_counter() - t
-    return {"extract_s": extract_s, "dictionaries_s": dict_s, "ablate_s": ablate_s, "runs": runs}
+    return {"extract_s": extract_s, "dictionaries_s": dict_s, "ablate_s": ablate_s, "runs": runs, "tables": tables}
 
 
 def main() -> None:
@@ -159,6 +161,8 @@ def main() -> None:
             f"peak {cha['peak_mib']:7.1f} MiB"
         )
     cost = ablation_cost(args.videos, args.seeds, args.epochs)
+    for table in cost["tables"]:
+        print(table)
     print(
         f"demo cache ({args.videos} videos): extraction {cost['extract_s']:.1f} s, dictionaries "
         f"{cost['dictionaries_s']:.1f} s, every table ({cost['runs']} runs, {args.seeds} seed(s), "

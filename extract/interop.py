@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from extract import schema
-from extract.config import Config, to_dict
+from extract.config import Config
 from extract.datasets import DatasetIndex, load_dataset
 from extract.store import ExtractError
 
@@ -254,7 +254,7 @@ def import_h5(cfg: Config, file: str | Path, mapping: list[str] | None = None, i
     """Ingest a per-video HDF5 feature file into a new cache store of the schema; returns ImportSummary."""
     import h5py
 
-    from extract.pipeline import _labels, write_video_coordinates
+    from extract.pipeline import _labels, store_attrs, write_video_coordinates
     from extract.scale import acquire_lock, check_cache_root
     from extract.store import contiguous_runs, create_store, write_rows
 
@@ -307,37 +307,19 @@ def import_h5(cfg: Config, file: str | Path, mapping: list[str] | None = None, i
         summary.zero += [f"{schema.TEXT}/{t}" for t in sorted(tasks) if t not in text] + [schema.SALIENCY]
         timestamps_from = _timestamps_source(f, scan.sources[schema.CLIP_FRAME])
         file_frames = f.attrs.get("num_frames")
-        attrs = {
-            "fingerprint": fp,
-            "dataset": cfg.dataset.name,
-            "video_ids": [it.id for it in index.items],
-            "video_paths": [str(it.path) for it in index.items],
-            "decode_size": 0,
-            "splits": [it.split for it in index.items],
-            "vocabularies": {
-                t: {
-                    "names": list(v.names),
-                    "multi_label": v.multi_label,
-                    "prompts": [v.prompt_name(i) for i in range(len(v.names))],
-                }
-                for t, v in index.vocabularies.items()
-            },
-            "provenance": {
-                "imported": {
-                    "source": str(file),
-                    "sha256": sha,
-                    "mapping": {f"/{k.strip('/')}": a for k, a in used.items()},
-                    "provided": sorted(scan.sources),
-                    "zero": summary.zero,
-                    "timestamps": timestamps_from,
-                    "source_attrs": {k: _plain(v) for k, v in f.attrs.items()},
-                    "imported_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                }
-            },
-            "config": to_dict(cfg),
-            "shard_videos": cfg.cache.shard_videos,
-            "failures": {},
+        provenance = {
+            "imported": {
+                "source": str(file),
+                "sha256": sha,
+                "mapping": {f"/{k.strip('/')}": a for k, a in used.items()},
+                "provided": sorted(scan.sources),
+                "zero": summary.zero,
+                "timestamps": timestamps_from,
+                "source_attrs": {k: _plain(v) for k, v in f.attrs.items()},
+                "imported_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            }
         }
+        attrs = store_attrs(cfg, index, fp, provenance=provenance, decode_size=0)
         group = create_store(path, schema.array_specs(sizes, tasks), attrs, cfg.cache.shard_videos)
         for name, value in _labels(index).items():
             group[name][:] = value

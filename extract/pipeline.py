@@ -344,16 +344,14 @@ def write_video_coordinates(group: Any, index: DatasetIndex) -> None:
         group[name][:] = ids
 
 
-def create_cache(cfg: Config, index: DatasetIndex, enc: Encoders, path: Path, fp: str) -> Any:
-    """Create the store with its attributes, labels, text embeddings and video ids; rows stay to do.
-
-    Runs where the encoders are: the single process, or one cluster worker (extract/scale.py)."""
-    attrs = {
+def store_attrs(cfg: Config, index: DatasetIndex, fp: str, provenance: dict, decode_size: int) -> dict[str, Any]:
+    """The root attributes every store starts with (extracted or imported): what the rows are."""
+    return {
         "fingerprint": fp,
         "dataset": cfg.dataset.name,
         "video_ids": [it.id for it in index.items],
         "video_paths": [str(it.path) for it in index.items],
-        "decode_size": decode_size(enc),
+        "decode_size": decode_size,
         "splits": [it.split for it in index.items],
         "vocabularies": {
             t: {
@@ -363,11 +361,18 @@ def create_cache(cfg: Config, index: DatasetIndex, enc: Encoders, path: Path, fp
             }
             for t, v in index.vocabularies.items()
         },
-        "provenance": enc.provenance(),
+        "provenance": provenance,
         "config": to_dict(cfg),
         "shard_videos": cfg.cache.shard_videos,
         "failures": {},
     }
+
+
+def create_cache(cfg: Config, index: DatasetIndex, enc: Encoders, path: Path, fp: str) -> Any:
+    """Create the store with its attributes, labels, text embeddings and video ids; rows stay to do.
+
+    Runs where the encoders are: the single process, or one cluster worker (extract/scale.py)."""
+    attrs = store_attrs(cfg, index, fp, provenance=enc.provenance(), decode_size=decode_size(enc))
     group = create_store(path, store_specs(cfg, index, enc), attrs, cfg.cache.shard_videos)
     for name, value in _labels(index).items():
         group[name][:] = value
@@ -480,6 +485,18 @@ def record_failures(group: Any, video_ids: list[str], previous: dict[str, str], 
     return failures
 
 
+def prepare_run(cfg: Config, index: DatasetIndex | None) -> tuple[Config, DatasetIndex]:
+    """Checks and resolutions every extraction run starts with (single process or cluster)."""
+    from extract.scale import check_cache_root
+
+    check_cache_root(cfg)
+    cfg = resolve_weights(cfg)
+    index = index or load_dataset(cfg)
+    if not index.items:
+        raise schema.CacheError(f"dataset {cfg.dataset.name!r} at {cfg.dataset.root} has no videos to extract")
+    return cfg, index
+
+
 def extract(cfg: Config, progress: bool = True, index: DatasetIndex | None = None) -> ExtractSummary:
     """Run stage 1 for the configured dataset; resumes an interrupted run of the same fingerprint.
 
@@ -487,14 +504,10 @@ def extract(cfg: Config, progress: bool = True, index: DatasetIndex | None = Non
     --scheduler` runs the same groups on a dask cluster instead (extract/scale.py)."""
     from tqdm import tqdm
 
-    from extract.scale import acquire_lock, check_cache_root
+    from extract.scale import acquire_lock
 
     t0 = time.perf_counter()
-    check_cache_root(cfg)
-    cfg = resolve_weights(cfg)
-    index = index or load_dataset(cfg)
-    if not index.items:
-        raise schema.CacheError(f"dataset {cfg.dataset.name!r} at {cfg.dataset.root} has no videos to extract")
+    cfg, index = prepare_run(cfg, index)
     device = resolve_device(cfg)
     fp = fingerprint(cfg, index, device)
     path = schema.store_path(cfg.cache.root, cfg.dataset.name, fp)

@@ -42,7 +42,7 @@ import numpy as np
 
 from extract import schema
 from extract.config import Config, to_dict
-from extract.datasets import DatasetIndex, VideoItem, load_dataset
+from extract.datasets import DatasetIndex, VideoItem
 from extract.store import ExtractError
 
 log = logging.getLogger(__name__)
@@ -440,19 +440,15 @@ def extract_distributed(
     from extract.pipeline import (
         ExtractSummary,
         fingerprint,
+        prepare_run,
         raw_fp32_bytes,
         record_failures,
-        resolve_weights,
         resume_store,
     )
     from extract.store import open_for_writing, store_bytes
 
     t0 = time.perf_counter()
-    check_cache_root(cfg)
-    cfg = resolve_weights(cfg)
-    index = index or load_dataset(cfg)
-    if not index.items:
-        raise schema.CacheError(f"dataset {cfg.dataset.name!r} at {cfg.dataset.root} has no videos to extract")
+    cfg, index = prepare_run(cfg, index)
     # workers may run elsewhere: absolute paths (the same on every host of a shared filesystem)
     items = [dataclasses.replace(it, path=it.path.absolute()) for it in index.items]
     with connect(scheduler) as (client, torch_threads):
