@@ -43,7 +43,7 @@ import numpy as np
 from extract import schema
 from extract.config import Config
 from extract.datasets import DatasetIndex, load_dataset
-from extract.store import ExtractError
+from extract.store import ExtractError, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -196,14 +196,6 @@ def _is_dataset(obj: Any) -> bool:
     return isinstance(obj, h5py.Dataset)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def resample_slots(t: int, num_frames: int, slots: np.ndarray | None = None) -> np.ndarray:
     """(L,) source row of each slot, -1 for padding: T >= L uniform, T < L the T rows then padding;
     `slots` (T,) puts each row back into its recorded slot (a file exported with the same L)."""
@@ -266,7 +258,7 @@ def import_h5(cfg: Config, file: str | Path, mapping: list[str] | None = None, i
     if not index.items:
         raise schema.CacheError(f"dataset {cfg.dataset.name!r} at {cfg.dataset.root} has no videos")
     n, L = len(index.items), cfg.frames.num_frames
-    sha = file_sha256(file)
+    sha = sha256_of(file)
     used = {s.kind: a for a, s in scan.sources.items()}
     payload = {
         "schema": schema.SCHEMA_VERSION,

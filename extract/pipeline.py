@@ -25,7 +25,7 @@ from extract import schema
 from extract.config import Config, to_dict
 from extract.datasets import DatasetIndex, VideoItem, load_dataset
 from extract.schema import CacheError
-from extract.store import contiguous_runs, create_store, open_for_writing, store_bytes, write_rows
+from extract.store import contiguous_runs, create_store, open_for_writing, sha256_of, store_bytes, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +38,9 @@ log = logging.getLogger(__name__)
 def _file_digest(path: str | None) -> str | None:
     if not path:
         return None
-    p = Path(path)
-    if not p.exists():
+    if not Path(path).exists():
         return f"missing:{path}"  # the encoder builder reports it with the key to fix
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    h = hashlib.sha256()
-    for f in files:
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
+    return sha256_of(Path(path))
 
 
 VLM_WEIGHTS = "vlm"  # encoders.clip.weights: vlm = the checkpoint `ltar pretrain-vlm` writes for this config

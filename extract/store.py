@@ -119,5 +119,18 @@ def write_rows(group: Any, start: int, values: dict[str, np.ndarray]) -> None:
         raise ExtractError(f"could not write to the cache store {group.store}: {e}; re-run to resume") from None
 
 
+def sha256_of(path: Path) -> str:
+    """Content hash of a file, or of every file of a folder in name order (weights, imported features)."""
+    import hashlib
+
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def store_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -10,6 +10,31 @@ from extract.config import from_dict
 torch.set_num_threads(1)  # small ops: a second thread mostly waits (and tests may run beside other work)
 
 
+def random_batch(ctx, batch_size: int, seed: int = 1, short: int = 2):
+    """Random fp16 features for `batch_size` videos sized from a HeadContext; video 0's last `short`
+    frames are masked; labels are class ids or multi-hot by the context's task."""
+    from train.heads import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    B, L, C = batch_size, ctx.num_frames, ctx.num_classes
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, L - short :] = False  # a shorter video
+    if ctx.multi_label:
+        labels = (torch.rand(B, C, generator=g) < 0.4).float()
+    else:
+        labels = torch.randint(0, C, (B,), generator=g)
+    return Batch(
+        vp=torch.randn(B, L, ctx.clip_dim, generator=g).half(),
+        v=torch.randn(B, L, ctx.video_dim, generator=g).half(),
+        fg=torch.randn(B, L, ctx.clip_dim, generator=g).half(),
+        bg=torch.randn(B, L, ctx.clip_dim, generator=g).half(),
+        mask=mask,
+        t0=ctx.t0,
+        dictionaries=ctx.dictionaries,
+        labels=labels,
+    )
+
+
 def tiny_config(root: Path, cache_root: Path, **sections):
     """12 videos of 3-4 s at 48x48, 8 frames each, tiny random encoders, inline decoding."""
     data = {

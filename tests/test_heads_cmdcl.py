@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from extract.config import from_dict
+from tests.conftest import random_batch
 from train.heads import Batch, HeadContext, build_head, required_dictionaries
 from train.heads.cmdcl import CMDCLOptions, TextualIntervention, VisualIntervention
 
@@ -21,19 +22,7 @@ def _context() -> HeadContext:
 
 
 def _batch(ctx: HeadContext, seed: int = 1) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(B, L, dtype=torch.bool)
-    mask[0, -2:] = False
-    return Batch(
-        vp=torch.randn(B, L, DC, generator=g).half(),
-        v=torch.randn(B, L, DV, generator=g).half(),
-        fg=torch.randn(B, L, DC, generator=g).half(),
-        bg=torch.randn(B, L, DC, generator=g).half(),
-        mask=mask,
-        t0=ctx.t0,
-        dictionaries=ctx.dictionaries,
-        labels=torch.randint(0, C, (B,), generator=g),
-    )
+    return random_batch(ctx, B, seed)
 
 
 def _opts(**kw) -> CMDCLOptions:

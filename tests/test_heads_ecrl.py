@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from tests.conftest import random_batch
 from train.heads import Batch, HeadContext
 from train.heads.ecrl import Ecrl, EcrlOptions
 
@@ -18,18 +19,7 @@ def _setup(seed: int = 0, **opts) -> tuple[Ecrl, Batch]:
     prior_g = torch.softmax(torch.randn(KG, generator=g), 0)
     dicts = {"confounder": (unit(KZ, DC), prior_z), "global": (unit(KG, DC), prior_g)}
     ctx = HeadContext(DC, DV, L, C, False, unit(C, DC), dicts)
-    mask = torch.ones(B, L, dtype=torch.bool)
-    mask[0, -2:] = False
-    batch = Batch(
-        vp=torch.randn(B, L, DC, generator=g).half(),
-        v=torch.randn(B, L, DV, generator=g).half(),
-        fg=torch.randn(B, L, DC, generator=g).half(),
-        bg=torch.randn(B, L, DC, generator=g).half(),
-        mask=mask,
-        t0=ctx.t0,
-        dictionaries=dicts,
-        labels=torch.randint(0, C, (B,), generator=g),
-    )
+    batch = random_batch(ctx, B, seed=seed + 1)
     torch.manual_seed(seed)
     head = Ecrl(EcrlOptions(dim=16, layers=1, attention_heads=2, **opts), ctx)
     return head.eval(), batch

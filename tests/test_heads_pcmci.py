@@ -1,6 +1,7 @@
 """PCMCI head: known answers for ICH (Sinkhorn plan vs POT, NWGM), ICI (one basis = single-head attention),
 stage switches and stage order."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 import train.heads.pcmci as pcmci
 from extract.config import ConfigError
+from tests.conftest import random_batch
 from train.heads import Batch, HeadContext, head_entry
 from train.heads.pcmci import PCMCI, PCMCIOptions, RelationBases
 
@@ -25,19 +27,8 @@ def _context() -> HeadContext:
 
 
 def _batch(ctx: HeadContext, seed: int = 1) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(B, L, dtype=torch.bool)
-    mask[0, -2:] = False  # a shorter video
-    return Batch(
-        vp=F.normalize(torch.randn(B, L, DC, generator=g), dim=-1).half(),
-        v=torch.randn(B, L, DV, generator=g).half(),
-        fg=torch.randn(B, L, DC, generator=g).half(),
-        bg=torch.randn(B, L, DC, generator=g).half(),
-        mask=mask,
-        t0=ctx.t0,
-        dictionaries=ctx.dictionaries,
-        labels=torch.randint(0, C, (B,), generator=g),
-    )
+    batch = random_batch(ctx, B, seed)
+    return dataclasses.replace(batch, vp=F.normalize(batch.vp.float(), dim=-1).half())  # unit VP, as CLIP writes it
 
 
 def _head(seed: int = 0, **options) -> PCMCI:

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from extract.config import ConfigError
 from extract.schema import CacheError
+from tests.conftest import random_batch
 from train.cli import app
 from train.data import CacheReader, iterate_batches
 from train.engine import RunError, evaluate, train
@@ -70,23 +71,7 @@ def _context(multi_label: bool, names=("confounder", "global")) -> HeadContext:
 
 
 def _batch(ctx: HeadContext, seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(B, L, dtype=torch.bool)
-    mask[0, -3:] = False  # a shorter video
-    if ctx.multi_label:
-        labels = (torch.rand(B, C, generator=g) < 0.4).float()
-    else:
-        labels = torch.randint(0, C, (B,), generator=g)
-    return Batch(
-        vp=torch.randn(B, L, DC, generator=g).half(),
-        v=torch.randn(B, L, DV, generator=g).half(),
-        fg=torch.randn(B, L, DC, generator=g).half(),
-        bg=torch.randn(B, L, DC, generator=g).half(),
-        mask=mask,
-        t0=ctx.t0,
-        dictionaries=ctx.dictionaries,
-        labels=labels,
-    )
+    return random_batch(ctx, B, seed, short=3)
 
 
 def _all_variants():

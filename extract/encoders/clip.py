@@ -33,6 +33,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torchvision.transforms import InterpolationMode
 
 from extract.config import Config, ConfigError
+from extract.store import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +91,6 @@ def save_checkpoint(
 def _loud(message: str) -> None:
     bar = "!" * 100
     log.warning("\n%s\n!! RANDOM CLIP WEIGHTS: %s\n%s", bar, message, bar)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _find_json_config(weights: Path) -> tuple[Path, dict, dict] | None:
@@ -191,7 +184,7 @@ def build_clip_encoder(cfg: Config, device: Any) -> ClipEncoder:
                 f"encoders.clip.weights: could not load {weights} into the open_clip architecture {name!r} ({e}); "
                 "put the model's open_clip JSON config beside the checkpoint or set encoders.clip.model"
             ) from None
-        info.update(weights=str(weights), weights_sha256=_sha256(weights))
+        info.update(weights=str(weights), weights_sha256=sha256_of(weights))
         source = "weights"
     elif c.pretrained:
         _check_arch(c.model, "encoders.clip.model")
