@@ -186,6 +186,7 @@ class TrainConfig:
     task: str = "activity"  # label task: activity (single label, CE) or atomic (multi-label, BCE)
     head: str = "baseline"  # registered head (`ltar config show` lists them)
     variant: str | None = None  # a named variant of the head (heads.<head>.variants), null = the full head
+    grounding: str | None = None  # a named grounding intervention around the head (grounding.<name>), null = none
     device: str = "auto"  # auto = cuda when available, else cpu
     amp: bool = True  # mixed precision on GPU (ignored on CPU)
     # split that picks best.pt by its primary metric; null = best is the last epoch (never select on test)
@@ -193,12 +194,12 @@ class TrainConfig:
     eval_splits: tuple[str, ...] = ()  # splits evaluated after training; empty = every split except train
     eval_every: int = field(default=1, metadata=_range(1))  # evaluate every N epochs (and always after the last)
     memory_budget_mb: int = field(default=4096, metadata=_range(1))  # larger splits stream chunk-wise from Zarr
-    runs_root: str = "runs"  # runs land in <runs_root>/<head>[-<variant>]-<task>-s<seed>/
+    runs_root: str = "runs"  # runs land in <runs_root>/<head>[-<variant>][+<grounding>]-<task>-s<seed>/
 
 
 @dataclass(frozen=True)
 class AblationTable:
-    rows: tuple[str, ...] = ()  # `head` or `head:variant`, one row each
+    rows: tuple[str, ...] = ()  # `head`, `head:variant`, optionally `+grounding` (`ecrl+igv`), one row each
     tasks: tuple[str, ...] = ("activity",)  # each row is trained and evaluated on every task listed
     seeds: int = field(default=3, metadata=_range(1))  # mean ± std over this many seeds (`--seeds` overrides)
     caption: str = ""  # written above the table
@@ -217,6 +218,8 @@ class Config:
     train: TrainConfig = TrainConfig()
     # head name -> its options and `variants`; checked against the head's own typed config (train.heads)
     heads: dict[str, Any] = field(default_factory=dict)
+    # name -> grounding options (IGV / EIGV / STR rationales around any head); checked by train.grounding
+    grounding: dict[str, Any] = field(default_factory=dict)
     ablations: dict[str, AblationTable] = field(default_factory=dict)  # named tables for `ltar ablate`
 
 

@@ -34,8 +34,9 @@ def test_pipeline_yaml_loads_and_names_every_key():
 
     cfg = load_config(REPO / "pipeline.yaml")
     written = set(_keys(yaml.safe_load((REPO / "pipeline.yaml").read_text())))
-    declared = {k for k in _keys(to_dict(Config())) if not k.startswith(("heads", "ablations", "dictionaries."))}
-    static = {k for k in written if not k.startswith(("heads.", "ablations.", "dictionaries."))}
+    named = ("heads", "ablations", "dictionaries.", "grounding")  # sections of named entries, checked below
+    declared = {k for k in _keys(to_dict(Config())) if not k.startswith(named)}
+    static = {k for k in written if not k.startswith(named)}
     # every named dictionary writes every field of DictionarySpec
     spec_fields = {f.name for f in dataclasses.fields(DictionarySpec)}
     for name, entry in yaml.safe_load((REPO / "pipeline.yaml").read_text())["dictionaries"].items():
@@ -46,6 +47,12 @@ def test_pipeline_yaml_loads_and_names_every_key():
     for name in head_names():
         options = {f"heads.{name}.{f.name}" for f in dataclasses.fields(head_entry(name).config)}
         assert options <= written, f"pipeline.yaml lacks {sorted(options - written)}"
+    # and every grounding option, in at least one named grounding
+    from train.grounding import GroundingOptions
+
+    grounding_keys = {k.split(".", 2)[2] for k in written if k.startswith("grounding.")}
+    missing = {f.name for f in dataclasses.fields(GroundingOptions)} - grounding_keys
+    assert not missing, f"no grounding in pipeline.yaml writes {sorted(missing)}"
     assert cfg.dataset.name == "synthetic"
 
 

@@ -2,8 +2,10 @@
 
 Outputs in `<runs_root>/ablations/`: `<table>.md` (paste into a paper), `<table>.csv` (one line per
 row, task, split and metric, with mean, std and the per-seed values) and `<table>.png` (bar chart with
-std error bars). Runs already finished (their `last.pt` reached the last epoch) are reused, so an
-interrupted ablation resumes where it stopped.
+std error bars). The runs live in `<runs_root>/ablations/<cache fingerprint>/<run>/`, shared by every
+table of that cache (a row that appears in several tables, such as a full head, trains once). Runs
+already finished (their `last.pt` reached the last epoch) are reused, so an interrupted ablation
+resumes where it stopped; a run folder trained with other settings is refused, never silently reused.
 """
 
 from __future__ import annotations
@@ -13,17 +15,26 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from extract.config import AblationTable, Config
-from train.engine import RunResult, find_store, run_name, train
-from train.heads import parse_row
+from extract.config import AblationTable, Config, to_dict
+from train.data import CacheReader
+from train.engine import RunError, RunResult, find_store, run_name, train
+from train.grounding import grounding_options
+from train.heads import head_options, parse_row
 
 log = logging.getLogger(__name__)
 
-METRIC_LABEL = {"acc1": "Acc@1", "acc5": "Acc@5", "map": "mAP"}
+METRIC_LABEL = {
+    "acc1": "Acc@1",
+    "acc5": "Acc@5",
+    "map": "mAP",
+    "ground_iou": "frame IoU",  # grounded heads: frames used vs annotated segments (train.grounding)
+    "ground_iou_random": "frame IoU random",  # ... the same number of random frames (exact expectation)
+}
 
 
 @dataclass
@@ -53,16 +64,39 @@ class TableResult:
 
 
 def _run_cfg(cfg: Config, row: str, task: str, seed: int) -> Config:
-    head, variant = parse_row(row)
-    return replace(cfg, train=replace(cfg.train, head=head, variant=variant, task=task, seed=seed))
+    head, variant, grounding = parse_row(row)
+    return replace(cfg, train=replace(cfg.train, head=head, variant=variant, grounding=grounding, task=task, seed=seed))
 
 
-def _finished(run_dir: Path, epochs: int) -> RunResult | None:
+def _same(saved: dict, now: Any) -> bool:
+    """A saved options dict equals the dataclass `now`; a key the saved run predates counts as its default."""
+    current, defaults = to_dict(now), to_dict(type(now)())
+    return set(saved) <= set(current) and all(saved.get(k, defaults[k]) == v for k, v in current.items())
+
+
+def _finished(run_dir: Path, cfg: Config) -> RunResult | None:
+    """The finished run in run_dir, None if it has not finished; a run of other settings is an error."""
     last = run_dir / "last.pt"
     if not last.exists():
         return None
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
-    if ckpt["epoch"] + 1 < epochs:
+    t = cfg.train
+    options = head_options(cfg, t.head, t.variant)
+    same = {
+        "train": _same(ckpt["config"]["train"], t),
+        f"heads.{t.head}": _same(ckpt["options"], options),
+    }
+    if t.grounding:
+        same[f"grounding.{t.grounding}"] = _same(
+            ckpt.get("grounding_options") or {}, grounding_options(cfg, t.grounding)
+        )
+    if not all(same.values()):
+        differ = " and ".join(f"`{k}`" for k, ok in same.items() if not ok)
+        raise RunError(
+            f"{run_dir} holds a run trained with other {differ} settings than this table asks for; "
+            "remove that folder to retrain it, or set train.runs_root to keep both"
+        )
+    if ckpt["epoch"] + 1 < cfg.train.epochs:
         return None
     final = ckpt["history"][-1]
     splits = {k.split("/", 1)[0] for k in final if "/" in k}
@@ -84,6 +118,7 @@ def run_table(
         raise KeyError(f"no ablation table {name!r}; pipeline.yaml defines {sorted(cfg.ablations)}")
     table: AblationTable = cfg.ablations[name]
     store = find_store(cfg, store)  # once: every run of the table reads the same cache
+    fingerprint = CacheReader(store, cfg.train.task, allow_partial=True).fingerprint
     n_seeds = seeds or table.seeds
     out_root = Path(cfg.train.runs_root) / "ablations"
     t0 = time.perf_counter()
@@ -92,8 +127,8 @@ def run_table(
     bar = tqdm(jobs, desc=f"ablate {name}", unit="run", disable=not progress)
     for row, task, seed in bar:
         run_cfg = _run_cfg(cfg, row, task, seed)
-        run_dir = out_root / name / run_name(run_cfg)
-        done = _finished(run_dir, run_cfg.train.epochs)
+        run_dir = out_root / fingerprint / run_name(run_cfg)  # shared by every table of this cache
+        done = _finished(run_dir, run_cfg)
         result = done or train(run_cfg, store=store, resume=True, progress=False, run_dir=run_dir)
         results.setdefault((row, task), []).append(result)
     cells = []
@@ -101,7 +136,8 @@ def run_table(
         splits = sorted(runs[0].metrics)
         multi = "acc1" not in runs[0].metrics[splits[0]]
         for split in splits:
-            for metric in main_metric(multi):
+            grounded = [m for m in ("ground_iou", "ground_iou_random") if m in runs[0].metrics[split]]
+            for metric in main_metric(multi) + grounded:
                 cells.append(Cell(row, task, split, metric, [r.metrics[split][metric] for r in runs]))
     result = TableResult(name, cells, time.perf_counter() - t0, len(jobs), [])
     result.files = write_table(result, table, out_root, n_seeds)

@@ -24,6 +24,9 @@ def train_cmd(
     set_: list[str] = SetOpt,
     head: str = typer.Option(None, "--head", help="Registered head (overrides train.head)."),
     variant: str = typer.Option(None, "--variant", help="Named variant of the head (overrides train.variant)."),
+    grounding: str = typer.Option(
+        None, "--grounding", help="Named grounding intervention around the head, from `grounding:` (train.grounding)."
+    ),
     task: str = typer.Option(None, "--task", help="activity (single label) or atomic (multi-label)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run from its last.pt."),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Train on the done rows of an unfinished store."),
@@ -32,11 +35,13 @@ def train_cmd(
     """Train one head from the cache; metrics per epoch and checkpoints under runs/<run>/.
 
     Example: ltar train --head baseline --variant clip_only --task atomic --set train.epochs=10
+    Example: ltar train --head ecrl --grounding igv
     """
     from train.engine import RunError, train
 
     extra = [f"train.head={head}"] if head else []
     extra += [f"train.variant={variant}"] if variant else []
+    extra += [f"train.grounding={grounding}"] if grounding else []
     extra += [f"train.task={task}"] if task else []
     cfg = resolve_config(config, [*set_, *extra])
     try:

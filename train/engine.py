@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from extract.config import Config, from_dict, to_dict, write_resolved
-from extract.schema import CacheError
+from extract.schema import FRAME_MASK, CacheError
 from train.data import CacheReader, SplitTensors, StreamedSplit, iterate_batches
+from train.grounding import GROUND_KEYS, frame_relevance, grounding_options, grounding_scores, wrap
 from train.heads import build_head, head_options
 from train.metrics import compute_metrics, primary_metric
 
@@ -44,7 +45,13 @@ def resolve_device(name: str) -> str:
 
 def run_name(cfg: Config) -> str:
     t = cfg.train
-    return f"{t.head}{'-' + t.variant if t.variant else ''}-{t.task}-s{t.seed}"
+    variant, grounding = f"-{t.variant}" if t.variant else "", f"+{t.grounding}" if t.grounding else ""
+    return f"{t.head}{variant}{grounding}-{t.task}-s{t.seed}"
+
+
+def build_model(cfg: Config, ctx, head: str, variant: str | None, grounding: str | None) -> torch.nn.Module:
+    """The registered head, behind its grounding intervention when one is named."""
+    return wrap(build_head(head, cfg, ctx, variant), grounding_options(cfg, grounding), ctx)
 
 
 def seed_everything(seed: int) -> None:
@@ -120,21 +127,46 @@ def _load(reader: CacheReader, split: str, cfg: Config, device: str) -> SplitTen
 
 
 @torch.no_grad()
-def predict(head: torch.nn.Module, data, ctx, device: str, batch_size: int, amp: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (N, C) and labels for a split, in split order."""
+def predict(
+    head: torch.nn.Module, data, ctx, device: str, batch_size: int, amp: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Scores (N, C), labels and, for a grounded head, the frames its prediction rests on (N, L); split order."""
     head.eval()
     scores = np.zeros((len(data), ctx.num_classes), dtype=np.float32)
+    grounded = hasattr(head, "frames_used")
+    used = np.zeros((len(data), ctx.num_frames), dtype=bool) if grounded else None
     labels: list[np.ndarray] = []
     positions: list[np.ndarray] = []
     dicts = {k: (c.to(device), p.to(device)) for k, (c, p) in ctx.dictionaries.items()}
     for pos, batch in iterate_batches(data, batch_size, ctx.t0.to(device), dicts, device):
         with torch.autocast("cuda", enabled=amp and device.startswith("cuda")):
             logits = head(batch)
+            if grounded:
+                used[pos] = head.frames_used(batch).cpu().numpy()
         scores[pos] = logits.float().cpu().numpy()
         labels.append(batch.labels.cpu().numpy())
         positions.append(pos)
     order = np.argsort(np.concatenate(positions))
-    return scores, np.concatenate(labels)[order]
+    return scores, np.concatenate(labels)[order], used
+
+
+def split_metrics(
+    head: torch.nn.Module, data, ctx, cfg: Config, reader: CacheReader, device: str, relevance: dict
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Metrics, scores and labels of a split; a grounded head adds its grounding scores against the
+    annotated segments. `relevance` caches each split's (relevant frames, frame mask) (None: no annotation)."""
+    tc = cfg.train
+    scores, labels, used = predict(head, data, ctx, device, tc.batch_size, tc.amp and device.startswith("cuda"))
+    metrics = compute_metrics(scores, labels, ctx.multi_label)
+    if used is not None:
+        key = tuple(data.rows)
+        if key not in relevance:
+            relevant = frame_relevance(cfg, reader, data.rows)
+            mask = np.asarray(reader.group[FRAME_MASK].get_orthogonal_selection(data.rows)).astype(bool)
+            relevance[key] = None if relevant is None else (relevant, mask)
+        if relevance[key] is not None:
+            metrics.update(grounding_scores(used, *relevance[key]))
+    return metrics, scores, labels
 
 
 def train(
@@ -160,7 +192,7 @@ def train(
     if last_path.exists() and not resume:
         raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or remove the folder")
     seed_everything(tc.seed)
-    head = build_head(tc.head, cfg, ctx, tc.variant).to(device)
+    head = build_model(cfg, ctx, tc.head, tc.variant, tc.grounding).to(device)
     train_data = _load(reader, "train", cfg, device)
     evals = {s: _load(reader, s, cfg, device) for s in _eval_splits(cfg, reader)}
     steps_per_epoch = math.ceil(len(train_data) / tc.batch_size)
@@ -189,6 +221,7 @@ def train(
     metric = primary_metric(ctx.multi_label)
     t0_dev = ctx.t0.to(device)
     dicts = {k: (c.to(device), p.to(device)) for k, (c, p) in ctx.dictionaries.items()}
+    relevance: dict = {}  # split rows -> annotated frames, for a grounded head's grounding scores
     bar = tqdm(total=total, initial=step, disable=not progress, desc=run_name(cfg), unit="step")
     for epoch in range(start_epoch, tc.epochs):
         head.train()
@@ -219,10 +252,11 @@ def train(
         last_epoch = epoch + 1 == tc.epochs or (max_steps is not None and step >= max_steps)
         evaluated = last_epoch or (epoch + 1) % tc.eval_every == 0
         for split, data in evals.items() if evaluated else ():
-            scores, labels = predict(head, data, ctx, device, tc.batch_size, use_amp)
-            row.update({f"{split}/{k}": v for k, v in compute_metrics(scores, labels, ctx.multi_label).items()})
+            metrics, _, _ = split_metrics(head, data, ctx, cfg, reader, device, relevance)
+            row.update({f"{split}/{k}": v for k, v in metrics.items()})
         history.append(row)
         names = ["map"] if ctx.multi_label else ["acc1", "acc5", "map"]
+        names += list(GROUND_KEYS) if hasattr(head, "frames_used") else []
         _append_metrics(run_dir, row, ["epoch", "step", "lr", "loss"] + [f"{s}/{m}" for s in evals for m in names])
         if select and not evaluated:
             score = -math.inf  # best.pt is chosen only among evaluated epochs
@@ -231,8 +265,10 @@ def train(
         state = {
             "head": tc.head,
             "variant": tc.variant,
+            "grounding": tc.grounding,
             "task": tc.task,
             "options": to_dict(head_options(cfg, tc.head, tc.variant)),
+            "grounding_options": to_dict(grounding_options(cfg, tc.grounding)) if tc.grounding else None,
             "state_dict": head.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
@@ -299,11 +335,10 @@ def evaluate(
         )
     ctx = reader.context()
     device = resolve_device(run_cfg.train.device)
-    head = build_head(ckpt["head"], run_cfg, ctx, ckpt["variant"]).to(device)
+    head = build_model(run_cfg, ctx, ckpt["head"], ckpt["variant"], ckpt.get("grounding")).to(device)
     head.load_state_dict(ckpt["state_dict"])
     data = _load(reader, split, run_cfg, device)
-    scores, labels = predict(head, data, ctx, device, run_cfg.train.batch_size, run_cfg.train.amp)
-    metrics = compute_metrics(scores, labels, ctx.multi_label)
+    metrics, scores, labels = split_metrics(head, data, ctx, run_cfg, reader, device, {})
     png = None
     if not ctx.multi_label:
         png = confusion_png(

@@ -85,10 +85,11 @@ def variant_names(cfg: Config, name: str) -> list[str]:
     return sorted({**entry.builtin_variants, **((cfg.heads.get(name) or {}).get("variants") or {})})
 
 
-def parse_row(row: str) -> tuple[str, str | None]:
-    """`head` or `head:variant` -> (head, variant or None)."""
+def parse_row(row: str) -> tuple[str, str | None, str | None]:
+    """`head[:variant][+grounding]` -> (head, variant or None, grounding or None)."""
+    row, _, grounding = row.partition("+")
     head, _, variant = row.partition(":")
-    return head, (variant or None)
+    return head, (variant or None), (grounding or None)
 
 
 def _validate(cfg: Config) -> list[str]:
@@ -107,14 +108,21 @@ def _validate(cfg: Config) -> list[str]:
                 head_options(cfg, name, variant)
         except ConfigError as e:
             errors.append(str(e))
-    rows = [("train.head", f"{cfg.train.head}:{cfg.train.variant}" if cfg.train.variant else cfg.train.head)]
+    from train import grounding  # imports this package: loaded here, not at the top
+
+    errors += grounding.validate(cfg)
+    tc = cfg.train
+    own = tc.head + (f":{tc.variant}" if tc.variant else "") + (f"+{tc.grounding}" if tc.grounding else "")
+    rows = [("train.head", own)]
     rows += [(f"ablations.{t}.rows[{i}]", r) for t, table in cfg.ablations.items() for i, r in enumerate(table.rows)]
     for key, row in rows:
-        head, variant = parse_row(row)
+        head, variant, ground = parse_row(row)
         if head not in names:
             errors.append(f"{key}: unknown head {head!r}; choose from {names}")
         elif variant is not None and variant not in variant_names(cfg, head):
             errors.append(f"{key}: head {head!r} has no variant {variant!r}; choose from {variant_names(cfg, head)}")
+        if ground is not None and ground not in cfg.grounding:
+            errors.append(f"{key}: no grounding {ground!r}; pipeline.yaml defines grounding: {sorted(cfg.grounding)}")
     for t, table in cfg.ablations.items():
         if not table.rows:
             errors.append(f"ablations.{t}.rows: a table needs at least one row")

@@ -19,6 +19,11 @@ import torch
 from torch import nn
 
 
+def dictionary_prior(prior: torch.Tensor, kind: Literal["empirical", "uniform"]) -> torch.Tensor:
+    """A dictionary's prior (K,) as a head's `prior` option asks: its own N_i / N, or uniform 1/K (IVRD-style)."""
+    return prior if kind == "empirical" else torch.full_like(prior, 1.0 / prior.numel())
+
+
 def nwgm_expectation(features: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     """E_{p(z)}[f(z)] ≈ Σ_k p_k f_k (NWGM): features (..., K, D), prior (K,) or (..., K) -> (..., D)."""
     return torch.einsum("...kd,...k->...d", features, prior.to(features.dtype))
@@ -65,7 +70,7 @@ class BackdoorAttention(nn.Module):
     def forward(self, query: torch.Tensor, z: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         """query (..., Dq), z (K, Dz), prior (K,) -> E_z (..., Dz)."""
         lam = self.weights(query, z)  # λ (..., K)
-        p = prior if self.use_prior else torch.full_like(prior, 1.0 / prior.numel())
+        p = dictionary_prior(prior, "empirical" if self.use_prior else "uniform")
         return torch.einsum("...k,k,kd->...d", lam, p.to(lam.dtype), z.to(lam.dtype))  # Σ_i λ_i p(z_i) z_i
 
 

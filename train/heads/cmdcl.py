@@ -20,7 +20,10 @@ Three modules on the shared trunk (learnable class texts T from T0, per-class re
   frames without), plus `v'_c` itself, read out per class `Σ_d w_cd f_cd + b_c`.
 
 `tci` and `vci` switch the modules (the paper's Table 3: variant1-3); off removes their parameters.
-`vci_layers` is H (the paper's Fig. 7a: 2, 4, 6, 8; 6 by default).
+`vci_layers` is H (the paper's Fig. 7a: 2, 4, 6, 8; 6 by default). Beyond the paper: `visual: clip`
+(variant `clip_only`) feeds CLIP's VP instead of TimeSformer's V, and `prior: uniform` (variant
+`prior_uniform`, IVRD-style) starts P(b) uniform instead of at Z's p(z) and weights the sample bank G
+uniformly instead of by p(g).
 
 Where we were unsure (the paper could not be consulted; this follows DESIGN.md and the issue):
 - Equation numbers follow the issue's grouping (TCI Eq. 2-3, VCI Eq. 4-8, classifier Eq. 9); which of
@@ -50,7 +53,7 @@ from torch import nn
 
 from extract.config import bounds
 from train.heads import Batch, HeadContext, register_head
-from train.heads.causal import BackdoorAttention, SampleBankAttention, masked_softmax
+from train.heads.causal import BackdoorAttention, SampleBankAttention, dictionary_prior, masked_softmax
 from train.heads.common import ClassCrossAttention, ClassReadout, TemporalEncoder, masked_mean
 
 
@@ -59,6 +62,7 @@ class CMDCLOptions:
     dim: int = field(default=64, metadata=bounds(8))  # head width (T', V', the classifier); 64 keeps 6 VCI layers fast
     attention_heads: int = field(default=4, metadata=bounds(1))  # heads of every attention layer
     dropout: float = field(default=0.1, metadata=bounds(0.0, 0.9))
+    visual: Literal["timesformer", "clip"] = "timesformer"  # V: TimeSformer features, or CLIP's VP (`clip_only`)
     tci: bool = True  # textual causal intervention (back-door over the bias memory)
     vci: bool = True  # visual causal intervention (front-door, mediator T')
     vci_layers: int = field(default=6, metadata=bounds(1, 24))  # H: self-attention layers over V in VCI
@@ -68,6 +72,13 @@ class CMDCLOptions:
     memory_size: int | None = field(default=None, metadata=bounds(1))  # M; null = Z's K (random: 32)
     memory_momentum: float = field(default=0.99, metadata=bounds(0.0, 1.0))  # EMA of the memory; 1 = frozen
     tci_attention: bool = True  # λ from t_c over the memory (False: the prior alone weights the entries)
+    # dictionary priors: empirical N_i/N (Z's p(z) starts P(b), G's p(g) weights the bank) | uniform 1/K (IVRD-style)
+    prior: Literal["empirical", "uniform"] = "empirical"
+
+
+def visual_dim(opts: CMDCLOptions, ctx: HeadContext) -> int:
+    """Width of the visual input V: Dv (TimeSformer) or Dc (CLIP frames)."""
+    return ctx.video_dim if opts.visual == "timesformer" else ctx.clip_dim
 
 
 class TextualIntervention(nn.Module):
@@ -86,7 +97,9 @@ class TextualIntervention(nn.Module):
                     f"cmdcl: memory_size = {opts.memory_size} but memory_init = confounder gives K = {z.shape[0]}; "
                     "set memory_size to null or use memory_init = random"
                 )
-            memory, prior_logits = z.detach().float().clone(), p.detach().float().clamp_min(1e-6).log()
+            memory = z.detach().float().clone()
+            # P(b) starts at Z's p(z), or uniform (IVRD-style uniform prototype prior); learned either way
+            prior_logits = dictionary_prior(p.detach().float(), opts.prior).clamp_min(1e-6).log()
         else:
             M = opts.memory_size or 32
             memory, prior_logits = F.normalize(torch.randn(M, Dc), dim=-1), torch.zeros(M)
@@ -94,6 +107,7 @@ class TextualIntervention(nn.Module):
         self.prior_logits = nn.Parameter(prior_logits)  # π: P(b) = softmax(π), the learned approximator of P(B)
         self.attn = BackdoorAttention(Dc, Dc, opts.dim) if opts.tci_attention else None  # λ from t_c
         self.h = nn.Linear(2 * Dc, opts.dim)  # h in Eq. 3
+        self.memory_updates = True  # False while auxiliary views pass through the head (train.grounding)
 
     def prior(self) -> torch.Tensor:
         """P(b) over the memory entries -> (M,)."""
@@ -137,7 +151,7 @@ class TextualIntervention(nn.Module):
 
     def forward(self, t: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """t (C, Dc), vp (B, L, Dc), mask (B, L) -> T' (C, dim); training also updates the memory."""
-        if self.training:
+        if self.training and self.memory_updates:
             with torch.no_grad():  # b_c reach the output only through the memory
                 bias = self.bias(self.scores(t, vp, mask), vp)  # b_c, (B, C, Dc)
             self.update_memory(bias, mask.any(1))
@@ -152,7 +166,7 @@ class VisualIntervention(nn.Module):
         dim = opts.dim
         self.tau = opts.tau_visual
         self.encoder = TemporalEncoder(  # H self-attention layers + layer norm (Eq. 4)
-            ctx.video_dim, dim, opts.vci_layers, opts.attention_heads, ctx.num_frames, opts.dropout
+            visual_dim(opts, ctx), dim, opts.vci_layers, opts.attention_heads, ctx.num_frames, opts.dropout
         )
         self.mediator = nn.Linear(dim, dim)  # t' projected to V's width (Eq. 5)
         self.p_m = nn.Linear(dim, dim)  # P(M = t'_c | V) (Eq. 7): softmax_c(<W v̄, t'_c> / √d)
@@ -200,6 +214,8 @@ class VisualIntervention(nn.Module):
         "variant2": {"tci": True, "vci": False},
         "variant3": {"tci": False, "vci": True},
         **{f"vci_layers{h}": {"vci_layers": h} for h in (2, 4, 6, 8)},
+        "clip_only": {"visual": "clip"},  # VP as V, as the baseline's variant of that name
+        "prior_uniform": {"prior": "uniform"},  # every dictionary prior 1/K (IVRD-style, the grounding table)
     },
 )
 class CMDCL(nn.Module):
@@ -217,7 +233,9 @@ class CMDCL(nn.Module):
         if opts.vci:
             self.vci = VisualIntervention(opts, ctx)
         else:  # frames only projected: the self-attention layers belong to VCI
-            self.visual = TemporalEncoder(ctx.video_dim, dim, 0, opts.attention_heads, ctx.num_frames, opts.dropout)
+            self.visual = TemporalEncoder(
+                visual_dim(opts, ctx), dim, 0, opts.attention_heads, ctx.num_frames, opts.dropout
+            )
         self.interact = ClassCrossAttention(dim, opts.attention_heads, opts.dropout)  # f(T', V') (Eq. 9)
         self.readout = ClassReadout(ctx.num_classes, dim)  # Σ_d w_cd f_cd + b_c (Eq. 9)
 
@@ -227,12 +245,13 @@ class CMDCL(nn.Module):
         return needs + (("global",) if opts.vci else ())
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        vp, v, mask = batch.vp.float(), batch.v.float(), batch.mask  # (B, L, Dc), (B, L, Dv), (B, L)
+        vp, mask = batch.vp.float(), batch.mask  # (B, L, Dc), (B, L)
+        v = (batch.v if self.opts.visual == "timesformer" else batch.vp).float()  # V (B, L, Dv or Dc)
         B, L, _ = v.shape
         t = self.tci(self.text, vp, mask) if self.opts.tci else self.text_proj(self.text)  # T' (C, dim)
         if self.opts.vci:
             bank, bank_prior = batch.dictionaries["global"]  # G (K, Dg), P(g) (K,)
-            v_prime, _ = self.vci(v, mask, t, bank, bank_prior)  # V' (B, C, dim)
+            v_prime, _ = self.vci(v, mask, t, bank, dictionary_prior(bank_prior, self.opts.prior))  # V' (B, C, dim)
             f = self.interact(t, v_prime, torch.ones(v_prime.shape[:2], dtype=torch.bool, device=v.device))
             f = f + v_prime  # each class also reads its own intervened feature, (B, C, dim)
         else:

@@ -16,7 +16,8 @@ Three parts, each an options switch (the paper's Table 3); the output is `S1 + S
   dictionary `Z` (cache dictionary `confounder_dictionary`: k-means background prototypes; `random` /
   `average` for Table 5) with `λ = softmax_i((W_c J)·(W_d z_i)/√d)` (or additive attention);
   `S1 = cls(W_a J + W_b E_z)`. `use_lambda: false` puts λ = 1/K, `prior: uniform` puts p(z_i) = 1/K (the
-  IVRD-style uniform prototype prior; Table 4's "prior off"). Without `bd`: `S1 = cls(J)`.
+  IVRD-style uniform prototype prior; Table 4's "prior off"). Without `bd`: `S1 = cls(J)`. Variant
+  `prior_uniform` makes every dictionary prior uniform (BD's p(z) and GLCA's p(g), `global_prior: false`).
 - *GLCA* (global-local causal attention, front-door): local features `F_L (B, L, D)` (the frame stream
   before its temporal pooling) and global features `F_G = G`, a **trainable** dictionary initialised
   from the cache dictionary "global". Local-global: `h_lk = [W_v g_k, W_q f_l ⊙ W_k g_k]`,
@@ -211,6 +212,8 @@ VARIANTS = {
     # Table 5: the confounder dictionary (the full head reads the k-means `confounder`)
     "dict_random": {"confounder_dictionary": "confounder_random"},
     "dict_average": {"confounder_dictionary": "confounder_average"},
+    # IVRD-style uniform prototype prior on every dictionary the head reads (BD's p(z) and GLCA's p(g))
+    "prior_uniform": {"prior": "uniform", "global_prior": False},
 }
 
 

@@ -42,6 +42,10 @@ and the constant inputs VP (B, L, Dc) and the frame mask (B, L). Stage contracts
 - **inference**: class cross-attention with T as queries and V as keys/values, per-class readout; the
   engine adds CE (activity) or BCE (atomic).
 
+Beyond the paper: `visual: clip` (variant `clip_only`) feeds CLIP's VP to the trunk instead of
+TimeSformer's V; `prior: uniform` (variant `prior_uniform`, IVRD-style) weights IVC's sample bank G
+uniformly instead of by p(g).
+
 Because ICH and ICI write T and IVC reads T as its mediator, the order changes the computation: ICH
 after ICI transports T* instead of T, IVC before the text stages mediates with the raw T.
 A switched-off stage is not built (no parameters) and must not appear in `order`.
@@ -74,7 +78,7 @@ from torch import nn
 
 from extract.config import ConfigError, bounds
 from train.heads import Batch, HeadContext, register_head
-from train.heads.causal import SampleBankAttention, masked_softmax, nwgm_expectation, sinkhorn
+from train.heads.causal import SampleBankAttention, dictionary_prior, masked_softmax, nwgm_expectation, sinkhorn
 from train.heads.common import ClassCrossAttention, ClassReadout, TemporalEncoder, TextQueries
 
 Stage = Literal["ich", "ici", "ivc"]
@@ -87,6 +91,7 @@ class PCMCIOptions:
     attention_heads: int = field(default=4, metadata=bounds(1))  # heads of the trunk and the inference attention
     dropout: float = field(default=0.1, metadata=bounds(0.0, 0.9))
     learn_text: bool = True  # T learnable from T0 (False: T = T0 frozen)
+    visual: Literal["timesformer", "clip"] = "timesformer"  # V: TimeSformer features, or CLIP's VP (`clip_only`)
     ich: bool = True  # ICH: Sinkhorn hallucination proxies + back-door on the text side
     ici: bool = True  # ICI: relation-aware layer over the C label embeddings
     ivc: bool = True  # IVC: frame relations + front-door with the text as mediator (needs dictionary "global")
@@ -96,6 +101,7 @@ class PCMCIOptions:
     memory_momentum: float = field(default=0.9, metadata=bounds(0.0, 1.0))  # EMA of the hallucination memory H̄
     relation_bases: int = field(default=8, metadata=bounds(1, 64))  # K relation bases of ICI and of IVC's F
     relation_dim: int = field(default=32, metadata=bounds(1))  # d_k: width of each basis's queries and keys
+    prior: Literal["empirical", "uniform"] = "empirical"  # IVC's P(v') over G: its N_i/N | 1/K (IVRD-style)
 
     def __post_init__(self) -> None:
         enabled = [s for s in ("ich", "ici", "ivc") if getattr(self, s)]
@@ -156,6 +162,7 @@ class IntraClassHallucination(nn.Module):
         self.w_k = nn.Linear(Dc, key_dim)  # λ's key from the memory entry h̄_j
         self.w_h = nn.Linear(Dc, dim)  # W_H: the hallucination term into the text space
         self.scale = key_dim**-0.5
+        self.memory_updates = True  # False while auxiliary views pass through the head (train.grounding)
 
     def prior(self) -> torch.Tensor:
         """P(h̄): (C,), sums to 1."""
@@ -188,7 +195,7 @@ class IntraClassHallucination(nn.Module):
         """t (B, C, d), vp (B, L, Dc), vp_t (B, L, d), mask (B, L) -> T' (B, C, d)."""
         _, h = self.hallucinate(t, vp, vp_t, mask)
         t_new = self.backdoor(t, h)
-        if self.training:
+        if self.training and self.memory_updates:
             self.update_memory(h)
         return t_new
 
@@ -231,6 +238,8 @@ class IntraVideoCausal(nn.Module):
         "bases4": {"relation_bases": 4},
         "bases8": {"relation_bases": 8},
         "bases16": {"relation_bases": 16},
+        "clip_only": {"visual": "clip"},  # VP as V, as the baseline's variant of that name
+        "prior_uniform": {"prior": "uniform"},  # G's prior 1/K (IVRD-style, the grounding table)
     },
 )
 class PCMCI(nn.Module):
@@ -243,7 +252,12 @@ class PCMCI(nn.Module):
         self.opts = opts
         d = opts.dim
         self.temporal = TemporalEncoder(
-            ctx.video_dim, d, opts.layers, opts.attention_heads, ctx.num_frames, opts.dropout
+            ctx.video_dim if opts.visual == "timesformer" else ctx.clip_dim,
+            d,
+            opts.layers,
+            opts.attention_heads,
+            ctx.num_frames,
+            opts.dropout,
         )
         self.text = TextQueries(ctx.t0, d, learnable=opts.learn_text)
         self.ich = (
@@ -260,9 +274,9 @@ class PCMCI(nn.Module):
         self.readout = ClassReadout(ctx.num_classes, d)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        B, L, _ = batch.v.shape
+        B, L = batch.mask.shape
         vp, mask = batch.vp.float(), batch.mask  # VP (B, L, Dc)
-        v = self.temporal(batch.v.float(), mask)  # V (B, L, d)
+        v = self.temporal((batch.v if self.opts.visual == "timesformer" else batch.vp).float(), mask)  # V (B, L, d)
         t = self.text().expand(B, -1, -1)  # T (B, C, d)
         for stage in self.opts.order:
             if stage == "ich":
@@ -271,6 +285,6 @@ class PCMCI(nn.Module):
                 t = self.ici(t)  # T* (B, C, d)
             else:
                 bank, prior = batch.dictionaries["global"]  # G (Kg, Dg), P(v') (Kg,)
-                v = self.ivc(v, t, mask, bank.float(), prior.float())  # V* (B, L, d)
+                v = self.ivc(v, t, mask, bank.float(), dictionary_prior(prior.float(), self.opts.prior))  # V* (B, L, d)
         f = self.pool(t, v, mask)  # inference: T as queries over V, (B, C, d)
         return self.readout(f)  # (B, C)

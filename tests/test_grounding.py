@@ -1,0 +1,274 @@
+"""Grounding interventions (IGV, EIGV, STR rationales, the uniform prior) around every head."""
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from extract.config import ConfigError, from_dict
+from tests.conftest import random_batch
+from train.engine import RunError, loss_fn
+from train.grounding import (
+    GROUND_KEYS,
+    Grounded,
+    causal_split,
+    derangement,
+    frame_relevance,
+    frozen_memories,
+    grounding_options,
+    grounding_scores,
+    swapped_view,
+    top_k_frames,
+)
+from train.heads import HeadContext, build_head, head_names, required_dictionaries
+
+B, L, DC, DV, C = 6, 8, 32, 48, 5
+GROUNDINGS = {
+    "igv": {"method": "igv"},
+    "eigv": {"method": "eigv"},
+    "rationale": {"rationale_frames": 4},
+    "rationale_igv": {"method": "igv", "rationale_frames": 6},
+}
+
+
+def _context(multi_label: bool) -> HeadContext:
+    g = torch.Generator().manual_seed(0)
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
+    dicts = {}
+    for name, k in (("confounder", 6), ("global", 7)):
+        prior = torch.arange(1, k + 1, dtype=torch.float32)
+        dicts[name] = (unit(k, DC), prior / prior.sum())
+    return HeadContext(DC, DV, L, C, multi_label, unit(C, DC), dicts)
+
+
+def _cfg():
+    return from_dict({"grounding": GROUNDINGS})
+
+
+def _grounded(head_name: str, grounding: str, ctx: HeadContext, variant=None) -> Grounded:
+    cfg = _cfg()
+    assert set(required_dictionaries(cfg, head_name, variant)) <= set(ctx.dictionaries)
+    return Grounded(build_head(head_name, cfg, ctx, variant), grounding_options(cfg, grounding), ctx)
+
+
+@pytest.mark.parametrize("grounding", sorted(GROUNDINGS))
+@pytest.mark.parametrize("head_name", head_names())
+def test_every_grounding_with_every_head(head_name, grounding):
+    torch.manual_seed(0)
+    multi_label = grounding == "eigv"  # the soft-target losses of both tasks are exercised
+    ctx = _context(multi_label)
+    model = _grounded(head_name, grounding, ctx)
+    batches = [random_batch(ctx, B, seed) for seed in (1, 2)]
+    model.train()
+    logits = model(batches[0])
+    assert logits.shape == (B, C) and torch.isfinite(logits).all()
+    if model.indicator is not None:
+        assert model.aux_loss is not None and torch.isfinite(model.aux_loss)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    first = None
+    for step in range(60):
+        batch = batches[step % 2]
+        loss = loss_fn(model(batch), batch.labels, multi_label)
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        (loss + (model.aux_loss if model.aux_loss is not None else 0)).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        final = np.mean([float(loss_fn(model(b), b.labels, multi_label)) for b in batches])
+        assert model.aux_loss is None  # auxiliary views only in training
+    assert final < 0.7 * first, (first, final)
+
+
+def test_indicator_grounds_the_frames_that_carry_the_action():
+    """Toy batch: in every video 4 of 8 frames show the class (its text embedding plus noise), the other 4 are
+    noise; IGV's indicator must come to pick exactly those frames, far above as many random frames."""
+    torch.manual_seed(0)
+    ctx = _context(False)
+    g = torch.Generator().manual_seed(3)
+    n = 48
+    labels = torch.randint(0, C, (n,), generator=g)
+    relevant = torch.rand(n, L, generator=g).argsort(1) < L // 2  # 4 random frames per video carry the action
+    noise = lambda *s: 0.1 * torch.randn(*s, generator=g)  # noqa: E731
+    vp = torch.where(relevant.unsqueeze(-1), ctx.t0[labels].unsqueeze(1) + noise(n, L, DC), noise(n, L, DC))
+    mask = torch.ones(n, L, dtype=torch.bool)
+    batch = random_batch(ctx, n, seed=4, short=0)
+    batch = dataclasses.replace(batch, vp=vp, fg=vp, mask=mask, labels=labels)
+    model = _grounded("baseline", "igv", ctx, variant="clip_only")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(100):
+        loss = loss_fn(model(batch), labels, False) + model.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        used = model.frames_used(batch).numpy()
+    scores = grounding_scores(used, relevant.numpy(), mask.numpy())
+    assert scores["ground_iou"] > 0.9 and scores["ground_iou_random"] < 0.4, scores
+
+
+def test_swap_intervention_mixes_batch_members():
+    for n in (2, 3, 7):
+        perm = derangement(n, "cpu")
+        assert sorted(perm.tolist()) == list(range(n)) and (perm != torch.arange(n)).all()
+    ctx = _context(False)
+    batch = random_batch(ctx, B, short=0)
+    ids = torch.arange(B, dtype=torch.float32)[:, None, None]  # video b's features are all b
+    batch = dataclasses.replace(batch, vp=ids.expand(B, L, DC), v=ids.expand(B, L, DV))
+    hard = torch.zeros(B, L, dtype=torch.bool)
+    hard[:, :3] = True  # frames 0-2 causal, 3-7 environment
+    perm = derangement(B, "cpu")
+    out = swapped_view(batch, hard.float(), hard, perm)
+    assert torch.equal(out.vp[:, :3, 0], ids[:, :, 0].expand(B, 3))  # own causal frames
+    assert torch.equal(out.vp[:, 3:, 0], perm[:, None].float().expand(B, L - 3))  # environment of video perm[b]
+    assert torch.equal(out.v[:, 3:, 0], perm[:, None].float().expand(B, L - 3))
+
+
+def test_causal_split_keeps_a_budget_and_is_deterministic_in_eval():
+    scores = torch.randn(5, L)
+    mask = torch.ones(5, L, dtype=torch.bool)
+    mask[1, 3:] = False  # 3 real frames
+    mask[2, 1:] = False  # 1 real frame: it stays causal
+    hard, g = causal_split(scores, mask, share=0.5, tau=1.0, noise=False)
+    assert hard.sum(1).tolist() == [4, 2, 1, 4, 4]
+    assert not (hard & ~mask).any()
+    assert torch.allclose(g.detach(), hard.float())  # straight-through: the value is the hard mask
+    top = scores.masked_fill(~mask, -torch.inf).topk(4, dim=1).indices
+    assert hard[0, top[0]].all()  # without noise the highest scores are causal
+    noisy = [causal_split(scores, mask, 0.5, 1.0, noise=True)[0] for _ in range(5)]
+    assert any(not torch.equal(n, hard) for n in noisy)  # Gumbel noise explores in training
+
+
+def test_top_k_returns_exactly_k_frames_with_gradients_to_the_scores():
+    scores = torch.randn(3, L, requires_grad=True)
+    mask = torch.ones(3, L, dtype=torch.bool)
+    mask[2, 2:] = False  # a video shorter than K keeps its real frames
+    idx, weight = top_k_frames(scores, mask, 4, tau=1.0)
+    assert idx.shape == (3, 4) and torch.equal(idx, idx.sort(1).values)  # K frames, in temporal order
+    assert set(idx[0].tolist()) == set(scores[0].topk(4).indices.tolist())
+    assert set(idx[2, :2].tolist()) == {0, 1} and not mask[2].gather(0, idx[2, 2:]).any()
+    assert torch.allclose(weight, torch.ones_like(weight))
+    ctx = _context(False)
+    model = _grounded("baseline", "rationale", ctx)
+    batch = random_batch(ctx, B)
+    view, chosen = model.select(batch)
+    assert view.vp.shape == (B, 4, DC) and view.mask.shape == (B, 4) and chosen.shape == (B, 4)
+    loss_fn(model(batch), batch.labels, False).backward()
+    grads = [p.grad for p in model.rationale.parameters()]
+    assert all(gr is not None for gr in grads) and any(gr.abs().sum() > 0 for gr in grads)
+    assert model.frames_used(batch).sum(1).tolist() == [4] * B
+
+
+def test_auxiliary_views_never_update_the_heads_memories():
+    ctx = _context(False)
+    head = build_head("pcmci", _cfg(), ctx)
+    head.train()
+    before = head.ich.memory.clone()
+    with frozen_memories(head):
+        head(random_batch(ctx, B))
+    assert torch.equal(head.ich.memory, before)
+    head(random_batch(ctx, B))
+    assert not torch.equal(head.ich.memory, before)
+
+
+def test_uniform_prior_variant_reaches_every_dictionary_prior():
+    ctx = _context(False)
+    cfg = _cfg()
+    cmdcl = build_head("cmdcl", cfg, ctx, "prior_uniform")
+    assert torch.allclose(cmdcl.tci.prior(), torch.full((6,), 1 / 6))
+    empirical = build_head("cmdcl", cfg, ctx)
+    assert torch.allclose(empirical.tci.prior(), ctx.dictionaries["confounder"][1])
+    for name in ("cmdcl", "pcmci", "ecrl"):
+        torch.manual_seed(0)
+        a = build_head(name, cfg, ctx).eval()
+        torch.manual_seed(0)
+        b = build_head(name, cfg, ctx, "prior_uniform").eval()
+        batch = random_batch(ctx, B)
+        with torch.no_grad():
+            assert not torch.allclose(a(batch), b(batch)), name  # the prior changes the computation
+
+
+def test_grounding_scores_known_answers():
+    mask = np.ones((2, 4), bool)
+    mask[1, 3] = False
+    used = np.array([[1, 1, 0, 0], [1, 0, 1, 0]], bool)
+    relevant = np.array([[1, 0, 1, 0], [1, 0, 1, 1]], bool)  # video 1's relevant frame 3 is padding
+    s = grounding_scores(used, relevant, mask)
+    assert s["ground_iou"] == pytest.approx((1 / 3 + 2 / 2) / 2)
+    assert s["ground_precision"] == pytest.approx((1 / 2 + 2 / 2) / 2)
+    # the random expectation by enumerating every subset of the same size
+    expected_iou, expected_prec = [], []
+    for b in range(2):
+        real = np.flatnonzero(mask[b])
+        rel = set(np.flatnonzero(relevant[b] & mask[b]))
+        k = used[b].sum()
+        subsets = [set(c) for c in itertools.combinations(real, k)]
+        expected_iou.append(np.mean([len(s_ & rel) / len(s_ | rel) for s_ in subsets]))
+        expected_prec.append(np.mean([len(s_ & rel) / k for s_ in subsets]))
+    assert s["ground_iou_random"] == pytest.approx(np.mean(expected_iou))
+    assert s["ground_precision_random"] == pytest.approx(np.mean(expected_prec))
+
+
+def test_frame_relevance_follows_the_annotated_segments(tiny_cache):
+    from extract import schema
+    from extract.datasets import load_dataset
+    from train.data import CacheReader
+
+    cfg, store = tiny_cache
+    reader = CacheReader(store, "activity")
+    rows = reader.split_rows("test_ood")
+    got = frame_relevance(cfg, reader, rows)
+    times = np.asarray(reader.group[schema.TIMESTAMPS].get_orthogonal_selection(rows))
+    items = {it.id: it for it in load_dataset(cfg).items}
+    for n, r in enumerate(rows):
+        segments = items[reader.info.video_ids[r]].meta["segments"]
+        want = [any(s <= t < e for s, e, _ in segments) for t in times[n]]
+        assert got[n].tolist() == want
+    assert got.any() and not got.all()
+
+
+def test_config_names_and_checks_groundings():
+    with pytest.raises(ConfigError, match=r"grounding\.g\.method: 'igvv'"):
+        from_dict({"grounding": {"g": {"method": "igvv"}}})
+    with pytest.raises(ConfigError, match=r"grounding\.g\.causal_shar: unknown key; did you mean 'causal_share'"):
+        from_dict({"grounding": {"g": {"causal_shar": 0.4}}})
+    with pytest.raises(ConfigError, match=r"ablations\.t\.rows\[0\]: no grounding 'nope'"):
+        from_dict({"ablations": {"t": {"rows": ["baseline+nope"]}}})
+    with pytest.raises(ConfigError, match="train.head: no grounding 'x'"):
+        from_dict({"train": {"grounding": "x"}})
+
+
+def test_grounding_table_end_to_end_and_stale_runs_refused(tiny_cache, tmp_path):
+    from train.ablate import run_table
+
+    cfg, store = tiny_cache
+    grounding = {"igv": {"method": "igv"}, "rationale": {"rationale_frames": 4}}
+    rows = ["baseline", "baseline+igv", "baseline+rationale"]
+    table = from_dict({"grounding": grounding, "ablations": {"g": {"rows": rows}}}).ablations
+    cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, runs_root=str(tmp_path)), grounding=grounding, ablations=table
+    )
+    result = run_table(cfg, "g", seeds=1, store=store, progress=False)
+    md = (tmp_path / "ablations" / "g.md").read_text()
+    assert "| baseline+igv |" in md and "activity frame IoU test_ood" in md and "frame IoU random" in md
+    baseline_line = next(line for line in md.splitlines() if line.startswith("| baseline |"))
+    assert "—" in baseline_line  # no grounding: no frame IoU
+    assert {c.metric for c in result.cells} == {"acc1", "ground_iou", "ground_iou_random"}
+    run_dirs = sorted(p.name for p in (tmp_path / "ablations").glob("*/*") if p.is_dir())
+    assert "baseline+igv-activity-s0" in run_dirs
+    again = run_table(cfg, "g", seeds=1, store=store, progress=False)  # finished runs are reused
+    assert [c.values for c in again.cells] == [c.values for c in result.cells]
+    changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.01))
+    with pytest.raises(RunError, match="holds a run trained with other `train` settings"):
+        run_table(changed, "g", seeds=1, store=store, progress=False)
+    assert set(GROUND_KEYS) <= _last_metrics(tmp_path)  # every grounding score in the run history
+
+
+def _last_metrics(root):
+    run = next((root / "ablations").glob("*/baseline+igv-activity-s0"))
+    ckpt = torch.load(run / "last.pt", weights_only=False)
+    return {k.split("/", 1)[1] for k in ckpt["history"][-1] if k.startswith("test_ood/")}
