@@ -10,7 +10,9 @@ submodule whose output is the term), on every evaluation split:
 - `knockout`: Acc@1 with the term replaced by its mean over the split (a forward hook), minus the
   head's own Acc@1, in points: what the sample-specific part of the term contributes to the prediction.
 
-Usage: python -m bench.interventions [--config pipeline.yaml] [--epochs N]   (needs `make extract dictionaries`)
+Usage: python -m bench.interventions [--config pipeline.yaml] [--epochs N]
+(reads the config's cache; where it is missing, builds it first as `make demo` does: synth, pretrain-vlm,
+extract, dictionaries)
 The last line is `key=value` pairs: <head>_<term>_var and <head>_<term>_ko_<split> for every term.
 """
 
@@ -101,6 +103,21 @@ def measure(cfg, store, epochs: int, runs: Path) -> dict[str, dict]:
     return out
 
 
+def build_demo_cache(cfg) -> Path:
+    """The config's cache, built as `make demo` builds it (synthetic videos, the tiny VLM, extraction, dictionaries)."""
+    from extract.dictionaries import build_dictionaries
+    from extract.pipeline import extract
+    from extract.synthetic import write_dataset
+    from extract.vlm import pretrain_vlm
+
+    print(f"no cache for {cfg.dataset.name} yet: building it as `make demo` does (a few minutes)")
+    write_dataset(cfg.synthetic, Path(cfg.dataset.root), progress=False)
+    pretrain_vlm(cfg, progress=False)
+    store = extract(cfg, progress=False).store
+    build_dictionaries(cfg, store, progress=False)
+    return store
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "pipeline.yaml"))
@@ -109,10 +126,14 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)
     from extract.config import load_config
+    from extract.schema import CacheError
     from train.engine import find_store
 
     cfg = load_config(args.config)
-    store = find_store(cfg, None)
+    try:
+        store = find_store(cfg, None)
+    except CacheError:
+        store = build_demo_cache(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure(cfg, store, args.epochs or cfg.train.epochs, Path(tmp))
     figures = {}
