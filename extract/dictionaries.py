@@ -561,4 +561,11 @@ def build_dictionaries(cfg: Config, store_path: Path | None = None, progress: bo
             store_path = locate_store(cfg)
         except CacheError as e:
             raise DictionaryError(str(e)) from None
-    return [build_dictionary(store_path, name, spec, progress) for name, spec in cfg.dictionaries.items()]
+    from extract.scale import StoreLocked, acquire_lock
+
+    try:
+        schema.open_cache(store_path)  # a missing store is a sentence here, not an empty folder made by the lock
+        with acquire_lock(store_path):  # the writers' lock: no extraction or import writes the store meanwhile
+            return [build_dictionary(store_path, name, spec, progress) for name, spec in cfg.dictionaries.items()]
+    except (CacheError, StoreLocked) as e:
+        raise DictionaryError(str(e)) from None

@@ -248,6 +248,33 @@ def test_missing_dictionary_and_missing_store_are_sentences(store, tmp_path):
         build_dictionary(tmp_path / "nothing.zarr", "z", KMEANS)
 
 
+def test_a_store_being_written_is_refused_and_a_missing_one_is_not_created(store, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from extract.scale import _proc_start, acquire_lock, read_lock
+
+    cfg = from_dict({"dictionaries": {"z": {"source": "clip/bg", "size": 4}}})
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with acquire_lock(store) as mine:
+            lock = store / schema.LOCK_FILE
+            lock.write_text(json.dumps({**read_lock(lock), "pid": holder.pid, "pid_start": _proc_start(holder.pid)}))
+            with pytest.raises(DictionaryError, match=f"being written by another run \\(pid {holder.pid} on "):
+                build_dictionaries(cfg, store, progress=False)
+            assert read_lock(lock)["token"] == mine.token
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "dictionaries" not in zarr.open_group(str(store), mode="r")  # nothing was written
+    assert [r.name for r in build_dictionaries(cfg, store, progress=False)] == ["z"]  # the lock is free again
+    assert not (store / schema.LOCK_FILE).exists()
+    with pytest.raises(DictionaryError, match="is not a cache store; run `ltar extract`"):
+        build_dictionaries(cfg, tmp_path / "nothing.zarr", progress=False)
+    assert not (tmp_path / "nothing.zarr").exists()
+
+
 def test_end_to_end_on_an_extracted_synthetic_cache(tmp_path):
     """Render 8 tiny videos, extract them, build the configured dictionaries, re-run."""
     from extract.pipeline import extract
