@@ -110,10 +110,14 @@ def _describe(info: dict[str, Any]) -> str:
     return f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')}: `{info.get('command', '?')}`"
 
 
-def acquire_lock(store: str | Path, wait_s: float = 2.0) -> StoreLock:
+def acquire_lock(
+    store: str | Path, wait_s: float = 2.0, kind: str = "store", kept: str = "its finished videos are kept"
+) -> StoreLock:
     """Take `<store>/ltar.lock` or raise StoreLocked with a sentence; a stale lock is taken over.
 
-    `wait_s` covers a lock file caught between its creation and its contents being written."""
+    `wait_s` covers a lock file caught between its creation and its contents being written. `kind` names
+    the locked folder in the sentences (a store, a training run) and `kept` says what survives stopping
+    the holder."""
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
     path = store / schema.LOCK_FILE
@@ -138,18 +142,18 @@ def acquire_lock(store: str | Path, wait_s: float = 2.0) -> StoreLock:
                     continue
                 raise StoreLocked(
                     f"{store} is locked by an unreadable lock file {path}; if no `ltar` run is writing this "
-                    "store, delete that file and run again"
+                    f"{kind}, delete that file and run again"
                 ) from None
             if held.get("host") != host:
                 raise StoreLocked(
-                    f"{store} is being written by another run ({_describe(held)}); a store takes one run at a "
+                    f"{store} is being written by another run ({_describe(held)}); a {kind} takes one run at a "
                     f"time. Wait for it, or, if that run is gone, delete {path} (it is on another host, so "
                     "this run cannot tell)"
                 ) from None
             if _alive(int(held.get("pid", -1)), held.get("pid_start")):
                 raise StoreLocked(
-                    f"{store} is being written by another run ({_describe(held)}); a store takes one run at a "
-                    "time: wait for it to finish, or stop it (its finished videos are kept) and run again"
+                    f"{store} is being written by another run ({_describe(held)}); a {kind} takes one run at a "
+                    f"time: wait for it to finish, or stop it ({kept}) and run again"
                 ) from None
             _take_over(path, held)
             log.warning("%s: taking over a stale lock of a run that is gone (%s)", store, _describe(held))

@@ -21,6 +21,7 @@ from train.grounding import (
     grounding_scores,
     swapped_view,
     top_k_frames,
+    wrap,
 )
 from train.heads import HeadContext, build_head, head_names, required_dictionaries
 
@@ -53,11 +54,13 @@ def _grounded(head_name: str, grounding: str, ctx: HeadContext, variant=None) ->
     return Grounded(build_head(head_name, cfg, ctx, variant), grounding_options(cfg, grounding), ctx)
 
 
-@pytest.mark.parametrize("grounding", sorted(GROUNDINGS))
+CASES = [("igv", False), ("igv", True), ("eigv", False), ("eigv", True), ("rationale", False), ("rationale_igv", True)]
+
+
+@pytest.mark.parametrize("grounding,multi_label", CASES, ids=[f"{g}-{'atomic' if m else 'activity'}" for g, m in CASES])
 @pytest.mark.parametrize("head_name", head_names())
-def test_every_grounding_with_every_head(head_name, grounding):
+def test_every_grounding_with_every_head(head_name, grounding, multi_label):
     torch.manual_seed(0)
-    multi_label = grounding == "eigv"  # the soft-target losses of both tasks are exercised
     ctx = _context(multi_label)
     model = _grounded(head_name, grounding, ctx)
     batches = [random_batch(ctx, B, seed) for seed in (1, 2)]
@@ -163,6 +166,20 @@ def test_top_k_returns_exactly_k_frames_with_gradients_to_the_scores():
     assert model.frames_used(batch).sum(1).tolist() == [4] * B
 
 
+@pytest.mark.parametrize("method", ["igv", "eigv"])
+@pytest.mark.parametrize("head_name,memory", [("cmdcl", "tci"), ("pcmci", "ich")])
+def test_one_grounded_step_updates_a_memory_once(head_name, memory, method, monkeypatch):
+    ctx = _context(False)
+    model = _grounded(head_name, method, ctx)
+    module = getattr(model.head, memory)
+    calls = []
+    real = module.update_memory
+    monkeypatch.setattr(module, "update_memory", lambda *a: calls.append(1) or real(*a))
+    model.train()
+    model(random_batch(ctx, B))  # the causal view, then the swapped, environment (and mixed) views
+    assert len(calls) == 1
+
+
 def test_auxiliary_views_never_update_the_heads_memories():
     ctx = _context(False)
     head = build_head("pcmci", _cfg(), ctx)
@@ -180,8 +197,10 @@ def test_uniform_prior_variant_reaches_every_dictionary_prior():
     cfg = _cfg()
     cmdcl = build_head("cmdcl", cfg, ctx, "prior_uniform")
     assert torch.allclose(cmdcl.tci.prior(), torch.full((6,), 1 / 6))
+    assert not cmdcl.tci.prior_logits.requires_grad  # fixed at 1/M, not a starting point
     empirical = build_head("cmdcl", cfg, ctx)
     assert torch.allclose(empirical.tci.prior(), ctx.dictionaries["confounder"][1])
+    assert empirical.tci.prior_logits.requires_grad
     for name in ("cmdcl", "pcmci", "ecrl"):
         torch.manual_seed(0)
         a = build_head(name, cfg, ctx).eval()
@@ -238,11 +257,17 @@ def test_config_names_and_checks_groundings():
         from_dict({"grounding": {"g": {"causal_shar": 0.4}}})
     with pytest.raises(ConfigError, match=r"ablations\.t\.rows\[0\]: no grounding 'nope'"):
         from_dict({"ablations": {"t": {"rows": ["baseline+nope"]}}})
-    with pytest.raises(ConfigError, match="train.head: no grounding 'x'"):
+    with pytest.raises(ConfigError, match="train.grounding: no grounding 'x'"):
         from_dict({"train": {"grounding": "x"}})
+    with pytest.raises(ConfigError, match="grounding.g: turns nothing on"):
+        from_dict({"grounding": {"g": {"method": "none"}}})
+    ctx = _context(False)  # L = 8 frames
+    too_many = grounding_options(from_dict({"grounding": {"g": {"rationale_frames": 8}}}), "g")
+    with pytest.raises(ConfigError, match=r"grounding.g.rationale_frames: 8 keeps every one of the 8 frames"):
+        wrap(build_head("baseline", _cfg(), ctx), too_many, ctx, "g")
 
 
-def test_grounding_table_end_to_end_and_stale_runs_refused(tiny_cache, tmp_path):
+def test_grounding_table_end_to_end_and_stale_runs_refused(tiny_cache, tmp_path, monkeypatch):
     from train.ablate import run_table
 
     cfg, store = tiny_cache
@@ -265,6 +290,11 @@ def test_grounding_table_end_to_end_and_stale_runs_refused(tiny_cache, tmp_path)
     changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.01))
     with pytest.raises(RunError, match="holds a run trained with other `train` settings"):
         run_table(changed, "g", seeds=1, store=store, progress=False)
+    read_only = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=3, memory_budget_mb=1))
+    run_table(read_only, "g", seeds=1, store=store, progress=False)  # where and how runs are read: not refused
+    monkeypatch.setattr("train.ablate.dictionary_hashes", lambda cfg, reader: {"global": "rebuilt"})
+    with pytest.raises(RunError, match="other `dictionaries` settings"):
+        run_table(cfg, "g", seeds=1, store=store, progress=False)
     assert set(GROUND_KEYS) <= _last_metrics(tmp_path)  # every grounding score in the run history
 
 
@@ -272,3 +302,44 @@ def _last_metrics(root):
     run = next((root / "ablations").glob("*/baseline+igv-activity-s0"))
     ckpt = torch.load(run / "last.pt", weights_only=False)
     return {k.split("/", 1)[1] for k in ckpt["history"][-1] if k.startswith("test_ood/")}
+
+
+def test_grounded_run_resumes_exactly_and_evaluates_from_its_checkpoint(tiny_cache, tmp_path):
+    from train.engine import evaluate, train
+
+    cfg, store = tiny_cache
+    cfg = dataclasses.replace(
+        cfg,
+        grounding={"eigv": {"method": "eigv"}},
+        train=dataclasses.replace(cfg.train, epochs=3, grounding="eigv", runs_root=str(tmp_path)),
+    )
+    full = train(cfg, store=store, progress=False, run_dir=tmp_path / "full")
+    cut = train(cfg, store=store, progress=False, run_dir=tmp_path / "cut", max_steps=full.steps // 3)
+    assert cut.steps == full.steps // 3
+    resumed = train(cfg, store=store, progress=False, run_dir=tmp_path / "cut", resume=True)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    assert resumed.metrics == full.metrics and "ground_iou" in full.metrics["test_ood"]
+    ev = evaluate(tmp_path / "full" / "last.pt", "test_ood", store=store)
+    assert ev.metrics == pytest.approx(full.metrics["test_ood"])
+
+
+def test_a_run_folder_takes_one_process_at_a_time(tiny_cache, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from extract.scale import _proc_start, acquire_lock, read_lock
+    from train.engine import train
+
+    cfg, store = tiny_cache
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with acquire_lock(tmp_path / "run") as lock:
+            info = {**read_lock(lock.path), "pid": holder.pid, "pid_start": _proc_start(holder.pid)}
+            lock.path.write_text(json.dumps(info))  # as if `holder` were training this run
+            with pytest.raises(RunError, match="being written by another run .* a training run takes one run"):
+                train(cfg, store=store, progress=False, run_dir=tmp_path / "run")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "run" / "last.pt").exists()

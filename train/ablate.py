@@ -22,7 +22,7 @@ import torch
 
 from extract.config import AblationTable, Config, to_dict
 from train.data import CacheReader
-from train.engine import RunError, RunResult, find_store, run_name, train
+from train.engine import RunError, RunResult, dictionary_hashes, find_store, run_name, train
 from train.grounding import grounding_options
 from train.heads import head_options, parse_row
 
@@ -68,13 +68,18 @@ def _run_cfg(cfg: Config, row: str, task: str, seed: int) -> Config:
     return replace(cfg, train=replace(cfg.train, head=head, variant=variant, grounding=grounding, task=task, seed=seed))
 
 
-def _same(saved: dict, now: Any) -> bool:
+# train keys that decide where a run lives or how it is read, not what it computes
+_NOT_RESULTS = ("runs_root", "memory_budget_mb", "eval_every")
+
+
+def _same(saved: dict, now: Any, ignore: tuple[str, ...] = ()) -> bool:
     """A saved options dict equals the dataclass `now`; a key the saved run predates counts as its default."""
     current, defaults = to_dict(now), to_dict(type(now)())
-    return set(saved) <= set(current) and all(saved.get(k, defaults[k]) == v for k, v in current.items())
+    keys = set(current) - set(ignore)
+    return set(saved) <= set(current) and all(saved.get(k, defaults[k]) == current[k] for k in keys)
 
 
-def _finished(run_dir: Path, cfg: Config) -> RunResult | None:
+def _finished(run_dir: Path, cfg: Config, reader: CacheReader) -> RunResult | None:
     """The finished run in run_dir, None if it has not finished; a run of other settings is an error."""
     last = run_dir / "last.pt"
     if not last.exists():
@@ -83,9 +88,11 @@ def _finished(run_dir: Path, cfg: Config) -> RunResult | None:
     t = cfg.train
     options = head_options(cfg, t.head, t.variant)
     same = {
-        "train": _same(ckpt["config"]["train"], t),
+        "train": _same(ckpt["config"]["train"], t, ignore=_NOT_RESULTS),
         f"heads.{t.head}": _same(ckpt["options"], options),
     }
+    if "dictionaries" in ckpt:  # runs from before dictionary hashes were recorded are not checked
+        same["dictionaries"] = ckpt["dictionaries"] == dictionary_hashes(cfg, reader)
     if t.grounding:
         same[f"grounding.{t.grounding}"] = _same(
             ckpt.get("grounding_options") or {}, grounding_options(cfg, t.grounding)
@@ -118,7 +125,7 @@ def run_table(
         raise KeyError(f"no ablation table {name!r}; pipeline.yaml defines {sorted(cfg.ablations)}")
     table: AblationTable = cfg.ablations[name]
     store = find_store(cfg, store)  # once: every run of the table reads the same cache
-    fingerprint = CacheReader(store, cfg.train.task, allow_partial=True).fingerprint
+    reader = CacheReader(store, cfg.train.task, allow_partial=True)
     n_seeds = seeds or table.seeds
     out_root = Path(cfg.train.runs_root) / "ablations"
     t0 = time.perf_counter()
@@ -127,8 +134,8 @@ def run_table(
     bar = tqdm(jobs, desc=f"ablate {name}", unit="run", disable=not progress)
     for row, task, seed in bar:
         run_cfg = _run_cfg(cfg, row, task, seed)
-        run_dir = out_root / fingerprint / run_name(run_cfg)  # shared by every table of this cache
-        done = _finished(run_dir, run_cfg)
+        run_dir = out_root / reader.fingerprint / run_name(run_cfg)  # shared by every table of this cache
+        done = _finished(run_dir, run_cfg, reader)
         result = done or train(run_cfg, store=store, resume=True, progress=False, run_dir=run_dir)
         results.setdefault((row, task), []).append(result)
     cells = []

@@ -1,9 +1,10 @@
 """Train and evaluate one head on the cache: AdamW, warm-up + cosine, AMP on GPU, atomic checkpoints.
 
-A run lives in `<train.runs_root>/<head>[-<variant>]-<task>-s<seed>/`: `config.resolved.yaml`,
+A run lives in `<train.runs_root>/<head>[-<variant>][+<grounding>]-<task>-s<seed>/`: `config.resolved.yaml`,
 `metrics.jsonl` and `metrics.csv` (one row per epoch and split), `last.pt` and `best.pt` (written to
 a temporary file and renamed, so a kill never leaves a truncated checkpoint). `--resume` continues
-from `last.pt` with the same data order and RNG state as an uninterrupted run.
+from `last.pt` with the same data order and RNG state (CPU and CUDA generators) as an uninterrupted
+run. A run folder takes one process at a time (`ltar.lock` inside it, as a store's).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from extract.config import Config, from_dict, to_dict, write_resolved
 from extract.schema import FRAME_MASK, CacheError
 from train.data import CacheReader, SplitTensors, StreamedSplit, iterate_batches
 from train.grounding import GROUND_KEYS, frame_relevance, grounding_options, grounding_scores, wrap
-from train.heads import build_head, head_options
+from train.heads import build_head, head_options, required_dictionaries
 from train.metrics import compute_metrics, primary_metric
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def run_name(cfg: Config) -> str:
 
 def build_model(cfg: Config, ctx, head: str, variant: str | None, grounding: str | None) -> torch.nn.Module:
     """The registered head, behind its grounding intervention when one is named."""
-    return wrap(build_head(head, cfg, ctx, variant), grounding_options(cfg, grounding), ctx)
+    return wrap(build_head(head, cfg, ctx, variant), grounding_options(cfg, grounding), ctx, grounding or "")
 
 
 def seed_everything(seed: int) -> None:
@@ -179,6 +180,32 @@ def train(
     max_steps: int | None = None,
 ) -> RunResult:
     """Train `cfg.train.head` (variant `cfg.train.variant`) on `cfg.train.task`; evaluate every epoch."""
+    from extract.scale import StoreLocked, acquire_lock
+
+    run_dir = Path(run_dir or Path(cfg.train.runs_root) / run_name(cfg))
+    try:
+        lock = acquire_lock(run_dir, kind="training run", kept="its last checkpoint is kept; --resume continues it")
+    except StoreLocked as e:
+        raise RunError(str(e)) from None
+    with lock:
+        return _train(cfg, store, resume, progress, allow_partial, run_dir, max_steps)
+
+
+def dictionary_hashes(cfg: Config, reader: CacheReader) -> dict[str, str]:
+    """The `params_hash` of every cache dictionary the configured head reads (rebuilt dictionaries differ)."""
+    names = required_dictionaries(cfg, cfg.train.head, cfg.train.variant)
+    return {n: str(reader.group[f"dictionaries/{n}"].attrs.get("params_hash")) for n in names}
+
+
+def _train(
+    cfg: Config,
+    store: Path | None,
+    resume: bool,
+    progress: bool,
+    allow_partial: bool,
+    run_dir: Path,
+    max_steps: int | None,
+) -> RunResult:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -187,7 +214,6 @@ def train(
     store = find_store(cfg, store)
     reader = CacheReader(store, tc.task, allow_partial=allow_partial)
     ctx = reader.context()
-    run_dir = Path(run_dir or Path(tc.runs_root) / run_name(cfg))
     last_path = run_dir / "last.pt"
     if last_path.exists() and not resume:
         raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or remove the folder")
@@ -213,6 +239,8 @@ def train(
         sched.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
+        if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         start_epoch, best, history, step = ckpt["epoch"] + 1, ckpt["best"], ckpt["history"], ckpt["step"]
         log.info("resuming %s at epoch %d", run_dir, start_epoch)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -274,11 +302,13 @@ def train(
             "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(),
             "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "epoch": epoch,
             "step": step,
             "best": max(best, score),
             "history": history,
             "fingerprint": reader.fingerprint,
+            "dictionaries": dictionary_hashes(cfg, reader),
             "store": str(store),
             "class_names": reader.class_names,
             "config": to_dict(cfg),

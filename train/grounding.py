@@ -16,10 +16,11 @@ training (the engine adds them to the head's CE/BCE):
 - **Invariant grounding, IGV** (`method: igv`): a grounding indicator (the same scorer form) splits each
   video's real frames into causal frames `c` and environment frames `e`: a binary Gumbel-softmax
   (logistic noise on the frame logits, temperature `tau`), made hard as the top `causal_share` of the
-  video's real frames (at least one of each), straight-through. An intervener replaces a video's
-  environment frames by those of another video of the batch, `v* = g ⊙ v + (1 - g) ⊙ v_π(b)` with `π` a
-  derangement of the batch. Losses: the head's loss on the causal frames alone (what is returned: the
-  prediction at test time, with the noise-free indicator), `swap_weight · loss(head(v*), y)` (the label
+  video's real frames (at least one of each), straight-through. An intervener fills a video's
+  environment slots with another video's frames at those slots (whatever that video's own grounding
+  says of them), `v* = g ⊙ v + (1 - g) ⊙ v_π(b)` with `π` a derangement of the batch. Losses: the head's
+  loss on the causal frames alone (what is returned: the prediction at test time, with the noise-free
+  indicator), `swap_weight · loss(head(v*), y)` (the label
   survives any environment), and `env_weight · CE(head(e), uniform)` (the environment alone carries no
   class information; for multi-label tasks the target is the batch's label frequency, the
   uninformative prediction).
@@ -105,9 +106,12 @@ def validate(cfg: Config) -> list[str]:
             errors.append(f"grounding.{name}: expected a mapping of options, got {section!r}")
             continue
         try:
-            grounding_options(cfg, name)
+            opts = grounding_options(cfg, name)
         except ConfigError as e:
             errors.append(str(e))
+            continue
+        if not opts.active:
+            errors.append(f"grounding.{name}: turns nothing on; set method (igv | eigv) or rationale_frames")
     return errors
 
 
@@ -187,7 +191,7 @@ def masked_view(batch: Batch, weight: torch.Tensor, mask: torch.Tensor) -> Batch
 
 
 def swapped_view(batch: Batch, g: torch.Tensor, hard: torch.Tensor, perm: torch.Tensor) -> Batch:
-    """IGV's intervention: causal frames of video b, environment frames of video perm[b] in their slots."""
+    """IGV's intervention: video b's causal frames, and in its environment slots video perm[b]'s frames."""
     w = g.unsqueeze(-1)
     mix = {k: w * getattr(batch, k).float() + (1 - w) * getattr(batch, k)[perm].float() for k in FEATURES}
     return dataclasses.replace(batch, **mix, mask=torch.where(hard, batch.mask, batch.mask[perm]))
@@ -311,9 +315,17 @@ class Grounded(nn.Module):
         return logits
 
 
-def wrap(head: nn.Module, opts: GroundingOptions | None, ctx: HeadContext) -> nn.Module:
-    """The head itself without grounding, else the head behind its grounding."""
-    return head if opts is None or not opts.active else Grounded(head, opts, ctx)
+def wrap(head: nn.Module, opts: GroundingOptions | None, ctx: HeadContext, name: str = "") -> nn.Module:
+    """The head itself without grounding, else the head behind its grounding `grounding.<name>`."""
+    if opts is None or not opts.active:
+        return head
+    k = opts.rationale_frames
+    if k is not None and k >= ctx.num_frames:
+        raise ConfigError(
+            f"grounding.{name}.rationale_frames: {k} keeps every one of the {ctx.num_frames} frames the cache "
+            "holds per video; choose fewer"
+        )
+    return Grounded(head, opts, ctx)
 
 
 # --------------------------------------------------------------------------------------------------

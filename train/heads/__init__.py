@@ -112,8 +112,11 @@ def _validate(cfg: Config) -> list[str]:
 
     errors += grounding.validate(cfg)
     tc = cfg.train
-    own = tc.head + (f":{tc.variant}" if tc.variant else "") + (f"+{tc.grounding}" if tc.grounding else "")
-    rows = [("train.head", own)]
+    rows = [("train.head", tc.head + (f":{tc.variant}" if tc.variant else ""))]
+    if tc.grounding is not None and tc.grounding not in cfg.grounding:
+        errors.append(
+            f"train.grounding: no grounding {tc.grounding!r}; pipeline.yaml defines grounding: {sorted(cfg.grounding)}"
+        )
     rows += [(f"ablations.{t}.rows[{i}]", r) for t, table in cfg.ablations.items() for i, r in enumerate(table.rows)]
     for key, row in rows:
         head, variant, ground = parse_row(row)

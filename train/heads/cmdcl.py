@@ -22,8 +22,8 @@ Three modules on the shared trunk (learnable class texts T from T0, per-class re
 `tci` and `vci` switch the modules (the paper's Table 3: variant1-3); off removes their parameters.
 `vci_layers` is H (the paper's Fig. 7a: 2, 4, 6, 8; 6 by default). Beyond the paper: `visual: clip`
 (variant `clip_only`) feeds CLIP's VP instead of TimeSformer's V, and `prior: uniform` (variant
-`prior_uniform`, IVRD-style) starts P(b) uniform instead of at Z's p(z) and weights the sample bank G
-uniformly instead of by p(g).
+`prior_uniform`, IVRD-style) fixes P(b) at 1/M instead of learning it from Z's p(z), and weights the
+sample bank G uniformly instead of by p(g).
 
 Where we were unsure (the paper could not be consulted; this follows DESIGN.md and the issue):
 - Equation numbers follow the issue's grouping (TCI Eq. 2-3, VCI Eq. 4-8, classifier Eq. 9); which of
@@ -98,13 +98,14 @@ class TextualIntervention(nn.Module):
                     "set memory_size to null or use memory_init = random"
                 )
             memory = z.detach().float().clone()
-            # P(b) starts at Z's p(z), or uniform (IVRD-style uniform prototype prior); learned either way
+            # P(b) starts at Z's p(z) (and is learned), or is uniform (IVRD-style uniform prototype prior)
             prior_logits = dictionary_prior(p.detach().float(), opts.prior).clamp_min(1e-6).log()
         else:
             M = opts.memory_size or 32
             memory, prior_logits = F.normalize(torch.randn(M, Dc), dim=-1), torch.zeros(M)
         self.register_buffer("memory", memory)  # B_mem (M, Dc): bias prototypes, EMA-updated
-        self.prior_logits = nn.Parameter(prior_logits)  # π: P(b) = softmax(π), the learned approximator of P(B)
+        # π: P(b) = softmax(π), the learned approximator of P(B); with `prior: uniform` fixed at 1/M (IVRD-style)
+        self.prior_logits = nn.Parameter(prior_logits, requires_grad=opts.prior == "empirical")
         self.attn = BackdoorAttention(Dc, Dc, opts.dim) if opts.tci_attention else None  # λ from t_c
         self.h = nn.Linear(2 * Dc, opts.dim)  # h in Eq. 3
         self.memory_updates = True  # False while auxiliary views pass through the head (train.grounding)
