@@ -343,3 +343,11 @@ def test_a_run_folder_takes_one_process_at_a_time(tiny_cache, tmp_path):
         holder.kill()
         holder.wait()
     assert not (tmp_path / "run" / "last.pt").exists()
+    keeps_all = dataclasses.replace(
+        cfg,
+        grounding={"all": {"rationale_frames": 8}},  # the tiny cache holds 8 frames per video
+        train=dataclasses.replace(cfg.train, grounding="all"),
+    )
+    with pytest.raises(ConfigError, match="keeps every one of the 8 frames"):
+        train(keeps_all, store=store, progress=False, run_dir=tmp_path / "never")
+    assert not (tmp_path / "never").exists()  # a run that could not start leaves no folder

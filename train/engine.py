@@ -187,8 +187,12 @@ def train(
         lock = acquire_lock(run_dir, kind="training run", kept="its last checkpoint is kept; --resume continues it")
     except StoreLocked as e:
         raise RunError(str(e)) from None
-    with lock:
-        return _train(cfg, store, resume, progress, allow_partial, run_dir, max_steps)
+    try:
+        with lock:
+            return _train(cfg, store, resume, progress, allow_partial, run_dir, max_steps)
+    finally:
+        if run_dir.is_dir() and not any(run_dir.iterdir()):  # a run that could not start leaves no folder
+            run_dir.rmdir()
 
 
 def dictionary_hashes(cfg: Config, reader: CacheReader) -> dict[str, str]:
