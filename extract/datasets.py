@@ -66,6 +66,8 @@ class DatasetIndex:
     vocabularies: dict[str, Vocabulary]
     problems: list[str]  # malformed lines, missing files, unknown labels: reported, then skipped
     counts: dict[str, int] = field(default_factory=dict)  # problems by kind (see ProblemLog), for the summary
+    # what identifies the content beyond the video files themselves (the synthetic world's hash); in the fingerprint
+    source: dict[str, Any] = field(default_factory=dict)
 
     def split(self, name: str) -> list[VideoItem]:
         return [it for it in self.items if it.split == name]
@@ -269,8 +271,18 @@ def manifest_dataset(cfg: Config) -> DatasetIndex:
 
 @register_dataset("synthetic")
 def synthetic_dataset(cfg: Config) -> DatasetIndex:
-    """The embedded synthetic benchmark, as written by `ltar synth` (a manifest dataset)."""
-    return manifest_dataset(cfg)
+    """The embedded synthetic benchmark, as written by `ltar synth` (a manifest dataset).
+
+    The world hash of `world.json` joins the cache fingerprint: another world at the same paths is another cache.
+    """
+    index = manifest_dataset(cfg)
+    world_file = Path(cfg.dataset.root) / "world.json"
+    try:
+        index.source["synthetic_world"] = json.loads(world_file.read_text()).get("config_hash")
+    except (OSError, json.JSONDecodeError):
+        index.problems.append(f"{world_file}: missing or unreadable; run `ltar synth` to write the synthetic world")
+        index.counts["other"] = index.counts.get("other", 0) + 1
+    return index
 
 
 import extract.adapters  # noqa: E402,F401 (registers breakfast, coin, charades)

@@ -12,9 +12,10 @@ from extract.schema import CacheError
 
 
 def locate_store(cfg: Config) -> Path:
-    """The store the config names (same fingerprint as `ltar extract` would compute)."""
+    """The store the config names (same fingerprint as `ltar extract` would compute); refused while a
+    video file has changed since its row was written (the store would serve the old file's features)."""
     from extract.datasets import load_dataset
-    from extract.pipeline import fingerprint, resolve_device, resolve_weights
+    from extract.pipeline import fingerprint, resolve_device, resolve_weights, stale_rows
 
     cfg = resolve_weights(cfg)
     index = load_dataset(cfg)
@@ -23,6 +24,13 @@ def locate_store(cfg: Config) -> Path:
     for device in dict.fromkeys([here, "cpu", "cuda"]):
         path = schema.store_path(cfg.cache.root, cfg.dataset.name, fingerprint(cfg, index, device))
         if path.exists():
+            stale = stale_rows(schema.open_cache(path)[0], index)
+            if stale.size:
+                first = index.items[int(stale[0])]
+                raise CacheError(
+                    f"{path}: {stale.size} video file(s) changed since they were extracted (first: {first.id} at "
+                    f"{first.path}); run `ltar extract` to extract them again"
+                )
             return path
     path = schema.store_path(cfg.cache.root, cfg.dataset.name, fingerprint(cfg, index, here))
     raise CacheError(f"no cache store at {path} for this configuration; run `ltar extract` first (or pass --store)")

@@ -72,9 +72,42 @@ def resolve_device(cfg: Config) -> str:
     return cfg.encoders.device
 
 
+def file_stamp(path: Path) -> list[int] | None:
+    """[size in bytes, modification time in ns] of a video file (how make judges a file), None when absent."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def stale_rows(group: Any, index: DatasetIndex) -> np.ndarray:
+    """Rows written from a file that has changed since (its size or modification time differ from the
+    store's `file_stamps`), as row indices. A file absent now keeps its row: the features stay valid for
+    the file they came from, and a user may delete videos once they are cached."""
+    recorded = dict(group.attrs.get("file_stamps", {}))
+    rows = [
+        r
+        for r, it in enumerate(index.items)
+        if it.id in recorded and (now := file_stamp(it.path)) is not None and now != recorded[it.id]
+    ]
+    return np.asarray(rows, dtype=np.int64)
+
+
+def record_file_stamps(group: Any, index: DatasetIndex) -> None:
+    """Write the `file_stamps` attribute {video_id: [size, mtime_ns]} of every row done, once per run."""
+    done = np.asarray(group[schema.DONE][:])  # (N,)
+    stamps = {it.id: file_stamp(it.path) for r, it in enumerate(index.items) if done[r]}
+    group.attrs["file_stamps"] = {vid: st for vid, st in stamps.items() if st is not None}
+
+
 def fingerprint(cfg: Config, index: DatasetIndex, device: str) -> str:
-    """Hash of the dataset index (ids, paths relative to dataset.root, splits, labels, regions),
-    sampling, encoders, weights (file contents), saliency and effective precision.
+    """Hash of the dataset index (ids, paths relative to dataset.root, splits, labels, regions, the
+    adapter's source such as the synthetic world hash), sampling, encoders, weights (file contents),
+    saliency and effective precision.
+
+    What each video file holds is checked per row instead (`file_stamp`, `stale_rows`): a changed file
+    re-extracts its own row, not the whole store, and a missing file restored later fills its row.
 
     Training settings, worker counts and batch sizes are left out: they do not change the cache.
     """
@@ -96,6 +129,7 @@ def fingerprint(cfg: Config, index: DatasetIndex, device: str) -> str:
         "schema": schema.SCHEMA_VERSION,
         "dataset": cfg.dataset.name,
         "items": items,
+        "source": index.source,
         # class names and the prompts their text embeddings are made from
         "vocabularies": {
             t: [list(v.names), [v.prompt_name(i) for i in range(len(v.names))]] for t, v in index.vocabularies.items()
@@ -379,7 +413,8 @@ def create_cache(cfg: Config, index: DatasetIndex, enc: Encoders, path: Path, fp
 
 
 def resume_store(group: Any, cfg: Config, index: DatasetIndex, path: Path) -> int:
-    """An existing store about to be resumed: its shard size (which decides its groups), ids written."""
+    """An existing store about to be resumed: its shard size (which decides its groups), ids written, and
+    the rows of changed video files marked to do again."""
     shard = schema.store_shard_videos(group)
     configured = min(cfg.cache.shard_videos, len(index.items))
     if shard != configured:
@@ -391,6 +426,11 @@ def resume_store(group: Any, cfg: Config, index: DatasetIndex, path: Path) -> in
         )
     if any(name not in group for name in schema.VIDEO_COORDS):
         write_video_coordinates(group, index)  # a store written before the coordinate existed
+    stale = stale_rows(group, index)
+    if stale.size:
+        names = ", ".join(index.items[r].id for r in stale[:5]) + (" ..." if stale.size > 5 else "")
+        log.warning("%d video file(s) changed since they were extracted (%s): extracting them again", stale.size, names)
+        group[schema.DONE][stale] = False  # rows are rewritten only when not done
     log.info("resuming %s", path)
     return shard
 
@@ -533,6 +573,7 @@ def extract(cfg: Config, progress: bool = True, index: DatasetIndex | None = Non
         finally:
             bar.close()
             record_failures(group, [it.id for it in index.items], previous_failures, summary.failures)
+            record_file_stamps(group, index)
     summary.done, summary.frames = result.done, result.frames
     summary.seconds = time.perf_counter() - t0
     summary.store_bytes = store_bytes(path)

@@ -447,6 +447,7 @@ def extract_distributed(
         prepare_run,
         raw_fp32_bytes,
         record_failures,
+        record_file_stamps,
         resume_store,
     )
     from extract.store import open_for_writing, store_bytes
@@ -535,6 +536,7 @@ def extract_distributed(
                 if pending:
                     client.cancel(list(pending))
                 record_failures(group, [it.id for it in index.items], previous_failures, summary.failures)
+                record_file_stamps(group, index)
             # counted from the store: rows that a killed attempt wrote before dying count too
             new = np.asarray(group[schema.DONE][:]) & ~done  # (N,)
             summary.done = int(new.sum())

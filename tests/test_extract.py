@@ -307,3 +307,45 @@ def test_cli_extract_and_inspect(world, tmp_path):
     proc = _run_cli(["inspect", "nope", "--config", str(REPO / "pipeline.yaml"), *args], tmp_path)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "video 'nope' is not in" in err.decode()
+
+
+def test_another_synthetic_world_at_the_same_paths_is_another_store(tmp_path):
+    from extract.synthetic import write_dataset
+
+    small = {"videos": {"train": 2, "test_iid": 0, "test_ood": 0}}
+    cfg = _config(tmp_path / "w", tmp_path / "cache", synthetic=small)
+    write_dataset(cfg.synthetic, tmp_path / "w", progress=False)
+    before = fingerprint(cfg, load_dataset(cfg), "cpu")
+    other = _config(tmp_path / "w", tmp_path / "cache", synthetic={**small, "rho": 0.5})
+    write_dataset(other.synthetic, tmp_path / "w", progress=False)  # same video paths, other videos
+    index = load_dataset(other)
+    assert [it.path for it in index.items] == [it.path for it in load_dataset(cfg).items]
+    assert index.source["synthetic_world"] != before and fingerprint(other, index, "cpu") != before
+
+
+def test_a_changed_video_file_is_extracted_again_and_never_served_stale(world, tmp_path):
+    from extract.inspect import locate_store
+
+    root = tmp_path / "copy"
+    shutil.copytree(world, root)
+    cfg = _config(root, tmp_path / "cache")
+    first = extract(cfg, progress=False)
+    group, info = schema.open_cache(first.store)
+    stamps = info.attrs["file_stamps"]
+    assert set(stamps) == set(info.video_ids) and all(len(s) == 2 for s in stamps.values())
+    row = info.video_ids.index("train_00001")
+    old = np.asarray(group[schema.CLIP_FRAME][row])
+    # the user replaces one file by another video at the same path
+    shutil.copy(root / "videos" / "train" / "train_00002.mp4", root / "videos" / "train" / "train_00001.mp4")
+    with pytest.raises(CacheError, match="train_00001.*ltar extract"):
+        locate_store(cfg)  # training would read the old file's features: refused
+    again = extract(cfg, progress=False)
+    assert again.store == first.store and again.done == 1 and again.skipped == len(info.video_ids) - 1
+    group = schema.open_cache(first.store)[0]
+    new = np.asarray(group[schema.CLIP_FRAME][row])
+    assert not np.array_equal(new, old)
+    np.testing.assert_array_equal(new, np.asarray(group[schema.CLIP_FRAME][info.video_ids.index("train_00002")]))
+    assert locate_store(cfg) == first.store
+    # a file deleted once cached keeps its row (the features are still those of the file they came from)
+    (root / "videos" / "train" / "train_00003.mp4").unlink()
+    assert extract(cfg, progress=False).done == 0 and locate_store(cfg) == first.store
