@@ -77,9 +77,10 @@ def test_glca_attends_over_all_of_g_and_every_scorer_and_g_get_gradient():
     torch.nn.functional.cross_entropy(head(batch), batch.labels).backward()
     scorers = {n: p for n, p in head.named_parameters() if n.startswith(("glca.", "bd.", "w_a.", "w_b.", "G"))}
     assert "G" in scorers and "bd.w_c.weight" in scorers and "glca.local_global.w_h.weight" in scorers
-    # W_d's bias adds (W_c J)·b_d to every entry's score alike, which the softmax cancels: no gradient by design
+    # a bias that shifts every score of a softmax alike cancels in it: no gradient by design (Eq. 15's b_a)
+    cancel = ("bd.w_d.bias", "glca.local_global.w_a.bias", "glca.local_local.w_a.bias")
     for name, p in scorers.items():
-        if name != "bd.w_d.bias":  # absent in dot mode (it would cancel in the softmax)
+        if name not in cancel:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
@@ -117,14 +118,14 @@ FULL = {"fcm": True, "bcm": True, "tsc": True, "bd": True, "glca": True}
     [
         (FULL, {"fcm": False}, ("encoders.fg.", "cfm.fg.")),
         (FULL, {"bcm": False}, ("encoders.bg.", "cfm.bg.")),
-        ({**FULL, "bd": False}, {"tsc": False}, ("psi.",)),
+        ({**FULL, "bd": False}, {"tsc": False}, ("cfm.fg.", "cfm.bg.")),
         (FULL, {"bd": False}, ("bd.", "w_a.", "w_b.")),
         (FULL, {"glca": False}, ("glca.", "G")),
         (FULL, {"use_lambda": False}, ("bd.w_c.", "bd.w_d.")),
         (
             {"fcm": True, "bcm": False, "tsc": False, "bd": False, "glca": False},
             {"fcm": False},
-            ("cls_1.", "cfm.fg.", "encoders.fg."),
+            ("cls_1.", "psi.", "encoders.fg."),
         ),
     ],
     ids=["fcm", "bcm", "tsc", "bd", "glca", "lambda", "fcm_alone"],
@@ -150,3 +151,106 @@ def test_required_dictionaries_and_option_checks():
     assert Ecrl.required_dictionaries(EcrlOptions(glca=False, confounder_dictionary="x")) == ("x",)
     with pytest.raises(ValueError, match="turn on fcm or bcm"):
         EcrlOptions(fcm=False, bcm=False)
+
+
+def test_eq15_scores_and_values_equal_an_explicit_loop():
+    head, batch = _setup()
+    att = head.glca.local_global
+    g = torch.Generator().manual_seed(3)
+    q, keys = torch.randn(2, 3, 16, generator=g), torch.randn(4, DC, generator=g)
+    w, values = att.weights(q, keys)
+    assert torch.equal(values, keys)  # Eq. 15's `⊙ F_G`: the weights apply to F_G itself
+    explicit = torch.empty(2, 3, 4)
+    for b in range(2):
+        for t in range(3):
+            for m in range(4):
+                h = torch.cat([att.w_v(keys[m]), att.w_q(q[b, t]) * att.w_k(keys[m])])  # h = [W_v g, W_q f ⊙ W_k g]
+                explicit[b, t, m] = att.w_a(torch.relu(att.w_h(h)))[0]  # ReLU(W_h h + b_h) W_a + b_a
+    assert torch.allclose(w, explicit.softmax(-1), atol=1e-6)
+    assert torch.allclose(att(q, keys), explicit.softmax(-1) @ keys, atol=1e-6)
+
+
+def test_chunked_eq15_equals_the_unchunked_one_in_value_and_gradient():
+    full, batch = _setup()
+    chunked, _ = _setup(glca_chunk=3)  # KG = 7: chunks of 3, 3, 1
+    chunked.load_state_dict(full.state_dict())
+    full.train(), chunked.train()
+    outs = []
+    for head in (full, chunked):
+        torch.manual_seed(5)  # the same dropout masks
+        loss = torch.nn.functional.cross_entropy(head(batch), batch.labels)
+        loss.backward()
+        outs.append((loss.detach(), head.G.grad.clone(), head.glca.local_global.w_h.weight.grad.clone()))
+    for a, b in zip(*outs, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_linear_scorer_variant_keeps_the_one_matmul_form():
+    head, batch = _setup(glca_scorer="linear")
+    att = head.glca.local_global
+    q, keys = torch.randn(2, 3, 16), torch.randn(4, DC)
+    w, values = att.weights(q, keys)
+    D = att.dim
+    explicit = torch.stack(
+        [
+            torch.stack([att.w_h(torch.cat([att.w_v(k), att.w_q(q[b, t]) * att.w_k(k)]))[0] for k in keys])
+            for b in range(2)
+            for t in range(3)
+        ]
+    ).reshape(2, 3, 4)
+    assert torch.allclose(w, explicit.softmax(-1), atol=1e-5) and values.shape == (4, D)
+
+
+def test_normalised_bd_equals_the_explicit_renormalised_sum():
+    head, batch = _setup(bd_form="normalised")
+    seen = _capture(head.bd)
+    head(batch)
+    j, z, p = seen["args"]
+    bd = head.bd
+    explicit = []
+    for b in range(B):
+        scores = []
+        for i in range(KZ):
+            cos = torch.nn.functional.cosine_similarity(bd.w_c(j[b]), bd.w_d(z[i]), dim=0)
+            scores.append(cos / bd.log_tau.exp() + p[i].log())
+        w = torch.softmax(torch.stack(scores), 0)  # ∝ exp(cos / τ) P(z_i), summing to 1
+        explicit.append(sum(w[i] * z[i] for i in range(KZ)))
+    assert torch.allclose(seen["out"], torch.stack(explicit), atol=1e-5)
+    assert torch.allclose(bd.weights(j, z, p).sum(-1), torch.ones(B))
+
+
+def test_the_classifier_is_linear_by_default_and_text_on_request():
+    linear, batch = _setup()
+    assert isinstance(linear.cls_2, torch.nn.Linear) and not any("text" in n for n, _ in linear.named_parameters())
+    text, _ = _setup(classifier="text")
+    assert any(n.startswith("cls_2.text.") for n, _ in text.named_parameters())
+    assert linear(batch).shape == text(batch).shape == (B, C)
+
+
+def test_each_table_row_switches_what_its_caption_says():
+    from train.heads.ecrl import VARIANTS
+
+    table3 = {
+        "modules_base": set(),
+        "modules_fcm": {"fcm"},
+        "modules_bcm": {"bcm"},
+        "modules_fcm_bcm": {"fcm", "bcm"},
+        "modules_fcm_bcm_tsc": {"fcm", "bcm", "tsc"},
+        "modules_fcm_bcm_bd": {"fcm", "bcm", "bd"},
+        "modules_fcm_bcm_tsc_bd": {"fcm", "bcm", "tsc", "bd"},
+    }
+    for name, on in table3.items():
+        head, batch = _setup(**VARIANTS[name])
+        params = {
+            n.split(".")[0] + ("." + n.split(".")[1] if n.startswith(("encoders", "cfm")) else "")
+            for n, _ in head.named_parameters()
+        }
+        assert ("encoders.fg" in params) == ("fcm" in on) and ("encoders.bg" in params) == ("bcm" in on), name
+        # TSC is cross-frame modelling over the foreground/background streams; without it they are mean-pooled
+        assert ("cfm.fg" in params or "cfm.bg" in params) == ("tsc" in on), name
+        assert ("bd" in params) == ("bd" in on) and "glca" not in params and "cfm.frame" in params, name
+        head(batch)
+    for name in ("bd_lambda_off", "bd_prior_off", "bd_additive", "bd_normalised", "dict_random", "dict_average"):
+        assert VARIANTS[name]["glca"] is False and VARIANTS[name]["bd"] is True, name  # Tables 4-5: without GLCA
+    assert VARIANTS["dict_average"]["confounder_dictionary"] == "confounder_average_frame"
+    assert VARIANTS["dict_background"]["confounder_dictionary"] == "confounder_average"

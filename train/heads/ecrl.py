@@ -1,48 +1,51 @@
-"""ecrl: Event-level Causal Representation Learning (seed paper 002), on cached features.
+"""ecrl: Event-level Causal Representation Learning (`../shared/papers/ecrl.txt`), on cached features.
 
-Three parts, each an options switch (the paper's Table 3); the output is `S1 + S2`:
+Paper map (Sec. 4, Eq. 1-15, Tables 3-5); the output is `S = S1 + S2` (Sec. 4.3):
 
-- *F2VCM* (frame-to-video modelling): three streams, frame (`VP`, or `V` with `visual: timesformer`),
-  foreground `FG` (`F_s`) and background `BG` (`F_c`). Each stream: a small temporal encoder (the cache
-  freezes the paper's fine-tuned UniFormerV2, so this takes its adaptive role), then cross-frame
-  modelling (Eq. 2): context `c = masked mean`, frame weights `α_l = softmax_l(w · tanh(W_f h_l + W_c c))`
-  over real frames, `F = LN(W_o [Σ_l α_l h_l, c])`, `(B, D)`.
-  Table 3 switches, as we map them: the baseline row is the frame stream alone (its own cross-frame
-  modelling and classifier); `fcm` adds the FG stream, `bcm` the BG stream; without `tsc` the FG/BG
-  streams are summed (`J = F_s + F_c`, no parameters), with `tsc` (three-stream combination) they are
-  fused by a learned `J = Ψ([F_s, F_c])` (concat + linear), and the two branches `S1` (FG/BG) and
-  `S2` (frame) add up. `tsc` and `bd` act on the FG/BG branch, so they need `fcm` or `bcm`.
-- *BD* (back-door on the background, Eq. 6–7): `E_z[g(z)] = Σ_i λ_i z_i p(z_i)` over the confounder
-  dictionary `Z` (cache dictionary `confounder_dictionary`: k-means background prototypes; `random` /
-  `average` for Table 5) with `λ = softmax_i((W_c J)·(W_d z_i)/√d)` (or additive attention);
-  `S1 = cls(W_a J + W_b E_z)`. `use_lambda: false` puts λ = 1/K, `prior: uniform` puts p(z_i) = 1/K (the
-  IVRD-style uniform prototype prior; Table 4's "prior off"). Without `bd`: `S1 = cls(J)`. Variant
-  `prior_uniform` makes every dictionary prior uniform (BD's p(z) and GLCA's p(g), `global_prior: false`).
-- *GLCA* (global-local causal attention, front-door): local features `F_L (B, L, D)` (the frame stream
-  before its temporal pooling) and global features `F_G = G`, a **trainable** dictionary initialised
-  from the cache dictionary "global". Local-global: `h_lk = [W_v g_k, W_q f_l ⊙ W_k g_k]`,
-  `α_lk = softmax_k(w_h · h_lk + log p(g_k))` over ALL `Kg` entries (the Σ_x' P(x') term),
-  `lg_l = Σ_k α_lk W_v g_k`; local-local: the same form over the real frames of the video (the
-  mediator term), `ll_l`; `z_l = LN(W_o [ll_l, lg_l])`, pooled by the frame stream's cross-frame
-  modelling → `S2` (Eq. 15). Without `glca`: `S2 = cls(F_v)`.
+- F2VCM (Sec. 4.1): three streams, frame (`VP`, or `V` with `visual: timesformer`), foreground `FG` (`s`)
+  and background `BG` (`c`), each a small temporal encoder (`TemporalEncoder`: the cache freezes the paper's
+  fine-tuned UniformerV2, so this takes its adaptive role). Cross-frame modelling (Eq. 2,
+  `CrossFrameModelling`): context `c = masked mean`, `α_l = softmax_l(w · tanh(W_f h_l + W_c c))`,
+  `F = LN(W_o [Σ_l α_l h_l, c])`. The frame stream always has it (the base model's own temporal model).
+- Table 3 (caption: "FCM: foreground only, without cross-frame modeling. BCM: background only, without
+  cross-frame modeling; TSC: cross-frame modeling with background and foreground"): `fcm` adds the FG stream,
+  `bcm` the BG stream, each pooled by the plain masked mean; `tsc` gives them Eq. 2's cross-frame modelling.
+  Their fusion `J = Ψ([s, c])` (Eq. 6's `J = Ψ(s, c)`, a linear map over the streams present) gives
+  `S1 = cls(J)`, added to the frame branch's `S2`. Rows: `modules_base`, `modules_fcm`, `modules_bcm`,
+  `modules_fcm_bcm`, `modules_fcm_bcm_tsc`, `modules_fcm_bcm_bd`, `modules_fcm_bcm_tsc_bd`, `ecrl`.
+- BD (Eq. 5-7, `BackdoorAttention` in train/heads/causal.py): `E_z[g1(z)] = Σ_i λ_i z_i P(z_i)` (Eq. 7) over
+  the confounder dictionary Z with `P(z_i) = N_i / N`, `λ = softmax_i((W_c J)ᵀ(W_d z_i)/√d)` (dot product) or
+  `softmax_i(w_tᵀ tanh(W_c J + W_d z_i))` (additive); `P(Y | do(V)) = W_a J + W_b E_z` (Eq. 6) -> `S1`.
+  Table 4 (run, as in the paper, on the model without GLCA: its BD row equals Table 3's +TSC+BD row):
+  `bd_lambda_off` (w/o λ: 1/K), `bd_prior_off` (w/o P(z_i): 1/K), `bd_additive`, reference
+  `modules_fcm_bcm_tsc_bd`. Table 5 (without GLCA): `dict_random`, `dict_average` (class means of *frame*
+  features, the cache dictionary `confounder_average_frame`), `dict_background` (class-average backgrounds,
+  `confounder_average`, what the public code ships), reference: our k-means `confounder`.
+- GLCA (Eq. 8-15, `GlobalLocalCausalAttention`): local features `F_L` (the frame stream before pooling), global
+  features `F_G` = a k-means-initialised, **trainable** dictionary G. Fusion `h = [W_v F_G, W_q F_L ⊙ W_k F_G]`
+  and Eq. 15 `F_LG = φ(ReLU(W_h h + b_h) W_a + b_a) ⊙ F_G` (`GlcaAttention`, `scorer: mlp`): φ a softmax over
+  the entries, the weights applied to F_G itself. Local-local `F_LL` has the same form over the video's own
+  frames (the mediator estimate M, Eq. 14's f); local-global the Σ_v P(V = v | h(V)) term.
+  `z_l = LN(W_o [F_LL, F_LG])`, pooled by the frame stream's Eq. 2 -> `S2 = cls(F_VG)`.
+- Classifier: a plain linear layer (`classifier: linear`; ECRL does not use label text). `classifier: text`
+  (ours) scores `x · t_c + b_c` against class texts learnable from T0.
 
-Classifiers `cls` are text-initialised (the baseline trunk's `TextQueries`): `logit_c = x · t_c + b_c`.
+Variants of ours, beside the paper's form (never in place of it):
+- `bd_form: normalised` (variant `bd_normalised`, a Table 4 row): Eq. 7's weights λ_i P(z_i) sum to ~1/K, so at
+  our scale `E_z` is nearly the same vector for every video; normalised, `w_i = softmax_i(cos(W_c J, W_d z_i)/τ +
+  log P(z_i))` (τ learned) and `E_z = Σ_i w_i z_i`, so the weights can concentrate with the video.
+- `glca_scorer: linear` (variant `glca_linear`): `w_h · h` without the hidden ReLU layer and with values
+  `W_v F_G`, the form this file had before; the `(B, L, Kg, D)` tensor `h` is never built (one matmul).
+- `global_prior: true`: GLCA's global weights also multiplied by G's prior p(g_k) (off by default: not in Eq. 15).
 
-Deviations from the public code (wyqcrystal/ECRL), on purpose: its GLCA takes a softmax over a size-1
-axis (every weight is 1, its scorers get no gradient), draws one random dictionary row per sample even
-at test time and never trains the dictionary; ours attends over all of `G` (vectorised `(B, L, Kg)`
-scores), is deterministic, and `G` trains. Its BD returns a tuple used as a tensor; ours follows
-Eq. 6–7. Its "dictionary" is one class-average background per class; ours is the cache's k-means one.
-Our additions / unsure points: the mapping of FCM/BCM/TSC onto switches above is ours (the paper's
-Table 3 names the modules, not how a row without TSC combines the streams); the equation numbers
-between Eq. 7 and Eq. 15 (GLCA's scorer) are not cited because we could not check them; GLCA scores
-`h` linearly (`w_h · h`, the equation as written) where the public code puts a hidden `2D → D` layer
-and an ELU in between: linear, the `(B, L, Kg)` scores are one matmul and the `(B, L, Kg, D)` tensor
-`h` is never built (with the ELU, a step at Kg = 512 cost 10× more on CPU); the `log p(g_k)` prior
-term on GLCA's global attention is ours (DESIGN.md: front-door terms weight the sample bank by P(x')),
-switch `global_prior`. The paper gives every stream its own backbone; by default only the frame stream
-has temporal transformer layers (`layers`), the FG/BG streams rely on Eq. 2 (`stream_layers: 0`), which
-keeps a CPU step near the baseline's cost; `stream_layers: 1` gives the symmetric layout.
+Deviations, on purpose: the frozen encoder (above); our saliency (CLIP attention, DESIGN.md); GLCA's
+combination `W_o [F_LL, F_LG]` (the paper says only that F_LL is "combined with" F_L and F_LG); `glca_chunk`
+computes Eq. 15's scores over chunks of G's entries (recomputed in the backward pass) so the `(B, L, Kg, D)`
+hidden tensor stays bounded at COIN scale; the result equals the unchunked one. Not yet here: the paper's
+two-step training (frame stream first, then the causal parts) and its training recipe as a preset.
+From the public code (wyqcrystal/ECRL) we differ where it contradicts the paper: its GLCA takes a softmax over
+a size-1 axis (every weight 1), draws one random dictionary row per sample even at test time and never trains
+G; ours attends over all of G, is deterministic, and G trains.
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from extract.config import ConfigError, bounds
 from train.heads import Batch, HeadContext, register_head
@@ -65,22 +70,26 @@ GLOBAL_DICTIONARY = "global"  # the cache dictionary that initialises G
 class EcrlOptions:
     dim: int = field(default=128, metadata=bounds(8))  # D: head width of every stream
     layers: int = field(default=1, metadata=bounds(0, 24))  # temporal transformer layers of the frame stream
-    # ... of the FG and BG streams (0: projection + positions, Eq. 2 is their temporal model; keeps a step cheap)
+    # ... of the FG and BG streams (0: projection + positions; keeps a step cheap)
     stream_layers: int = field(default=0, metadata=bounds(0, 24))
     attention_heads: int = field(default=4, metadata=bounds(1))  # heads of every temporal attention layer
     dropout: float = field(default=0.1, metadata=bounds(0.0, 0.9))
     visual: Literal["clip", "timesformer"] = "clip"  # frame stream: VP (CLIP) or V (TimeSformer)
-    learn_text: bool = True  # classifier text T learnable from T0 (False: T = T0 frozen)
-    fcm: bool = True  # FCM: foreground stream FG with cross-frame modelling (Table 3)
-    bcm: bool = True  # BCM: background stream BG with cross-frame modelling (Table 3)
-    tsc: bool = True  # TSC: learned fusion J = Ψ([F_s, F_c]); off: J = F_s + F_c (Table 3)
+    classifier: Literal["linear", "text"] = "linear"  # the paper's linear layer | ours: scores against class texts
+    learn_text: bool = True  # classifier: text only: T learnable from T0 (False: T = T0 frozen)
+    fcm: bool = True  # FCM: foreground stream FG, pooled without cross-frame modelling (Table 3)
+    bcm: bool = True  # BCM: background stream BG, pooled without cross-frame modelling (Table 3)
+    tsc: bool = True  # TSC: cross-frame modelling (Eq. 2) over the foreground and background streams (Table 3)
     bd: bool = True  # BD: back-door over the confounder dictionary, S1 = cls(W_a J + W_b E_z) (Eq. 6-7)
     glca: bool = True  # GLCA: front-door global-local attention over the trainable G (Eq. 15)
-    bd_attention: Literal["dot", "additive"] = "dot"  # λ: scaled dot product or additive attention
+    bd_form: Literal["paper", "normalised"] = "paper"  # Eq. 7 as printed | ours: renormalised, cosine / learned τ
+    bd_attention: Literal["dot", "additive"] = "dot"  # λ: scaled dot product or additive attention (Table 4)
     use_lambda: bool = True  # λ from J (False: λ_i = 1/K), Table 4
     prior: Literal["empirical", "uniform"] = "empirical"  # p(z_i): the dictionary's N_i/N or 1/K, Table 4
     confounder_dictionary: str = "confounder"  # cache dictionary Z of BD (Table 5: confounder_random, ...)
-    global_prior: bool = True  # GLCA's global attention weighted by G's prior p(g_k) (ours, P(x'))
+    glca_scorer: Literal["mlp", "linear"] = "mlp"  # Eq. 15's φ(ReLU(W_h h + b_h) W_a + b_a) | ours: w_h · h
+    glca_chunk: int | None = field(default=None, metadata=bounds(1))  # Eq. 15 over this many G entries at a time
+    global_prior: bool = False  # ours: GLCA's global weights also × G's prior p(g_k) (not in Eq. 15)
 
     def __post_init__(self) -> None:
         if (self.tsc or self.bd) and not (self.fcm or self.bcm):
@@ -114,16 +123,55 @@ class CrossFrameModelling(nn.Module):
         return self.norm(self.w_o(torch.cat([pooled, c], -1)))  # (B, D)
 
 
-class GlcaAttention(nn.Module):
-    """GLCA's attention: `h_lm = [W_v k_m, W_q q_l ⊙ W_k k_m]`, weights softmax_m(w_h · h_lm), values W_v k_m."""
+def _mlp_scores(qw: torch.Tensor, k: torch.Tensor, vw: torch.Tensor, w_h: nn.Linear, w_a: nn.Linear) -> torch.Tensor:
+    """Eq. 15's scores `ReLU(W_h h + b_h) W_a + b_a` with `h_lm = [W_v k_m, W_q q_l ⊙ W_k k_m]`.
 
-    def __init__(self, query_dim: int, key_dim: int, dim: int):
+    qw = W_q q (B, L, D); k = W_k keys (M, D) or (B, M, D); vw = W_v keys, same shape -> (B, L, M).
+    W_h h splits over h's halves: `W_h,v (W_v k_m)` is per key, only the Hadamard half is (B, L, M, D).
+    """
+    D = qw.shape[-1]
+    w_v, w_qk = w_h.weight[:, :D], w_h.weight[:, D:]  # (H, D) each
+    per_key = vw @ w_v.T + w_h.bias  # (M, H) or (B, M, H)
+    had = qw.unsqueeze(-2) * k.unsqueeze(-3)  # W_q q_l ⊙ W_k k_m, (B, L, M, D)
+    hidden = torch.relu(had @ w_qk.T + per_key.unsqueeze(-3))  # (B, L, M, H)
+    return w_a(hidden).squeeze(-1)  # (B, L, M)
+
+
+class GlcaAttention(nn.Module):
+    """GLCA's attention unit (Eq. 15): weights `φ(ReLU(W_h h + b_h) W_a + b_a)` over the keys, applied to the
+    keys themselves (`⊙ F_G`); `scorer: linear` (ours) scores `w_h · h` and weighs `W_v` keys instead."""
+
+    def __init__(self, query_dim: int, key_dim: int, dim: int, scorer: str = "mlp", chunk: int | None = None):
         super().__init__()
+        self.scorer, self.chunk, self.dim = scorer, chunk, dim
         self.w_q = nn.Linear(query_dim, dim, bias=False)  # W_q
         self.w_k = nn.Linear(key_dim, dim, bias=False)  # W_k
         self.w_v = nn.Linear(key_dim, dim, bias=False)  # W_v
-        self.w_h = nn.Linear(2 * dim, 1, bias=False)  # scorer w_h over h (a bias would cancel in the softmax)
-        self.dim = dim
+        if scorer == "mlp":
+            self.w_h = nn.Linear(2 * dim, dim)  # W_h, b_h: the hidden layer over h
+            self.w_a = nn.Linear(dim, 1)  # W_a, b_a (b_a shifts every score alike: it cancels in φ, as printed)
+        else:
+            self.w_h = nn.Linear(2 * dim, 1, bias=False)  # w_h over h (a bias would cancel in the softmax)
+
+    def scores(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """q (B, L, Dq), keys (M, Dk) or (B, M, Dk) -> unnormalised scores (B, L, M)."""
+        qw, k, vw = self.w_q(q), self.w_k(keys), self.w_v(keys)
+        if self.scorer == "linear":
+            D = self.dim
+            w_val, w_qk = self.w_h.weight[0, :D], self.w_h.weight[0, D:]
+            # w_h · h_lm = w_val · W_v k_m + Σ_d w_qk,d (W_q q_l)_d (W_k k_m)_d: one matmul, h never built
+            return torch.matmul(qw * w_qk, k.transpose(-1, -2)) + (vw @ w_val).unsqueeze(-2)  # (B, L, M)
+        M = keys.shape[-2]
+        if self.chunk is None or self.chunk >= M:
+            return _mlp_scores(qw, k, vw, self.w_h, self.w_a)
+        parts = []
+        for s in range(0, M, self.chunk):  # chunks of G's entries (not a loop over single entries)
+            ks, vs = k[..., s : s + self.chunk, :], vw[..., s : s + self.chunk, :]
+            if torch.is_grad_enabled():  # the (B, L, chunk, D) hidden tensor is recomputed in backward
+                parts.append(checkpoint(_mlp_scores, qw, ks, vs, self.w_h, self.w_a, use_reentrant=False))
+            else:
+                parts.append(_mlp_scores(qw, ks, vs, self.w_h, self.w_a))
+        return torch.cat(parts, -1)  # (B, L, M)
 
     def weights(
         self,
@@ -133,19 +181,15 @@ class GlcaAttention(nn.Module):
         log_prior: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q (B, L, Dq); keys (M, Dk) shared or (B, M, Dk); key_mask (B, M); log_prior (M,)
-        -> weights (B, L, M) summing to 1 over the (real) keys, values W_v keys (M, D) or (B, M, D)."""
-        D = self.dim
-        v = self.w_v(keys)  # W_v F_G, (M, D) or (B, M, D)
-        w_val, w_qk = self.w_h.weight[0, :D], self.w_h.weight[0, D:]  # w_h split over the two halves of h
-        # w_h · h_lm = w_val · W_v k_m + Σ_d w_qk,d (W_q q_l)_d (W_k k_m)_d: the (B, L, M, D) tensor h is
-        # never built, the scores are one matmul
-        qk = torch.matmul(self.w_q(q) * w_qk, self.w_k(keys).transpose(-1, -2))  # (B, L, D) @ (.., D, M) -> (B, L, M)
-        scores = qk + (v @ w_val).unsqueeze(-2)  # (B, L, M)
+        -> weights (B, L, M) summing to 1 over the (real) keys, and the values they weigh: the keys
+        themselves (Eq. 15's `⊙ F_G`), or `W_v` keys with the linear scorer."""
+        scores = self.scores(q, keys)  # (B, L, M)
         if log_prior is not None:
-            scores = scores + log_prior  # × P(x'), renormalised by the softmax
+            scores = scores + log_prior  # × P(x'), renormalised by the softmax (ours, `global_prior`)
+        values = keys if self.scorer == "mlp" else self.w_v(keys)  # (M, Dk | D) or (B, M, Dk | D)
         if key_mask is None:
-            return scores.softmax(-1), v
-        return masked_softmax(scores, key_mask.unsqueeze(1)), v
+            return scores.softmax(-1), values
+        return masked_softmax(scores, key_mask.unsqueeze(1)), values
 
     def forward(
         self,
@@ -154,32 +198,61 @@ class GlcaAttention(nn.Module):
         key_mask: torch.Tensor | None = None,
         log_prior: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """-> Σ_m weight_lm W_v k_m, (B, L, D)."""
+        """-> Σ_m weight_lm value_m, (B, L, Dk) (mlp) or (B, L, D) (linear)."""
         w, v = self.weights(q, keys, key_mask, log_prior)
-        return w @ v  # (B, L, M) @ (M, D) or (B, M, D) -> (B, L, D)
+        return w @ v  # (B, L, M) @ (M, Dv) or (B, M, Dv)
 
 
 class GlobalLocalCausalAttention(nn.Module):
-    """GLCA (front-door): local-local attention within the video, local-global over all of G → (B, L, D)."""
+    """GLCA (front-door): local-local attention within the video (F_LL), local-global over all of G (F_LG)."""
 
-    def __init__(self, dim: int, global_dim: int):
+    def __init__(self, dim: int, global_dim: int, scorer: str = "mlp", chunk: int | None = None):
         super().__init__()
-        self.local_local = GlcaAttention(dim, dim, dim)  # mediator term within the sample
-        self.local_global = GlcaAttention(dim, global_dim, dim)  # Σ_x' P(x') term over the dictionary G
-        self.w_o = nn.Linear(2 * dim, dim)  # fuses [ll, lg] (Eq. 15's concatenation)
+        self.local_local = GlcaAttention(dim, dim, dim, scorer)  # mediator estimate within the sample
+        self.local_global = GlcaAttention(dim, global_dim, dim, scorer, chunk)  # Σ_v P(V = v | h(V)) over G
+        lg_dim = global_dim if scorer == "mlp" else dim  # F_LG lives in G's space with Eq. 15's `⊙ F_G`
+        self.w_o = nn.Linear(dim + lg_dim, dim)  # combines [F_LL, F_LG]
         self.norm = nn.LayerNorm(dim)
 
     def forward(
         self, f_l: torch.Tensor, g: torch.Tensor, mask: torch.Tensor, log_prior: torch.Tensor | None
     ) -> torch.Tensor:
         """f_l: F_L (B, L, D), g: G (Kg, Dg), mask (B, L), log_prior (Kg,) or None -> (B, L, D)."""
-        ll = self.local_local(f_l, f_l, key_mask=mask)  # local-local features, (B, L, D)
-        lg = self.local_global(f_l, g, log_prior=log_prior)  # local-global features, (B, L, D)
+        ll = self.local_local(f_l, f_l, key_mask=mask)  # F_LL, (B, L, D)
+        lg = self.local_global(f_l, g, log_prior=log_prior)  # F_LG, (B, L, Dg or D)
         return self.norm(self.w_o(torch.cat([ll, lg], -1)))  # (B, L, D)
 
 
+class NormalisedBackdoor(nn.Module):
+    """Ours (`bd_form: normalised`): `E_z = Σ_i w_i z_i`, `w_i = softmax_i(cos(W_c J, W_d z_i) / τ + log P(z_i))`.
+
+    Eq. 7's structure (attention weights × prior over Z) renormalised so the weights sum to 1, with a learned
+    temperature so their sharpness, and so E_z's dependence on the video, can grow. `use_lambda: false` leaves
+    the prior alone; `use_prior: false` a uniform prior."""
+
+    def __init__(self, query_dim: int, z_dim: int, dim: int, use_lambda: bool = True, use_prior: bool = True):
+        super().__init__()
+        self.use_lambda, self.use_prior = use_lambda, use_prior
+        self.w_c = nn.Linear(query_dim, dim) if use_lambda else None  # W_c
+        self.w_d = nn.Linear(z_dim, dim, bias=False) if use_lambda else None  # W_d
+        self.log_tau = nn.Parameter(torch.tensor(-2.3)) if use_lambda else None  # τ = exp(log τ), starts at 0.1
+
+    def weights(self, query: torch.Tensor, z: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """query (B, Dq), z (K, Dz), prior (K,) -> w (B, K) summing to 1."""
+        p = prior if self.use_prior else torch.full_like(prior, 1.0 / prior.numel())
+        scores = p.clamp_min(1e-12).log().expand(query.shape[0], -1)  # log P(z_i), (B, K)
+        if self.use_lambda:
+            cos = F.normalize(self.w_c(query), dim=-1) @ F.normalize(self.w_d(z), dim=-1).T  # (B, K)
+            scores = scores + cos / self.log_tau.exp()
+        return scores.softmax(-1)
+
+    def forward(self, query: torch.Tensor, z: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """query (B, Dq), z (K, Dz), prior (K,) -> E_z (B, Dz)."""
+        return self.weights(query, z, prior) @ z  # Σ_i w_i z_i
+
+
 class TextClassifier(nn.Module):
-    """`cls`: logit_c = x · t_c + b_c with T learnable from T0 (the baseline trunk's text queries)."""
+    """Ours (`classifier: text`): logit_c = x · t_c + b_c with T learnable from T0 (the baseline trunk's queries)."""
 
     def __init__(self, t0: torch.Tensor, dim: int, learnable: bool):
         super().__init__()
@@ -191,6 +264,13 @@ class TextClassifier(nn.Module):
         return x @ self.text().T + self.bias  # (B, D) @ (D, C)
 
 
+def classifier(opts: EcrlOptions, ctx: HeadContext) -> nn.Module:
+    """The paper's `classifier(·)`: a linear layer D -> C, or (ours) text-initialised class scores."""
+    if opts.classifier == "linear":
+        return nn.Linear(opts.dim, ctx.num_classes)
+    return TextClassifier(ctx.t0, opts.dim, opts.learn_text)
+
+
 MODULES = ("fcm", "bcm", "tsc", "bd", "glca")
 
 
@@ -198,21 +278,31 @@ def _modules(*on: str) -> dict[str, bool]:
     return {m: m in on for m in MODULES}
 
 
+_NO_GLCA = _modules("fcm", "bcm", "tsc", "bd")  # Tables 4-5 run on this model (their BD row = Table 3's +TSC+BD)
+
 VARIANTS = {
-    # Table 3: modules added cumulatively (the full head is `ecrl` itself)
+    # Table 3, its eight rows (the full head is `ecrl` itself)
     "modules_base": _modules(),
     "modules_fcm": _modules("fcm"),
-    "modules_bcm": _modules("fcm", "bcm"),
-    "modules_tsc": _modules("fcm", "bcm", "tsc"),
-    "modules_bd": _modules("fcm", "bcm", "tsc", "bd"),
-    # Table 4: λ and the prior on/off (the full head has both)
-    "lambda_off_prior_off": {"use_lambda": False, "prior": "uniform"},
-    "lambda_on_prior_off": {"prior": "uniform"},
-    "lambda_off_prior_on": {"use_lambda": False},
-    # Table 5: the confounder dictionary (the full head reads the k-means `confounder`)
-    "dict_random": {"confounder_dictionary": "confounder_random"},
-    "dict_average": {"confounder_dictionary": "confounder_average"},
-    # IVRD-style uniform prototype prior on every dictionary the head reads (BD's p(z) and GLCA's p(g))
+    "modules_bcm": _modules("bcm"),
+    "modules_fcm_bcm": _modules("fcm", "bcm"),
+    "modules_fcm_bcm_tsc": _modules("fcm", "bcm", "tsc"),
+    "modules_fcm_bcm_bd": _modules("fcm", "bcm", "bd"),
+    "modules_fcm_bcm_tsc_bd": _NO_GLCA,
+    # Table 4 (without GLCA): w/o λ, w/o P(z_i), additive attention; ours: the renormalised BD
+    "bd_lambda_off": {**_NO_GLCA, "use_lambda": False},
+    "bd_prior_off": {**_NO_GLCA, "prior": "uniform"},
+    "bd_additive": {**_NO_GLCA, "bd_attention": "additive"},
+    "bd_normalised": {**_NO_GLCA, "bd_form": "normalised"},
+    # Table 5 (without GLCA): the confounder dictionary (reference: our k-means `confounder`)
+    "dict_random": {**_NO_GLCA, "confounder_dictionary": "confounder_random"},
+    "dict_average": {**_NO_GLCA, "confounder_dictionary": "confounder_average_frame"},
+    "dict_background": {**_NO_GLCA, "confounder_dictionary": "confounder_average"},
+    # ours on the full head
+    "bd_normalised_full": {"bd_form": "normalised"},
+    "glca_linear": {"glca_scorer": "linear"},
+    "classifier_text": {"classifier": "text"},
+    # IVRD-style uniform prototype prior on every dictionary the head reads (BD's p(z); GLCA's p(g) stays off)
     "prior_uniform": {"prior": "uniform", "global_prior": False},
 }
 
@@ -230,7 +320,7 @@ class Ecrl(nn.Module):
         self.opts = opts
         D = opts.dim
         frame_dim = ctx.clip_dim if opts.visual == "clip" else ctx.video_dim
-        self.side = [s for s, on in (("fg", opts.fcm), ("bg", opts.bcm)) if on]  # F_s, F_c streams
+        self.side = [s for s, on in (("fg", opts.fcm), ("bg", opts.bcm)) if on]  # s, c streams
         in_dims = {"frame": frame_dim, **{s: ctx.clip_dim for s in self.side}}
         layers = {"frame": opts.layers, "fg": opts.stream_layers, "bg": opts.stream_layers}
         self.encoders = nn.ModuleDict(
@@ -239,43 +329,49 @@ class Ecrl(nn.Module):
                 for s, d in in_dims.items()
             }
         )  # one temporal encoder per stream
-        self.cfm = nn.ModuleDict({s: CrossFrameModelling(D) for s in in_dims})  # Eq. 2 per stream
-        self.cls_2 = TextClassifier(ctx.t0, D, opts.learn_text)  # S2 (frame branch)
-        self.cls_1 = TextClassifier(ctx.t0, D, opts.learn_text) if self.side else None  # S1 (FG/BG branch)
-        self.psi = nn.Linear(len(self.side) * D, D) if opts.tsc else None  # Ψ: J = Ψ([F_s, F_c])
+        cfm_streams = ["frame"] + (self.side if opts.tsc else [])  # TSC: Eq. 2 over the FG/BG streams too
+        self.cfm = nn.ModuleDict({s: CrossFrameModelling(D) for s in cfm_streams})
+        self.cls_2 = classifier(opts, ctx)  # S2 (frame branch)
+        self.cls_1 = classifier(opts, ctx) if self.side else None  # S1 (FG/BG branch)
+        self.psi = nn.Linear(len(self.side) * D, D) if self.side else None  # Ψ: J = Ψ([s, c]) (Eq. 6)
         if opts.bd:
             z_dim = ctx.dictionaries[opts.confounder_dictionary][0].shape[1]
-            self.bd = BackdoorAttention(
-                D, z_dim, D, mode=opts.bd_attention, use_lambda=opts.use_lambda, use_prior=opts.prior == "empirical"
-            )  # λ scorer W_c, W_d (Eq. 6); with use_lambda off (λ = 1/K) the scorers do not exist
-            self.w_a = nn.Linear(D, D)  # W_a (Eq. 7)
-            self.w_b = nn.Linear(z_dim, D)  # W_b (Eq. 7)
+            use_prior = opts.prior == "empirical"
+            if opts.bd_form == "paper":  # Eq. 7: Σ_i λ_i z_i P(z_i), λ by dot product or additive attention
+                self.bd = BackdoorAttention(D, z_dim, D, opts.bd_attention, opts.use_lambda, use_prior)
+            else:  # ours: renormalised weights, cosine scores with a learned τ
+                self.bd = NormalisedBackdoor(D, z_dim, D, opts.use_lambda, use_prior)
+            self.w_a = nn.Linear(D, D)  # W_a (Eq. 6)
+            self.w_b = nn.Linear(z_dim, D)  # W_b (Eq. 6)
         else:
             self.bd = self.w_a = self.w_b = None
         if opts.glca:
             g, prior = ctx.dictionaries[GLOBAL_DICTIONARY]
             self.G = nn.Parameter(g.detach().float().clone())  # G (Kg, Dg): trainable, from the cache
             self.register_buffer("g_log_prior", prior.detach().float().clamp_min(1e-12).log())  # log p(g_k)
-            self.glca = GlobalLocalCausalAttention(D, g.shape[1])
+            self.glca = GlobalLocalCausalAttention(D, g.shape[1], opts.glca_scorer, opts.glca_chunk)
         else:
             self.G = self.glca = None
 
+    def pool(self, stream: str, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A stream's video feature: Eq. 2 where it has cross-frame modelling, else the masked mean (B, D)."""
+        return self.cfm[stream](h, mask) if stream in self.cfm else masked_mean(h, mask)
+
     def forward(self, batch: Batch) -> torch.Tensor:
-        B, L = batch.mask.shape
-        mask = batch.mask
+        mask = batch.mask  # (B, L)
         frames = batch.vp if self.opts.visual == "clip" else batch.v  # (B, L, Dc or Dv)
         f_l = self.encoders["frame"](frames.float(), mask)  # F_L, (B, L, D)
         if self.glca is not None:
             log_prior = self.g_log_prior if self.opts.global_prior else None
-            f_l = self.glca(f_l, self.G, mask, log_prior)  # z_l from [ll_l, lg_l], (B, L, D)
-        s2 = self.cls_2(self.cfm["frame"](f_l, mask))  # S2 (Eq. 15; without GLCA: cls(F_v)), (B, C)
+            f_l = self.glca(f_l, self.G, mask, log_prior)  # z_l from [F_LL, F_LG], (B, L, D)
+        s2 = self.cls_2(self.pool("frame", f_l, mask))  # S2 = classifier(F_VG) (without GLCA: of F_v), (B, C)
         if not self.side:
             return s2
         inputs = {"fg": batch.fg, "bg": batch.bg}
-        feats = [self.cfm[s](self.encoders[s](inputs[s].float(), mask), mask) for s in self.side]  # F_s, F_c (B, D)
-        j = self.psi(torch.cat(feats, -1)) if self.psi is not None else torch.stack(feats).sum(0)  # J, (B, D)
+        feats = [self.pool(s, self.encoders[s](inputs[s].float(), mask), mask) for s in self.side]  # s, c (B, D)
+        j = self.psi(torch.cat(feats, -1))  # J = Ψ([s, c]), (B, D)
         if self.bd is not None:
             z, p = batch.dictionaries[self.opts.confounder_dictionary]  # Z (K, Dz), p(z) (K,)
-            e_z = self.bd(j, z.float(), p.float())  # E_z[g(z)] = Σ_i λ_i z_i p(z_i) (Eq. 6), (B, Dz)
-            j = self.w_a(j) + self.w_b(e_z)  # W_a J + W_b E_z (Eq. 7), (B, D)
-        return self.cls_1(j) + s2  # S1 + S2, (B, C)
+            e_z = self.bd(j, z.float(), p.float())  # E_z[g1(z)] (Eq. 7), (B, Dz)
+            j = self.w_a(j) + self.w_b(e_z)  # W_a J + W_b E_z (Eq. 6), (B, D)
+        return self.cls_1(j) + s2  # S = S1 + S2, (B, C)
