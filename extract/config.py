@@ -184,6 +184,8 @@ class TrainConfig:
     warmup_epochs: float = field(default=2.0, metadata=_range(0.0))  # linear warm-up before the cosine
     grad_clip: float = field(default=1.0, metadata=_range(0.0))  # max gradient norm; 0 = no clipping
     task: str = "activity"  # label task: activity (single label, CE) or atomic (multi-label, BCE)
+    # L' frames the heads see, uniformly subsampled from the cache's L slots (null = all L; the cache is unchanged)
+    num_frames: int | None = field(default=None, metadata=_range(1))
     head: str = "baseline"  # registered head (`ltar config show` lists them)
     variant: str | None = None  # a named variant of the head (heads.<head>.variants), null = the full head
     grounding: str | None = None  # a named grounding intervention around the head (grounding.<name>), null = none
@@ -194,7 +196,7 @@ class TrainConfig:
     eval_splits: tuple[str, ...] = ()  # splits evaluated after training; empty = every split except train
     eval_every: int = field(default=1, metadata=_range(1))  # evaluate every N epochs (and always after the last)
     memory_budget_mb: int = field(default=4096, metadata=_range(1))  # larger splits stream chunk-wise from Zarr
-    runs_root: str = "runs"  # runs land in <runs_root>/<head>[-<variant>][+<grounding>]-<task>-s<seed>/
+    runs_root: str = "runs"  # runs land in <runs_root>/<head>[-<variant>][+<grounding>][-f<num_frames>]-<task>-s<seed>/
 
 
 @dataclass(frozen=True)

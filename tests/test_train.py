@@ -264,3 +264,21 @@ def test_cli_train_evaluate_ablate(tiny_cache, tmp_path):
     assert res.exit_code == 2 and "no ablation table(s) ['nope']" in res.output
     res = runner.invoke(app, ["-q", "train", "--head", "nope", *common])
     assert res.exit_code == 2 and "train.head: unknown head 'nope'" in res.output
+
+
+def test_fewer_frames_from_one_cache_are_its_uniformly_spaced_slots(tiny_cache, tmp_path):
+    from train.engine import run_name
+
+    cfg, store = tiny_cache  # L = 8 cached slots
+    full, four = CacheReader(store, "activity"), CacheReader(store, "activity", num_frames=4)
+    assert four.slots.tolist() == [1, 3, 5, 7]  # the centre of each quarter of the 8 slots
+    assert four.context().num_frames == 4 and full.context().num_frames == 8
+    a, b = full.load_split("train"), four.load_split("train")
+    assert torch.equal(b.vp, a.vp[:, [1, 3, 5, 7]]) and torch.equal(b.mask, a.mask[:, [1, 3, 5, 7]])
+    assert torch.equal(b.v, a.v[:, [1, 3, 5, 7]]) and torch.equal(b.labels, a.labels)
+    with pytest.raises(CacheError, match="train.num_frames = 9.*at most 8"):
+        CacheReader(store, "activity", num_frames=9)
+    fewer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_frames=4, epochs=1))
+    assert run_name(fewer).endswith("-f4-activity-s0") and "-f" not in run_name(cfg)
+    result = train(fewer, store=store, progress=False, run_dir=tmp_path / "f4")
+    assert result.steps > 0 and np.isfinite(result.history[-1]["loss"])

@@ -51,12 +51,26 @@ class SplitTensors:
         return {k: getattr(self, k)[idx] for k in ("vp", "v", "fg", "bg", "mask", "labels")}
 
 
+def frame_slots(cached: int, num_frames: int | None, path: Path) -> np.ndarray:
+    """The cache slots a head sees: all `cached` (L) slots, or `num_frames` (L' ≤ L) uniformly spaced ones,
+    slot j of L' taking cached slot floor((j + 1/2) L / L') (the centre of its share) -> (L',) int."""
+    if num_frames is None or num_frames == cached:
+        return np.arange(cached)
+    if num_frames > cached:
+        raise CacheError(
+            f"train.num_frames = {num_frames}, but {path} holds {cached} frames per video; choose at most {cached} "
+            "(or extract a cache with more frames.num_frames)"
+        )
+    return np.floor((np.arange(num_frames) + 0.5) * cached / num_frames).astype(np.int64)
+
+
 class CacheReader:
     """A finished store, one label task of it."""
 
-    def __init__(self, path: Path, task: str, allow_partial: bool = False):
+    def __init__(self, path: Path, task: str, allow_partial: bool = False, num_frames: int | None = None):
         self.group, self.info = schema.open_cache(path)
         self.path = Path(path)
+        self.slots = frame_slots(int(self.group[schema.FRAME_MASK].shape[1]), num_frames, self.path)  # (L',)
         vocab = self.info.vocabularies
         if task not in vocab:
             raise CacheError(f"{path} has no label task {task!r}; set train.task to one of {sorted(vocab)}")
@@ -98,7 +112,7 @@ class CacheReader:
         return HeadContext(
             clip_dim=int(vp.shape[2]),
             video_dim=int(self.group[schema.TSF_FRAME].shape[2]),
-            num_frames=int(vp.shape[1]),
+            num_frames=len(self.slots),
             num_classes=len(self.class_names),
             multi_label=self.multi_label,
             t0=t0,
@@ -127,8 +141,8 @@ class CacheReader:
             arr = self.group[name]
             return np.asarray(arr[lo:hi]) if contiguous else np.asarray(arr.get_orthogonal_selection(rows))
 
-        out = {k: torch.from_numpy(read(a).astype(np.float16)) for k, a in FEATURES.items()}
-        out["mask"] = torch.from_numpy(read(schema.FRAME_MASK).astype(bool))
+        out = {k: torch.from_numpy(read(a)[:, self.slots].astype(np.float16)) for k, a in FEATURES.items()}
+        out["mask"] = torch.from_numpy(read(schema.FRAME_MASK)[:, self.slots].astype(bool))
         labels = read(f"{schema.LABELS}/{self.task}")
         out["labels"] = torch.from_numpy(labels.astype(np.float32) if self.multi_label else labels.astype(np.int64))
         return out

@@ -47,7 +47,8 @@ def resolve_device(name: str) -> str:
 def run_name(cfg: Config) -> str:
     t = cfg.train
     variant, grounding = f"-{t.variant}" if t.variant else "", f"+{t.grounding}" if t.grounding else ""
-    return f"{t.head}{variant}{grounding}-{t.task}-s{t.seed}"
+    frames = f"-f{t.num_frames}" if t.num_frames is not None else ""  # a frames ablation keeps its own runs
+    return f"{t.head}{variant}{grounding}{frames}-{t.task}-s{t.seed}"
 
 
 def build_model(cfg: Config, ctx, head: str, variant: str | None, grounding: str | None) -> torch.nn.Module:
@@ -216,7 +217,7 @@ def _train(
     tc = cfg.train
     device = resolve_device(tc.device)
     store = find_store(cfg, store)
-    reader = CacheReader(store, tc.task, allow_partial=allow_partial)
+    reader = CacheReader(store, tc.task, allow_partial=allow_partial, num_frames=tc.num_frames)
     ctx = reader.context()
     last_path = run_dir / "last.pt"
     if last_path.exists() and not resume:
@@ -361,7 +362,7 @@ def evaluate(
     if cfg is not None:  # the caller's cache location wins; everything else is the run's own
         run_cfg = replace(run_cfg, cache=cfg.cache, dataset=cfg.dataset)
     store = Path(store) if store else Path(ckpt["store"]) if Path(ckpt["store"]).exists() else find_store(run_cfg, None)
-    reader = CacheReader(store, ckpt["task"], allow_partial=True)
+    reader = CacheReader(store, ckpt["task"], allow_partial=True, num_frames=run_cfg.train.num_frames)
     if reader.fingerprint != ckpt["fingerprint"]:
         raise CacheError(
             f"{checkpoint} was trained on cache {ckpt['fingerprint']}, but {store} is cache {reader.fingerprint}; "

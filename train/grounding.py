@@ -350,7 +350,7 @@ def frame_relevance(cfg: Config, reader: Any, rows: np.ndarray) -> np.ndarray | 
     if not any(segments.get(i) for i in ids):
         log.warning("no grounding score: dataset %s annotates no action segments", cfg.dataset.name)
         return None
-    times = np.asarray(reader.group[schema.TIMESTAMPS].get_orthogonal_selection(rows))  # (N, L) seconds
+    times = np.asarray(reader.group[schema.TIMESTAMPS].get_orthogonal_selection(rows))[:, reader.slots]  # (N, L')
     width = max(len(segments.get(i) or ()) for i in ids)
     bounds_ = np.full((len(ids), width, 2), np.nan)  # (N, S, 2) [start, end) per segment, NaN = none
     for n, i in enumerate(ids):  # per video: the annotation lists have different lengths
