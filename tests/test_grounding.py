@@ -167,10 +167,10 @@ def test_top_k_returns_exactly_k_frames_with_gradients_to_the_scores():
 
 
 @pytest.mark.parametrize("method", ["igv", "eigv"])
-@pytest.mark.parametrize("head_name,memory", [("cmdcl", "tci"), ("pcmci", "ich")])
-def test_one_grounded_step_updates_a_memory_once(head_name, memory, method, monkeypatch):
+@pytest.mark.parametrize("head_name,memory,variant", [("cmdcl", "tci", "tci_memory"), ("pcmci", "ich", None)])
+def test_one_grounded_step_updates_a_memory_once(head_name, memory, variant, method, monkeypatch):
     ctx = _context(False)
-    model = _grounded(head_name, method, ctx)
+    model = _grounded(head_name, method, ctx, variant)  # CMDCL's bias memory is our variant, not its default
     module = getattr(model.head, memory)
     calls = []
     real = module.update_memory
@@ -198,12 +198,12 @@ def test_uniform_prior_variant_reaches_every_dictionary_prior():
     cmdcl = build_head("cmdcl", cfg, ctx, "prior_uniform")
     assert torch.allclose(cmdcl.tci.prior(), torch.full((6,), 1 / 6))
     assert not cmdcl.tci.prior_logits.requires_grad  # fixed at 1/M, not a starting point
-    empirical = build_head("cmdcl", cfg, ctx)
+    empirical = build_head("cmdcl", cfg, ctx, "memory_bank")  # CMDCL's priors live in our memory/bank forms
     assert torch.allclose(empirical.tci.prior(), ctx.dictionaries["confounder"][1])
     assert empirical.tci.prior_logits.requires_grad
     for name in ("cmdcl", "pcmci", "ecrl"):
         torch.manual_seed(0)
-        a = build_head(name, cfg, ctx).eval()
+        a = build_head(name, cfg, ctx, "memory_bank" if name == "cmdcl" else None).eval()
         torch.manual_seed(0)
         b = build_head(name, cfg, ctx, "prior_uniform").eval()
         batch = random_batch(ctx, B)

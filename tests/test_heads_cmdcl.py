@@ -1,6 +1,8 @@
-"""CMDCL head: TCI and VCI against explicit sums, the bias memory, the module switches and H."""
+"""CMDCL head: the paper's TCI and VCI against explicit sums, per-video T', our memory and bank variants,
+the module switches (Table 3), H (Fig. 7a) and the frame-entropy helper."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -8,7 +10,13 @@ import torch
 from extract.config import from_dict
 from tests.conftest import random_batch
 from train.heads import Batch, HeadContext, build_head, required_dictionaries
-from train.heads.cmdcl import CMDCLOptions, TextualIntervention, VisualIntervention
+from train.heads.cmdcl import (
+    CMDCLOptions,
+    MemoryTextualIntervention,
+    TextualIntervention,
+    VisualIntervention,
+    frame_entropy_ratio,
+)
 
 B, L, DC, DV, C, K = 3, 6, 16, 20, 4, 5
 
@@ -47,16 +55,33 @@ def test_tci_scores_and_bias_embeddings_are_the_explicit_sums():
     assert torch.allclose(b, explicit, atol=1e-5)
 
 
-def test_tci_expectation_is_the_prior_weighted_memory_sum():
+def test_paper_tci_is_per_video_h_of_text_and_bias_with_gradients():
+    torch.manual_seed(0)
+    ctx, batch = _context(), _batch(_context())
+    tci = TextualIntervention(_opts(), ctx)
+    assert not hasattr(tci, "memory") and not hasattr(tci, "prior_logits")  # P(B) is fitted by h alone
+    vp, t = batch.vp.float().requires_grad_(), torch.randn(C, DC)
+    t_prime, S = tci(t, vp, batch.mask)
+    assert t_prime.shape == (B, C, 16) and S.shape == (B, C, L)
+    assert not torch.allclose(t_prime[0], t_prime[1]) and not torch.allclose(t_prime[1], t_prime[2])
+    b = tci.bias(S, vp)  # b_c
+    explicit = torch.stack([tci.h(torch.cat([t[c], b[i, c]])) for i in range(B) for c in range(C)]).view(B, C, 16)
+    assert torch.allclose(t_prime, explicit, atol=1e-5)  # t'_c = h([t_c, b_c]) of each video
+    t_prime.square().sum().backward()
+    assert tci.h.weight.grad[:, DC:].abs().sum() > 0  # h's b_c half trains
+    assert vp.grad.abs().sum() > 0  # and the gradient reaches VP through b_c (and S)
+
+
+def test_memory_tci_expectation_is_the_prior_weighted_memory_sum():
     torch.manual_seed(0)
     ctx = _context()
     t = torch.randn(C, DC)
-    flat = TextualIntervention(_opts(tci_attention=False), ctx)
+    flat = MemoryTextualIntervention(_opts(tci_form="memory", tci_attention=False), ctx)
     p = flat.prior()
     assert torch.allclose(p, ctx.dictionaries["confounder"][1], atol=1e-5)  # initialised from p(z)
     explicit = sum(p[i] * flat.memory[i] for i in range(K))
     assert torch.allclose(flat.expectation(t), explicit.expand(C, DC), atol=1e-6)
-    tci = TextualIntervention(_opts(), ctx)
+    tci = MemoryTextualIntervention(_opts(tci_form="memory"), ctx)
     lam = tci.attn.weights(t, tci.memory)  # λ (C, K)
     w = lam * tci.prior()
     explicit = torch.stack([sum(w[c, i] * tci.memory[i] for i in range(K)) / w[c].sum() for c in range(C)])
@@ -68,10 +93,10 @@ def test_tci_expectation_is_the_prior_weighted_memory_sum():
             assert torch.allclose(m.expectation(t), m.memory[2].expand(C, DC), atol=1e-6)
 
 
-def test_bias_memory_is_an_ema_of_the_batch_bias_and_not_the_output():
+def test_memory_tci_is_an_ema_of_the_batch_bias_and_not_the_output():
     torch.manual_seed(0)
     ctx, batch = _context(), _batch(_context())
-    tci = TextualIntervention(_opts(memory_momentum=0.9), ctx)
+    tci = MemoryTextualIntervention(_opts(tci_form="memory", memory_momentum=0.9), ctx)
     old = tci.memory.clone()
     b = old[3].mul(2.0).expand(1, 1, DC)  # nearest to entry 3
     tci.update_memory(b, torch.tensor([True]))
@@ -83,42 +108,52 @@ def test_bias_memory_is_an_ema_of_the_batch_bias_and_not_the_output():
     tci.eval()
     t = torch.randn(C, DC)
     other = _batch(ctx, 7)
-    assert torch.equal(tci(t, batch.vp.float(), batch.mask), tci(t, other.vp.float(), other.mask))
+    out = tci(t, batch.vp.float(), batch.mask)[0]
+    assert out.shape == (C, 16) and torch.equal(out, tci(t, other.vp.float(), other.mask)[0])
     before = tci.memory.clone()
     tci.train()
     tci(t, batch.vp.float(), batch.mask)
     assert not torch.equal(tci.memory, before)  # training moved the memory
-    tci(t, batch.vp.float(), batch.mask).sum().backward()  # the learned prior P(b) trains by gradient
+    tci.memory_updates = False  # grounding's auxiliary views
+    moved = tci.memory.clone()
+    tci(t, batch.vp.float(), batch.mask)
+    assert torch.equal(tci.memory, moved)
+    tci(t, batch.vp.float(), batch.mask)[0].sum().backward()  # the learned prior P(b) trains by gradient
     assert tci.prior_logits.grad.abs().sum() > 0
-    frozen = TextualIntervention(_opts(memory_momentum=1.0), ctx)
+    frozen = MemoryTextualIntervention(_opts(tci_form="memory", memory_momentum=1.0), ctx)
     kept = frozen.memory.clone()
     frozen(t, batch.vp.float(), batch.mask)
     assert torch.equal(frozen.memory, kept)
 
 
-def test_random_memory_and_its_size():
+def test_random_memory_its_size_and_the_dictionaries_each_form_needs():
     ctx = _context()
-    assert TextualIntervention(_opts(memory_init="random", memory_size=9), ctx).memory.shape == (9, DC)
-    assert TextualIntervention(_opts(memory_init="random"), ctx).memory.shape == (32, DC)
+    mem = {"tci_form": "memory"}
+    assert MemoryTextualIntervention(_opts(**mem, memory_init="random", memory_size=9), ctx).memory.shape == (9, DC)
+    assert MemoryTextualIntervention(_opts(**mem, memory_init="random"), ctx).memory.shape == (32, DC)
     with pytest.raises(ValueError, match="memory_size"):
-        TextualIntervention(_opts(memory_size=K + 1), ctx)
+        MemoryTextualIntervention(_opts(**mem, memory_size=K + 1), ctx)
+    assert required_dictionaries(from_dict({}), "cmdcl") == ()  # the paper's forms need no dictionary
+    assert required_dictionaries(from_dict({}), "cmdcl", "tci_memory") == ("confounder",)
+    assert required_dictionaries(from_dict({}), "cmdcl", "vci_bank") == ("global",)
+    assert required_dictionaries(from_dict({}), "cmdcl", "memory_bank") == ("confounder", "global")
+    assert required_dictionaries(from_dict({}), "cmdcl", "prior_uniform") == ("confounder", "global")
     cfg = from_dict({"heads": {"cmdcl": {"memory_init": "random"}}})
-    assert required_dictionaries(cfg, "cmdcl") == ("global",)
-    assert required_dictionaries(from_dict({}), "cmdcl") == ("confounder", "global")
+    assert required_dictionaries(cfg, "cmdcl", "memory_bank") == ("global",)
     assert required_dictionaries(from_dict({}), "cmdcl", "variant1") == ()
 
 
 def test_vci_per_dimension_scores_and_v_hat_are_the_explicit_sums():
     torch.manual_seed(0)
     ctx = _context()
-    vci = VisualIntervention(_opts(tau_visual=0.5), ctx)
-    x, t = torch.randn(B, L, 16), torch.randn(C, 16)
+    vci = VisualIntervention(_opts(tau=0.5), ctx)
+    x, t = torch.randn(B, L, 16), torch.randn(B, C, 16)  # per-video t'
     mask = _batch(ctx).mask
     s = vci.scores(x, t, mask)  # (B, C, L, D)
     assert s.shape == (B, C, L, 16)
     assert torch.allclose(s.sum(2), torch.ones(B, C, 16), atol=1e-6)  # per (c, d), over real frames
     assert torch.all(s[0, :, -2:] == 0)
-    ref = torch.softmax(x[2, :, 5] * t[1, 5] / 0.5, 0)  # s_{c=1, l, d=5} of video 2
+    ref = torch.softmax(x[2, :, 5] * t[2, 1, 5] / 0.5, 0)  # s_{c=1, l, d=5} of video 2 with its own t'
     assert torch.allclose(s[2, 1, :, 5], ref, atol=1e-6)
     v_hat = vci.attend(s, x)
     explicit = torch.zeros(B, C, 16)
@@ -127,38 +162,99 @@ def test_vci_per_dimension_scores_and_v_hat_are_the_explicit_sums():
             for d in range(16):
                 explicit[b, c, d] = sum(s[b, c, j, d] * x[b, j, d] for j in range(L))
     assert torch.allclose(v_hat, explicit, atol=1e-5)
-    p = vci.mediator_prob(x, t, mask)
+    v = torch.randn(B, L, DV)
+    vci.eval()  # no dropout in the encoder: the two passes below see the same V^(H)
+    v_prime, s = vci(v, mask, t)  # the paper's form: v'_c = g([t'_c, v̂_c])
+    enc = vci.encoder(v, mask)
+    v_hat = vci.attend(vci.scores(enc, vci.mediator(t), mask), enc)
+    assert v_prime.shape == (B, C, 16)
+    assert torch.allclose(v_prime, vci.g(torch.cat([t, v_hat], -1)), atol=1e-6)
+    bank = VisualIntervention(_opts(vci_form="bank"), ctx)
+    p = bank.mediator_prob(x, t, mask)
     assert torch.allclose(p.sum(-1), torch.ones(B))
+    G, pg = ctx.dictionaries["global"]
+    assert bank(v, mask, t, G, pg)[0].shape == (B, C, 16)
 
 
 def _head(variant=None, **sets):
     torch.manual_seed(0)
-    cfg = from_dict({"heads": {"cmdcl": {"dim": 16, "attention_heads": 2, "dropout": 0.0, **sets}}})
+    cfg = from_dict({"heads": {"cmdcl": {"dim": 16, "attention_heads": 2, "dropout": 0.0, "vci_layers": 2, **sets}}})
     return build_head("cmdcl", cfg, _context(), variant)
 
 
-def test_switches_remove_parameters_and_change_the_output():
+def test_vp_changes_t_prime_and_the_logits():
+    ctx = _context()
+    batch = _batch(ctx)
+    other = dataclasses.replace(batch, vp=_batch(ctx, 7).vp)  # only VP differs
+    for variant in (None, "variant2"):
+        head = _head(variant).eval()
+        with torch.no_grad():
+            t1, _ = head.tci(head.text, batch.vp.float(), batch.mask)
+            t2, _ = head.tci(head.text, other.vp.float(), other.mask)
+            assert t1.shape == (B, C, 16) and not torch.allclose(t1, t2)
+            assert not torch.allclose(head(batch), head(other)), variant
+    memory = _head("tci_memory").eval()  # ours: T' is a property of the classes, VP does not reach the logits
+    with torch.no_grad():
+        assert torch.equal(memory(batch), memory(other))
+
+
+def test_table3_switches_remove_exactly_their_modules():
     batch = _batch(_context())
-    full, v1, v2, v3 = _head(), _head("variant1"), _head("variant2"), _head("variant3")
-    names = {k: set(m.state_dict()) for k, m in (("full", full), ("v1", v1), ("v2", v2), ("v3", v3))}
-    assert any(n.startswith("tci.") for n in names["full"]) and any(n.startswith("vci.") for n in names["full"])
-    assert not any(n.startswith(("tci.", "vci.")) for n in names["v1"])
-    assert not any(n.startswith("vci.") for n in names["v2"]) and any(n.startswith("tci.") for n in names["v2"])
-    assert not any(n.startswith("tci.") for n in names["v3"]) and any(n.startswith("vci.") for n in names["v3"])
-    assert "tci.memory" in names["full"] and "tci.prior_logits" in names["full"]
-    # same seed, same shared modules: switching a module off changes the logits
-    for m in (full, v1, v2, v3):
+    heads = {k: _head(v) for k, v in (("full", None), ("v1", "variant1"), ("v2", "variant2"), ("v3", "variant3"))}
+    names = {k: set(m.state_dict()) for k, m in heads.items()}
+    has = lambda k, p: any(n.startswith(p) for n in names[k])  # noqa: E731
+    assert has("full", "tci.h.") and has("full", "vci.g.") and not has("full", "text_proj.")
+    assert not has("full", "visual.")
+    assert not has("v1", "tci.") and not has("v1", "vci.") and has("v1", "text_proj.") and has("v1", "visual.")
+    assert has("v2", "tci.h.") and not has("v2", "vci.") and has("v2", "visual.")
+    assert not has("v3", "tci.") and has("v3", "vci.") and has("v3", "text_proj.") and not has("v3", "visual.")
+    for k in names:  # the paper's forms: no memory, no prior, no bank, no P(M|V) layer
+        assert not any(w in n for n in names[k] for w in ("memory", "prior_logits", "bank", "p_m", "attn.w"))
+    # without VCI the frames pass the same H self-attention layers: the rows isolate the modules, not depth
+    assert len(heads["v1"].visual.layers.layers) == len(heads["full"].vci.encoder.layers.layers) == 2
+    assert len(heads["v2"].visual.layers.layers) == 2
+    for m in heads.values():
         m.eval()
     with torch.no_grad():
-        outs = [m(batch) for m in (full, v1, v2, v3)]
+        outs = [m(batch) for m in heads.values()]
     for i in range(4):
         assert outs[i].shape == (B, C) and torch.isfinite(outs[i]).all()
         for j in range(i):
             assert not torch.allclose(outs[i], outs[j])
 
 
+@pytest.mark.parametrize("variant", ["tci_memory", "vci_bank", "memory_bank", "prior_uniform"])
+def test_our_variants_build_and_run(variant):
+    head = _head(variant)
+    names = set(head.state_dict())
+    memory = variant != "vci_bank"
+    assert ("tci.memory" in names) == memory and ("tci.prior_logits" in names) == memory
+    assert any(n.startswith("vci.bank.") for n in names) == (variant != "tci_memory")
+    head.train()
+    out = head(_batch(_context()))
+    assert out.shape == (B, C) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert head.readout.weight.grad.abs().sum() > 0
+
+
 def test_vci_layers_sets_the_number_of_self_attention_layers():
     for h in (2, 4, 6, 8):
         head = _head(f"vci_layers{h}")
         assert len(head.vci.encoder.layers.layers) == h
-    assert len(_head().vci.encoder.layers.layers) == 6  # the paper's default
+    torch.manual_seed(0)
+    assert len(build_head("cmdcl", from_dict({}), _context()).vci.encoder.layers.layers) == 6  # the paper's default
+
+
+def test_frame_entropy_ratio_on_constructed_scores():
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1, 2:] = False  # video 1 has 2 real frames
+    uniform = torch.tensor([[0.25] * 4, [0.5, 0.5, 0.0, 0.0]]).view(2, 1, 4)  # (B, C, L)
+    assert torch.allclose(frame_entropy_ratio(uniform, mask), torch.ones(2, 1))
+    onehot = torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]).view(2, 1, 4)
+    assert torch.allclose(frame_entropy_ratio(onehot, mask), torch.zeros(2, 1))
+    half = torch.tensor([0.5, 0.5, 0.0, 0.0]).view(1, 1, 4)
+    assert math.isclose(frame_entropy_ratio(half, mask[:1]).item(), math.log(2) / math.log(4), rel_tol=1e-6)
+    per_dim = uniform.unsqueeze(-1).expand(2, 1, 4, 3)  # VCI's s (B, C, L, D): frames on axis 2
+    assert torch.allclose(frame_entropy_ratio(per_dim, mask, 2), torch.ones(2, 1, 3))
+    ent = _head().frame_entropies(_batch(_context()))
+    assert set(ent) == {"tci", "vci"} and all(0.0 <= e <= 1.0 + 1e-6 for e in ent.values())

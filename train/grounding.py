@@ -30,12 +30,12 @@ training (the engine adds them to the head's CE/BCE):
   between the grounded view (causal frames) and the perturbed view (causal + swapped environment) of the
   same video against the other videos of the batch (InfoNCE on L2-normalised class scores, `contrast_tau`).
 - **Uniform prototype prior (IVRD-style)** is a head option, not a wrapper: `prior: uniform` on every head
-  that reads a dictionary prior (cmdcl, pcmci, ecrl), built-in variant `prior_uniform`.
+  that reads a dictionary prior (pcmci, ecrl; cmdcl in its memory/bank forms of ours), variant `prior_uniform`.
 
 The views are batches of the same layout: environment/causal frames are removed by the frame mask (their
 features also multiplied by the straight-through weight `g` or `1 - g`, which carries the gradient to the
-indicator), so every head works unchanged. Dataset-level memories the heads keep (CMDCL's bias memory,
-PCMCI's hallucination memory) are updated by the main view only, never by the auxiliary views.
+indicator), so every head works unchanged. Dataset-level memories the heads keep (CMDCL's bias memory in
+its `tci_memory` variant, PCMCI's hallucination memory) are updated by the main view only, never by the auxiliary views.
 
 Where we depart from the papers (read through the thesis summary only; the papers were not available):
 IGV samples the substituted environment from a memory bank of the dataset, we use the other videos of

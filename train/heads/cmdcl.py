@@ -1,45 +1,53 @@
 """cmdcl: Cross-Modal Dual-Causal Learning for long-term action recognition (seed paper 000, CMDCL).
 
-Three modules on the shared trunk (learnable class texts T from T0, per-class readout):
+Paper map (/work/shared/papers/cmdcl.txt, Sec. 3.2). Symbols: T (C, Dc) learnable class texts from T0,
+VP (B, L, Dc) CLIP frames, V (B, L, Dv) TimeSformer frames, τ one temperature for TCI and VCI.
 
-- TCI, textual causal intervention (back-door, Eq. 2-3). Bias-aware scores `S = softmax_l(VP_l · t_c / τ_t)`
-  `(B, C, L)` and bias embeddings `b_c = Σ_l S_cl VP_l` `(B, C, Dc)` (Eq. 2) describe what the frames
-  co-occurring with a class text look like. The bias set is dataset-level: a memory of M bias prototypes
-  `B_mem (M, Dc)` with a learned prior `P(b) = softmax(π)`. The debiased text is
-  `t'_c = h([t_c, E_P(b)[b]])` (Eq. 3) with the expectation taken inside the network (NWGM) over the memory,
-  weighted by the prior and by an attention λ from t_c: `E_c = Σ_i w_ci b_i`, `w_ci ∝ λ_ci P(b_i)`.
-  The current batch's `b_c` enter only through the memory update (an EMA of the bias embeddings assigned to
-  their nearest prototype, i.e. online k-means), never the expectation itself; T' is therefore a property
-  of the classes, not of the sample.
-- VCI, visual causal intervention (front-door with mediator M = T', Eq. 4-8). `H` self-attention layers over
-  V and a layer norm (Eq. 4); per-dimension scores `s_cld = softmax_l(v_ld t'_cd / τ_v)` and
-  `v̂_c = Σ_l s_cld v_ld` (Eq. 5-6); the learned `P(M = t'_c | V)` (Eq. 7) and the sample-bank term
-  `x̂_c = Σ_g P(g | v̂_c) g` over the global dictionary G with its prior (cross-sample attention, Eq. 8) are
-  combined as `v'_c = LN(g([C·P(M = t'_c | V) t'_c, v̂_c, x̂_c]))`.
-- Classifier (Eq. 9): a Q-Former-lite cross-attention of T' over V' (the per-class `v'_c` with VCI, the
-  frames without), plus `v'_c` itself, read out per class `Σ_d w_cd f_cd + b_c`.
+- Eq. 2, bias-aware scores `S = softmax_l(v^P_l · t_c / τ)` (B, C, L): `TextualIntervention.scores`;
+  bias embeddings `b_c = Σ_l S_cl v^P_l` (B, C, Dc), per video, with gradients: `TextualIntervention.bias`.
+- Eq. 3, NWGM back-door: P(B) is fitted by the learnable approximator h, `t'_c = h([t_c, b_c])` per video,
+  T' (B, C, dim): `TextualIntervention.forward`. No bias memory, no learned prior, no dictionary in TCI.
+- Eq. 4-5 (and the V̂ of Eq. 5-6), H self-attention layers + LN over V: `VisualIntervention.encoder`
+  (`TemporalEncoder`, `vci_layers` = H, Fig. 7a: 2, 4, 6, 8); per-dimension scores
+  `s_cld = softmax_l(v_ld t'_cd / τ)` (B, C, L, D) from each video's own t'_c: `VisualIntervention.scores`;
+  `v̂_c = Σ_l s_cld v_ld` (B, C, D): `VisualIntervention.attend`.
+- Eq. 6-8, front-door by NWGM: g, the learned approximator of P(M = t'_c | V) and P(V = v̂_c),
+  `v'_c = g([t'_c, v̂_c])` (B, C, dim): `VisualIntervention.forward`.
+- Eq. 9, classifier `Σ_d w_cd f(T', V')_cd + b_c`: `CMDCL.forward` with `ClassCrossAttention` (f; per-video
+  queries T' (B, C, dim)) and `ClassReadout` (w, b).
+- `frame_entropy_ratio`: entropy of S or s over the frames divided by log L (1 = uniform, 0 = one frame),
+  for reports; `CMDCL.frame_entropies(batch)` gives both means.
 
-`tci` and `vci` switch the modules (the paper's Table 3: variant1-3); off removes their parameters.
-`vci_layers` is H (the paper's Fig. 7a: 2, 4, 6, 8; 6 by default). Beyond the paper: `visual: clip`
-(variant `clip_only`) feeds CLIP's VP instead of TimeSformer's V, and `prior: uniform` (variant
-`prior_uniform`, IVRD-style) fixes P(b) at 1/M instead of learning it from Z's p(z), and weights the
-sample bank G uniformly instead of by p(g).
-
-Where we were unsure (the paper could not be consulted; this follows DESIGN.md and the issue):
-- Equation numbers follow the issue's grouping (TCI Eq. 2-3, VCI Eq. 4-8, classifier Eq. 9); which of
-  Eq. 4-8 is which term is our best mapping.
-- The bias memory: we keep M prototypes updated by EMA of the batch bias embeddings (closest to "the bias
-  set observed over the training data"), initialised from the confounder dictionary Z (background
-  prototypes, the same CLIP space as b) or randomly; the prior P(b) is learned (softmax of a vector,
-  initialised from Z's p(z) or uniform). The expectation weights are normalised (`w ∝ λ p`, summing to 1),
-  unlike ECRL's unnormalised `Σ λ_i p_i z_i`, so a one-hot prior picks one memory entry.
-- S uses cosine similarity (VP is L2-normalised in the cache, T drifts from unit norm while it learns) so τ_t
-  keeps its meaning. t' is projected to V's width by a linear map before the per-dimension scores.
-- How the front-door terms are combined: P(M = t'_c | V) is a softmax over the mediator values (the classes)
-  from the frame mean of V; it is multiplied by C so a uniform P weights t'_c by 1. The sample-bank query
-  is v̂_c (cross-sample attention as in front-door/causal attention).
-- Without VCI the H self-attention layers go too (they belong to VCI, so Fig. 7a varies them); the frames
-  are then only projected (plus positions and a layer norm), and the classifier attends over them.
+Deviations from the paper, each with its reason:
+- S uses cosine similarity (VP and T L2-normalised): VP is unit-norm in the cache but T drifts from unit
+  norm while it learns, so a raw dot product would change τ's meaning during training.
+- τ: the paper states no value. We keep today's TCI value 0.1 for both (on cosines it spreads S over a few
+  frames; S and s share it as in the paper). For VCI the products v_ld t'_cd are small at initialisation
+  (V is layer-normed, the mediator map starts small), so s starts close to uniform and sharpens as t' grows.
+  Measured on the test's random batch at initialisation (L = 6): `frame_entropy_ratio` ≈ 0.50 for S and
+  ≈ 0.87 for s. Runs can report both with `CMDCL.frame_entropies`; change `tau` if they sit near 0 or 1.
+- t' (B, C, dim) is projected by a linear map (`VisualIntervention.mediator`) before the per-dimension
+  scores: the paper multiplies t'_cd with v_ld directly, which needs T' and V in one space; the map lets
+  the two modalities' coordinates align (both have width `dim` here).
+- h and g are single linear maps on the concatenations (the paper leaves their form open).
+- The Q-Former of the paper's classifier is replaced by one cross-attention layer of T' over V'
+  (`ClassCrossAttention`), and f also adds v'_c itself (each class reads its own intervened feature).
+- The input widths are projected to `dim` (T' = h(...) in R^dim; V through the encoder's projection).
+- Without VCI (Table 3 variant1/variant2) the frames still pass a temporal encoder with the same H
+  self-attention layers, and the classifier attends over them: the rows isolate the modules, not depth.
+- Without TCI (variant1/variant3) T' = W T (a linear map), the same for every video.
+- Ours, not the paper's, as labelled variants:
+  - `tci_form: memory` (variant `tci_memory`): a dataset-level bias memory of M prototypes (EMA / online
+    k-means of the batch b_c, initialised from the confounder dictionary Z or randomly), a learned prior
+    P(b) = softmax(π), `t'_c = h([t_c, Σ_i w_ci b_i])`, `w ∝ λ_ci P(b_i)`; T' is then the same for every
+    video and VP enters only through the memory update. Needs the `confounder` dictionary (memory_init
+    confounder). `memory_*`, `tci_attention` and `prior` act on it.
+  - `vci_form: bank` (variant `vci_bank`): an explicit `P(M = t'_c | V)` softmax over classes from the
+    frame mean and a cross-sample bank term `Σ_g P(g | v̂_c) g` over the global dictionary G (with its
+    prior), `v'_c = LN(g([C·P(M = t'_c | V) t'_c, v̂_c, x̂_c]))`. Needs the `global` dictionary.
+  - `memory_bank` = both (the head before it was held to the paper); `prior_uniform` = both with every
+    dictionary prior 1/K (IVRD-style; `prior` has no effect on the paper forms).
+  - `visual: clip` (variant `clip_only`) feeds VP instead of TimeSformer's V.
 """
 
 from __future__ import annotations
@@ -63,11 +71,13 @@ class CMDCLOptions:
     attention_heads: int = field(default=4, metadata=bounds(1))  # heads of every attention layer
     dropout: float = field(default=0.1, metadata=bounds(0.0, 0.9))
     visual: Literal["timesformer", "clip"] = "timesformer"  # V: TimeSformer features, or CLIP's VP (`clip_only`)
-    tci: bool = True  # textual causal intervention (back-door over the bias memory)
-    vci: bool = True  # visual causal intervention (front-door, mediator T')
-    vci_layers: int = field(default=6, metadata=bounds(1, 24))  # H: self-attention layers over V in VCI
-    tau_text: float = field(default=0.1, metadata=bounds(1e-3))  # τ of the bias-aware scores S (cosine / τ)
-    tau_visual: float = field(default=1.0, metadata=bounds(1e-3))  # τ of the per-dimension VCI scores
+    tci: bool = True  # textual causal intervention (back-door, Eq. 2-3)
+    vci: bool = True  # visual causal intervention (front-door, mediator T', Eq. 4-8)
+    vci_layers: int = field(default=6, metadata=bounds(1, 24))  # H: self-attention layers over V (also without VCI)
+    tau: float = field(default=0.1, metadata=bounds(1e-3))  # τ of S (cosine / τ) and of s (v_ld t'_cd / τ)
+    tci_form: Literal["paper", "memory"] = "paper"  # paper: t'_c = h([t_c, b_c]) per video | memory: ours
+    vci_form: Literal["paper", "bank"] = "paper"  # paper: v'_c = g([t'_c, v̂_c]) | bank: ours (P(M|V), G)
+    # the options below act on the `memory` / `bank` forms only (ours)
     memory_init: Literal["confounder", "random"] = "confounder"  # bias memory from Z (and p(z)) or random
     memory_size: int | None = field(default=None, metadata=bounds(1))  # M; null = Z's K (random: 32)
     memory_momentum: float = field(default=0.99, metadata=bounds(0.0, 1.0))  # EMA of the memory; 1 = frozen
@@ -81,13 +91,62 @@ def visual_dim(opts: CMDCLOptions, ctx: HeadContext) -> int:
     return ctx.video_dim if opts.visual == "timesformer" else ctx.clip_dim
 
 
+def frame_entropy_ratio(p: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Entropy over the frames of a softmax over frames, divided by log L_b (L_b: video b's real frames).
+
+    p: (B, ...) with the frame axis at `dim` (TCI's S (B, C, L): dim=-1; VCI's s (B, C, L, D): dim=2),
+    mask (B, L) -> p's shape without `dim`; 1 = uniform over the real frames, 0 = one frame (and for
+    videos with at most one real frame).
+    """
+    ent = -(p * p.clamp_min(1e-12).log()).sum(dim)  # H(p) per distribution
+    n = mask.sum(1).to(ent.dtype)  # (B,) real frames
+    log_l = n.clamp_min(1).log().view(-1, *([1] * (ent.dim() - 1)))  # log L_b, broadcast over (B, ...)
+    return torch.where(log_l > 0, ent / log_l.clamp_min(1e-12), torch.zeros_like(ent))
+
+
 class TextualIntervention(nn.Module):
-    """TCI (Eq. 2-3): T (C, Dc) -> debiased T' (C, dim) by back-door over a dataset-level bias memory."""
+    """TCI (Eq. 2-3), the paper's form: T (C, Dc), VP (B, L, Dc) -> T' (B, C, dim), per video.
+
+    `t'_c = h([t_c, b_c])` with `b_c = Σ_l S_cl v^P_l` of the same video, computed with gradients: h is
+    the learnable approximator that fits P(B) under NWGM (Eq. 3). No memory, no prior, no dictionary.
+    """
 
     def __init__(self, opts: CMDCLOptions, ctx: HeadContext):
         super().__init__()
         Dc = ctx.clip_dim
-        self.tau, self.momentum = opts.tau_text, opts.memory_momentum
+        self.tau = opts.tau
+        self.h = nn.Linear(2 * Dc, opts.dim)  # h in Eq. 3
+
+    def scores(self, t: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """S = softmax_l(v^P_l · t_c / τ) (Eq. 2), cosine: t (C, Dc), vp (B, L, Dc), mask (B, L) -> (B, C, L)."""
+        sim = torch.einsum("bld,cd->bcl", F.normalize(vp, dim=-1), F.normalize(t, dim=-1))  # (B, C, L)
+        return masked_softmax(sim / self.tau, mask.unsqueeze(1))  # masked frames get 0
+
+    @staticmethod
+    def bias(scores: torch.Tensor, vp: torch.Tensor) -> torch.Tensor:
+        """b_c = Σ_l S_cl v^P_l (Eq. 2): scores S (B, C, L), vp (B, L, Dc) -> B (B, C, Dc)."""
+        return scores @ vp  # (B, C, Dc)
+
+    def forward(self, t: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t (C, Dc), vp (B, L, Dc), mask (B, L) -> T' (B, C, dim) and S (B, C, L)."""
+        s = self.scores(t, vp, mask)  # S (B, C, L)
+        b = self.bias(s, vp)  # b_c (B, C, Dc), with gradients
+        tc = t.unsqueeze(0).expand(b.shape[0], -1, -1)  # t_c per video, (B, C, Dc)
+        return self.h(torch.cat([tc, b], -1)), s  # t'_c = h([t_c, b_c]), (B, C, dim)
+
+
+class MemoryTextualIntervention(TextualIntervention):
+    """TCI, ours (`tci_form: memory`), not the paper's: back-door over a dataset-level bias memory.
+
+    T (C, Dc) -> T' (C, dim), the same for every video: `t'_c = h([t_c, Σ_i w_ci b_i])`, `w ∝ λ_ci P(b_i)`
+    over M prototypes with a learned prior P(b) = softmax(π); the batch's b_c enter only through the EMA
+    memory update (online k-means), never the expectation.
+    """
+
+    def __init__(self, opts: CMDCLOptions, ctx: HeadContext):
+        super().__init__(opts, ctx)
+        Dc = ctx.clip_dim
+        self.momentum = opts.memory_momentum
         if opts.memory_init == "confounder":
             z, p = ctx.dictionaries["confounder"]  # Z (K, Dz), p(z) (K,)
             if z.shape[1] != Dc:
@@ -104,25 +163,14 @@ class TextualIntervention(nn.Module):
             M = opts.memory_size or 32
             memory, prior_logits = F.normalize(torch.randn(M, Dc), dim=-1), torch.zeros(M)
         self.register_buffer("memory", memory)  # B_mem (M, Dc): bias prototypes, EMA-updated
-        # π: P(b) = softmax(π), the learned approximator of P(B); with `prior: uniform` fixed at 1/M (IVRD-style)
+        # π: P(b) = softmax(π); with `prior: uniform` fixed at 1/M (IVRD-style)
         self.prior_logits = nn.Parameter(prior_logits, requires_grad=opts.prior == "empirical")
         self.attn = BackdoorAttention(Dc, Dc, opts.dim) if opts.tci_attention else None  # λ from t_c
-        self.h = nn.Linear(2 * Dc, opts.dim)  # h in Eq. 3
         self.memory_updates = True  # False while auxiliary views pass through the head (train.grounding)
 
     def prior(self) -> torch.Tensor:
         """P(b) over the memory entries -> (M,)."""
         return self.prior_logits.softmax(0)
-
-    def scores(self, t: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """S = softmax_l(VP_l · t_c / τ) (Eq. 2): t (C, Dc), vp (B, L, Dc), mask (B, L) -> (B, C, L)."""
-        sim = torch.einsum("bld,cd->bcl", F.normalize(vp, dim=-1), F.normalize(t, dim=-1))  # (B, C, L)
-        return masked_softmax(sim / self.tau, mask.unsqueeze(1))  # masked frames get 0
-
-    @staticmethod
-    def bias(scores: torch.Tensor, vp: torch.Tensor) -> torch.Tensor:
-        """b_c = Σ_l S_cl VP_l (Eq. 2): scores (B, C, L), vp (B, L, Dc) -> (B, C, Dc)."""
-        return scores @ vp  # (B, C, Dc)
 
     def weights(self, t: torch.Tensor) -> torch.Tensor:
         """w_ci ∝ λ_ci P(b_i), normalised over the memory: t (C, Dc) -> (C, M)."""
@@ -133,7 +181,7 @@ class TextualIntervention(nn.Module):
         return w / w.sum(-1, keepdim=True).clamp_min(1e-12)
 
     def expectation(self, t: torch.Tensor) -> torch.Tensor:
-        """E_P(b)[b] by NWGM over the memory (Eq. 3): t (C, Dc) -> (C, Dc)."""
+        """E_P(b)[b] by NWGM over the memory: t (C, Dc) -> (C, Dc)."""
         return self.weights(t) @ self.memory  # Σ_i w_ci b_i, (C, Dc)
 
     @torch.no_grad()
@@ -150,61 +198,76 @@ class TextualIntervention(nn.Module):
             ema = self.momentum * self.memory + (1 - self.momentum) * means  # (M, Dc)
             self.memory.copy_(torch.where((counts > 0).unsqueeze(1), ema, self.memory))  # unchosen entries stay
 
-    def forward(self, t: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """t (C, Dc), vp (B, L, Dc), mask (B, L) -> T' (C, dim); training also updates the memory."""
-        if self.training and self.memory_updates:
-            with torch.no_grad():  # b_c reach the output only through the memory
-                bias = self.bias(self.scores(t, vp, mask), vp)  # b_c, (B, C, Dc)
-            self.update_memory(bias, mask.any(1))
-        return self.h(torch.cat([t, self.expectation(t)], -1))  # t'_c = h([t_c, E[b]]), (C, dim)
+    def forward(self, t: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t (C, Dc), vp (B, L, Dc), mask (B, L) -> T' (C, dim) and S (B, C, L); training updates the memory."""
+        with torch.no_grad():  # b_c reach the output only through the memory
+            s = self.scores(t, vp, mask)  # S (B, C, L)
+            if self.training and self.memory_updates:
+                self.update_memory(self.bias(s, vp), mask.any(1))
+        return self.h(torch.cat([t, self.expectation(t)], -1)), s  # t'_c = h([t_c, E[b]]), (C, dim)
 
 
 class VisualIntervention(nn.Module):
-    """VCI (Eq. 4-8): V (B, L, Dv), T' (C, dim), G (K, Dg) -> V' (B, C, dim), front-door with mediator T'."""
+    """VCI (Eq. 4-8): V (B, L, Dv), T' (B, C, dim) -> V' (B, C, dim), front-door with mediator M = T'.
+
+    The paper's form: `v'_c = g([t'_c, v̂_c])`. `vci_form: bank` (ours, not the paper's) adds the explicit
+    P(M = t'_c | V) softmax and the cross-sample bank term over the global dictionary G.
+    """
 
     def __init__(self, opts: CMDCLOptions, ctx: HeadContext):
         super().__init__()
         dim = opts.dim
-        self.tau = opts.tau_visual
-        self.encoder = TemporalEncoder(  # H self-attention layers + layer norm (Eq. 4)
+        self.tau, self.form = opts.tau, opts.vci_form
+        self.encoder = TemporalEncoder(  # H self-attention layers + layer norm (Eq. 5's V^(H))
             visual_dim(opts, ctx), dim, opts.vci_layers, opts.attention_heads, ctx.num_frames, opts.dropout
         )
-        self.mediator = nn.Linear(dim, dim)  # t' projected to V's width (Eq. 5)
-        self.p_m = nn.Linear(dim, dim)  # P(M = t'_c | V) (Eq. 7): softmax_c(<W v̄, t'_c> / √d)
-        bank_dim = ctx.dictionaries["global"][0].shape[1]
-        self.bank = SampleBankAttention(dim, bank_dim, dim)  # Σ_g P(g | v̂) g over G (Eq. 8)
-        self.g = nn.Linear(3 * dim, dim)  # g in Eq. 8
-        self.norm = nn.LayerNorm(dim)
+        self.mediator = nn.Linear(dim, dim)  # t' projected to V's coordinates (ours) before s_cld
+        if self.form == "bank":
+            self.p_m = nn.Linear(dim, dim)  # P(M = t'_c | V): softmax_c(<W v̄, t'_c> / √d)
+            bank_dim = ctx.dictionaries["global"][0].shape[1]
+            self.bank = SampleBankAttention(dim, bank_dim, dim)  # Σ_g P(g | v̂) g over G
+            self.g = nn.Linear(3 * dim, dim)
+            self.norm = nn.LayerNorm(dim)
+        else:
+            self.g = nn.Linear(2 * dim, dim)  # g in Eq. 8: approximator of P(M = t'_c | V), P(V = v̂_c)
 
     def scores(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """s_cld = softmax_l(v_ld t'_cd / τ) (Eq. 5): x (B, L, D), t (C, D), mask (B, L) -> (B, C, L, D)."""
-        logits = torch.einsum("bld,cd->bcld", x, t) / self.tau  # (B, C, L, D)
+        """s_cld = softmax_l(v_ld t'_cd / τ) (Eq. 5): x (B, L, D), t (B, C, D), mask (B, L) -> (B, C, L, D)."""
+        logits = torch.einsum("bld,bcd->bcld", x, t) / self.tau  # (B, C, L, D)
         # a finite fill instead of masked_softmax's -inf + nan_to_num: two fewer passes over (B, C, L, D);
         # a video without a real frame then gets uniform weights instead of zeros (it has no evidence anyway)
         return logits.masked_fill(~mask[:, None, :, None], torch.finfo(logits.dtype).min).softmax(2)
 
     @staticmethod
     def attend(scores: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """v̂_c = Σ_l s_cld v_ld (Eq. 6): scores (B, C, L, D), x (B, L, D) -> (B, C, D)."""
+        """v̂_c = Σ_l s_cld v_ld (Eq. 5): scores s (B, C, L, D), x (B, L, D) -> V̂ (B, C, D)."""
         return torch.einsum("bcld,bld->bcd", scores, x)
 
     def mediator_prob(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """P(M = t'_c | V) (Eq. 7): x (B, L, D), t (C, D), mask (B, L) -> (B, C), summing to 1 over c."""
+        """P(M = t'_c | V) (bank form, ours): x (B, L, D), t (B, C, D), mask (B, L) -> (B, C), summing to 1."""
         q = self.p_m(masked_mean(x, mask))  # (B, D)
-        return (q @ t.T * t.shape[1] ** -0.5).softmax(-1)  # (B, C)
+        return (torch.einsum("bd,bcd->bc", q, t) * t.shape[-1] ** -0.5).softmax(-1)  # (B, C)
 
     def forward(
-        self, v: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, bank: torch.Tensor, bank_prior: torch.Tensor
+        self,
+        v: torch.Tensor,
+        mask: torch.Tensor,
+        t: torch.Tensor,
+        bank: torch.Tensor | None = None,
+        bank_prior: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> V' (B, C, dim) and the encoded frames (B, L, dim)."""
-        C = t.shape[0]
-        x = self.encoder(v, mask)  # V after H self-attention layers, (B, L, dim)
-        tm = self.mediator(t)  # t' at V's width, (C, dim)
-        v_hat = self.attend(self.scores(x, tm, mask), x)  # v̂_c, (B, C, dim)
+        """v (B, L, Dv), mask (B, L), t = T' (B, C, dim) [, G (K, Dg), P(g) (K,)] -> V' (B, C, dim), s (B, C, L, D)."""
+        x = self.encoder(v, mask)  # V^(H), (B, L, dim)
+        tm = self.mediator(t)  # t' at V's coordinates, (B, C, dim)
+        s = self.scores(x, tm, mask)  # s_cld, (B, C, L, dim)
+        v_hat = self.attend(s, x)  # v̂_c, (B, C, dim)
+        if self.form == "paper":
+            return self.g(torch.cat([t, v_hat], -1)), s  # v'_c = g([t'_c, v̂_c]) (Eq. 8), (B, C, dim)
+        C = t.shape[1]
         p_m = self.mediator_prob(x, tm, mask)  # P(M = t'_c | V), (B, C)
         x_hat = self.bank(v_hat, bank.float(), bank_prior.float())  # Σ_g P(g | v̂_c) g, (B, C, dim)
         med = (C * p_m).unsqueeze(-1) * t  # P(M = t'_c | V) t'_c, uniform P -> weight 1, (B, C, dim)
-        return self.norm(self.g(torch.cat([med, v_hat, x_hat], -1))), x  # v'_c, (B, C, dim)
+        return self.norm(self.g(torch.cat([med, v_hat, x_hat], -1))), s  # v'_c, (B, C, dim)
 
 
 @register_head(
@@ -215,12 +278,16 @@ class VisualIntervention(nn.Module):
         "variant2": {"tci": True, "vci": False},
         "variant3": {"tci": False, "vci": True},
         **{f"vci_layers{h}": {"vci_layers": h} for h in (2, 4, 6, 8)},
+        "tci_memory": {"tci_form": "memory"},  # ours: the dataset-level bias memory in TCI
+        "vci_bank": {"vci_form": "bank"},  # ours: P(M|V) softmax and the sample bank G in VCI
+        "memory_bank": {"tci_form": "memory", "vci_form": "bank"},  # both of ours (the head before the paper form)
         "clip_only": {"visual": "clip"},  # VP as V, as the baseline's variant of that name
-        "prior_uniform": {"prior": "uniform"},  # every dictionary prior 1/K (IVRD-style, the grounding table)
+        # every dictionary prior 1/K (IVRD-style, the grounding table); priors exist in our forms only
+        "prior_uniform": {"prior": "uniform", "tci_form": "memory", "vci_form": "bank"},
     },
 )
 class CMDCL(nn.Module):
-    """batch -> logits (B, C): T' = TCI(T), V' = VCI(V, T', G), logits = readout(f(T', V'))."""
+    """batch -> logits (B, C): T' = TCI(T, VP), V' = VCI(V, T'), logits = readout(f(T', V')) (Eq. 9)."""
 
     def __init__(self, opts: CMDCLOptions, ctx: HeadContext):
         super().__init__()
@@ -228,34 +295,60 @@ class CMDCL(nn.Module):
         dim = opts.dim
         self.text = nn.Parameter(ctx.t0.detach().float().clone())  # T (C, Dc), learnable from T0
         if opts.tci:
-            self.tci = TextualIntervention(opts, ctx)
+            tci = MemoryTextualIntervention if opts.tci_form == "memory" else TextualIntervention
+            self.tci = tci(opts, ctx)
         else:
             self.text_proj = nn.Linear(ctx.clip_dim, dim)  # T' = W T without TCI
         if opts.vci:
             self.vci = VisualIntervention(opts, ctx)
-        else:  # frames only projected: the self-attention layers belong to VCI
+        else:  # the same H self-attention layers without VCI: Table 3's rows isolate the modules, not depth
             self.visual = TemporalEncoder(
-                visual_dim(opts, ctx), dim, 0, opts.attention_heads, ctx.num_frames, opts.dropout
+                visual_dim(opts, ctx), dim, opts.vci_layers, opts.attention_heads, ctx.num_frames, opts.dropout
             )
         self.interact = ClassCrossAttention(dim, opts.attention_heads, opts.dropout)  # f(T', V') (Eq. 9)
         self.readout = ClassReadout(ctx.num_classes, dim)  # Σ_d w_cd f_cd + b_c (Eq. 9)
 
     @staticmethod
     def required_dictionaries(opts: CMDCLOptions) -> tuple[str, ...]:
-        needs = ("confounder",) if opts.tci and opts.memory_init == "confounder" else ()
-        return needs + (("global",) if opts.vci else ())
+        memory = opts.tci and opts.tci_form == "memory" and opts.memory_init == "confounder"
+        needs = ("confounder",) if memory else ()
+        return needs + (("global",) if opts.vci and opts.vci_form == "bank" else ())
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        vp, mask = batch.vp.float(), batch.mask  # (B, L, Dc), (B, L)
+    def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """-> logits (B, C), TCI's S (B, C, L) or None, VCI's s (B, C, L, D) or None."""
+        vp, mask = batch.vp.float(), batch.mask  # VP (B, L, Dc), (B, L)
         v = (batch.v if self.opts.visual == "timesformer" else batch.vp).float()  # V (B, L, Dv or Dc)
-        B, L, _ = v.shape
-        t = self.tci(self.text, vp, mask) if self.opts.tci else self.text_proj(self.text)  # T' (C, dim)
+        B = v.shape[0]
+        S = s = None
+        if self.opts.tci:
+            t, S = self.tci(self.text, vp, mask)  # T' (B, C, dim) paper, (C, dim) memory
+        else:
+            t = self.text_proj(self.text)  # T' = W T, (C, dim)
+        if t.dim() == 2:
+            t = t.unsqueeze(0).expand(B, -1, -1)  # the same T' for every video, (B, C, dim)
         if self.opts.vci:
-            bank, bank_prior = batch.dictionaries["global"]  # G (K, Dg), P(g) (K,)
-            v_prime, _ = self.vci(v, mask, t, bank, dictionary_prior(bank_prior, self.opts.prior))  # V' (B, C, dim)
+            bank = bank_prior = None
+            if self.opts.vci_form == "bank":
+                bank, bank_prior = batch.dictionaries["global"]  # G (K, Dg), P(g) (K,)
+                bank_prior = dictionary_prior(bank_prior, self.opts.prior)
+            v_prime, s = self.vci(v, mask, t, bank, bank_prior)  # V' (B, C, dim)
             f = self.interact(t, v_prime, torch.ones(v_prime.shape[:2], dtype=torch.bool, device=v.device))
             f = f + v_prime  # each class also reads its own intervened feature, (B, C, dim)
         else:
-            frames = self.visual(v, mask)  # (B, L, dim)
+            frames = self.visual(v, mask)  # H self-attention layers, (B, L, dim)
             f = self.interact(t, frames, mask)  # (B, C, dim)
-        return self.readout(f)  # (B, C)
+        return self.readout(f), S, s  # (B, C)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self._forward(batch)[0]
+
+    @torch.no_grad()
+    def frame_entropies(self, batch: Batch) -> dict[str, float]:
+        """Mean `frame_entropy_ratio` of TCI's S and VCI's s on a batch (the modules present), for reports."""
+        _, S, s = self._forward(batch)
+        out = {}
+        if S is not None:
+            out["tci"] = frame_entropy_ratio(S, batch.mask, -1).mean().item()
+        if s is not None:
+            out["vci"] = frame_entropy_ratio(s, batch.mask, 2).mean().item()
+        return out
