@@ -551,36 +551,45 @@ def _csv_records(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
 
 def _charades_actions(
     text: str, length: float, where: str, classes: set[str], report: ProblemLog
-) -> tuple[list[tuple[float, float, str]], int]:
-    """Valid (start, end, class) of an `actions` cell, intervals clamped to [0, length]; and the clamp count."""
-    out, clamped = [], 0
+) -> tuple[list[tuple[float, float, str]], set[str], int]:
+    """(start, end, class) of each valid interval of an `actions` cell, clamped to [0, length]; the set of
+    classes it lists (every known class, whatever its interval: the official video-level ground truth); and
+    the clamp count."""
+    kept = "its interval is skipped, the class is kept as a label"
+    out, listed, clamped = [], set(), 0
     for part in (p.strip() for p in text.split(";")):
         if not part:
             continue
         tokens = part.split()
+        known = tokens[0] in classes
+        if known:
+            listed.add(tokens[0])  # a label even when its interval is bad below
         s, e = (_number(t) for t in tokens[1:]) if len(tokens) == 3 else (None, None)
         if s is None or e is None:
-            report.add("malformed", f"{where}: action {part!r} is not `class start end`; skipped")
+            then = kept if known else "skipped"
+            report.add("malformed", f"{where}: action {part!r} is not `class start end`; {then}")
             continue
-        if tokens[0] not in classes:
+        if not known:
             report.add("unknown", f"{where}: action class {tokens[0]!r} is not in Charades_v1_classes.txt; ignored")
             continue
         if s >= e:
-            report.add("malformed", f"{where}: action {part!r} starts at or after its end; skipped")
+            report.add("malformed", f"{where}: action {part!r} starts at or after its end; {kept}")
             continue
         cs, ce = max(s, 0.0), min(e, length)
         if cs >= ce:
-            report.add("malformed", f"{where}: action {part!r} lies outside the video (length {length:g} s); skipped")
+            report.add("malformed", f"{where}: action {part!r} lies outside the video (length {length:g} s); {kept}")
             continue
         clamped += (cs, ce) != (s, e)
         out.append((cs, ce, tokens[0]))
-    return out, clamped
+    return out, listed, clamped
 
 
 @register_dataset("charades")
 def charades_dataset(cfg: Config) -> DatasetIndex:
-    """Charades as distributed; task `actions` (157 classes, multi-label; a class repeated in a video counts
-    once; prompts are the class names of Charades_v1_classes.txt)."""
+    """Charades as distributed; task `actions` (157 classes, multi-label; prompts are the class names of
+    Charades_v1_classes.txt). A video's labels are every class its `actions` lists, whatever the interval, as
+    the official video-level ground truth counts them (a class repeated counts once); bad intervals leave
+    only the segments."""
     root = Path(cfg.dataset.root)
     folder = next((d for d in (root, root / "Charades") if (d / "Charades_v1_classes.txt").exists()), None)
     if folder is None:
@@ -624,7 +633,7 @@ def charades_dataset(cfg: Config) -> DatasetIndex:
                 report.add("duplicate", f"{where}: duplicate video id {vid!r}; line skipped")
                 continue
             seen.add(vid)
-            segments, n = _charades_actions(row["actions"], length, where, set(order), report)
+            segments, listed, n = _charades_actions(row["actions"], length, where, set(order), report)
             if n and not clamped:
                 first_clamp = lineno
             clamped += n
@@ -633,7 +642,7 @@ def charades_dataset(cfg: Config) -> DatasetIndex:
                 report.add(
                     "missing", f"{where}: video {vid!r} has no file at {video}; extraction will record it as failed"
                 )
-            labels = {"actions": tuple(sorted({c for _, _, c in segments}, key=order.__getitem__))}
+            labels = {"actions": tuple(sorted(listed, key=order.__getitem__))}
             meta = {k: row[k] for k in CHARADES_META if k in row}
             meta.update(length=length, segments=segments)
             items.append(VideoItem(vid, video, split, labels, None, meta))

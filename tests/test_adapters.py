@@ -311,7 +311,8 @@ def test_charades_items_labels_and_problems(tmp_path):
     assert a.path == root / "Charades_v1_480" / "AAAAA.mp4"
     assert by_id["BBBBB"].labels == {"actions": ()}  # empty action list: a video with no action
     c = by_id["CCCCC"]
-    assert c.labels == {"actions": ("c003",)} and c.meta["segments"] == [(25.0, 30.0, "c003")]  # clamped to length
+    assert c.labels == {"actions": ("c000", "c002", "c003")}  # bad intervals keep their class as a label
+    assert c.meta["segments"] == [(25.0, 30.0, "c003")]  # clamped to length
     vocab = index.vocabularies["actions"]
     assert vocab.names == ("c000", "c001", "c002", "c003") and vocab.multi_label
     assert vocab.prompt_name(0) == "Holding some clothes"
@@ -329,6 +330,43 @@ def test_charades_items_labels_and_problems(tmp_path):
     assert f"{train}:5: 1 action interval(s) here and below reach past the video's length" in problems
     assert f"video 'BBBBB' has no file at {root / 'Charades_v1_480' / 'BBBBB.mp4'}" in problems
     assert index.counts == {"malformed": 6, "unknown": 1, "duplicate": 1, "missing": 1, "other": 1}
+
+
+def test_charades_labels_count_every_listed_class_whatever_its_interval(tmp_path):
+    """The official video-level ground truth counts each class in `actions`; bad intervals leave the segments."""
+    root = _charades(tmp_path)
+    train = [
+        'GGGGG,S1,Bedroom,6,7,Yes,"x",,"","c000 2 4;c001 6 6;c002 12 15;c000 5 8",10.00',  # empty, past the end
+        'HHHHH,S2,Kitchen,6,7,Yes,"x",,"","c003 8 14;c001 9 7",10.00',  # clamped, reversed
+        'IIIII,S3,Garage,6,7,Yes,"x",,"","c002 6 9",5.00',  # its only interval lies past the end
+    ]
+    _write(root / "Charades" / "Charades_v1_train.csv", HEADER + "\n".join(train) + "\n")
+    test = root / "Charades" / "Charades_v1_test.csv"
+    _write(test, HEADER + 'JJJJJ,S4,Hall,7,7,Yes,"y",,"","c000 -3 2;c003 1 5;c001 -5 -1",20.00\n')  # before 0
+    index = load_dataset(_cfg(root, "charades"))
+    names = index.vocabularies["actions"].names
+    by_id = {it.id: it for it in index.items}
+    hot = {vid: [int(c in it.labels["actions"]) for c in names] for vid, it in by_id.items()}  # (videos, classes)
+    # before: GGGGG [1,0,0,0], HHHHH [0,0,0,1], IIIII [0,0,0,0], JJJJJ [1,0,0,1] (per class 2,0,0,2)
+    assert hot == {"GGGGG": [1, 1, 1, 0], "HHHHH": [0, 1, 0, 1], "IIIII": [0, 0, 1, 0], "JJJJJ": [1, 1, 0, 1]}
+    assert [sum(col) for col in zip(*hot.values(), strict=True)] == [2, 3, 2, 2]  # positives per class
+    assert by_id["GGGGG"].labels == {"actions": ("c000", "c001", "c002")}  # c000 twice: counted once
+    assert by_id["GGGGG"].meta["segments"] == [(2.0, 4.0, "c000"), (5.0, 8.0, "c000")]
+    assert by_id["HHHHH"].meta["segments"] == [(8.0, 10.0, "c003")]
+    assert by_id["IIIII"].meta["segments"] == []
+    assert by_id["JJJJJ"].meta["segments"] == [(0.0, 2.0, "c000"), (1.0, 5.0, "c003")]
+
+    problems = _problems(index)
+    csv = root / "Charades" / "Charades_v1_train.csv"
+    kept = "its interval is skipped, the class is kept as a label"
+    assert f"{csv}:2: action 'c001 6 6' starts at or after its end; {kept}" in problems
+    assert f"{csv}:2: action 'c002 12 15' lies outside the video (length 10 s); {kept}" in problems
+    assert f"{csv}:3: action 'c001 9 7' starts at or after its end; {kept}" in problems
+    assert f"{csv}:4: action 'c002 6 9' lies outside the video (length 5 s); {kept}" in problems
+    assert f"{test}:2: action 'c001 -5 -1' lies outside the video (length 20 s); {kept}" in problems
+    assert f"{csv}:3: 1 action interval(s) here and below reach past the video's length" in problems
+    assert f"{test}:2: 1 action interval(s) here and below reach past the video's length" in problems
+    assert index.counts == {"malformed": 6, "missing": 4, "other": 2}
 
 
 # ---------------------------------------------------------------------------------------------
