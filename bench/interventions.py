@@ -43,8 +43,8 @@ TERMS = {
         "ivc_bank": ("ivc.bank", "IVC's sample-bank term over the global dictionary (front-door)"),
     },
     "cmdcl": {
-        "vci_bank": ("vci.bank", "VCI's sample-bank term x̂ over the global dictionary (front-door, Eq. 8)"),
-        "vci_pm": ("vci.p_m", "VCI's query of P(M = t'_c | V) (Eq. 7); TCI's T' is the same for every video by design"),
+        "tci": ("tci.h", "h([t_c, b_c]): TCI's debiased text T' of each video (Eq. 3)"),
+        "vci": ("vci.g", "g([t'_c, v̂_c]): VCI's deconfounded visual embeddings V' (Eq. 8)"),
     },
 }
 
