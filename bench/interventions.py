@@ -39,8 +39,8 @@ TERMS = {
         "s1": ("cls_1", "S1: the whole FG/BG branch's logits"),
     },
     "pcmci": {
-        "ich": ("ich.w_h", "W_H E[h]: ICH's back-door term over the hallucination memory"),
-        "ivc_bank": ("ivc.bank", "IVC's sample-bank term over the global dictionary (front-door)"),
+        "ich": ("ich.w_h", "W_H Σ_h P(h) h: ICH's back-door term over the video's OT hallucination proxies"),
+        "ivc_bank": ("ivc.bank", "IVC's sample-bank term over the TimeSformer dictionary global_video (front-door)"),
     },
     "cmdcl": {
         "tci": ("tci.h", "h([t_c, b_c]): TCI's debiased text T' of each video (Eq. 3)"),

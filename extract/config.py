@@ -186,6 +186,12 @@ class TrainConfig:
     task: str = "activity"  # label task: activity (single label, CE) or atomic (multi-label, BCE)
     # L' frames the heads see, uniformly subsampled from the cache's L slots (null = all L; the cache is unchanged)
     num_frames: int | None = field(default=None, metadata=_range(1))
+    optimizer: Literal["adamw", "adam"] = "adamw"  # AdamW (decoupled weight decay) | Adam (L2 weight decay)
+    schedule: Literal["cosine", "step"] = "cosine"  # after warm-up: cosine decay to 0 | × step_gamma every step_epochs
+    step_epochs: int = field(default=4, metadata=_range(1))  # schedule step: the decay interval in epochs
+    step_gamma: float = field(default=0.1, metadata=_range(0.0, 1.0))  # schedule step: the decay factor
+    # a named paper recipe (`recipes.<name>`): its train keys and head options replace the file's; null = ours
+    recipe: str | None = None
     head: str = "baseline"  # registered head (`ltar config show` lists them)
     variant: str | None = None  # a named variant of the head (heads.<head>.variants), null = the full head
     grounding: str | None = None  # a named grounding intervention around the head (grounding.<name>), null = none
@@ -196,7 +202,20 @@ class TrainConfig:
     eval_splits: tuple[str, ...] = ()  # splits evaluated after training; empty = every split except train
     eval_every: int = field(default=1, metadata=_range(1))  # evaluate every N epochs (and always after the last)
     memory_budget_mb: int = field(default=4096, metadata=_range(1))  # larger splits stream chunk-wise from Zarr
-    runs_root: str = "runs"  # runs land in <runs_root>/<head>[-<variant>][+<grounding>][-f<num_frames>]-<task>-s<seed>/
+    # runs land in <runs_root>/<head>[-<variant>][+<grounding>][-f<num_frames>][@<recipe>]-<task>-s<seed>/
+    runs_root: str = "runs"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A paper's training recipe (`train.recipe`): the `train` keys and head options it sets over the file's."""
+
+    source: str = ""  # where the paper states it, and what it leaves unstated (kept from `train`)
+    train: dict[str, Any] = field(default_factory=dict)  # keys of `train` (not recipe, head, variant, task, seed)
+    heads: dict[str, Any] = field(default_factory=dict)  # head name -> {option: value}
+
+
+RECIPE_FORBIDDEN = ("recipe", "head", "variant", "grounding", "task", "seed", "runs_root", "device")
 
 
 @dataclass(frozen=True)
@@ -223,6 +242,7 @@ class Config:
     # name -> grounding options (IGV / EIGV / STR rationales around any head); checked by train.grounding
     grounding: dict[str, Any] = field(default_factory=dict)
     ablations: dict[str, AblationTable] = field(default_factory=dict)  # named tables for `ltar ablate`
+    recipes: dict[str, Recipe] = field(default_factory=dict)  # the papers' training recipes, by name
 
 
 # Cross-field checks that a single field's type or range cannot express; each returns a message.
@@ -236,7 +256,37 @@ def _cross_checks(cfg: Config) -> list[str]:
         )
     if s.pretrain_seed == s.seed:
         errors.append("synthetic.pretrain_seed must differ from synthetic.seed so pretraining never sees test videos")
+    for name, recipe in cfg.recipes.items():
+        bad = sorted(set(recipe.train) & set(RECIPE_FORBIDDEN))
+        if bad:
+            errors.append(f"recipes.{name}.train: a recipe sets how a run trains, not which run it is; drop {bad}")
+        try:
+            build_section(TrainConfig, {k: v for k, v in recipe.train.items() if k not in bad}, f"recipes.{name}.train")
+        except ConfigError as e:
+            errors.append(str(e))
+    if cfg.train.recipe is not None and cfg.train.recipe not in cfg.recipes:
+        errors.append(
+            f"train.recipe: no recipe {cfg.train.recipe!r}; pipeline.yaml defines recipes: {sorted(cfg.recipes)}"
+        )
     return errors
+
+
+def apply_recipe(data: dict) -> dict:
+    """The raw mapping with `train.recipe`'s train keys and head options written over the file's (a copy)."""
+    import copy
+
+    name = (data.get("train") or {}).get("recipe")
+    recipe = ((data.get("recipes") or {}).get(name) or {}) if name is not None else {}
+    if not isinstance(recipe, dict) or not recipe:
+        return data  # no recipe, or an unknown one (reported by the cross-checks with the names there are)
+    data = copy.deepcopy(data)
+    train = {k: v for k, v in (recipe.get("train") or {}).items() if k not in RECIPE_FORBIDDEN}
+    data["train"] = {**(data.get("train") or {}), **train}
+    for head, options in (recipe.get("heads") or {}).items():
+        heads = data.setdefault("heads", {}) or {}
+        data["heads"] = heads
+        heads[head] = {**(heads.get(head) or {}), **(options or {})}
+    return data
 
 
 # Whole-config checks registered by packages that own part of the config (train.heads checks
@@ -421,7 +471,7 @@ def from_dict(data: dict) -> Config:
     """Validate a raw mapping into a `Config` (raises ConfigError with the full key path)."""
     import extract.datasets  # noqa: F401  (registers the accepted values of dataset.name)
 
-    cfg = _build(Config, data, "")
+    cfg = _build(Config, apply_recipe(data), "")
     errors = _cross_checks(cfg)
     for validate in _VALIDATORS:
         errors += validate(cfg)

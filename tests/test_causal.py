@@ -5,7 +5,7 @@ import ot
 import pytest
 import torch
 
-from train.heads.causal import BackdoorAttention, SampleBankAttention, nwgm_expectation, sinkhorn
+from train.heads.causal import BackdoorAttention, SampleBankAttention, marginal_error, nwgm_expectation, sinkhorn
 
 
 def test_sinkhorn_matches_pot_and_its_marginals():
@@ -32,6 +32,32 @@ def test_sinkhorn_masks_frames_and_is_differentiable():
     assert np.allclose(plan[0, :, :4].detach().numpy(), ref, atol=1e-8)
     (plan * cost).sum().backward()
     assert torch.isfinite(cost.grad).all() and cost.grad[0, :, :4].abs().sum() > 0
+
+
+def test_converged_sinkhorn_stops_at_its_tolerance_and_keeps_a_last_step_gradient():
+    g = torch.Generator().manual_seed(1)
+    cost = torch.rand(2, 4, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    plan = sinkhorn(cost, eps=0.05, iters=100000, mask=mask, tol=1e-10)
+    assert marginal_error(plan, mask) < 1e-10
+    for b, n in ((0, 9), (1, 6)):
+        ref = ot.sinkhorn(
+            np.full(4, 1 / 4),
+            np.full(n, 1 / n),
+            cost[b, :, :n].detach().numpy(),
+            reg=0.05,
+            numItermax=100000,
+            stopThr=1e-13,
+        )
+        assert np.allclose(plan[b, :, :n].detach().numpy(), ref, atol=1e-9)
+    (plan * cost).sum().backward()  # through the last iteration only
+    assert torch.isfinite(cost.grad).all() and cost.grad[0].abs().sum() > 0
+    # a marginal error by hand: rows off by +0.1 and -0.1 in one video
+    p = torch.full((1, 2, 2), 0.25)
+    p[0, 0] += torch.tensor([0.05, 0.05])
+    p[0, 1] -= torch.tensor([0.05, 0.05])
+    assert abs(marginal_error(p) - 0.2) < 1e-7
 
 
 def test_backdoor_expectation_is_the_explicit_weighted_sum():

@@ -38,9 +38,9 @@ def _context(multi_label: bool) -> HeadContext:
     g = torch.Generator().manual_seed(0)
     unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
     dicts = {}
-    for name, k in (("confounder", 6), ("global", 7)):
+    for name, k, dim in (("confounder", 6, DC), ("global", 7, DC), ("global_video", 7, DV)):
         prior = torch.arange(1, k + 1, dtype=torch.float32)
-        dicts[name] = (unit(k, DC), prior / prior.sum())
+        dicts[name] = (unit(k, dim), prior / prior.sum())
     return HeadContext(DC, DV, L, C, multi_label, unit(C, DC), dicts)
 
 
@@ -167,10 +167,10 @@ def test_top_k_returns_exactly_k_frames_with_gradients_to_the_scores():
 
 
 @pytest.mark.parametrize("method", ["igv", "eigv"])
-@pytest.mark.parametrize("head_name,memory,variant", [("cmdcl", "tci", "tci_memory"), ("pcmci", "ich", None)])
+@pytest.mark.parametrize("head_name,memory,variant", [("cmdcl", "tci", "tci_memory"), ("pcmci", "ich", "ich_memory")])
 def test_one_grounded_step_updates_a_memory_once(head_name, memory, variant, method, monkeypatch):
     ctx = _context(False)
-    model = _grounded(head_name, method, ctx, variant)  # CMDCL's bias memory is our variant, not its default
+    model = _grounded(head_name, method, ctx, variant)  # the memories are our variants, not the papers' forms
     module = getattr(model.head, memory)
     calls = []
     real = module.update_memory
@@ -182,7 +182,7 @@ def test_one_grounded_step_updates_a_memory_once(head_name, memory, variant, met
 
 def test_auxiliary_views_never_update_the_heads_memories():
     ctx = _context(False)
-    head = build_head("pcmci", _cfg(), ctx)
+    head = build_head("pcmci", _cfg(), ctx, "ich_memory")
     head.train()
     before = head.ich.memory.clone()
     with frozen_memories(head):

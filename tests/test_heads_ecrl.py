@@ -254,3 +254,25 @@ def test_each_table_row_switches_what_its_caption_says():
         assert VARIANTS[name]["glca"] is False and VARIANTS[name]["bd"] is True, name  # Tables 4-5: without GLCA
     assert VARIANTS["dict_average"]["confounder_dictionary"] == "confounder_average_frame"
     assert VARIANTS["dict_background"]["confounder_dictionary"] == "confounder_average"
+
+
+def test_two_step_training_trains_the_frame_stream_alone_first():
+    head, batch = _setup(frame_epochs=2)
+    head.set_epoch(0)  # step 1: the base model on the raw frames
+    mask = batch.mask
+    with torch.no_grad():
+        f_l = head.encoders["frame"](batch.vp.float(), mask)
+        assert torch.allclose(head(batch), head.cls_2(head.cfm["frame"](f_l, mask)), atol=1e-6)
+    head.train()
+    head(batch).sum().backward()
+    step1 = {n for n, p in head.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert step1 and all(n.split(".")[0] in ("encoders", "cfm", "cls_2") for n in step1)
+    assert not any(n.startswith(("encoders.fg", "encoders.bg", "glca", "bd", "G")) for n in step1)
+    head.zero_grad(set_to_none=True)
+    head.set_epoch(2)  # step 2: every module fine-tunes
+    head(batch).sum().backward()
+    step2 = {n for n, p in head.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"G", "bd.w_c.weight"} <= step2 and any(n.startswith("encoders.bg") for n in step2)
+    one_stage, _ = _setup()
+    one_stage.set_epoch(0)
+    assert not one_stage.frame_only  # frame_epochs 0: one stage, the default

@@ -257,6 +257,7 @@ def test_cli_train_evaluate_ablate(tiny_cache, tmp_path):
     assert res.exit_code == 0, res.output
     md = (tmp_path / "runs" / "ablations" / "baseline.md").read_text()
     assert "| baseline:clip_only |" in md and "activity Acc@1 test_ood" in md and "atomic mAP test_iid" in md
+    assert "Training recipe: ours (pipeline.yaml `train`)." in md
     csv_lines = (tmp_path / "runs" / "ablations" / "baseline.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 3 * 2 * 2  # rows x tasks x eval splits
     assert (tmp_path / "runs" / "ablations" / "baseline.png").read_bytes()[:4] == b"\x89PNG"
@@ -282,3 +283,48 @@ def test_fewer_frames_from_one_cache_are_its_uniformly_spaced_slots(tiny_cache, 
     assert run_name(fewer).endswith("-f4-activity-s0") and "-f" not in run_name(cfg)
     result = train(fewer, store=store, progress=False, run_dir=tmp_path / "f4")
     assert result.steps > 0 and np.isfinite(result.history[-1]["loss"])
+
+
+def test_step_schedule_and_adam_as_the_recipes_ask():
+    from extract.config import from_dict
+    from train.engine import make_optimizer, schedule_lambda
+
+    tc = from_dict({"train": {"schedule": "step", "step_epochs": 4, "step_gamma": 0.5, "warmup_epochs": 0.0}}).train
+    f = schedule_lambda(tc, steps_per_epoch=10)
+    assert [f(s) for s in (0, 39, 40, 79, 80, 125)] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.125]  # × γ every 4 epochs
+    warm = dataclasses.replace(tc, warmup_epochs=1.0)
+    assert schedule_lambda(warm, 10)(4) == 0.5  # linear warm-up first (step 5 of 10)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert type(make_optimizer(tc, params)) is torch.optim.AdamW
+    assert type(make_optimizer(dataclasses.replace(tc, optimizer="adam"), params)) is torch.optim.Adam
+
+
+def test_a_paper_recipe_replaces_its_keys_and_names_its_runs():
+    from extract.config import load_config
+    from train.engine import run_name
+
+    cfg = load_config(REPO / "pipeline.yaml", ["train.recipe=ecrl_paper", "train.head=ecrl"])
+    t = cfg.train
+    assert (t.optimizer, t.lr, t.schedule, t.step_epochs, t.step_gamma) == ("adam", 1e-4, "step", 4, 0.1)
+    assert t.batch_size == 8
+    assert t.epochs == 30 and cfg.heads["ecrl"]["frame_epochs"] == 4  # unstated epochs stay ours; the two steps
+    assert run_name(cfg) == "ecrl@ecrl_paper-activity-s0"
+    ours = load_config(REPO / "pipeline.yaml", ["train.head=ecrl"])
+    assert ours.train.optimizer == "adamw" and ours.heads["ecrl"]["frame_epochs"] == 0 and "@" not in run_name(ours)
+    with pytest.raises(ConfigError, match="train.recipe: no recipe 'nope'; pipeline.yaml defines recipes: "):
+        load_config(REPO / "pipeline.yaml", ["train.recipe=nope"])
+    with pytest.raises(ConfigError, match="recipes.mine.train.lrr: unknown key"):
+        load_config(REPO / "pipeline.yaml", ["recipes.mine.train.lrr=1"])
+    with pytest.raises(ConfigError, match="recipes.mine.train: a recipe sets how a run trains, not which run"):
+        load_config(REPO / "pipeline.yaml", ["recipes.mine.train.head=ecrl"])
+
+
+def test_frame_epochs_must_leave_a_second_step(tiny_cache, tmp_path):
+    cfg, store = tiny_cache
+    bad = dataclasses.replace(
+        cfg,
+        heads={"ecrl": {"frame_epochs": 2}},
+        train=dataclasses.replace(cfg.train, head="ecrl", epochs=2, runs_root=str(tmp_path)),
+    )
+    with pytest.raises(ConfigError, match="heads.ecrl.frame_epochs = 2 leaves no epoch of the second training step"):
+        train(bad, store=store, progress=False, run_dir=tmp_path / "r")

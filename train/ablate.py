@@ -61,6 +61,7 @@ class TableResult:
     seconds: float
     runs: int
     files: list[Path]
+    recipe: str = "ours (pipeline.yaml `train`)"  # which training recipe produced the table
 
 
 def _run_cfg(cfg: Config, row: str, task: str, seed: int) -> Config:
@@ -146,7 +147,10 @@ def run_table(
             grounded = [m for m in ("ground_iou", "ground_iou_random") if m in runs[0].metrics[split]]
             for metric in main_metric(multi) + grounded:
                 cells.append(Cell(row, task, split, metric, [r.metrics[split][metric] for r in runs]))
-    result = TableResult(name, cells, time.perf_counter() - t0, len(jobs), [])
+    recipe = cfg.train.recipe
+    file_name = name if recipe is None else f"{name}@{recipe}"  # a paper recipe's table beside ours
+    source = "ours (pipeline.yaml `train`)" if recipe is None else f"`{recipe}`: {cfg.recipes[recipe].source}"
+    result = TableResult(file_name, cells, time.perf_counter() - t0, len(jobs), [], source)
     result.files = write_table(result, table, out_root, n_seeds)
     return result
 
@@ -173,6 +177,7 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
     if table.caption:
         lines += [table.caption, ""]
     lines.append(f"Table `{result.name}`: mean ± std over {seeds} seed(s); all numbers in %.")
+    lines.append(f"Training recipe: {result.recipe}.")
     lines.append("")
     lines.append("| row | " + " | ".join(header) + " |")
     lines.append("|---|" + "---:|" * len(cols))

@@ -1,8 +1,9 @@
-"""Train and evaluate one head on the cache: AdamW, warm-up + cosine, AMP on GPU, atomic checkpoints.
+"""Train and evaluate one head on the cache: AdamW or Adam, warm-up + cosine or step decay, AMP on GPU, atomic
+checkpoints.
 
-A run lives in `<train.runs_root>/<head>[-<variant>][+<grounding>]-<task>-s<seed>/`: `config.resolved.yaml`,
-`metrics.jsonl` and `metrics.csv` (one row per epoch and split), `last.pt` and `best.pt` (written to
-a temporary file and renamed, so a kill never leaves a truncated checkpoint). `--resume` continues
+A run lives in `<train.runs_root>/<head>[-<variant>][+<grounding>][-f<frames>][@<recipe>]-<task>-s<seed>/`:
+`config.resolved.yaml`, `metrics.jsonl` and `metrics.csv` (one row per epoch and split), `last.pt` and
+`best.pt` (written to a temporary file and renamed, so a kill never leaves a truncated checkpoint). `--resume` continues
 from `last.pt` with the same data order and RNG state (CPU and CUDA generators) as an uninterrupted
 run. A run folder takes one process at a time (`ltar.lock` inside it, as a store's).
 """
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from extract.config import Config, from_dict, to_dict, write_resolved
+from extract.config import Config, ConfigError, from_dict, to_dict, write_resolved
 from extract.schema import FRAME_MASK, CacheError
 from train.data import CacheReader, SplitTensors, StreamedSplit, iterate_batches
 from train.grounding import GROUND_KEYS, frame_relevance, grounding_options, grounding_scores, wrap
@@ -48,7 +49,8 @@ def run_name(cfg: Config) -> str:
     t = cfg.train
     variant, grounding = f"-{t.variant}" if t.variant else "", f"+{t.grounding}" if t.grounding else ""
     frames = f"-f{t.num_frames}" if t.num_frames is not None else ""  # a frames ablation keeps its own runs
-    return f"{t.head}{variant}{grounding}{frames}-{t.task}-s{t.seed}"
+    recipe = f"@{t.recipe}" if t.recipe is not None else ""  # a paper recipe's runs beside ours
+    return f"{t.head}{variant}{grounding}{frames}{recipe}-{t.task}-s{t.seed}"
 
 
 def build_model(cfg: Config, ctx, head: str, variant: str | None, grounding: str | None) -> torch.nn.Module:
@@ -84,6 +86,22 @@ def lr_lambda(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def schedule_lambda(tc, steps_per_epoch: int) -> Any:
+    """The learning-rate factor of a step: warm-up, then cosine (`schedule: cosine`) or × step_gamma every
+    step_epochs epochs (`schedule: step`, e.g. ECRL's recipe)."""
+    total = steps_per_epoch * tc.epochs
+    warmup = int(round(tc.warmup_epochs * steps_per_epoch))
+    if tc.schedule == "cosine":
+        return lambda s: lr_lambda(s, total, warmup)
+    return lambda s: (s + 1) / warmup if s < warmup else tc.step_gamma ** ((s // steps_per_epoch) // tc.step_epochs)
+
+
+def make_optimizer(tc, params: list) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay, ours) or Adam (the papers' recipes)."""
+    cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=tc.lr, weight_decay=tc.weight_decay)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -222,16 +240,21 @@ def _train(
     last_path = run_dir / "last.pt"
     if last_path.exists() and not resume:
         raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or remove the folder")
+    frame_epochs = getattr(head_options(cfg, tc.head, tc.variant), "frame_epochs", 0)
+    if frame_epochs >= tc.epochs:
+        raise ConfigError(
+            f"heads.{tc.head}.frame_epochs = {frame_epochs} leaves no epoch of the second training step "
+            f"(train.epochs = {tc.epochs}): lower it or raise train.epochs"
+        )
     seed_everything(tc.seed)
     head = build_model(cfg, ctx, tc.head, tc.variant, tc.grounding).to(device)
     train_data = _load(reader, "train", cfg, device)
     evals = {s: _load(reader, s, cfg, device) for s in _eval_splits(cfg, reader)}
     steps_per_epoch = math.ceil(len(train_data) / tc.batch_size)
     total = steps_per_epoch * tc.epochs
-    warmup = int(round(tc.warmup_epochs * steps_per_epoch))
     params = [p for p in head.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, warmup))
+    opt = make_optimizer(tc, params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule_lambda(tc, steps_per_epoch))
     use_amp = tc.amp and device.startswith("cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start_epoch, best, history, step = 0, -math.inf, [], 0
@@ -256,8 +279,11 @@ def _train(
     dicts = {k: (c.to(device), p.to(device)) for k, (c, p) in ctx.dictionaries.items()}
     relevance: dict = {}  # split rows -> annotated frames, for a grounded head's grounding scores
     bar = tqdm(total=total, initial=step, disable=not progress, desc=run_name(cfg), unit="step")
+    phase = getattr(head, "set_epoch", None) or getattr(getattr(head, "head", None), "set_epoch", None)
     for epoch in range(start_epoch, tc.epochs):
         head.train()
+        if phase is not None:  # a head's training schedule (ECRL's two-step training), a function of the epoch
+            phase(epoch)
         gen = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)  # data order: a function of (seed, epoch)
         losses = []
         for _, batch in iterate_batches(train_data, tc.batch_size, t0_dev, dicts, device, gen):

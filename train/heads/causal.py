@@ -96,12 +96,20 @@ class SampleBankAttention(nn.Module):
         return scores.softmax(-1) @ self.w_v(bank)  # (..., dim)
 
 
-def sinkhorn(cost: torch.Tensor, eps: float, iters: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Entropic optimal transport plan with uniform marginals, log domain, fixed iterations.
+def sinkhorn(
+    cost: torch.Tensor, eps: float, iters: int, mask: torch.Tensor | None = None, tol: float | None = None
+) -> torch.Tensor:
+    """Entropic optimal transport plan with uniform marginals, log domain.
 
     cost (B, C, L), mask (B, L) True = real frame (masked frames carry no mass) -> plan π (B, C, L)
-    with rows summing to 1/C and real columns to 1/L_valid. Differentiable (unrolled iterations).
-    Equals POT's `ot.sinkhorn(a, b, M, reg=eps)` at convergence.
+    with rows summing to 1/C and real columns to 1/L_valid. Equals POT's `ot.sinkhorn(a, b, M, reg=eps)`
+    at convergence.
+
+    `tol=None`: exactly `iters` unrolled iterations, differentiable through all of them.
+    `tol=t`: iterate without a graph until the plan's marginal error (`marginal_error`, L1) is below t or
+    `iters` iterations have run, then one differentiable iteration from the converged (detached)
+    potentials: the plan is the converged one, and its gradient is that of the last Sinkhorn step
+    (the usual cheap stand-in for implicit differentiation; exact where the cost has no gradient).
     """
     B, C, L = cost.shape
     neg = -1e9  # "log 0" kept finite: -inf would turn the gradients of fully masked columns into NaN
@@ -114,11 +122,41 @@ def sinkhorn(cost: torch.Tensor, eps: float, iters: int, mask: torch.Tensor | No
     logk = logk.masked_fill(~mask.unsqueeze(1), neg)
     log_u = torch.zeros(B, C, device=cost.device, dtype=cost.dtype)
     log_v = torch.zeros(B, L, device=cost.device, dtype=cost.dtype)
-    for _ in range(iters):  # fixed count: a loop over iterations, not over classes or frames
+
+    def step(log_u, log_v, logk):  # one (u, v) update: a loop over iterations, not over classes or frames
         log_u = log_a - torch.logsumexp(logk + log_v.unsqueeze(1), dim=2)  # (B, C)
         log_v = log_b - torch.logsumexp(logk + log_u.unsqueeze(2), dim=1)  # (B, L)
-        log_v = log_v.masked_fill(~mask, neg)
+        return log_u, log_v.masked_fill(~mask, neg)
+
+    if tol is None:
+        for _ in range(iters):
+            log_u, log_v = step(log_u, log_v, logk)
+    else:
+        with torch.no_grad():
+            fixed = logk.detach()
+            for i in range(iters - 1):
+                log_u, log_v = step(log_u, log_v, fixed)
+                if i % 10 == 9 and marginal_error((log_u.unsqueeze(2) + fixed + log_v.unsqueeze(1)).exp(), mask) < tol:
+                    break
+        log_u, log_v = step(log_u, log_v, logk)  # the differentiable last iteration
     return (log_u.unsqueeze(2) + logk + log_v.unsqueeze(1)).exp()  # π = diag(u) K diag(v), (B, C, L)
+
+
+def marginal_error(plan: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """The largest L1 distance of a plan's marginals to the uniform ones over the batch: plan (B, C, L).
+
+    Rows should sum to 1/C, real columns to 1/L_valid (padded columns to 0); after a column update the
+    columns are exact and the error sits in the rows.
+    """
+    plan = plan.detach()
+    B, C, L = plan.shape
+    if mask is None:
+        mask = torch.ones(B, L, dtype=torch.bool, device=plan.device)
+    n_valid = mask.sum(1, keepdim=True).clamp_min(1).to(plan.dtype)  # (B, 1)
+    b = mask.to(plan.dtype) / n_valid  # (B, L)
+    rows = (plan.sum(2) - 1.0 / C).abs().sum(1)  # (B,)
+    cols = (plan.sum(1) - b).abs().sum(1)  # (B,)
+    return float(torch.maximum(rows, cols).max())
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -41,8 +41,11 @@ Variants of ours, beside the paper's form (never in place of it):
 Deviations, on purpose: the frozen encoder (above); our saliency (CLIP attention, DESIGN.md); GLCA's
 combination `W_o [F_LL, F_LG]` (the paper says only that F_LL is "combined with" F_L and F_LG); `glca_chunk`
 computes Eq. 15's scores over chunks of G's entries (recomputed in the backward pass) so the `(B, L, Kg, D)`
-hidden tensor stays bounded at COIN scale; the result equals the unchunked one. Not yet here: the paper's
-two-step training (frame stream first, then the causal parts) and its training recipe as a preset.
+hidden tensor stays bounded at COIN scale; the result equals the unchunked one.
+Two-step training (Sec. 4.3, "pre-train on raw video frames ..., then fine-tune the causal intervention
+framework"): `frame_epochs: N` trains the frame stream and its classifier alone for N epochs (`set_epoch`,
+called by the engine), then every module; the paper states no N, so one stage (0) is our default and the
+`ecrl_paper` recipe (pipeline.yaml `recipes`) sets it.
 From the public code (wyqcrystal/ECRL) we differ where it contradicts the paper: its GLCA takes a softmax over
 a size-1 axis (every weight 1), draws one random dictionary row per sample even at test time and never trains
 G; ours attends over all of G, is deterministic, and G trains.
@@ -90,6 +93,9 @@ class EcrlOptions:
     glca_scorer: Literal["mlp", "linear"] = "mlp"  # Eq. 15's φ(ReLU(W_h h + b_h) W_a + b_a) | ours: w_h · h
     glca_chunk: int | None = field(default=None, metadata=bounds(1))  # Eq. 15 over this many G entries at a time
     global_prior: bool = False  # ours: GLCA's global weights also × G's prior p(g_k) (not in Eq. 15)
+    # the paper's two-step training: for the first N epochs only the frame stream trains (S = its classifier
+    # on F_v, no GLCA, no FG/BG branch), then the whole model fine-tunes; 0 = one stage
+    frame_epochs: int = field(default=0, metadata=bounds(0))
 
     def __post_init__(self) -> None:
         if (self.tsc or self.bd) and not (self.fcm or self.bcm):
@@ -353,6 +359,12 @@ class Ecrl(nn.Module):
         else:
             self.G = self.glca = None
 
+    frame_only = False  # step 1 of the two-step training (`frame_epochs`): the frame stream alone
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the engine before every training epoch: step 1 while epoch < frame_epochs."""
+        self.frame_only = epoch < self.opts.frame_epochs
+
     def pool(self, stream: str, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """A stream's video feature: Eq. 2 where it has cross-frame modelling, else the masked mean (B, D)."""
         return self.cfm[stream](h, mask) if stream in self.cfm else masked_mean(h, mask)
@@ -361,6 +373,8 @@ class Ecrl(nn.Module):
         mask = batch.mask  # (B, L)
         frames = batch.vp if self.opts.visual == "clip" else batch.v  # (B, L, Dc or Dv)
         f_l = self.encoders["frame"](frames.float(), mask)  # F_L, (B, L, D)
+        if self.frame_only:  # two-step training, step 1: the base model on the raw frames
+            return self.cls_2(self.pool("frame", f_l, mask))  # (B, C)
         if self.glca is not None:
             log_prior = self.g_log_prior if self.opts.global_prior else None
             f_l = self.glca(f_l, self.G, mask, log_prior)  # z_l from [F_LL, F_LG], (B, L, D)

@@ -1,70 +1,86 @@
-"""pcmci: Progressive Cross-Modal Causal Intervention (seed paper 001), three stages over a shared state.
+"""pcmci: Progressive Cross-Modal Causal Intervention (seed paper 001, PCMCI).
 
-The head is the baseline trunk (temporal transformer over the TimeSformer features V, learnable text
-queries T from T0, class cross-attention, per-class readout) with three intervention stages run in a
-configurable order between the trunk and the readout. Every stage reads and writes one state:
+Paper map (/work/shared/papers/pcmci.txt, a detailed summary: its displayed equations were lost, so the
+map names sections and symbols). Symbols: T0 (C, Dc) frozen CLIP class text, VP (B, L, Dc) CLIP frames
+(the visual prompts), V (B, L, Dv) TimeSformer frames (the VLM-independent encoder), d the head width.
 
-    T: (B, C, d)  the text side (class embeddings), starts as the projected T0
-    V: (B, L, d)  the visual side (frames), starts as the temporal encoder's output
+The text state T (B, C, Dc) lives in CLIP's text space through the two text stages and starts as T0
+(frozen: `learn_text: false`, the paper trains only the video side and the three modules); it is
+projected to d (`TextQueries.proj`) where it meets the video: IVC's mediator and the inference queries.
+The visual state V (B, L, d) is the temporal encoder's output over TimeSformer's V.
 
-and the constant inputs VP (B, L, Dc) and the frame mask (B, L). Stage contracts:
+- Key design 1, **ICH**, the intervention on the co-occurrence *Hallucination* H (back-door on T):
+  `S = <T, VP>` (B, C, L), cosines in CLIP space, and the entropic OT plan π (B, C, L) with uniform
+  marginals on the cost 1 - S: `HallucinationIntervention.plan`; the proxies `H = C·π·VP` (B, C, Dc),
+  one per class, the frames its text is (overly) aligned with: `HallucinationIntervention.hallucinate`;
+  `P(Y | V, do(T)) ≈ Σ_h P(Y | V, do(T), h) P(h)` by NWGM, `T' = T + W_H Σ_h P(h) h` with the fixed
+  P(h_c) = 1/C (the plan's own row mass): `HallucinationIntervention.backdoor`.
+- Key design 2, **ICI**, the intervention on the codependency *Illusion* I (back-door on T): the
+  relation-aware transformer R with K relation bases `G_k = softmax(T W_q^k (T W_k^k)^T / √d_k)`
+  (B, K, C, C), the proxies of I, and `T* = T' + Σ_k p_k G_k T' W_v^k` by NWGM with p = softmax(φ) over the
+  K strata: `IllusionIntervention` (= `RelationBases`).
+- Key design 3, **IVC**, the intervention on the *Visual Confounder* C (front-door on V, mediator M = T*):
+  `P(Y | do(V)) = Σ_m P(m | V) Σ_v' P(v') P(Y | v', m)`. The hierarchical relation encoder F (isomorphic
+  to R): frame relations, structurally aligned with the text's relations (below), `V_r = V + Σ_k p_k G^V_k V
+  W_v^k`; `P(M = t*_c | v_l) = softmax_c(v_rl · t*_c / √d)` and the mediator `m_l = Σ_c P(t*_c | v_l) t*_c`
+  (B, L, d); the sample term Σ_v' P(v') by attention from m over a dictionary of **V** (the VLM-independent
+  features: `dictionaries.global_video`, source `timesformer/frame`) with its prior; `V* = LN(V_r + m + x̂)`:
+  `VisualConfounderIntervention`.
+- Loss & training, the cross-modal inference operator: attention with T* as queries and V* as keys/values,
+  then a per-class readout (`ClassCrossAttention`, `ClassReadout`); the engine adds CE / BCE.
+- The progressive order ICH -> ICI -> IVC is `order`; switched-off stages are not built (no parameters).
 
-- **ICH** (intra-class hallucination, back-door on the text side) reads T and VP, writes T.
-  `S = <T, VP>` is the cosine between each class embedding and each frame, with VP brought into the
-  text space by the text projection itself (T = T0 W_t + b, VP_t = VP W_t + b: T0 and VP share CLIP's
-  space, and the shared linear map keeps their geometry at initialisation); cost = 1 - S, in [0, 2].
-  `π = sinkhorn(1 - S)` with uniform marginals (rows 1/C, real frames 1/L), log domain, fixed
-  iterations, padded frames carry no mass. `H = C · π · VP` (B, C, Dc): π's rows sum to 1/C, so C·π's
-  rows sum to 1 and each proxy h_c is a weighted average of the video's CLIP frames (the visual content
-  class c's text transports to: what it "hallucinates" in this video). After a fixed number of
-  iterations (the last one a column update) the rows sum to 1/C only approximately, so we divide π by
-  its row sums instead of multiplying by C: the same at convergence, exact weighted averages always.
-  Back-door: `P(Y | do(T)) = Σ_h P(Y | T, h) P(h)`, by NWGM `T' = T + W_H E_h[h]`. The expectation is over
-  a *dataset-level* hallucination set, never the current sample's proxies alone: a memory `H̄ (C, Dc)`
-  whose row j is the running mean (EMA over the training set, updated from every training batch,
-  detached) of class j's proxy — E_x[H_j(x)], the hallucination class j attracts across the dataset —
-  initialised to T0. Its prior `P(h̄_j) = softmax(θ)_j` is learned (a learned class prior over the set).
-  As in ECRL's Eq. 6 the weights also carry a data-dependent attention λ (the sample's proxy h_bc as the
-  query, the memory as keys), normalised with the prior in the NWGM form
-  `w_j = λ_j P(h̄_j) / Σ_i λ_i P(h̄_i) = softmax_j(q(h_bc) · k(h̄_j) / √d_k + log P(h̄_j))`, so a one-hot prior
-  gives exactly the single-entry term `T' = T + W_H h̄_k`. The current sample enters only through λ (and
-  through the memory after the step): the set and the prior are dataset-level.
-- **ICI** (inter-class interaction) reads and writes T: a relation-aware layer with K relation bases,
-  `G_k = softmax(T W_q^k (T W_k^k)^T / √d_k)` (K, C, C) per sample, `T* = T + Σ_k p_k G_k T W_v^k`,
-  `p = softmax(φ)` a learned prior over the K relation strata; vectorised over k.
-- **IVC** (intra-video causal, front-door with the current text as the mediator M) reads V and T, writes V.
-  `P(Y | do(V)) = Σ_m P(m | V) Σ_v' P(v') P(Y | v', m)`: the hierarchical relation encoder F is
-  (1) the same relation layer as ICI over the L frames (masked): `V_r = V + Σ_k p_k G_k V W_v^k`, then
-  (2) the alignment of the visual relations to the text side, `P(M = t_c | v_l) = softmax_c(v_rl · t_c / √d)`
-  and the in-sample mediator `m_l = Σ_c P(t_c | v_l) t_c` (B, L, d); the sample term Σ_v' P(v') is
-  cross-sample attention from m over the global dictionary G with its prior (SampleBankAttention);
-  `V* = LN(V_r + m + x̂)` (NWGM: the two expectations enter as averaged features, CATT's IS + CS).
-- **inference**: class cross-attention with T as queries and V as keys/values, per-class readout; the
-  engine adds CE (activity) or BCE (atomic).
-
-Beyond the paper: `visual: clip` (variant `clip_only`) feeds CLIP's VP to the trunk instead of
-TimeSformer's V; `prior: uniform` (variant `prior_uniform`, IVRD-style) weights IVC's sample bank G
-uniformly instead of by p(g).
-
-Because ICH and ICI write T and IVC reads T as its mediator, the order changes the computation: ICH
-after ICI transports T* instead of T, IVC before the text stages mediates with the raw T.
-A switched-off stage is not built (no parameters) and must not appear in `order`.
-
-Where we differ from DESIGN.md / the paper, or were unsure (the paper could not be consulted):
-- DESIGN writes S and H per video as (C, L), (C, Dc); we batch them, (B, C, L), (B, C, Dc).
-- The paper's exact prior over H is not known to us; the dataset-level EMA memory with a learned class
-  prior is our reading of "expectation over the hallucination set" under DESIGN's back-door rule, and
-  the λ attention (ECRL-style) is our addition so that the sample's transport plan reaches its output.
-- The paper's √d in G_k: we scale by √d_k, the width of the relation queries/keys (`relation_dim`).
-- The same K (`relation_bases`) is used for ICI and for IVC's frame relations; the paper's K ablation
-  may concern ICI only.
-- The stage table follows the paper's: V1 none, V2 ICH, V4 ICH+ICI, V5 IVC only, PCMCI all three; V3
-  (ICI only) is not in the paper's table but implied by its "Variant 2 consistently outperforms Variant 3".
+Deviations, each with its reason:
+- **The paper's ICH is inert with respect to the plan.** With uniform marginals, Σ_c (1/C) h_c =
+  Σ_c Σ_l π_cl VP_l = Σ_l (1/L) VP_l: the expectation over the proxies is the frame mean of VP, whatever π
+  (exactly, at convergence; `tests/test_heads_pcmci.py` checks it). The term still varies across videos
+  (it is the video's mean CLIP frame) but is the same for every class and ignores the transport. We keep
+  this form as the default (`ich_form: paper`) and add ours beside it:
+  - `ich_form: attention` (variant `ich_attention`): each class attends over the video's proxies,
+    `T'_c = T_c + W_H Σ_j w_cj h_j`, `w_cj = softmax_j(q(t_c) · k(h_j) / √d_k + log P(h_j))`, P(h_j) = 1/C
+    fixed (the normalised λ·P form of ECRL's Eq. 6-7): the structure kept, the term varies per class.
+  - `ich_form: memory` (variant `ich_memory`, the head before it was held to the paper): a dataset-level
+    memory H̄ (C, Dc) of each class's proxy (EMA over training batches, initialised to T0), a learned class
+    prior P(h̄) = softmax(θ), and λ from the sample's proxy h_bc over the memory.
+- H: the summary writes `H = S VP` after solving OT on S; we read S there as the plan (the OT step is what
+  exposes the "overly aligned" features) and scale by C so each h_c is a convex combination of frames.
+  We do not renormalise π's rows: at convergence they sum to 1/C (the marginal error is reported).
+- The cost scale and ε (the summary states neither): with fixed marginals the plan ignores any constant
+  added to a row or a column of the cost, so only its doubly centred (interaction) part matters, and on
+  CLIP cosines that part is small (on the demo cache its spread is ~0.1 while 1 - S spans ~1): 1 - S with
+  ε = 0.1 spreads each class over 12.5 of 16 frames, min-max scaling to [0, 1] over 12.6 (flat, as the
+  head before this change: 14-16). We divide the cost by the spread of its interaction part
+  (`cost_scale: interaction`; `minmax` and `none` remain), so ε is in units of that spread, and take
+  ε = 0.25: measured at initialisation on the demo cache's test_iid (C = 8 activities, L = 16, so L/C = 2
+  frames per class is the hard-assignment bound), ε = 1 spreads a class over 12.3 frames, 0.5 over 9.0,
+  0.25 over 6.1 (min 2.2) with marginal error 4e-6, 0.1 over 3.9 but Sinkhorn has not converged after 1000
+  iterations (error 2e-4). ε was chosen on these diagnostics of the mechanism, never on accuracy. In the
+  paper's form the plan cancels anyway (above); ε matters for `ich_attention` and `ich_memory`.
+  `PCMCI.transport_report(batch)` gives the effective frames per class (exp of the entropy of C·π's rows)
+  and the marginal error.
+- Sinkhorn converges (`sinkhorn_tol` on the L1 marginal error, at most `sinkhorn_iters` iterations) without
+  a graph, then one differentiable step: in the default order S has no gradient at all (frozen T0, cached
+  VP); after ICI (order ICI -> ICH) the gradient is that of the last Sinkhorn step.
+- ICI's and ICH's maps act in CLIP's text space (width Dc) so that S = <T, VP> is the CLIP cosine whatever
+  stage ran before; the paper's √d in G_k is our √d_k (`relation_dim`, the width of queries and keys).
+- **Structural alignment** (`ivc_alignment: true`, our reading; the summary says F aligns visual relation
+  structures with the text side and reports a gain from "structural alignment between visual and text
+  relations"): F's frame relations are computed by ICI's relation bases (W_q^k, W_k^k, p) over each frame's
+  text counterpart `Σ_c P(t_c | v_l) t_c` in CLIP space, so two frames relate as their texts relate under
+  R; F keeps its own W_v^k. Without ICI in the head (V5) or with `ivc_alignment: false` F's relations come
+  from the frames alone with F's own bases.
+- **Mediator choice** (the paper's ablation, `ivc_mediator`): `text` (T*, the paper's), `memory` (a visual
+  memory bank: the frames attend over the V dictionary's entries), `multiscale` (multi-scale temporal
+  attention: frames attend within windows of ±1, ±2, ±4 frames, averaged over scales). The summary names
+  these alternatives without their form; ours are the plainest instances.
 - The paper trains TimeSformer with the stages; the cache freezes it (DESIGN, "Where we differ"). Our
-  trunk has one temporal layer by default (baseline: two): IVC's frame relations F add a second, and
-  one training step stays near 60 ms on one CPU core at B=32, L=16, C=16 (about 80 ms with two layers).
-- Equation numbers of the paper are not cited (we could not consult it); the comments name its symbols
-  (S, π, H, W_H, G_k, p_k, T', T*, V*) instead.
+  trunk has one temporal layer by default (baseline: two): IVC's frame relations add a second.
+- The same K (`relation_bases`) is used for ICI and F; the paper's K ablation may concern ICI only.
+
+Beyond the paper: `visual: clip` (variant `clip_only`) feeds VP to the trunk instead of TimeSformer's V;
+`ivc_dictionary: global` (variant `ivc_bank_clip`) runs IVC's sample bank over CLIP frames (which reopens the
+VLM path IVC is meant to cut; the head before this change); `prior: uniform` (variant `prior_uniform`,
+IVRD-style) weights IVC's bank uniformly; `learn_text: true` (variant `learn_text`) frees T.
 """
 
 from __future__ import annotations
@@ -78,30 +94,45 @@ from torch import nn
 
 from extract.config import ConfigError, bounds
 from train.heads import Batch, HeadContext, register_head
-from train.heads.causal import SampleBankAttention, dictionary_prior, masked_softmax, nwgm_expectation, sinkhorn
+from train.heads.causal import (
+    SampleBankAttention,
+    dictionary_prior,
+    marginal_error,
+    masked_softmax,
+    nwgm_expectation,
+    sinkhorn,
+)
 from train.heads.common import ClassCrossAttention, ClassReadout, TemporalEncoder, TextQueries
 
 Stage = Literal["ich", "ici", "ivc"]
+SCALES = (1, 2, 4)  # the multi-scale mediator's temporal windows ±r (frames)
 
 
 @dataclass(frozen=True)
 class PCMCIOptions:
-    dim: int = field(default=128, metadata=bounds(8))  # head width d of the text and visual states
+    dim: int = field(default=128, metadata=bounds(8))  # head width d of the visual state and the projected text
     layers: int = field(default=1, metadata=bounds(0, 24))  # temporal transformer layers over V (trunk; IVC adds F)
     attention_heads: int = field(default=4, metadata=bounds(1))  # heads of the trunk and the inference attention
     dropout: float = field(default=0.1, metadata=bounds(0.0, 0.9))
-    learn_text: bool = True  # T learnable from T0 (False: T = T0 frozen)
+    learn_text: bool = False  # the paper: T = frozen CLIP text T0 (True: T learnable from T0, variant learn_text)
     visual: Literal["timesformer", "clip"] = "timesformer"  # V: TimeSformer features, or CLIP's VP (`clip_only`)
-    ich: bool = True  # ICH: Sinkhorn hallucination proxies + back-door on the text side
+    ich: bool = True  # ICH: OT hallucination proxies + back-door on the text side
     ici: bool = True  # ICI: relation-aware layer over the C label embeddings
-    ivc: bool = True  # IVC: frame relations + front-door with the text as mediator (needs dictionary "global")
+    ivc: bool = True  # IVC: frame relations + front-door with the text as mediator (needs `ivc_dictionary`)
     order: tuple[Stage, ...] = ("ich", "ici", "ivc")  # run order: a permutation of the enabled stages
-    sinkhorn_eps: float = field(default=0.1, metadata=bounds(1e-3))  # ε of the entropic OT plan π (cost in [0, 2])
-    sinkhorn_iters: int = field(default=20, metadata=bounds(1, 1000))  # fixed, unrolled Sinkhorn iterations
-    memory_momentum: float = field(default=0.9, metadata=bounds(0.0, 1.0))  # EMA of the hallucination memory H̄
+    ich_form: Literal["paper", "attention", "memory"] = "paper"  # Σ_h P(h) h | class attention (ours) | memory (ours)
+    # OT cost 1 - S divided by the spread of its interaction part (what the plan sees) | min-max to [0, 1] | as is
+    cost_scale: Literal["interaction", "minmax", "none"] = "interaction"
+    sinkhorn_eps: float = field(default=0.25, metadata=bounds(1e-3))  # ε of the entropic OT plan π (cost units)
+    sinkhorn_tol: float = field(default=1e-5, metadata=bounds(0.0))  # stop at this L1 marginal error
+    sinkhorn_iters: int = field(default=1000, metadata=bounds(1, 100000))  # at most this many iterations
+    memory_momentum: float = field(default=0.9, metadata=bounds(0.0, 1.0))  # ich_form memory: EMA of H̄
     relation_bases: int = field(default=8, metadata=bounds(1, 64))  # K relation bases of ICI and of IVC's F
     relation_dim: int = field(default=32, metadata=bounds(1))  # d_k: width of each basis's queries and keys
-    prior: Literal["empirical", "uniform"] = "empirical"  # IVC's P(v') over G: its N_i/N | 1/K (IVRD-style)
+    ivc_dictionary: str = "global_video"  # IVC's bank P(v'): a cache dictionary of V (timesformer/frame)
+    ivc_mediator: Literal["text", "memory", "multiscale"] = "text"  # M: T* | visual memory bank | multi-scale
+    ivc_alignment: bool = True  # F's frame relations through ICI's bases (structural alignment; needs ICI)
+    prior: Literal["empirical", "uniform"] = "empirical"  # IVC's P(v') over its bank: N_i/N | 1/K (IVRD-style)
 
     def __post_init__(self) -> None:
         enabled = [s for s in ("ich", "ici", "ivc") if getattr(self, s)]
@@ -112,8 +143,14 @@ class PCMCIOptions:
             )
 
 
+def propagate(x: torch.Tensor, g: torch.Tensor, prior: torch.Tensor, w_v: torch.Tensor) -> torch.Tensor:
+    """x + Σ_k p_k G_k x W_v^k: x (B, N, d), G (B, K, N, N), p (K,), W_v (K, d, d) -> (B, N, d)."""
+    xv = torch.einsum("bmd,kde->bkme", x, w_v)  # x W_v^k, (B, K, N, d)
+    return x + torch.einsum("k,bknm,bkme->bne", prior.to(x.dtype), g, xv)  # (B, N, d)
+
+
 class RelationBases(nn.Module):
-    """x + Σ_k p_k G_k x W_v^k with G_k = softmax(x W_q^k (x W_k^k)^T / √d_k): ICI's T* and IVC's F.
+    """x + Σ_k p_k G_k x W_v^k with G_k = softmax(x W_q^k (x W_k^k)^T / √d_k): the relation transformer R.
 
     x (B, N, d) over N items (classes or frames), optional mask (B, N) True = real item; K bases
     vectorised on a K axis; p = softmax(φ) (K,) the learned prior over relation strata.
@@ -142,82 +179,162 @@ class RelationBases(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, d), mask (B, N) or None -> (B, N, d)."""
-        g = self.relations(x, mask)  # G_k, (B, K, N, N)
-        xv = torch.einsum("bmd,kde->bkme", x, self.w_v)  # x W_v^k, (B, K, N, d)
-        message = torch.einsum("k,bknm,bkme->bne", self.prior().to(x.dtype), g, xv)  # Σ_k p_k G_k x W_v^k
-        return x + message  # T* = T' + Σ_k p_k G_k T' W_v^k, (B, N, d)
+        return propagate(x, self.relations(x, mask), self.prior(), self.w_v)  # T* = T' + Σ_k p_k G_k T' W_v^k
 
 
-class IntraClassHallucination(nn.Module):
-    """ICH: Sinkhorn plan π between classes and frames, proxies H = C·π·VP, NWGM back-door T' = T + W_H E[h]."""
+class IllusionIntervention(RelationBases):
+    """ICI: the back-door on the codependency illusion I, T* = T' + Σ_k p_k G_k T' W_v^k over the C labels."""
 
-    def __init__(self, t0: torch.Tensor, dim: int, key_dim: int, eps: float, iters: int, momentum: float):
+
+class HallucinationIntervention(nn.Module):
+    """ICH: OT plan π between classes and frames on CLIP cosines, proxies H = C·π·VP, back-door on T by NWGM."""
+
+    def __init__(self, t0: torch.Tensor, opts: PCMCIOptions):
         super().__init__()
         C, Dc = t0.shape
-        self.eps, self.iters, self.momentum = eps, iters, momentum
-        # H̄ (C, Dc): dataset-level hallucination set, row j = running mean of class j's proxy; starts at T0
-        self.register_buffer("memory", t0.detach().float().clone())
-        self.prior_logits = nn.Parameter(torch.zeros(C))  # θ, P(h̄_j) = softmax(θ)_j: learned class prior
-        self.w_q = nn.Linear(Dc, key_dim)  # λ's query from the sample's proxy h_bc
-        self.w_k = nn.Linear(Dc, key_dim)  # λ's key from the memory entry h̄_j
-        self.w_h = nn.Linear(Dc, dim)  # W_H: the hallucination term into the text space
-        self.scale = key_dim**-0.5
-        self.memory_updates = True  # False while auxiliary views pass through the head (train.grounding)
+        self.opts = opts
+        self.w_h = nn.Linear(Dc, Dc)  # W_H: the hallucination term into T's (CLIP text) space
+        self.scale = opts.relation_dim**-0.5
+        if opts.ich_form in ("attention", "memory"):
+            self.w_q = nn.Linear(Dc, opts.relation_dim)  # λ's query: t_c (attention) | the proxy h_bc (memory)
+            self.w_k = nn.Linear(Dc, opts.relation_dim)  # λ's key: the proxy h_j (attention) | h̄_j (memory)
+        if opts.ich_form == "memory":
+            # H̄ (C, Dc): dataset-level hallucination set, row j = running mean of class j's proxy; starts at T0
+            self.register_buffer("memory", t0.detach().float().clone())
+            self.prior_logits = nn.Parameter(torch.zeros(C))  # θ, P(h̄_j) = softmax(θ)_j: learned class prior
+            self.memory_updates = True  # False while auxiliary views pass through the head (train.grounding)
 
-    def prior(self) -> torch.Tensor:
-        """P(h̄): (C,), sums to 1."""
-        return self.prior_logits.softmax(0)
+    def cost(self, t: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """1 - S, S = <T, VP> cosines: t (B, C, Dc), vp (B, L, Dc), mask (B, L) -> (B, C, L), fp32."""
+        s = torch.einsum("bcd,bld->bcl", F.normalize(t.float(), dim=-1), F.normalize(vp.float(), dim=-1))  # S
+        cost = 1.0 - s  # in [0, 2], (B, C, L)
+        if self.opts.cost_scale == "none":
+            return cost
+        real = mask[:, None, :].expand_as(cost)  # (B, C, L)
+        if self.opts.cost_scale == "minmax":
+            low = cost.masked_fill(~real, torch.inf).amin((1, 2), keepdim=True)  # (B, 1, 1)
+            high = cost.masked_fill(~real, -torch.inf).amax((1, 2), keepdim=True)  # (B, 1, 1)
+            return ((cost - low) / (high - low).clamp_min(1e-6)).masked_fill(~real, 1.0)  # [0, 1] per video
+        # interaction: with fixed marginals the plan ignores any constant added to a row or a column, so the
+        # cost's scale is the spread of its doubly centred part; divide by it (ε is in units of that spread)
+        w = real.to(cost.dtype)  # (B, C, L)
+        n = mask.sum(1).clamp_min(1).to(cost.dtype)[:, None, None]  # L_valid (B, 1, 1)
+        rows = (cost * w).sum(2, keepdim=True) / n  # (B, C, 1)
+        cols = (cost * w).mean(1, keepdim=True)  # (B, 1, L)
+        centred = (cost - rows - cols + rows.mean(1, keepdim=True)) * w  # (B, C, L)
+        spread = (centred.square().sum((1, 2), keepdim=True) / (n * cost.shape[1])).sqrt()  # (B, 1, 1)
+        return cost / spread.clamp_min(1e-6)  # the plan is that of the centred cost: same row/column shifts
 
-    def hallucinate(
-        self, t: torch.Tensor, vp: torch.Tensor, vp_t: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """t (B, C, d), vp (B, L, Dc), vp_t (B, L, d) = VP W_t + b, mask (B, L) -> π (B, C, L), H (B, C, Dc)."""
-        s = torch.einsum("bcd,bld->bcl", F.normalize(t, dim=-1), F.normalize(vp_t, dim=-1))  # S = <T, VP>, (B, C, L)
-        plan = sinkhorn((1.0 - s).float(), self.eps, self.iters, mask)  # π, cost 1 - S (fp32: log-domain), (B, C, L)
-        rows = plan / plan.sum(2, keepdim=True).clamp_min(1e-12)  # C·π at convergence; exact row sums 1, (B, C, L)
-        h = torch.einsum("bcl,bld->bcd", rows.to(vp.dtype), vp)  # H = C·π·VP: weighted averages of frames, (B, C, Dc)
+    def plan(self, t: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """π: t (B, C, Dc), vp (B, L, Dc), mask (B, L) -> (B, C, L), rows 1/C, real columns 1/L_valid."""
+        o = self.opts
+        return sinkhorn(self.cost(t, vp, mask), o.sinkhorn_eps, o.sinkhorn_iters, mask, tol=o.sinkhorn_tol)
+
+    def hallucinate(self, t: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t (B, C, Dc), vp (B, L, Dc), mask (B, L) -> π (B, C, L), H = C·π·VP (B, C, Dc)."""
+        plan = self.plan(t, vp, mask)  # (B, C, L)
+        h = torch.einsum("bcl,bld->bcd", plan * plan.shape[1], vp.float())  # h_c: convex combination of frames
         return plan, h
 
     def backdoor(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """T' = T + W_H Σ_j w_j h̄_j (NWGM): t (B, C, d), h (B, C, Dc) the sample's proxies -> (B, C, d)."""
-        memory = self.memory.to(h.dtype)  # H̄ (C, Dc)
+        """T' = T + W_H E_h[h] (NWGM): t (B, C, Dc), h (B, C, Dc) the video's proxies -> (B, C, Dc)."""
+        B, C, _ = h.shape
+        if self.opts.ich_form == "paper":
+            p_h = h.new_full((C,), 1.0 / C)  # P(h_c) = 1/C: fixed, the plan's own row mass
+            return t + self.w_h(nwgm_expectation(h, p_h)).unsqueeze(1)  # the same term for every class
+        if self.opts.ich_form == "attention":  # ours: w_cj ∝ λ_cj P(h_j), λ from t_c over the video's proxies
+            scores = torch.einsum("bce,bje->bcj", self.w_q(t), self.w_k(h)) * self.scale  # log λ, (B, C, C)
+            w = (scores - torch.log(torch.tensor(float(C)))).softmax(-1)  # + log P(h_j) = log 1/C, (B, C, C)
+            return t + self.w_h(nwgm_expectation(h.unsqueeze(1), w))  # Σ_j w_cj h_j, (B, C, Dc)
+        memory = self.memory.to(h.dtype)  # ours: H̄ (C, Dc)
         lam = torch.einsum("bce,je->bcj", self.w_q(h), self.w_k(memory)) * self.scale  # log λ, (B, C, C)
         w = (lam + self.prior_logits.log_softmax(0).to(lam.dtype)).softmax(-1)  # ∝ λ_j P(h̄_j), (B, C, C)
-        expectation = nwgm_expectation(memory, w)  # E_h[h] over the dataset-level set, (B, C, Dc)
-        return t + self.w_h(expectation)  # T' = T + W_H E[h], (B, C, d)
+        return t + self.w_h(nwgm_expectation(memory, w))  # T' = T + W_H E[h̄], (B, C, Dc)
 
     @torch.no_grad()
     def update_memory(self, h: torch.Tensor) -> None:
         """H̄ <- m H̄ + (1 - m) mean_b H_b: h (B, C, Dc). Out of place: the old H̄ is saved for backward."""
-        self.memory = torch.lerp(self.memory, h.detach().float().mean(0), 1.0 - self.momentum)
+        self.memory = torch.lerp(self.memory, h.detach().float().mean(0), 1.0 - self.opts.memory_momentum)
 
-    def forward(self, t: torch.Tensor, vp: torch.Tensor, vp_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """t (B, C, d), vp (B, L, Dc), vp_t (B, L, d), mask (B, L) -> T' (B, C, d)."""
-        _, h = self.hallucinate(t, vp, vp_t, mask)
+    def forward(self, t: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """t (B, C, Dc), vp (B, L, Dc), mask (B, L) -> T' (B, C, Dc)."""
+        _, h = self.hallucinate(t, vp, mask)
         t_new = self.backdoor(t, h)
-        if self.training and self.memory_updates:
+        if self.opts.ich_form == "memory" and self.training and self.memory_updates:
             self.update_memory(h)
         return t_new
 
 
-class IntraVideoCausal(nn.Module):
-    """IVC: F = frame relations + alignment to the text mediator, sample-bank term over G, V* by NWGM."""
+class MultiScaleAttention(nn.Module):
+    """The multi-scale mediator: frames attend within ±r frames for r in SCALES, averaged over the scales."""
 
-    def __init__(self, dim: int, bases: int, key_dim: int, bank_dim: int):
+    def __init__(self, dim: int):
         super().__init__()
-        self.frame_relations = RelationBases(dim, bases, key_dim)  # F, level 1: relations among the L frames
-        self.bank = SampleBankAttention(dim, bank_dim, dim)  # Σ_v' P(v') over the global dictionary G
-        self.norm = nn.LayerNorm(dim)
+        self.w_q, self.w_k, self.w_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.scale = dim**-0.5
 
+    def forward(self, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """v (B, L, d), mask (B, L) -> (B, L, d)."""
+        B, L, _ = v.shape
+        pos = torch.arange(L, device=v.device)
+        radius = torch.tensor(SCALES, device=v.device)  # (S,)
+        window = (pos[:, None] - pos[None, :]).abs()[None] <= radius[:, None, None]  # (S, L, L)
+        allowed = window[None] & mask[:, None, None, :]  # (B, S, L, L)
+        scores = torch.einsum("bld,bmd->blm", self.w_q(v), self.w_k(v)) * self.scale  # (B, L, L)
+        attn = masked_softmax(scores[:, None].expand(-1, len(SCALES), -1, -1), allowed)  # (B, S, L, L)
+        return torch.einsum("bslm,bmd->bld", attn, self.w_v(v)) / len(SCALES)  # (B, L, d)
+
+
+class VisualConfounderIntervention(nn.Module):
+    """IVC: F = frame relations (aligned with the text's) + mediator, sample term over a V bank, V* by NWGM."""
+
+    def __init__(self, opts: PCMCIOptions, bank_dim: int, aligned: bool):
+        super().__init__()
+        d, K = opts.dim, opts.relation_bases
+        self.mediator_form = opts.ivc_mediator
+        if aligned:  # relations from ICI's bases over the frames' text counterparts; F keeps its own W_v^k
+            self.w_v = nn.Parameter(torch.randn(K, d, d) * d**-0.5)  # W_v^k (K, d, d)
+        else:
+            self.frame_relations = RelationBases(d, K, opts.relation_dim)  # F, level 1: relations among frames
+        if opts.ivc_mediator == "memory":
+            self.memory_key, self.memory_value = nn.Linear(bank_dim, d), nn.Linear(bank_dim, d)
+        elif opts.ivc_mediator == "multiscale":
+            self.multiscale = MultiScaleAttention(d)
+        self.bank = SampleBankAttention(d, bank_dim, d)  # Σ_v' P(v') over the V dictionary
+        self.norm = nn.LayerNorm(d)
+        self.scale = d**-0.5
+
+    def mediator(self, v_r: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        """m: v_r (B, L, d), t (B, C, d), mask (B, L), bank (Kg, Dg) -> (B, L, d)."""
+        if self.mediator_form == "text":
+            p_m = torch.einsum("bld,bcd->blc", v_r, t).mul(self.scale).softmax(-1)  # P(M = t*_c | v_l), (B, L, C)
+            return torch.einsum("blc,bcd->bld", p_m, t)  # m_l = Σ_c P(t*_c | v_l) t*_c, (B, L, d)
+        if self.mediator_form == "memory":
+            keys, values = self.memory_key(bank), self.memory_value(bank)  # (Kg, d), (Kg, d)
+            return torch.einsum("bld,kd->blk", v_r, keys).mul(self.scale).softmax(-1) @ values  # (B, L, d)
+        return self.multiscale(v_r, mask)  # (B, L, d)
+
     def forward(
-        self, v: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, bank: torch.Tensor, bank_prior: torch.Tensor
+        self,
+        v: torch.Tensor,
+        t_clip: torch.Tensor,
+        t: torch.Tensor,
+        mask: torch.Tensor,
+        bank: torch.Tensor,
+        bank_prior: torch.Tensor,
+        text_bases: RelationBases | None,
     ) -> torch.Tensor:
-        """v (B, L, d), t (B, C, d) the mediator, mask (B, L), bank G (Kg, Dg), prior (Kg,) -> V* (B, L, d)."""
-        v_r = self.frame_relations(v, mask)  # F level 1, (B, L, d)
-        p_m = torch.einsum("bld,bcd->blc", v_r, t).mul(self.scale).softmax(-1)  # P(M = t_c | v_l), (B, L, C)
-        m = torch.einsum("blc,bcd->bld", p_m, t)  # F level 2: E_{m|v}[m], frames in the text's relations (B, L, d)
-        x_hat = self.bank(m, bank.to(v.dtype), bank_prior)  # Σ_v' P(v' | m) v', cross-sample, (B, L, d)
+        """v (B, L, d), T (B, C, Dc) and its projection t (B, C, d), mask (B, L), bank (Kg, Dg), prior (Kg,),
+        ICI's bases when aligned -> V* (B, L, d)."""
+        if text_bases is not None:
+            p_t = torch.einsum("bld,bcd->blc", v, t).mul(self.scale).softmax(-1)  # P(t_c | v_l), (B, L, C)
+            counterpart = torch.einsum("blc,bcd->bld", p_t, t_clip)  # each frame's text, CLIP space (B, L, Dc)
+            g, p = text_bases.relations(counterpart, mask), text_bases.prior()  # G^V_k (B, K, L, L), p (K,)
+            v_r = propagate(v, g, p, self.w_v)  # F level 1, aligned with R, (B, L, d)
+        else:
+            v_r = self.frame_relations(v, mask)  # F level 1 from the frames alone, (B, L, d)
+        m = self.mediator(v_r, t, mask, bank)  # F level 2: E_{m|v}[m], (B, L, d)
+        x_hat = self.bank(m, bank, bank_prior)  # Σ_v' P(v' | m) v', cross-sample, (B, L, d)
         return self.norm(v_r + m + x_hat)  # V* (NWGM: in-sample + cross-sample expectations), (B, L, d)
 
 
@@ -240,14 +357,26 @@ class IntraVideoCausal(nn.Module):
         "bases4": {"relation_bases": 4},
         "bases8": {"relation_bases": 8},
         "bases16": {"relation_bases": 16},
+        # the paper's mediator choice: T* (the full head) vs a visual memory bank vs multi-scale attention,
+        # and without the structural alignment of frame relations to text relations
+        "mediator_memory": {"ivc_mediator": "memory"},
+        "mediator_multiscale": {"ivc_mediator": "multiscale"},
+        "alignment_off": {"ivc_alignment": False},
+        # ours, beside the paper's forms
+        "ich_attention": {"ich_form": "attention"},  # each class attends over the video's proxies
+        "ich_memory": {"ich_form": "memory"},  # dataset-level EMA memory + learned class prior
+        "ivc_bank_clip": {"ivc_dictionary": "global"},  # IVC's bank over CLIP frames (reopens the VLM path)
+        "learn_text": {"learn_text": True},  # T learnable from T0
         "clip_only": {"visual": "clip"},  # VP as V, as the baseline's variant of that name
-        "prior_uniform": {"prior": "uniform"},  # G's prior 1/K (IVRD-style, the grounding table)
+        "prior_uniform": {"prior": "uniform"},  # IVC's bank prior 1/K (IVRD-style, the grounding table)
     },
 )
 class PCMCI(nn.Module):
+    """batch -> logits (B, C): T' = ICH(T0, VP), T* = ICI(T'), V* = IVC(V, T*), inference(T*, V*)."""
+
     @staticmethod
     def required_dictionaries(opts: PCMCIOptions) -> tuple[str, ...]:
-        return ("global",) if opts.ivc else ()
+        return (opts.ivc_dictionary,) if opts.ivc else ()
 
     def __init__(self, opts: PCMCIOptions, ctx: HeadContext):
         super().__init__()
@@ -261,32 +390,48 @@ class PCMCI(nn.Module):
             ctx.num_frames,
             opts.dropout,
         )
-        self.text = TextQueries(ctx.t0, d, learnable=opts.learn_text)
-        self.ich = (
-            IntraClassHallucination(
-                ctx.t0, d, opts.relation_dim, opts.sinkhorn_eps, opts.sinkhorn_iters, opts.memory_momentum
-            )
-            if opts.ich
-            else None
-        )
-        self.ici = RelationBases(d, opts.relation_bases, opts.relation_dim) if opts.ici else None
-        bank_dim = ctx.dictionaries["global"][0].shape[1] if opts.ivc and "global" in ctx.dictionaries else ctx.clip_dim
-        self.ivc = IntraVideoCausal(d, opts.relation_bases, opts.relation_dim, bank_dim) if opts.ivc else None
-        self.pool = ClassCrossAttention(d, opts.attention_heads, opts.dropout)  # T as queries, V as keys/values
+        self.text = TextQueries(ctx.t0, d, learnable=opts.learn_text)  # T (C, Dc) and its projection to d
+        self.ich = HallucinationIntervention(ctx.t0, opts) if opts.ich else None
+        self.ici = IllusionIntervention(ctx.clip_dim, opts.relation_bases, opts.relation_dim) if opts.ici else None
+        self.ivc = None
+        if opts.ivc:
+            bank = ctx.dictionaries.get(opts.ivc_dictionary)
+            bank_dim = bank[0].shape[1] if bank is not None else ctx.video_dim
+            self.ivc = VisualConfounderIntervention(opts, bank_dim, aligned=opts.ivc_alignment and opts.ici)
+        self.pool = ClassCrossAttention(d, opts.attention_heads, opts.dropout)  # T* as queries, V* as keys/values
         self.readout = ClassReadout(ctx.num_classes, d)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         B, L = batch.mask.shape
         vp, mask = batch.vp.float(), batch.mask  # VP (B, L, Dc)
         v = self.temporal((batch.v if self.opts.visual == "timesformer" else batch.vp).float(), mask)  # V (B, L, d)
-        t = self.text().expand(B, -1, -1)  # T (B, C, d)
+        t = self.text.text.expand(B, -1, -1)  # T (B, C, Dc), CLIP text space
         for stage in self.opts.order:
             if stage == "ich":
-                t = self.ich(t, vp, self.text.proj(vp), mask)  # T' (B, C, d); VP in the text space (B, L, d)
+                t = self.ich(t, vp, mask)  # T' (B, C, Dc)
             elif stage == "ici":
-                t = self.ici(t)  # T* (B, C, d)
+                t = self.ici(t)  # T* (B, C, Dc)
             else:
-                bank, prior = batch.dictionaries["global"]  # G (Kg, Dg), P(v') (Kg,)
-                v = self.ivc(v, t, mask, bank.float(), dictionary_prior(prior.float(), self.opts.prior))  # V* (B, L, d)
-        f = self.pool(t, v, mask)  # inference: T as queries over V, (B, C, d)
+                bank, prior = batch.dictionaries[self.opts.ivc_dictionary]  # (Kg, Dg), P(v') (Kg,)
+                prior = dictionary_prior(prior.float(), self.opts.prior)
+                aligned = self.ici if self.opts.ivc_alignment else None
+                v = self.ivc(v, t, self.text.proj(t), mask, bank.float(), prior, aligned)  # V* (B, L, d)
+        f = self.pool(self.text.proj(t), v, mask)  # inference: T* as queries over V*, (B, C, d)
         return self.readout(f)  # (B, C)
+
+    @torch.no_grad()
+    def transport_report(self, batch: Batch) -> dict[str, float]:
+        """ICH's plan on T0 and a batch: effective frames per class (mean, min, of L_valid), marginal error."""
+        if self.ich is None:
+            return {}
+        B = batch.mask.shape[0]
+        plan = self.ich.plan(self.text.text.expand(B, -1, -1), batch.vp.float(), batch.mask)  # π (B, C, L)
+        rows = plan / plan.sum(2, keepdim=True).clamp_min(1e-30)  # (B, C, L)
+        entropy = -(rows * rows.clamp_min(1e-30).log()).sum(2)  # (B, C)
+        frames = entropy.exp()  # effective number of frames each class's plan row spreads over
+        return {
+            "effective_frames": frames.mean().item(),
+            "effective_frames_min": frames.min().item(),
+            "frames": batch.mask.sum(1).float().mean().item(),
+            "marginal_error": marginal_error(plan, batch.mask),
+        }
