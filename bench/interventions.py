@@ -1,19 +1,14 @@
 """Do the causal terms of the paper heads carry information about the sample? Measured on the demo cache.
 
-A back-door or front-door term is an expectation over a dictionary or a memory; if its attention
-weights stay near uniform it is a constant vector, a learned bias, whatever the paper intends. For
-each head (trained once on the activity task, seed 0, the config's epochs) and each named term (a
-submodule whose output is the term), on every evaluation split:
-
-- `variation`: mean_b ||y_b - ȳ|| / mean_b ||y_b||, how much the term changes from video to video
-  (0 = the same vector for every video);
-- `knockout`: Acc@1 with the term replaced by its mean over the split (a forward hook), minus the
-  head's own Acc@1, in points: what the sample-specific part of the term contributes to the prediction.
+A thin caller of `train.diagnose` (`ltar diagnose` on a run): each paper head is trained once (activity,
+seed 0, the config's epochs) and every causal term its registry entry declares is diagnosed on every
+evaluation split: its variation over videos (learned bias excluded), its cosine to the split mean, the
+Acc@1 change when it is replaced by its split mean or by zero, and the entropy of its weights.
 
 Usage: python -m bench.interventions [--config pipeline.yaml] [--epochs N]
 (reads the config's cache; where it is missing, builds it first as `make demo` does: synth, pretrain-vlm,
 extract, dictionaries)
-The last line is `key=value` pairs: <head>_<term>_var and <head>_<term>_ko_<split> for every term.
+The last line is `key=value` pairs: <head>_<term>_var_<split> and <head>_<term>_ko_<split> for every term.
 """
 
 from __future__ import annotations
@@ -25,63 +20,25 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# head -> {short name: (submodule whose output is the term, what it is)}
-TERMS = {
-    "ecrl": {
-        "bd": ("w_b", "W_b E_z: back-door expectation over the confounder dictionary (Eq. 6-7)"),
-        "glca_global": ("glca.local_global", "GLCA's local-global attention over the trainable G (front-door)"),
-        "s1": ("cls_1", "S1: the whole FG/BG branch's logits"),
-    },
-    "pcmci": {
-        "ich": ("ich.w_h", "W_H Σ_h P(h) h: ICH's back-door term over the video's OT hallucination proxies"),
-        "ivc_bank": ("ivc.bank", "IVC's sample-bank term over the TimeSformer dictionary global_video (front-door)"),
-    },
-    "cmdcl": {
-        "tci": ("tci.h", "h([t_c, b_c]): TCI's debiased text T' of each video (Eq. 3)"),
-        "vci": ("vci.g", "g([t'_c, v̂_c]): VCI's deconfounded visual embeddings V' (Eq. 8)"),
-    },
-}
+HEADS = ("cmdcl", "pcmci", "ecrl")  # their causal terms are declared in the registry (train.heads)
 
 
-def _outputs(model, data, ctx, device, module, replace_with=None):
-    """Run the split; return Acc@1 and the term's outputs stacked over videos (or None if not batched)."""
-    from train.data import iterate_batches
-    from train.metrics import compute_metrics
-
-    seen: list[torch.Tensor] = []
-
-    def hook(_mod, _inp, out):  # every term is per video: out (B, ..., D)
-        seen.append(out.detach())
-        return None if replace_with is None else replace_with.expand_as(out)
-
-    handle = module.register_forward_hook(hook)
-    scores, labels = [], []
-    dicts = {k: (c.to(device), p.to(device)) for k, (c, p) in ctx.dictionaries.items()}
-    model.eval()
-    with torch.no_grad():
-        for _, batch in iterate_batches(data, 64, ctx.t0.to(device), dicts, device):
-            scores.append(model(batch).float().cpu().numpy())
-            labels.append(batch.labels.cpu().numpy())
-    handle.remove()
-    acc = compute_metrics(np.concatenate(scores), np.concatenate(labels), False)["acc1"]
-    return acc, seen
-
-
-def measure(cfg, store, epochs: int, runs: Path) -> dict[str, dict]:
+def measure(cfg, store, epochs: int, runs: Path) -> dict[str, list]:
+    """Train each paper head (activity, seed 0) and diagnose its declared terms on every evaluation split."""
     from train.data import CacheReader
+    from train.diagnose import diagnose_model
     from train.engine import build_model, train
 
     reader = CacheReader(store, "activity")
     ctx = reader.context()
     splits = {s: reader.load_split(s) for s in sorted(set(reader.info.splits) - {"train", "pretrain"})}
-    out: dict[str, dict] = {}
-    for head, terms in TERMS.items():
+    out: dict[str, list] = {}
+    for head in HEADS:
         run_cfg = replace(
             cfg, train=replace(cfg.train, head=head, variant=None, grounding=None, task="activity", seed=0)
         )
@@ -89,17 +46,8 @@ def measure(cfg, store, epochs: int, runs: Path) -> dict[str, dict]:
         result = train(run_cfg, store=store, progress=False)
         model = build_model(run_cfg, ctx, head, None, None)
         model.load_state_dict(torch.load(result.run_dir / "last.pt", weights_only=False)["state_dict"])
-        modules = dict(model.named_modules())
-        for name, (path, _) in terms.items():
-            row: dict = {}
-            for split, data in splits.items():
-                acc, seen = _outputs(model, data, ctx, "cpu", modules[path])
-                ys = torch.cat(seen)  # (N, ..., D)
-                mean = ys.mean(0, keepdim=True)  # the term's average over the split, (1, ..., D)
-                var = float((ys - mean).norm(dim=-1).mean() / ys.norm(dim=-1).mean().clamp_min(1e-12))
-                ko_acc, _ = _outputs(model, data, ctx, "cpu", modules[path], replace_with=mean)
-                row.update({"var": var, f"acc_{split}": acc, f"ko_{split}": 100 * (ko_acc - acc)})
-            out[f"{head}_{name}"] = row
+        for split, data in splits.items():
+            out[f"{head}/{split}"] = diagnose_model(model, head, data, ctx, "cpu", 64)
     return out
 
 
@@ -135,17 +83,20 @@ def main() -> None:
     except CacheError:
         store = build_demo_cache(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = measure(cfg, store, args.epochs or cfg.train.epochs, Path(tmp))
+        results = measure(cfg, store, args.epochs or cfg.train.epochs, Path(tmp))
     figures = {}
-    print(f"cache {store}; heads trained on activity, seed 0; knockout = Acc@1 change in points")
-    for key, row in rows.items():
-        head, term = key.split("_", 1)
-        desc = TERMS[head][term][1]
-        splits = [k[3:] for k in row if k.startswith("ko_")]
-        kos = ", ".join(f"{s} {row[f'acc_{s}'] * 100:.1f} -> {row[f'ko_{s}']:+.1f}" for s in splits)
-        print(f"  {key:<20} variation {row['var']:.4f} | knockout {kos} | {desc}")
-        figures[f"{key}_var"] = f"{row['var']:.4f}"
-        figures.update({f"{key}_ko_{s}": f"{row[f'ko_{s}']:+.1f}" for s in splits})
+    print(f"cache {store}; heads trained on activity, seed 0; knock-out = Acc@1 change in points (ltar diagnose)")
+    for key, rows in results.items():
+        head, split = key.split("/")
+        for r in rows:
+            ent = "—" if r.entropy is None else f"{r.entropy:.3f}"
+            print(
+                f"  {head:<6} {r.term.name:<12} {split:<9} Acc@1 {100 * r.metric:5.1f} | variation {r.variation:.4f} "
+                f"| cosine {r.cosine:.3f} | KO mean {r.ko_mean:+5.1f} zero {r.ko_zero:+5.1f} | entropy {ent} "
+                f"| {r.term.symbol}"
+            )
+            figures[f"{head}_{r.term.name}_var_{split}"] = f"{r.variation:.4f}"
+            figures[f"{head}_{r.term.name}_ko_{split}"] = f"{r.ko_mean:+.1f}"
     print(" ".join(f"{k}={v}" for k, v in figures.items()))
 
 

@@ -224,6 +224,7 @@ class AblationTable:
     tasks: tuple[str, ...] = ("activity",)  # each row is trained and evaluated on every task listed
     seeds: int = field(default=3, metadata=_range(1))  # mean ± std over this many seeds (`--seeds` overrides)
     caption: str = ""  # written above the table
+    reference: str | None = None  # the row every paired difference is taken against (null = the first row)
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,11 @@ def _cross_checks(cfg: Config) -> list[str]:
             build_section(TrainConfig, {k: v for k, v in recipe.train.items() if k not in bad}, f"recipes.{name}.train")
         except ConfigError as e:
             errors.append(str(e))
+    for name, table in cfg.ablations.items():
+        if table.reference is not None and table.reference not in table.rows:
+            errors.append(
+                f"ablations.{name}.reference: {table.reference!r} is not one of the table's rows {list(table.rows)}"
+            )
     if cfg.train.recipe is not None and cfg.train.recipe not in cfg.recipes:
         errors.append(
             f"train.recipe: no recipe {cfg.train.recipe!r}; pipeline.yaml defines recipes: {sorted(cfg.recipes)}"

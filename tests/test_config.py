@@ -10,6 +10,7 @@ from extract.config import (
     Config,
     ConfigError,
     DictionarySpec,
+    Recipe,
     apply_overrides,
     from_dict,
     load_config,
@@ -34,7 +35,7 @@ def test_pipeline_yaml_loads_and_names_every_key():
 
     cfg = load_config(REPO / "pipeline.yaml")
     written = set(_keys(yaml.safe_load((REPO / "pipeline.yaml").read_text())))
-    named = ("heads", "ablations", "dictionaries.", "grounding")  # sections of named entries, checked below
+    named = ("heads", "ablations", "dictionaries.", "grounding", "recipes")  # sections of named entries, below
     declared = {k for k in _keys(to_dict(Config())) if not k.startswith(named)}
     static = {k for k in written if not k.startswith(named)}
     # every named dictionary writes every field of DictionarySpec
@@ -53,6 +54,10 @@ def test_pipeline_yaml_loads_and_names_every_key():
     grounding_keys = {k.split(".", 2)[2] for k in written if k.startswith("grounding.")}
     missing = {f.name for f in dataclasses.fields(GroundingOptions)} - grounding_keys
     assert not missing, f"no grounding in pipeline.yaml writes {sorted(missing)}"
+    # every recipe writes every field of Recipe, and every table its reference row
+    for name, entry in yaml.safe_load((REPO / "pipeline.yaml").read_text())["recipes"].items():
+        assert set(entry) == {f.name for f in dataclasses.fields(Recipe)}, f"recipes.{name}"
+    assert all(t.reference in t.rows for t in cfg.ablations.values())
     assert cfg.dataset.name == "synthetic"
 
 

@@ -258,8 +258,16 @@ def test_cli_train_evaluate_ablate(tiny_cache, tmp_path):
     md = (tmp_path / "runs" / "ablations" / "baseline.md").read_text()
     assert "| baseline:clip_only |" in md and "activity Acc@1 test_ood" in md and "atomic mAP test_iid" in md
     assert "Training recipe: ours (pipeline.yaml `train`)." in md
+    assert "95% bootstrap interval" in md and "| baseline | " in md and " | ref | " in md
+    assert all((r.parent / "predictions-test_ood.npz").exists() for r in (tmp_path / "runs").rglob("last.pt"))
+    res = runner.invoke(  # the finished runs are reused; --diagnose adds each row's causal-term headline
+        app, ["-q", "ablate", "--table", "baseline", "--seeds", "2", "--diagnose", "--store", str(store), *common]
+    )
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "runs" / "ablations" / "baseline.md").read_text()
+    assert "activity diagnosis (test_ood, seed 0)" in md and "| baseline | " in md
     csv_lines = (tmp_path / "runs" / "ablations" / "baseline.csv").read_text().splitlines()
-    assert len(csv_lines) == 1 + 3 * 2 * 2  # rows x tasks x eval splits
+    assert len(csv_lines) == 1 + 5 * 2 * 2  # rows x tasks x eval splits
     assert (tmp_path / "runs" / "ablations" / "baseline.png").read_bytes()[:4] == b"\x89PNG"
     res = runner.invoke(app, ["-q", "ablate", "--table", "nope", *common])
     assert res.exit_code == 2 and "no ablation table(s) ['nope']" in res.output

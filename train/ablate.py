@@ -1,8 +1,10 @@
 """`ltar ablate`: every row of a named table × task × seed, trained from one cache, written as files.
 
-Outputs in `<runs_root>/ablations/`: `<table>.md` (paste into a paper), `<table>.csv` (one line per
-row, task, split and metric, with mean, std and the per-seed values) and `<table>.png` (bar chart with
-std error bars). The runs live in `<runs_root>/ablations/<cache fingerprint>/<run>/`, shared by every
+Outputs in `<runs_root>/ablations/`: `<table>.md` (paste into a paper: each cell the mean over seeds with
+its 95% bootstrap interval, and the paired difference to the table's reference row with its interval,
+marked where it excludes 0; train/stats.py), `<table>.csv` (one line per row, task, split and metric, with
+mean, std, the per-seed values, the interval and the paired difference) and `<table>.png` (bars with the
+intervals and the chance level). The runs live in `<runs_root>/ablations/<cache fingerprint>/<run>/`, shared by every
 table of that cache (a row that appears in several tables, such as a full head, trains once). Runs
 already finished (their `last.pt` reached the last epoch) are reused, so an interrupted ablation
 resumes where it stopped; a run folder trained with other settings is refused, never silently reused.
@@ -13,7 +15,7 @@ from __future__ import annotations
 import csv
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,15 @@ import torch
 
 from extract.config import AblationTable, Config, to_dict
 from train.data import CacheReader
-from train.engine import RunError, RunResult, dictionary_hashes, find_store, run_name, train
+from train.diagnose import diagnose as diagnose_run
+from train.diagnose import headline
+from train.engine import RunError, RunResult, dictionary_hashes, find_store, run_name, run_predictions, train
 from train.grounding import grounding_options
 from train.heads import head_options, parse_row
+from train.stats import Interval, chance_level, interval, paired_difference
+
+METRICS_WITH_CI = ("acc1", "acc5", "map")  # bootstrapped per video (train.stats); frame IoU is reported as is
+DIAGNOSE_SPLIT = "test_ood"  # `ltar ablate --diagnose` reads the split where the confounder breaks
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,8 @@ class Cell:
     split: str
     metric: str
     values: list[float]
+    ci: Interval | None = None  # mean over seeds with its bootstrap 95% interval (train.stats)
+    diff: Interval | None = None  # paired difference to the table's reference row, with its interval
 
     @property
     def mean(self) -> float:
@@ -62,6 +72,9 @@ class TableResult:
     runs: int
     files: list[Path]
     recipe: str = "ours (pipeline.yaml `train`)"  # which training recipe produced the table
+    diagnosis: dict[tuple[str, str], str] = field(default_factory=dict)  # (row, task) -> causal-term headline
+    reference: str = ""  # the row of the paired differences
+    chance: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (task, metric, split) -> chance level
 
 
 def _run_cfg(cfg: Config, row: str, task: str, seed: int) -> Config:
@@ -117,9 +130,15 @@ def main_metric(task_multi_label: bool) -> list[str]:
 
 
 def run_table(
-    cfg: Config, name: str, seeds: int | None = None, store: Path | None = None, progress: bool = True
+    cfg: Config,
+    name: str,
+    seeds: int | None = None,
+    store: Path | None = None,
+    progress: bool = True,
+    diagnose: bool = False,
 ) -> TableResult:
-    """Train and evaluate every row of `ablations.<name>`; write the .md, .csv and .png."""
+    """Train and evaluate every row of `ablations.<name>`; write the .md, .csv and .png. `diagnose`: add each
+    row's causal-term headline (variation, knock-out by the split mean) on `DIAGNOSE_SPLIT`, seed 0's run."""
     from tqdm import tqdm
 
     if name not in cfg.ablations:
@@ -131,6 +150,7 @@ def run_table(
     out_root = Path(cfg.train.runs_root) / "ablations"
     t0 = time.perf_counter()
     results: dict[tuple[str, str], list[RunResult]] = {}
+    diagnosis: dict[tuple[str, str], str] = {}
     jobs = [(row, task, cfg.train.seed + s) for row in table.rows for task in table.tasks for s in range(n_seeds)]
     bar = tqdm(jobs, desc=f"ablate {name}", unit="run", disable=not progress)
     for row, task, seed in bar:
@@ -139,18 +159,42 @@ def run_table(
         done = _finished(run_dir, run_cfg, reader)
         result = done or train(run_cfg, store=store, resume=True, progress=False, run_dir=run_dir)
         results.setdefault((row, task), []).append(result)
+        if diagnose and seed == cfg.train.seed and DIAGNOSE_SPLIT in reader.info.splits:
+            rows, _ = diagnose_run(run_dir, DIAGNOSE_SPLIT, store=store)
+            diagnosis[(row, task)] = headline(rows)
     cells = []
+    chance: dict[tuple[str, str, str], float] = {}
+    predictions: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}  # (row, task, split) -> (S,N,C), labels
     for (row, task), runs in results.items():
         splits = sorted(runs[0].metrics)
         multi = "acc1" not in runs[0].metrics[splits[0]]
         for split in splits:
+            stacked = [run_predictions(r.run_dir, split, store) for r in runs]
+            if any(not np.array_equal(p[2], stacked[0][2]) for p in stacked):
+                raise RunError(f"the runs of row {row!r} ({task}) scored different videos of {split}; retrain them")
+            scores, labels = np.stack([p[0] for p in stacked]), stacked[0][1]
+            predictions[(row, task, split)] = (scores, labels)
             grounded = [m for m in ("ground_iou", "ground_iou_random") if m in runs[0].metrics[split]]
             for metric in main_metric(multi) + grounded:
-                cells.append(Cell(row, task, split, metric, [r.metrics[split][metric] for r in runs]))
+                cell = Cell(row, task, split, metric, [r.metrics[split][metric] for r in runs])
+                if metric in METRICS_WITH_CI:
+                    cell.ci = interval(scores, labels, metric)
+                    chance[(task, metric, split)] = chance_level(labels, metric, scores.shape[-1])
+                cells.append(cell)
+    reference = table.reference or table.rows[0]
+    for cell in cells:
+        ref = predictions.get((reference, cell.task, cell.split))
+        if cell.ci is not None and ref is not None:
+            scores, labels = predictions[(cell.row, cell.task, cell.split)]
+            if not np.array_equal(labels, ref[1]):
+                raise RunError(f"rows {cell.row!r} and {reference!r} scored different videos of {cell.split}")
+            cell.diff = paired_difference(scores, ref[0], labels, cell.metric)
     recipe = cfg.train.recipe
     file_name = name if recipe is None else f"{name}@{recipe}"  # a paper recipe's table beside ours
     source = "ours (pipeline.yaml `train`)" if recipe is None else f"`{recipe}`: {cfg.recipes[recipe].source}"
-    result = TableResult(file_name, cells, time.perf_counter() - t0, len(jobs), [], source)
+    result = TableResult(
+        file_name, cells, time.perf_counter() - t0, len(jobs), [], source, diagnosis, reference, chance
+    )
     result.files = write_table(result, table, out_root, n_seeds)
     return result
 
@@ -160,6 +204,13 @@ def _columns(cells: list[Cell]) -> list[tuple[str, str, str]]:
     for c in cells:
         seen[(c.task, c.metric, c.split)] = None
     return list(seen)
+
+
+def _ci(x: Interval | None, signed: bool = False) -> str:
+    if x is None:
+        return "—"
+    f = "{:+.1f}" if signed else "{:.1f}"
+    return f"{f.format(100 * x.estimate)} [{f.format(100 * x.low)}, {f.format(100 * x.high)}]"
 
 
 def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds: int) -> list[Path]:
@@ -172,20 +223,44 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
     rows = list(dict.fromkeys(c.row for c in result.cells))
     cols = _columns(result.cells)
     by = {(c.row, c.task, c.metric, c.split): c for c in result.cells}
-    header = [f"{t} {METRIC_LABEL[m]} {s}" for t, m, s in cols]
+    header = []
+    for t, m, s in cols:
+        header.append(f"{t} {METRIC_LABEL[m]} {s}")
+        if m in METRICS_WITH_CI:
+            header.append("Δ")
+    tasks = list(dict.fromkeys(c.task for c in result.cells)) if result.diagnosis else []
+    header += [f"{t} diagnosis ({DIAGNOSE_SPLIT}, seed 0)" for t in tasks]
     lines = []
     if table.caption:
         lines += [table.caption, ""]
-    lines.append(f"Table `{result.name}`: mean ± std over {seeds} seed(s); all numbers in %.")
+    lines.append(
+        f"Table `{result.name}`: all numbers in %. Each cell: the mean over {seeds} seed(s) and its 95% "
+        "bootstrap interval (test videos and seeds resampled); Δ: the paired difference to the reference row "
+        f"`{result.reference}` on the same videos and seeds, with its 95% interval; * marks a Δ whose interval "
+        "excludes 0 (a difference the split can resolve)."
+    )
+    if result.chance:
+        levels = ", ".join(f"{t} {METRIC_LABEL[m]} {s} {100 * v:.1f}" for (t, m, s), v in result.chance.items())
+        lines.append(f"Chance levels: {levels}.")
     lines.append(f"Training recipe: {result.recipe}.")
     lines.append("")
     lines.append("| row | " + " | ".join(header) + " |")
-    lines.append("|---|" + "---:|" * len(cols))
+    lines.append("|---|" + "---:|" * (len(header) - len(tasks)) + "---|" * len(tasks))
     for r in rows:
         vals = []
         for t, m, s in cols:
             c = by.get((r, t, m, s))
-            vals.append(f"{100 * c.mean:.1f} ± {100 * c.std:.1f}" if c else "—")
+            if m not in METRICS_WITH_CI:
+                vals.append(f"{100 * c.mean:.1f} ± {100 * c.std:.1f}" if c else "—")
+                continue
+            vals.append(_ci(c.ci) if c else "—")
+            if c is None or c.diff is None:
+                vals.append("—")
+            elif r == result.reference:
+                vals.append("ref")
+            else:
+                vals.append(_ci(c.diff, signed=True) + (" *" if c.diff.excludes_zero() else ""))
+        vals += [result.diagnosis.get((r, t), "—") for t in tasks]
         lines.append(f"| {r} | " + " | ".join(vals) + " |")
     md = out_root / f"{result.name}.md"
     md.write_text("\n".join(lines) + "\n")
@@ -193,8 +268,13 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
     path_csv = out_root / f"{result.name}.csv"
     with path_csv.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["row", "task", "split", "metric", "mean", "std", "seeds", "values"])
+        w.writerow(
+            ["row", "task", "split", "metric", "mean", "std", "seeds", "values"]
+            + ["ci_low", "ci_high", "reference", "diff", "diff_low", "diff_high", "diff_excludes_0"]
+        )
+        num = lambda x: "" if x is None else f"{x:.6f}"  # noqa: E731
         for c in result.cells:
+            ci, d = c.ci, c.diff
             w.writerow(
                 [
                     c.row,
@@ -205,6 +285,13 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
                     f"{c.std:.6f}",
                     len(c.values),
                     " ".join(f"{v:.6f}" for v in c.values),
+                    num(ci and ci.low),
+                    num(ci and ci.high),
+                    result.reference,
+                    num(d and d.estimate),
+                    num(d and d.low),
+                    num(d and d.high),
+                    "" if d is None else int(d.excludes_zero()),
                 ]
             )
 
@@ -212,13 +299,18 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
         1, len(cols), figsize=(max(4.0, 1.0 + 0.7 * len(rows)) * len(cols) / 1.5, 3.6), squeeze=False
     )
     for ax, (t, m, s) in zip(axes[0], cols, strict=True):
-        means = [100 * by[(r, t, m, s)].mean if (r, t, m, s) in by else 0 for r in rows]
-        stds = [100 * by[(r, t, m, s)].std if (r, t, m, s) in by else 0 for r in rows]
-        ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color="#4C72B0")
+        cs = [by.get((r, t, m, s)) for r in rows]
+        means = [100 * (c.ci.estimate if c.ci else c.mean) if c else 0 for c in cs]
+        low = [100 * (c.ci.estimate - c.ci.low) if c and c.ci else (100 * c.std if c else 0) for c in cs]
+        high = [100 * (c.ci.high - c.ci.estimate) if c and c.ci else (100 * c.std if c else 0) for c in cs]
+        ax.bar(range(len(rows)), means, yerr=[low, high], capsize=3, color="#4C72B0")
+        if (t, m, s) in result.chance:
+            ax.axhline(100 * result.chance[(t, m, s)], color="tab:red", lw=1, ls="--", label="chance")
+            ax.legend(fontsize=7, loc="upper right")
         ax.set_xticks(range(len(rows)), rows, rotation=45, ha="right", fontsize=8)
         ax.set_title(f"{t} {METRIC_LABEL[m]} ({s})", fontsize=9)
         ax.set_ylim(0, 100)
-    fig.suptitle(f"{result.name} (mean ± std, {seeds} seeds)", fontsize=10)
+    fig.suptitle(f"{result.name} (mean over {seeds} seeds, 95% bootstrap intervals)", fontsize=10)
     fig.tight_layout()
     png = out_root / f"{result.name}.png"
     fig.savefig(png, dpi=100)

@@ -1,4 +1,4 @@
-"""Stage-2 commands (`ltar train`, `ltar evaluate`, `ltar ablate`) added to the `ltar` app.
+"""Stage-2 commands (`ltar train`, `ltar evaluate`, `ltar diagnose`, `ltar ablate`) added to the `ltar` app.
 
 The console script points here: train depends on extract (the schema, the config), never the
 other way round, so the full command line is assembled in this package.
@@ -78,6 +78,35 @@ def evaluate_cmd(
         raise _fail(str(e)) from None
 
 
+@app.command("diagnose")
+def diagnose_cmd(
+    run: Path = typer.Argument(
+        ..., help="A run folder written by `ltar train` / `ltar ablate`, or its last.pt / best.pt."
+    ),
+    split: list[str] = typer.Option(["test_iid", "test_ood"], "--split", help="Split(s) to diagnose (repeatable)."),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    store: Path = StoreOpt,
+) -> None:
+    """Does each causal term of a trained head change anything? Its variation over the split's videos, the
+    metric with it replaced by its split mean and by zero, and the entropy of its weights; writes
+    diagnose-<split>.md/.csv/.png beside the checkpoint.
+
+    Example: ltar diagnose runs/ablations/<fingerprint>/pcmci-activity-s0 --split test_ood
+    """
+    from train.diagnose import diagnose
+    from train.engine import RunError
+
+    cfg = resolve_config(config, set_)
+    try:
+        for s in split:
+            _, files = diagnose(run, s, store=store, cfg=cfg)
+            typer.echo(files[0].read_text())
+            typer.echo("wrote " + ", ".join(map(str, files)))
+    except (CacheError, RunError, ConfigError) as e:
+        raise _fail(str(e)) from None
+
+
 @app.command("ablate")
 def ablate_cmd(
     config: Path = ConfigOpt,
@@ -85,6 +114,9 @@ def ablate_cmd(
     table: list[str] = typer.Option(None, "--table", help="Table name(s) from `ablations` (default: every table)."),
     seeds: int = typer.Option(None, "--seeds", help="Seeds per row (overrides the table's own)."),
     store: Path = StoreOpt,
+    diagnose: bool = typer.Option(
+        False, "--diagnose", help="Add each row's causal-term diagnosis (variation, knock-out) on test_ood (seed 0)."
+    ),
 ) -> None:
     """Run every variant of the named tables from one cache; write runs/ablations/<table>.md, .csv, .png.
 
@@ -100,10 +132,10 @@ def ablate_cmd(
         raise _fail(f"no ablation table(s) {unknown} in {config}; defined: {sorted(cfg.ablations)}", EXIT_USAGE)
     for name in names:
         try:
-            result = run_table(cfg, name, seeds=seeds, store=store, progress=progress_enabled())
+            result = run_table(cfg, name, seeds=seeds, store=store, progress=progress_enabled(), diagnose=diagnose)
         except (CacheError, RunError, ConfigError) as e:
             raise _fail(str(e)) from None
-        write_resolved(cfg, result.files[0].parent, f"{name}.config.yaml")
+        write_resolved(cfg, result.files[0].parent, f"{result.name}.config.yaml")
         typer.echo(result.files[0].read_text())
         typer.echo(f"{result.runs} runs in {result.seconds:.1f} s; wrote " + ", ".join(map(str, result.files)))
 

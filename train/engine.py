@@ -311,8 +311,10 @@ def _train(
         last_epoch = epoch + 1 == tc.epochs or (max_steps is not None and step >= max_steps)
         evaluated = last_epoch or (epoch + 1) % tc.eval_every == 0
         for split, data in evals.items() if evaluated else ():
-            metrics, _, _ = split_metrics(head, data, ctx, cfg, reader, device, relevance)
+            metrics, scores, labels = split_metrics(head, data, ctx, cfg, reader, device, relevance)
             row.update({f"{split}/{k}": v for k, v in metrics.items()})
+            if last_epoch:  # the tables' confidence intervals resample these per-video scores
+                save_predictions(run_dir / f"predictions-{split}.npz", scores, labels, data.rows, step)
         history.append(row)
         names = ["map"] if ctx.multi_label else ["acc1", "acc5", "map"]
         names += list(GROUND_KEYS) if hasattr(head, "frames_used") else []
@@ -354,6 +356,38 @@ def _train(
     final = history[-1] if history else {}  # the last epoch is always evaluated
     metrics = {s: {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith(f"{s}/")} for s in evals}
     return RunResult(run_dir, metrics, time.perf_counter() - t0, step, history)
+
+
+def save_predictions(path: Path, scores: np.ndarray, labels: np.ndarray, rows: np.ndarray, step: int) -> None:
+    """A split's per-video scores (N, C), labels and store rows, written atomically with the run's step."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, scores=scores.astype(np.float32), labels=labels, rows=np.asarray(rows), step=step)
+    os.replace(tmp, path)
+
+
+def run_predictions(run_dir: Path, split: str, store: Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores (N, C), labels and store rows of a finished run's last checkpoint on a split: read from
+    `predictions-<split>.npz` when it belongs to that checkpoint, else computed from `last.pt` and written."""
+    path = run_dir / f"predictions-{split}.npz"
+    ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+    if path.exists():
+        saved = np.load(path)
+        if int(saved["step"]) == ckpt["step"]:
+            return saved["scores"], saved["labels"], saved["rows"]
+    run_cfg = from_dict(ckpt["config"])
+    store = Path(store) if store else Path(ckpt["store"]) if Path(ckpt["store"]).exists() else find_store(run_cfg, None)
+    reader = CacheReader(store, ckpt["task"], allow_partial=True, num_frames=run_cfg.train.num_frames)
+    if reader.fingerprint != ckpt["fingerprint"]:
+        raise RunError(f"{run_dir} was trained on cache {ckpt['fingerprint']}, not {reader.fingerprint} ({store})")
+    ctx = reader.context()
+    device = resolve_device(run_cfg.train.device)
+    head = build_model(run_cfg, ctx, ckpt["head"], ckpt["variant"], ckpt.get("grounding")).to(device)
+    head.load_state_dict(ckpt["state_dict"])
+    data = _load(reader, split, run_cfg, device)
+    tc = run_cfg.train
+    scores, labels, _ = predict(head, data, ctx, device, tc.batch_size, tc.amp and device.startswith("cuda"))
+    save_predictions(path, scores, labels, data.rows, ckpt["step"])
+    return scores, labels, np.asarray(data.rows)
 
 
 def _append_metrics(run_dir: Path, row: dict[str, Any], fields: list[str]) -> None:

@@ -22,22 +22,44 @@ from extract.config import Config, ConfigError, build_section, register_validato
 _HEAD_MODULES = ("train.heads.baseline", "train.heads.cmdcl", "train.heads.pcmci", "train.heads.ecrl")
 
 
+# weights(module, args, kwargs, output) -> (p (..., K) over the last axis, valid entries (...) or None = all K)
+WeightsFn = Callable[[torch.nn.Module, tuple, dict, Any], tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
+@dataclass(frozen=True)
+class CausalTerm:
+    """A causal term a head declares for `ltar diagnose`: the output of submodule `module` (B, ...) per video."""
+
+    name: str  # short name, used in tables (`ich`, `bd`)
+    symbol: str  # the paper's expression for it
+    module: str  # dotted path of the submodule whose output is the term (absent when switched off)
+    weights_module: str | None = None  # the submodule whose call gives the term's attention / plan weights ...
+    weights: WeightsFn | None = None  # ... and how (None: the term has no weights)
+
+
 @dataclass(frozen=True)
 class HeadEntry:
     name: str
     cls: type[torch.nn.Module]
     config: type  # frozen dataclass of the head's options
     builtin_variants: dict[str, dict[str, Any]]  # variants every config has (the paper's ablations)
+    terms: tuple[CausalTerm, ...] = ()  # its causal terms, for `ltar diagnose`
 
 
 _HEADS: dict[str, HeadEntry] = {}
 
 
-def register_head(name: str, config: type, variants: dict[str, dict[str, Any]] | None = None) -> Callable:
-    """Class decorator: register a head with its options dataclass and its built-in variants."""
+def register_head(
+    name: str,
+    config: type,
+    variants: dict[str, dict[str, Any]] | None = None,
+    terms: tuple[CausalTerm, ...] = (),
+) -> Callable:
+    """Class decorator: register a head with its options dataclass, its built-in variants and its causal
+    terms (a new head gets `ltar diagnose` by declaring them)."""
 
     def wrap(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
-        _HEADS[name] = HeadEntry(name, cls, config, dict(variants or {}))
+        _HEADS[name] = HeadEntry(name, cls, config, dict(variants or {}), tuple(terms))
         return cls
 
     return wrap

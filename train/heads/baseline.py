@@ -1,9 +1,10 @@
 """baseline: Text4Vis-like head, the common trunk of the paper heads.
 
 A temporal transformer over the TimeSformer frame features V (or the CLIP frame embeddings VP in the
-`clip_only` variant), the class text embeddings T (learnable, initialised from T0; frozen in
-`frozen_text`) as class queries that pool the frames by cross-attention, and a per-class readout
-`logit_c = w_c · f_c + b_c`.
+`clip_only` variant; the foreground FG or the background BG CLIP features alone in `fg_only` / `bg_only`,
+the bound rows: what the salient region alone, and the scene alone, predict), the class text embeddings T
+(learnable, initialised from T0; frozen in `frozen_text`) as class queries that pool the frames by
+cross-attention, and a per-class readout `logit_c = w_c · f_c + b_c`.
 """
 
 from __future__ import annotations
@@ -25,14 +26,20 @@ class BaselineOptions:
     layers: int = field(default=2, metadata=bounds(0, 24))  # temporal transformer layers
     attention_heads: int = field(default=4, metadata=bounds(1))  # heads of every attention layer
     dropout: float = field(default=0.1, metadata=bounds(0.0, 0.9))
-    visual: Literal["timesformer", "clip"] = "timesformer"  # frame features: V (TimeSformer) or VP (CLIP)
+    # frame features: V (TimeSformer), VP (CLIP), or only the foreground FG / background BG (CLIP; bound rows)
+    visual: Literal["timesformer", "clip", "fg", "bg"] = "timesformer"
     learn_text: bool = True  # T learnable from T0 (False: T = T0 frozen)
 
 
 @register_head(
     "baseline",
     config=BaselineOptions,
-    variants={"frozen_text": {"learn_text": False}, "clip_only": {"visual": "clip"}},
+    variants={
+        "frozen_text": {"learn_text": False},
+        "clip_only": {"visual": "clip"},
+        "fg_only": {"visual": "fg"},  # bound: the salient region alone
+        "bg_only": {"visual": "bg"},  # bound: the scene alone (the shortcut's ceiling)
+    },
 )
 class Baseline(nn.Module):
     def __init__(self, opts: BaselineOptions, ctx: HeadContext):
@@ -47,7 +54,8 @@ class Baseline(nn.Module):
         self.readout = ClassReadout(ctx.num_classes, opts.dim)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        frames = batch.v if self.opts.visual == "timesformer" else batch.vp  # (B, L, D)
+        inputs = {"timesformer": batch.v, "clip": batch.vp, "fg": batch.fg, "bg": batch.bg}
+        frames = inputs[self.opts.visual]  # (B, L, D)
         x = self.temporal(frames.float(), batch.mask)  # (B, L, dim)
         f = self.pool(self.text(), x, batch.mask)  # f_c: (B, C, dim)
         return self.readout(f)  # (B, C)

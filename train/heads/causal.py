@@ -88,12 +88,16 @@ class SampleBankAttention(nn.Module):
         self.w_v = nn.Linear(bank_dim, dim)
         self.scale = dim**-0.5
 
-    def forward(self, query: torch.Tensor, bank: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
-        """query (..., Dq), bank (K, Db), prior (K,) or None -> (..., dim)."""
+    def weights(self, query: torch.Tensor, bank: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """P(x' | m): query (..., Dq), bank (K, Db), prior (K,) or None -> (..., K), summing to 1."""
         scores = torch.einsum("...d,kd->...k", self.w_q(query), self.w_k(bank)) * self.scale  # (..., K)
         if prior is not None:
             scores = scores + prior.clamp_min(1e-12).log().to(scores.dtype)  # × P(x'), renormalised
-        return scores.softmax(-1) @ self.w_v(bank)  # (..., dim)
+        return scores.softmax(-1)
+
+    def forward(self, query: torch.Tensor, bank: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """query (..., Dq), bank (K, Db), prior (K,) or None -> (..., dim)."""
+        return self.weights(query, bank, prior) @ self.w_v(bank)  # (..., dim)
 
 
 def sinkhorn(

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from extract.config import bounds
-from train.heads import Batch, HeadContext, register_head
+from train.heads import Batch, CausalTerm, HeadContext, register_head
 from train.heads.causal import BackdoorAttention, SampleBankAttention, dictionary_prior, masked_softmax
 from train.heads.common import ClassCrossAttention, ClassReadout, TemporalEncoder, masked_mean
 
@@ -270,8 +270,25 @@ class VisualIntervention(nn.Module):
         return self.norm(self.g(torch.cat([med, v_hat, x_hat], -1))), s  # v'_c, (B, C, dim)
 
 
+def _tci_scores(m, a: tuple, k: dict, o) -> tuple[torch.Tensor, torch.Tensor]:
+    """TCI's S over the frames: (B, C, L), real frames per video (B, 1)."""
+    return o[1], a[2].sum(1, keepdim=True)
+
+
+def _vci_scores(m, a: tuple, k: dict, o) -> tuple[torch.Tensor, torch.Tensor]:
+    """VCI's per-dimension scores s over the frames: (B, C, D, L), real frames per video (B, 1, 1)."""
+    return o[1].movedim(2, -1), a[1].sum(1)[:, None, None]
+
+
+TERMS = (
+    CausalTerm("tci", "t'_c = h([t_c, b_c])", "tci.h", "tci", _tci_scores),
+    CausalTerm("vci", "v'_c = g([t'_c, v̂_c])", "vci.g", "vci", _vci_scores),
+)
+
+
 @register_head(
     "cmdcl",
+    terms=TERMS,
     config=CMDCLOptions,
     variants={
         "variant1": {"tci": False, "vci": False},

@@ -62,7 +62,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from extract.config import ConfigError, bounds
-from train.heads import Batch, HeadContext, register_head
+from train.heads import Batch, CausalTerm, HeadContext, register_head
 from train.heads.causal import BackdoorAttention, masked_softmax
 from train.heads.common import TemporalEncoder, TextQueries, masked_mean
 
@@ -313,7 +313,30 @@ VARIANTS = {
 }
 
 
-@register_head("ecrl", config=EcrlOptions, variants=VARIANTS)
+def _bd_weights(m, a: tuple, k: dict, o) -> tuple[torch.Tensor, None]:
+    """BD's weights over Z: λ (B, K) of Eq. 7 (the paper's form), or the renormalised w (ours)."""
+    return (m.weights(*a) if isinstance(m, NormalisedBackdoor) else m.weights(a[0], a[1])), None
+
+
+def _glca_weights(m, a: tuple, k: dict, o) -> tuple[torch.Tensor, None]:
+    """GLCA's local-global weights φ(·) over the entries of G: (B, L, Kg)."""
+    return m.weights(*a, **k)[0], None
+
+
+TERMS = (
+    CausalTerm("bd", "W_b Σ_i λ_i P(z_i) z_i (Eq. 6-7)", "w_b", "bd", _bd_weights),
+    CausalTerm(
+        "glca_global",
+        "F_LG = φ(ReLU(W_h h + b_h) W_a + b_a) ⊙ F_G (Eq. 15)",
+        "glca.local_global",
+        "glca.local_global",
+        _glca_weights,
+    ),
+    CausalTerm("s1", "S1 = cls(W_a J + W_b E_z)", "cls_1"),
+)
+
+
+@register_head("ecrl", config=EcrlOptions, variants=VARIANTS, terms=TERMS)
 class Ecrl(nn.Module):
     """F2VCM streams → S1 (FG/BG branch, BD) + S2 (frame branch, GLCA); forward(batch) -> logits (B, C)."""
 

@@ -93,7 +93,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from extract.config import ConfigError, bounds
-from train.heads import Batch, HeadContext, register_head
+from train.heads import Batch, CausalTerm, HeadContext, register_head
 from train.heads.causal import (
     SampleBankAttention,
     dictionary_prior,
@@ -338,9 +338,23 @@ class VisualConfounderIntervention(nn.Module):
         return self.norm(v_r + m + x_hat)  # V* (NWGM: in-sample + cross-sample expectations), (B, L, d)
 
 
+def _plan_rows(m: HallucinationIntervention, a: tuple, k: dict, o) -> tuple[torch.Tensor, torch.Tensor]:
+    """ICH's plan π over the frames for each class: (B, C, L), real frames per video (B, 1)."""
+    t, vp, mask = a
+    return m.plan(t, vp, mask), mask.sum(1, keepdim=True)
+
+
+TERMS = (
+    CausalTerm("ich", "W_H Σ_h P(h) h", "ich.w_h", "ich", _plan_rows),
+    CausalTerm("ici", "T* = T' + Σ_k p_k G_k T' W_v^k", "ici", "ici", lambda m, a, k, o: (m.relations(a[0]), None)),
+    CausalTerm("ivc_bank", "Σ_v' P(v' | m) v'", "ivc.bank", "ivc.bank", lambda m, a, k, o: (m.weights(*a), None)),
+)
+
+
 @register_head(
     "pcmci",
     config=PCMCIOptions,
+    terms=TERMS,
     variants={
         # the paper's stage table: V1 none, V2 ICH, V3 ICI (implied by "Variant 2 consistently outperforms
         # Variant 3"), V4 ICH+ICI, V5 IVC only; PCMCI = all three
