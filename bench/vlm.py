@@ -11,7 +11,8 @@ extended to 256 videos (each video has its own RNG stream, so the first 64 are t
   it is (chance 1/8), and the mean cosine margin of each activity's text for its usual scene over others.
 Prints a table, then one line of key=value pairs.
 
-Run from the repository root: `.venv/bin/python bench/vlm.py` (or with PYTHONPATH=. before install).
+Run from the repository root: `.venv/bin/python bench/vlm.py` (or with PYTHONPATH=. before install);
+`--smoke` runs the same path on a tiny world in seconds (the test suite does).
 """
 
 from __future__ import annotations
@@ -35,8 +36,20 @@ from extract.vlm import pretrain_vlm, probe_vlm  # noqa: E402
 PROBE_TEST_VIDEOS = 256  # videos per test split for the zero-shot figures
 
 
-def main() -> None:
-    cfg = load_config(Path(__file__).resolve().parents[1] / "pipeline.yaml")
+SMOKE = [  # `--smoke`: the same code path in seconds (tests/test_bench.py runs it)
+    "vlm.steps=3",
+    "vlm.batch_size=8",
+    "vlm.frames_per_video=2",
+    "synthetic.videos.pretrain=8",
+    "synthetic.height=32",
+    "synthetic.width=32",
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    smoke = "--smoke" in (sys.argv[1:] if argv is None else argv)
+    probe_videos = 8 if smoke else PROBE_TEST_VIDEOS
+    cfg = load_config(Path(__file__).resolve().parents[1] / "pipeline.yaml", SMOKE if smoke else ())
     with tempfile.TemporaryDirectory(prefix="ltar-vlm-") as out:
         cfg = replace(cfg, vlm=replace(cfg.vlm, out=out))
         t0, c0 = time.perf_counter(), time.process_time()
@@ -50,11 +63,14 @@ def main() -> None:
         with_weights = replace(cfg.encoders.clip, weights=str(result.checkpoint))
         trained = build_clip_encoder(replace(cfg, encoders=replace(cfg.encoders, clip=with_weights)), "cpu")
         logging.disable(logging.WARNING)  # the random preset's loud banner: expected here
-        random = build_clip_encoder(cfg, "cpu")
+        # the random-weight preset: the config's `weights` (the demo's `vlm`) must not reach it
+        random = build_clip_encoder(
+            replace(cfg, encoders=replace(cfg.encoders, clip=replace(cfg.encoders.clip, weights=None))), "cpu"
+        )
         logging.disable(logging.NOTSET)
         t0 = time.perf_counter()
-        got = probe_vlm(trained, cfg, videos=PROBE_TEST_VIDEOS)
-        base = probe_vlm(random, cfg, videos=PROBE_TEST_VIDEOS)
+        got = probe_vlm(trained, cfg, videos=probe_videos)
+        base = probe_vlm(random, cfg, videos=probe_videos)
         probe_s = time.perf_counter() - t0
 
     v = cfg.vlm
@@ -65,7 +81,7 @@ def main() -> None:
         f"in-batch image->text top-1 {result.train_accuracy:.2f}"
     )
     print(f"re-run with the same config: {rerun_s:.3f} s (skipped)")
-    print(f"zero-shot probes on {PROBE_TEST_VIDEOS} videos per test split (took {probe_s:.1f} s):")
+    print(f"zero-shot probes on {probe_videos} videos per test split (took {probe_s:.1f} s):")
     rows = [
         ("activity, test_iid", "zs_iid", "1/8"),
         ("activity, test_ood", "zs_ood", "1/8"),
