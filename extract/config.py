@@ -53,6 +53,9 @@ class SplitSizes:
     test_iid: int = field(default=64, metadata=_range(0))  # same scene/co-occurrence bias as train
     test_ood: int = field(default=64, metadata=_range(0))  # scene and co-occurrence drawn independently
     pretrain: int = field(default=0, metadata=_range(0))  # separate split for VLM pretraining (own seed)
+    # an unconfounded training split (scene and co-occurrence independent of the activity, rho = 1/#scenes):
+    # the training data of the `oracle` bound row (`make benchmark`); 0 = none
+    train_oracle: int = field(default=0, metadata=_range(0))
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,7 @@ class TrainConfig:
     step_gamma: float = field(default=0.1, metadata=_range(0.0, 1.0))  # schedule step: the decay factor
     # a named paper recipe (`recipes.<name>`): its train keys and head options replace the file's; null = ours
     recipe: str | None = None
+    train_split: str = "train"  # the split the head trains on (`train_oracle` for the oracle bound row)
     head: str = "baseline"  # registered head (`ltar config show` lists them)
     variant: str | None = None  # a named variant of the head (heads.<head>.variants), null = the full head
     grounding: str | None = None  # a named grounding intervention around the head (grounding.<name>), null = none
@@ -202,7 +206,7 @@ class TrainConfig:
     eval_splits: tuple[str, ...] = ()  # splits evaluated after training; empty = every split except train
     eval_every: int = field(default=1, metadata=_range(1))  # evaluate every N epochs (and always after the last)
     memory_budget_mb: int = field(default=4096, metadata=_range(1))  # larger splits stream chunk-wise from Zarr
-    # runs land in <runs_root>/<head>[-<variant>][+<grounding>][-f<num_frames>][@<recipe>]-<task>-s<seed>/
+    # runs land in <runs_root>/<head>[-<variant>][+<grounding>][-f<L>][-<train_split>][@<recipe>]-<task>-s<seed>/
     runs_root: str = "runs"
 
 
@@ -215,7 +219,7 @@ class Recipe:
     heads: dict[str, Any] = field(default_factory=dict)  # head name -> {option: value}
 
 
-RECIPE_FORBIDDEN = ("recipe", "head", "variant", "grounding", "task", "seed", "runs_root", "device")
+RECIPE_FORBIDDEN = ("recipe", "head", "variant", "grounding", "task", "seed", "runs_root", "device", "train_split")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ Causal graph: activity -> script -> foreground pixels (the only causal path); ac
 background pixels is a shortcut planted in train / test_iid / pretrain (scene = usual scene with
 probability `rho`) and broken in test_ood. `add_salt_pepper` co-occurs with half of the activities
 (`cooccur_high`) more than with the rest (`cooccur_low`) and never decides the activity; test_ood
-inserts it at the average rate. The foreground never depends on the scene: objects keep their colours
+inserts it at the average rate. `train_oracle` (`synthetic.videos.train_oracle`, 0 by default) is a training
+split drawn as test_ood is with an independent scene: the unconfounded data of the oracle bound row. The
+foreground never depends on the scene: objects keep their colours
 under every lighting, so the foreground mask separates the causal from the spurious pixels exactly.
 
 Outputs of `write_dataset(cfg, root)`: `videos/<split>/<id>.mp4`, `manifest.jsonl` (read by
@@ -38,8 +40,9 @@ import numpy as np
 from extract.config import SyntheticConfig, to_dict
 
 GENERATOR_VERSION = 1  # bump when rendering or the world changes: every written dataset re-renders
-SPLITS = ("train", "test_iid", "test_ood", "pretrain")
-_VIDEO_NAME = re.compile(r"^(train|test_iid|test_ood|pretrain)_\d{5}\.mp4$")
+SPLITS = ("train", "test_iid", "test_ood", "pretrain", "train_oracle")  # appended: a split's index seeds its videos
+UNCONFOUNDED = "train_oracle"  # scene and co-occurrence independent of the activity: the oracle's training data
+_VIDEO_NAME = re.compile(r"^(train|test_iid|test_ood|pretrain|train_oracle)_\d{5}\.mp4$")
 
 # ---------------------------------------------------------------------------------------------
 # The world
@@ -260,13 +263,15 @@ def _draw_scene(rng: np.random.Generator, activity: Activity, split: str, cfg: S
     usual = _SCENE_INDEX[activity.usual_scene]
     u, other, anything = rng.random(), int(rng.integers(len(SCENES) - 1)), int(rng.integers(len(SCENES)))
     other += other >= usual  # uniform over the scenes that are not the usual one
+    if split == UNCONFOUNDED:
+        return SCENES[anything].name  # rho = 1/#scenes: the scene carries nothing about the activity
     if split != "test_ood":
         return SCENES[usual if u < cfg.rho else other].name
     return SCENES[anything if cfg.ood_scene == "independent" else other].name
 
 
 def _cooccur_rate(activity: Activity, split: str, cfg: SyntheticConfig) -> float:
-    if split == "test_ood":
+    if split in ("test_ood", UNCONFOUNDED):
         return (cfg.cooccur_high + cfg.cooccur_low) / 2
     return cfg.cooccur_high if activity.cooccur == "high" else cfg.cooccur_low
 
@@ -531,7 +536,10 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int, codec: str = "mp
 
 def config_hash(cfg: SyntheticConfig) -> str:
     """Hash of the config and the generator version: equal hashes mean byte-identical datasets."""
-    blob = json.dumps({"generator": GENERATOR_VERSION, "config": to_dict(cfg)}, sort_keys=True)
+    config = to_dict(cfg)
+    if not config["videos"]["train_oracle"]:  # a split added later, empty: the same videos, the same hash
+        del config["videos"]["train_oracle"]
+    blob = json.dumps({"generator": GENERATOR_VERSION, "config": config}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -102,6 +102,39 @@ def test_scene_correlation_per_split():
     assert len(off) == 8 and min(off.values()) > 0.6 * sum(off.values()) / 8
 
 
+def test_the_oracle_split_has_scene_and_activity_independent():
+    from scipy.stats import chi2_contingency
+
+    world = replace(MANY, videos=replace(MANY.videos, train_oracle=2000))
+    names = [a.name for a in S.ACTIVITIES]
+    scenes = [sc.name for sc in S.SCENES]
+
+    def table(specs):  # (activity, scene) counts
+        counts = Counter((s.activity, s.scene) for s in specs)
+        return np.array([[counts[(a, sc)] for sc in scenes] for a in names])
+
+    oracle, train = table(plan(world, "train_oracle")), table(plan(world, "train"))
+    assert oracle.sum() == 2000 and (oracle.sum(1) == 250).all()  # balanced activities, like train
+    assert chi2_contingency(oracle).pvalue > 0.01  # no dependence found on 2000 videos
+    assert chi2_contingency(train).pvalue < 1e-100  # while train's scene tells the activity
+    assert usual_rate(plan(world, "train_oracle")) == pytest.approx(1 / 8, abs=0.03)
+    high = {a.name for a in S.ACTIVITIES if a.cooccur == "high"}
+    specs = plan(world, "train_oracle")
+    middle = (MANY.cooccur_high + MANY.cooccur_low) / 2
+    assert np.mean([s.cooccur for s in specs if s.activity in high]) == pytest.approx(middle, abs=0.05)
+    # the new split changes no other split's videos, and an empty one not even the world's hash
+    assert plan(world, "train") == plan(MANY, "train") and plan(world, "test_ood") == plan(MANY, "test_ood")
+    import hashlib
+
+    from extract.config import to_dict
+
+    before = to_dict(MANY)  # the hash as it was before the split existed: worlds without it keep their caches
+    del before["videos"]["train_oracle"]
+    blob = json.dumps({"generator": S.GENERATOR_VERSION, "config": before}, sort_keys=True)
+    assert S.config_hash(MANY) == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert S.config_hash(world) != S.config_hash(MANY)
+
+
 def test_cooccurrence_rates_per_split():
     high = {a.name for a in S.ACTIVITIES if a.cooccur == "high"}
     middle = (MANY.cooccur_high + MANY.cooccur_low) / 2

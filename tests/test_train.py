@@ -336,3 +336,43 @@ def test_frame_epochs_must_leave_a_second_step(tiny_cache, tmp_path):
     )
     with pytest.raises(ConfigError, match="heads.ecrl.frame_epochs = 2 leaves no epoch of the second training step"):
         train(bad, store=store, progress=False, run_dir=tmp_path / "r")
+
+
+def test_the_oracle_row_trains_on_the_unconfounded_split_and_gives_the_gap_closed(tiny_cache, tmp_path):
+    from extract.config import AblationTable
+    from extract.pipeline import extract
+    from extract.synthetic import write_dataset
+    from tests.conftest import tiny_config
+    from train.ablate import MissingSplit, gap_closed, run_table
+
+    cfg, store = tiny_cache
+    table = AblationTable(rows=("baseline", "oracle"), tasks=("activity",), seeds=1)
+    plain = dataclasses.replace(
+        cfg, ablations={"bounds": table}, train=dataclasses.replace(cfg.train, epochs=1, runs_root=str(tmp_path))
+    )
+    with pytest.raises(MissingSplit, match="has no train_oracle split; render it with synthetic.videos.train_oracle"):
+        run_table(plain, "bounds", store=store, progress=False)
+    videos = {"train": 6, "test_iid": 3, "test_ood": 3, "train_oracle": 6}
+    world = tiny_config(tmp_path / "world", tmp_path / "cache", synthetic={"videos": videos})
+    write_dataset(world.synthetic, tmp_path / "world", progress=False)
+    oracle_store = extract(world, progress=False).store
+    cfg = dataclasses.replace(
+        world, ablations={"bounds": table}, train=dataclasses.replace(world.train, epochs=1, runs_root=str(tmp_path))
+    )
+    result = run_table(cfg, "bounds", store=oracle_store, progress=False)
+    runs = {p.parent.name for p in (tmp_path / "ablations").rglob("last.pt")}
+    assert runs == {"baseline-activity-s0", "baseline-train_oracle-activity-s0"}
+    oracle_run = next((tmp_path / "ablations").rglob("baseline-train_oracle-activity-s0"))
+    saved = torch.load(oracle_run / "last.pt", weights_only=False)
+    assert saved["config"]["train"]["train_split"] == "train_oracle"
+    assert not (oracle_run / "predictions-train_oracle.npz").exists()  # a training split is never evaluated
+    gap = gap_closed(result.cells)
+    md = result.files[0].read_text()
+    if gap:  # defined unless baseline and oracle tie on test_ood
+        assert gap[("baseline", "activity")] == 0.0 and gap[("oracle", "activity")] == 1.0
+        assert "activity gap closed (test_ood)" in md
+    # by hand: the share of the ood gap a row closes
+    from train.ablate import Cell
+
+    cells = [Cell(r, "atomic", "test_ood", "map", [v]) for r, v in (("baseline", 0.3), ("oracle", 0.7), ("x", 0.4))]
+    assert gap_closed(cells)[("x", "atomic")] == pytest.approx(0.25)

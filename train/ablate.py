@@ -28,7 +28,7 @@ from train.diagnose import diagnose as diagnose_run
 from train.diagnose import headline
 from train.engine import RunError, RunResult, dictionary_hashes, find_store, run_name, run_predictions, train
 from train.grounding import grounding_options
-from train.heads import head_options, parse_row
+from train.heads import ORACLE_ROW, head_options, parse_row
 from train.stats import Interval, chance_level, interval, paired_difference
 
 METRICS_WITH_CI = ("acc1", "acc5", "map")  # bootstrapped per video (train.stats); frame IoU is reported as is
@@ -75,11 +75,31 @@ class TableResult:
     diagnosis: dict[tuple[str, str], str] = field(default_factory=dict)  # (row, task) -> causal-term headline
     reference: str = ""  # the row of the paired differences
     chance: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (task, metric, split) -> chance level
+    gap: dict[tuple[str, str], float] = field(default_factory=dict)  # (row, task) -> share of the ood gap closed
+
+
+class MissingSplit(RunError):
+    """A table needs a split the cache does not hold (the oracle row's train_oracle)."""
 
 
 def _run_cfg(cfg: Config, row: str, task: str, seed: int) -> Config:
+    if row == ORACLE_ROW:  # the bound: the baseline trained on the unconfounded split of the same world
+        train = replace(cfg.train, head="baseline", variant=None, grounding=None, train_split="train_oracle")
+        return replace(cfg, train=replace(train, task=task, seed=seed))
     head, variant, grounding = parse_row(row)
     return replace(cfg, train=replace(cfg.train, head=head, variant=variant, grounding=grounding, task=task, seed=seed))
+
+
+def gap_closed(cells: list[Cell], split: str = "test_ood") -> dict[tuple[str, str], float]:
+    """(row, task) -> (ood - ood_baseline) / (ood_oracle - ood_baseline) on the task's primary metric, for a
+    table holding both the `baseline` and the `oracle` rows (0 = the baseline, 1 = the oracle)."""
+    means = {(c.row, c.task): c.mean for c in cells if c.split == split and c.metric in ("acc1", "map")}
+    out = {}
+    for (row, task), value in means.items():
+        base, oracle = means.get(("baseline", task)), means.get((ORACLE_ROW, task))
+        if base is not None and oracle is not None and abs(oracle - base) > 1e-12:
+            out[(row, task)] = (value - base) / (oracle - base)
+    return out
 
 
 # train keys that decide where a run lives or how it is read, not what it computes
@@ -146,6 +166,11 @@ def run_table(
     table: AblationTable = cfg.ablations[name]
     store = find_store(cfg, store)  # once: every run of the table reads the same cache
     reader = CacheReader(store, cfg.train.task, allow_partial=True)
+    if ORACLE_ROW in table.rows and "train_oracle" not in reader.info.splits:
+        raise MissingSplit(
+            f"table {name!r} has the `oracle` row, but the cache {store} has no train_oracle split; render it with "
+            "synthetic.videos.train_oracle > 0 and extract again (`make benchmark` does both)"
+        )
     n_seeds = seeds or table.seeds
     out_root = Path(cfg.train.runs_root) / "ablations"
     t0 = time.perf_counter()
@@ -193,7 +218,16 @@ def run_table(
     file_name = name if recipe is None else f"{name}@{recipe}"  # a paper recipe's table beside ours
     source = "ours (pipeline.yaml `train`)" if recipe is None else f"`{recipe}`: {cfg.recipes[recipe].source}"
     result = TableResult(
-        file_name, cells, time.perf_counter() - t0, len(jobs), [], source, diagnosis, reference, chance
+        file_name,
+        cells,
+        time.perf_counter() - t0,
+        len(jobs),
+        [],
+        source,
+        diagnosis,
+        reference,
+        chance,
+        gap_closed(cells),
     )
     result.files = write_table(result, table, out_root, n_seeds)
     return result
@@ -228,6 +262,8 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
         header.append(f"{t} {METRIC_LABEL[m]} {s}")
         if m in METRICS_WITH_CI:
             header.append("Δ")
+    gap_tasks = list(dict.fromkeys(t for _, t in result.gap))
+    header += [f"{t} gap closed (test_ood)" for t in gap_tasks]
     tasks = list(dict.fromkeys(c.task for c in result.cells)) if result.diagnosis else []
     header += [f"{t} diagnosis ({DIAGNOSE_SPLIT}, seed 0)" for t in tasks]
     lines = []
@@ -239,6 +275,11 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
         f"`{result.reference}` on the same videos and seeds, with its 95% interval; * marks a Δ whose interval "
         "excludes 0 (a difference the split can resolve)."
     )
+    if result.gap:
+        lines.append(
+            "Gap closed: (ood - ood of `baseline`) / (ood of `oracle` - ood of `baseline`) on the primary metric; "
+            "`oracle` is the baseline trained on an unconfounded training split of the same size."
+        )
     if result.chance:
         levels = ", ".join(f"{t} {METRIC_LABEL[m]} {s} {100 * v:.1f}" for (t, m, s), v in result.chance.items())
         lines.append(f"Chance levels: {levels}.")
@@ -260,6 +301,7 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
                 vals.append("ref")
             else:
                 vals.append(_ci(c.diff, signed=True) + (" *" if c.diff.excludes_zero() else ""))
+        vals += [f"{result.gap[(r, t)]:.2f}" if (r, t) in result.gap else "—" for t in gap_tasks]
         vals += [result.diagnosis.get((r, t), "—") for t in tasks]
         lines.append(f"| {r} | " + " | ".join(vals) + " |")
     md = out_root / f"{result.name}.md"

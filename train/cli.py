@@ -122,7 +122,7 @@ def ablate_cmd(
 
     Example: ltar ablate --table main --seeds 3
     """
-    from train.ablate import run_table
+    from train.ablate import MissingSplit, run_table
     from train.engine import RunError
 
     cfg = resolve_config(config, set_)
@@ -133,6 +133,11 @@ def ablate_cmd(
     for name in names:
         try:
             result = run_table(cfg, name, seeds=seeds, store=store, progress=progress_enabled(), diagnose=diagnose)
+        except MissingSplit as e:
+            if table:  # asked for by name: an error
+                raise _fail(str(e)) from None
+            typer.echo(f"skipped: {e}")  # every table: the ones this cache cannot serve are skipped
+            continue
         except (CacheError, RunError, ConfigError) as e:
             raise _fail(str(e)) from None
         write_resolved(cfg, result.files[0].parent, f"{result.name}.config.yaml")

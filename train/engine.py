@@ -1,7 +1,7 @@
 """Train and evaluate one head on the cache: AdamW or Adam, warm-up + cosine or step decay, AMP on GPU, atomic
 checkpoints.
 
-A run lives in `<train.runs_root>/<head>[-<variant>][+<grounding>][-f<frames>][@<recipe>]-<task>-s<seed>/`:
+A run lives in `<runs_root>/<head>[-<variant>][+<grounding>][-f<frames>][-<train_split>][@<recipe>]-<task>-s<seed>/`:
 `config.resolved.yaml`, `metrics.jsonl` and `metrics.csv` (one row per epoch and split), `last.pt` and
 `best.pt` (written to a temporary file and renamed, so a kill never leaves a truncated checkpoint). `--resume` continues
 from `last.pt` with the same data order and RNG state (CPU and CUDA generators) as an uninterrupted
@@ -50,7 +50,8 @@ def run_name(cfg: Config) -> str:
     variant, grounding = f"-{t.variant}" if t.variant else "", f"+{t.grounding}" if t.grounding else ""
     frames = f"-f{t.num_frames}" if t.num_frames is not None else ""  # a frames ablation keeps its own runs
     recipe = f"@{t.recipe}" if t.recipe is not None else ""  # a paper recipe's runs beside ours
-    return f"{t.head}{variant}{grounding}{frames}{recipe}-{t.task}-s{t.seed}"
+    data = f"-{t.train_split}" if t.train_split != "train" else ""  # the oracle: trained on another split
+    return f"{t.head}{variant}{grounding}{frames}{data}{recipe}-{t.task}-s{t.seed}"
 
 
 def build_model(cfg: Config, ctx, head: str, variant: str | None, grounding: str | None) -> torch.nn.Module:
@@ -124,7 +125,8 @@ class RunResult:
 
 
 def _eval_splits(cfg: Config, reader: CacheReader) -> list[str]:
-    splits = list(cfg.train.eval_splits) or sorted(set(reader.info.splits) - {"train", "pretrain"})
+    training = {"train", "pretrain", "train_oracle", cfg.train.train_split}  # splits that train, never evaluate
+    splits = list(cfg.train.eval_splits) or sorted(set(reader.info.splits) - training)
     if cfg.train.select_split and cfg.train.select_split not in splits:
         splits.append(cfg.train.select_split)
     return splits
@@ -248,7 +250,13 @@ def _train(
         )
     seed_everything(tc.seed)
     head = build_model(cfg, ctx, tc.head, tc.variant, tc.grounding).to(device)
-    train_data = _load(reader, "train", cfg, device)
+    if tc.train_split not in reader.info.splits:
+        raise ConfigError(
+            f"train.train_split: the cache {store} has no split {tc.train_split!r} (it holds "
+            f"{sorted(reader.info.splits)}); for the oracle row render it with synthetic.videos.{tc.train_split} "
+            "(`make benchmark` does) and extract again"
+        )
+    train_data = _load(reader, tc.train_split, cfg, device)
     evals = {s: _load(reader, s, cfg, device) for s in _eval_splits(cfg, reader)}
     steps_per_epoch = math.ceil(len(train_data) / tc.batch_size)
     total = steps_per_epoch * tc.epochs
