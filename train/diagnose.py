@@ -19,7 +19,7 @@ transport weights). For each term present in a run's model, on one split:
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -169,31 +169,19 @@ def _diagnose_term(model, term, module, weigher, run, labels, own, multi_label, 
 
 def diagnose(checkpoint: Path, split: str, store: Path | None = None, cfg=None, out_dir: Path | None = None):
     """Diagnose a run (its folder or a checkpoint) on a split; write diagnose-<split>.md/.csv/.png."""
-    from extract.config import from_dict
-    from train.data import CacheReader
-    from train.engine import RunError, _load, build_model, find_store, resolve_device
+    from train.engine import RunError, _load, load_run
 
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         checkpoint = checkpoint / "last.pt"
     if not checkpoint.exists():
         raise RunError(f"checkpoint {checkpoint} does not exist; pass a run folder or its last.pt / best.pt")
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    run_cfg = from_dict(ckpt["config"])
-    if cfg is not None:
-        run_cfg = replace(run_cfg, cache=cfg.cache, dataset=cfg.dataset)
-    store = Path(store) if store else Path(ckpt["store"]) if Path(ckpt["store"]).exists() else find_store(run_cfg, None)
-    reader = CacheReader(store, ckpt["task"], allow_partial=True, num_frames=run_cfg.train.num_frames)
-    if reader.fingerprint != ckpt["fingerprint"]:
-        raise RunError(f"{checkpoint} was trained on cache {ckpt['fingerprint']}, not {reader.fingerprint} ({store})")
+    run = load_run(checkpoint, store, cfg)
+    ckpt, reader, ctx, device, model = run.ckpt, run.reader, run.ctx, run.device, run.model
     if split not in reader.info.splits:
-        raise RunError(f"split {split!r} is not in {store}; it holds {sorted(reader.info.splits)}")
-    ctx = reader.context()
-    device = resolve_device(run_cfg.train.device)
-    model = build_model(run_cfg, ctx, ckpt["head"], ckpt["variant"], ckpt.get("grounding")).to(device)
-    model.load_state_dict(ckpt["state_dict"])
-    data = _load(reader, split, run_cfg, device)
-    rows = diagnose_model(model, ckpt["head"], data, ctx, device, run_cfg.train.batch_size)
+        raise RunError(f"split {split!r} is not in {reader.path}; it holds {sorted(reader.info.splits)}")
+    data = _load(reader, split, run.cfg, device)
+    rows = diagnose_model(model, ckpt["head"], data, ctx, device, run.cfg.train.batch_size)
     title = f"{ckpt['head']}{':' + ckpt['variant'] if ckpt['variant'] else ''} ({ckpt['task']}) on {split}"
     files = write_diagnosis(rows, Path(out_dir or checkpoint.parent), split, title, ctx.multi_label)
     return rows, files

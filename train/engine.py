@@ -366,6 +366,41 @@ def _train(
     return RunResult(run_dir, metrics, time.perf_counter() - t0, step, history)
 
 
+@dataclass
+class LoadedRun:
+    """A checkpoint rebuilt on its cache: the run's config, the reader, the context, the model with its weights."""
+
+    ckpt: dict
+    cfg: Config
+    reader: CacheReader
+    ctx: Any
+    device: str
+    model: torch.nn.Module
+
+
+def load_run(checkpoint: Path, store: Path | None = None, cfg: Config | None = None) -> LoadedRun:
+    """Load a checkpoint and rebuild its model on the store it was trained on; refuses another cache."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise RunError(f"checkpoint {checkpoint} does not exist; `ltar train` writes runs/<run>/best.pt and last.pt")
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    run_cfg = from_dict(ckpt["config"])
+    if cfg is not None:  # the caller's cache location wins; everything else is the run's own
+        run_cfg = replace(run_cfg, cache=cfg.cache, dataset=cfg.dataset)
+    store = Path(store) if store else Path(ckpt["store"]) if Path(ckpt["store"]).exists() else find_store(run_cfg, None)
+    reader = CacheReader(store, ckpt["task"], allow_partial=True, num_frames=run_cfg.train.num_frames)
+    if reader.fingerprint != ckpt["fingerprint"]:
+        raise CacheError(
+            f"{checkpoint} was trained on cache {ckpt['fingerprint']}, but {store} is cache {reader.fingerprint}; "
+            "use it on the store it was trained on (--store) or retrain on this one"
+        )
+    ctx = reader.context()
+    device = resolve_device(run_cfg.train.device)
+    model = build_model(run_cfg, ctx, ckpt["head"], ckpt["variant"], ckpt.get("grounding")).to(device)
+    model.load_state_dict(ckpt["state_dict"])
+    return LoadedRun(ckpt, run_cfg, reader, ctx, device, model)
+
+
 def save_predictions(path: Path, scores: np.ndarray, labels: np.ndarray, rows: np.ndarray, step: int) -> None:
     """A split's per-video scores (N, C), labels and store rows, written atomically with the run's step."""
     tmp = path.with_name(path.name + ".tmp.npz")
@@ -382,18 +417,11 @@ def run_predictions(run_dir: Path, split: str, store: Path | None = None) -> tup
         saved = np.load(path)
         if int(saved["step"]) == ckpt["step"]:
             return saved["scores"], saved["labels"], saved["rows"]
-    run_cfg = from_dict(ckpt["config"])
-    store = Path(store) if store else Path(ckpt["store"]) if Path(ckpt["store"]).exists() else find_store(run_cfg, None)
-    reader = CacheReader(store, ckpt["task"], allow_partial=True, num_frames=run_cfg.train.num_frames)
-    if reader.fingerprint != ckpt["fingerprint"]:
-        raise RunError(f"{run_dir} was trained on cache {ckpt['fingerprint']}, not {reader.fingerprint} ({store})")
-    ctx = reader.context()
-    device = resolve_device(run_cfg.train.device)
-    head = build_model(run_cfg, ctx, ckpt["head"], ckpt["variant"], ckpt.get("grounding")).to(device)
-    head.load_state_dict(ckpt["state_dict"])
-    data = _load(reader, split, run_cfg, device)
-    tc = run_cfg.train
-    scores, labels, _ = predict(head, data, ctx, device, tc.batch_size, tc.amp and device.startswith("cuda"))
+    run = load_run(run_dir / "last.pt", store)
+    data = _load(run.reader, split, run.cfg, run.device)
+    tc = run.cfg.train
+    amp = tc.amp and run.device.startswith("cuda")
+    scores, labels, _ = predict(run.model, data, run.ctx, run.device, tc.batch_size, amp)
     save_predictions(path, scores, labels, data.rows, ckpt["step"])
     return scores, labels, np.asarray(data.rows)
 
@@ -423,23 +451,8 @@ def evaluate(
 ) -> EvalResult:
     """Metrics of a checkpoint on a split; refuses a checkpoint trained on another cache."""
     checkpoint = Path(checkpoint)
-    if not checkpoint.exists():
-        raise RunError(f"checkpoint {checkpoint} does not exist; `ltar train` writes runs/<run>/best.pt and last.pt")
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    run_cfg = from_dict(ckpt["config"])
-    if cfg is not None:  # the caller's cache location wins; everything else is the run's own
-        run_cfg = replace(run_cfg, cache=cfg.cache, dataset=cfg.dataset)
-    store = Path(store) if store else Path(ckpt["store"]) if Path(ckpt["store"]).exists() else find_store(run_cfg, None)
-    reader = CacheReader(store, ckpt["task"], allow_partial=True, num_frames=run_cfg.train.num_frames)
-    if reader.fingerprint != ckpt["fingerprint"]:
-        raise CacheError(
-            f"{checkpoint} was trained on cache {ckpt['fingerprint']}, but {store} is cache {reader.fingerprint}; "
-            "evaluate it on the store it was trained on (--store) or retrain on this one"
-        )
-    ctx = reader.context()
-    device = resolve_device(run_cfg.train.device)
-    head = build_model(run_cfg, ctx, ckpt["head"], ckpt["variant"], ckpt.get("grounding")).to(device)
-    head.load_state_dict(ckpt["state_dict"])
+    run = load_run(checkpoint, store, cfg)
+    ckpt, run_cfg, reader, ctx, device, head = run.ckpt, run.cfg, run.reader, run.ctx, run.device, run.model
     data = _load(reader, split, run_cfg, device)
     metrics, scores, labels = split_metrics(head, data, ctx, run_cfg, reader, device, {})
     png = None
