@@ -9,7 +9,7 @@ CONFIG ?= pipeline.yaml
 SET    ?=
 ARGS   := --config $(CONFIG) $(foreach kv,$(SET),--set $(kv))
 
-.PHONY: setup demo synth pretrain-vlm extract dictionaries train ablate benchmark test bench lint clean
+.PHONY: setup demo synth pretrain-vlm pretrain-video extract dictionaries train ablate benchmark test bench lint clean
 
 # The venv is rebuilt only when the package metadata or the pinned versions change.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -24,6 +24,9 @@ synth: setup
 
 pretrain-vlm: setup
 	$(LTAR) pretrain-vlm $(ARGS)
+
+pretrain-video: setup
+	$(LTAR) pretrain-video $(ARGS)
 
 extract: setup
 	$(LTAR) extract $(ARGS)
@@ -41,6 +44,7 @@ ablate: setup
 demo: setup
 	$(LTAR) synth $(ARGS)
 	$(LTAR) pretrain-vlm $(ARGS)
+	$(LTAR) pretrain-video $(ARGS)
 	$(LTAR) extract $(ARGS)
 	$(LTAR) dictionaries $(ARGS)
 	$(LTAR) ablate --table main $(ARGS)
@@ -54,6 +58,7 @@ BENCH_ARGS := --config $(CONFIG) $(foreach kv,$(BENCH_SET) $(SET),--set $(kv))
 benchmark: setup
 	$(LTAR) synth $(BENCH_ARGS)
 	$(LTAR) pretrain-vlm $(BENCH_ARGS)
+	$(LTAR) pretrain-video $(BENCH_ARGS)
 	$(LTAR) extract $(BENCH_ARGS)
 	$(LTAR) dictionaries $(BENCH_ARGS)
 	$(LTAR) ablate --table benchmark --diagnose $(BENCH_ARGS)

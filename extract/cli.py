@@ -160,6 +160,26 @@ def pretrain_vlm_cmd(config: Path = ConfigOpt, set_: list[str] = SetOpt) -> None
     typer.echo(f"{state}; final loss {result.final_loss:.3f}; wrote {result.checkpoint}")
 
 
+@app.command("pretrain-video")
+def pretrain_video_cmd(config: Path = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Train the tiny TimeSformer to name the atomic action of short clips (the Kinetics stand-in).
+
+    Writes an official-layout TimeSformer .pyth under video.out; `encoders.timesformer.weights: video`
+    makes extraction load it like a K400 checkpoint. Re-running with the same config is a no-op.
+
+    Example: ltar pretrain-video --set video.steps=300
+    """
+    from extract.video_pretrain import pretrain_video
+
+    cfg = resolve_config(config, set_)
+    result = pretrain_video(cfg, progress=progress_enabled())
+    state = "unchanged (same config)" if result.skipped else f"trained {result.steps} steps in {result.seconds:.1f} s"
+    typer.echo(
+        f"{state}; final loss {result.final_loss:.3f}, clip top-1 {result.train_accuracy:.2f}; "
+        f"wrote {result.checkpoint}"
+    )
+
+
 @app.command()
 def dictionaries(
     config: Path = ConfigOpt, set_: list[str] = SetOpt, store: Path = typer.Option(None, "--store")

@@ -178,6 +178,23 @@ class VlmConfig:
 
 
 @dataclass(frozen=True)
+class VideoPretrainConfig:
+    """`ltar pretrain-video`: the tiny TimeSformer trained to name the atomic action of short clips (the
+    Kinetics stand-in), on clips rendered from the pretraining world (`synthetic.pretrain_seed`)."""
+
+    clips: int = field(default=1536, metadata=_range(16))  # clips rendered once and kept in memory
+    clip_frames: int = field(default=8, metadata=_range(2, 64))  # frames per clip (= the tiny preset's T0)
+    # P(scene = the action's usual scene); 1/8 = no tie. Mild by default: web video has its own scene bias
+    scene_tie: float = field(default=0.3, metadata=_range(0.0, 1.0))
+    steps: int = field(default=300, metadata=_range(1))  # AdamW steps
+    batch_size: int = field(default=64, metadata=_range(2))  # clips per step
+    lr: float = field(default=2e-3, metadata=_range(0.0))  # AdamW peak learning rate (5% warm-up, cosine decay)
+    frame_weight: float = field(default=1.0, metadata=_range(0.0))  # weight of the per-frame action loss on V
+    seed: int = 0
+    out: str = "cache/video"  # checkpoints land in <out>/<fingerprint>/
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0  # seeds torch, numpy and the data order
     epochs: int = field(default=30, metadata=_range(1))  # passes over the training split
@@ -241,6 +258,7 @@ class Config:
     cache: CacheConfig = CacheConfig()
     dictionaries: dict[str, DictionarySpec] = field(default_factory=_default_dictionaries)
     vlm: VlmConfig = VlmConfig()
+    video: VideoPretrainConfig = VideoPretrainConfig()
     train: TrainConfig = TrainConfig()
     # head name -> its options and `variants`; checked against the head's own typed config (train.heads)
     heads: dict[str, Any] = field(default_factory=dict)

@@ -44,24 +44,38 @@ def _file_digest(path: str | None) -> str | None:
 
 
 VLM_WEIGHTS = "vlm"  # encoders.clip.weights: vlm = the checkpoint `ltar pretrain-vlm` writes for this config
+# encoders.timesformer.weights: video = the official-layout checkpoint `ltar pretrain-video` writes for this config
+VIDEO_WEIGHTS = "video"
 
 
 def resolve_weights(cfg: Config) -> Config:
-    """Replace `encoders.clip.weights: vlm` by the path of the tiny CLIP trained on the synthetic world;
-    it then loads through the same local-checkpoint path as any other weights file."""
+    """Replace `encoders.clip.weights: vlm` by the path of the tiny CLIP trained on the synthetic world, and
+    `encoders.timesformer.weights: video` by the tiny TimeSformer's; each then loads through the same
+    local-checkpoint path as any other weights file."""
     from dataclasses import replace
 
-    if cfg.encoders.clip.weights != VLM_WEIGHTS:
-        return cfg
-    from extract.vlm import vlm_checkpoint
+    if cfg.encoders.clip.weights == VLM_WEIGHTS:
+        from extract.vlm import vlm_checkpoint
 
-    path = vlm_checkpoint(cfg)
-    if not path.exists():
-        raise CacheError(
-            f"encoders.clip.weights is 'vlm' but {path} does not exist; run `ltar pretrain-vlm` "
-            "(or `make demo`) first, or set encoders.clip.weights to a checkpoint or null"
-        )
-    return replace(cfg, encoders=replace(cfg.encoders, clip=replace(cfg.encoders.clip, weights=str(path))))
+        path = vlm_checkpoint(cfg)
+        if not path.exists():
+            raise CacheError(
+                f"encoders.clip.weights is 'vlm' but {path} does not exist; run `ltar pretrain-vlm` "
+                "(or `make demo`) first, or set encoders.clip.weights to a checkpoint or null"
+            )
+        cfg = replace(cfg, encoders=replace(cfg.encoders, clip=replace(cfg.encoders.clip, weights=str(path))))
+    if cfg.encoders.timesformer.weights == VIDEO_WEIGHTS:
+        from extract.video_pretrain import video_checkpoint
+
+        path = video_checkpoint(cfg)
+        if not path.exists():
+            raise CacheError(
+                f"encoders.timesformer.weights is 'video' but {path} does not exist; run `ltar pretrain-video` "
+                "(or `make demo`) first, or set encoders.timesformer.weights to a checkpoint or null"
+            )
+        tsf = replace(cfg.encoders.timesformer, weights=str(path))
+        cfg = replace(cfg, encoders=replace(cfg.encoders, timesformer=tsf))
+    return cfg
 
 
 def resolve_device(cfg: Config) -> str:

@@ -245,6 +245,7 @@ def test_kill_9_mid_run_resumes_to_identical_arrays(world, tmp_path):
     """A run killed by SIGKILL at two different points resumes and ends byte-equal to a clean run."""
     sets = [
         "encoders.clip.weights=null",
+        "encoders.timesformer.weights=null",
         f"dataset.root={world}",
         "frames.num_frames=8",
         "frames.decode_workers=0",
@@ -285,7 +286,10 @@ def test_kill_9_mid_run_resumes_to_identical_arrays(world, tmp_path):
 
 def test_cli_extract_and_inspect(world, tmp_path):
     sets = [f"dataset.root={world}", "frames.num_frames=8", "frames.decode_workers=1", f"cache.root={tmp_path}"]
-    sets.append("encoders.clip.weights=null")  # random tiny CLIP, as the session cache
+    sets += [
+        "encoders.clip.weights=null",
+        "encoders.timesformer.weights=null",
+    ]  # random tiny encoders, as the session cache
     args = [a for s in sets for a in ("--set", s)]
     proc = _run_cli(["extract", "--config", str(REPO / "pipeline.yaml"), *args], tmp_path)
     out, err = proc.communicate(timeout=300)

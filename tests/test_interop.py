@@ -25,7 +25,13 @@ def _cli(*args: str):
 
 def _sets(world: Path, cache_root: Path) -> list[str]:
     sets = ["--config", str(REPO / "pipeline.yaml")]
-    for s in (f"dataset.root={world}", f"cache.root={cache_root}", "frames.num_frames=8", "encoders.clip.weights=null"):
+    for s in (
+        f"dataset.root={world}",
+        f"cache.root={cache_root}",
+        "frames.num_frames=8",
+        "encoders.clip.weights=null",
+        "encoders.timesformer.weights=null",
+    ):
         sets += ["--set", s]
     return sets
 

@@ -222,6 +222,7 @@ def test_bad_scheduler_is_one_sentence(world, tmp_path):
             f"cache.root={tmp_path}",
             "--set",
             "encoders.clip.weights=null",
+            "encoders.timesformer.weights=null",
         ]
         result = CliRunner().invoke(app, ["extract", "--scheduler", bad, *sets])
         assert result.exit_code == 2 and words in result.output and "Traceback" not in result.output

@@ -233,6 +233,7 @@ def test_cli_train_evaluate_ablate(tiny_cache, tmp_path):
     os.chdir(tmp_path)
     sets = [
         "encoders.clip.weights=null",
+        "encoders.timesformer.weights=null",
         f"dataset.root={cfg.dataset.root}",
         f"cache.root={cfg.cache.root}",
         "frames.num_frames=8",
