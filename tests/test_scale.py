@@ -222,6 +222,7 @@ def test_bad_scheduler_is_one_sentence(world, tmp_path):
             f"cache.root={tmp_path}",
             "--set",
             "encoders.clip.weights=null",
+            "--set",
             "encoders.timesformer.weights=null",
         ]
         result = CliRunner().invoke(app, ["extract", "--scheduler", bad, *sets])
