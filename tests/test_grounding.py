@@ -15,10 +15,14 @@ from train.grounding import (
     Grounded,
     causal_split,
     derangement,
+    derangements,
+    eigv_mixed_batch,
     frame_relevance,
     frozen_memories,
     grounding_options,
     grounding_scores,
+    hard_top_k,
+    perturbed_top_k,
     swapped_view,
     top_k_frames,
     wrap,
@@ -31,6 +35,8 @@ GROUNDINGS = {
     "eigv": {"method": "eigv"},
     "rationale": {"rationale_frames": 4},
     "rationale_igv": {"method": "igv", "rationale_frames": 6},
+    "eigv_video": {"method": "eigv", "mix": "video"},
+    "rationale_st": {"rationale_frames": 4, "rationale_selector": "straight_through"},
 }
 
 
@@ -118,6 +124,8 @@ def test_swap_intervention_mixes_batch_members():
     for n in (2, 3, 7):
         perm = derangement(n, "cpu")
         assert sorted(perm.tolist()) == list(range(n)) and (perm != torch.arange(n)).all()
+        many = derangements(4, n, "cpu")  # several at once (EIGV's negatives)
+        assert (many.sort(1).values == torch.arange(n)).all() and (many != torch.arange(n)).all()
     ctx = _context(False)
     batch = random_batch(ctx, B, short=0)
     ids = torch.arange(B, dtype=torch.float32)[:, None, None]  # video b's features are all b
@@ -164,6 +172,138 @@ def test_top_k_returns_exactly_k_frames_with_gradients_to_the_scores():
     grads = [p.grad for p in model.rationale.parameters()]
     assert all(gr is not None for gr in grads) and any(gr.abs().sum() > 0 for gr in grads)
     assert model.frames_used(batch).sum(1).tolist() == [4] * B
+
+
+def _two_videos(ctx: HeadContext):
+    """Two full-length videos of classes 0 and 1; video b's features are all b + 1 (one value per video)."""
+    batch = random_batch(ctx, 2, short=0)
+    ids = torch.tensor([1.0, 2.0])[:, None, None]
+    feats = {k: ids.expand(2, L, getattr(batch, k).shape[-1]).clone() for k in ("vp", "v", "fg", "bg")}
+    return dataclasses.replace(batch, **feats, labels=torch.tensor([0, 1]))
+
+
+def test_eigv_soft_target_follows_lambda1_only():
+    ctx = _context(False)
+    model = _grounded("baseline", "eigv", ctx)
+    model.train()
+    batch = _two_videos(ctx)
+    y = torch.nn.functional.one_hot(batch.labels, C).float()
+    seen = []
+    for seed in range(6):  # sampled: λ1 and λ2 drawn independently, the target reads λ1 only
+        torch.manual_seed(seed)
+        model(batch)
+        rec = model.mix_record
+        lam1, lam2 = rec["lam1"], rec["lam2"]
+        assert rec["perm"].tolist() == [1, 0]  # two videos: each mixes with the other
+        assert torch.equal(rec["target"], lam1 * y + (1 - lam1) * y[[1, 0]])
+        assert rec["target"][0, 0] == lam1 and rec["target"][1, 1] == lam1  # each video's own class: λ1
+        assert rec["target"][0, 1] == 1 - lam1 and rec["target"][1, 0] == 1 - lam1  # its partner's: 1 - λ1
+        seen.append((float(lam1), float(lam2)))
+    assert all(a != b for a, b in seen) and len({b for _, b in seen}) == len(seen)
+    model.mix_lambdas = (0.3, 0.9)  # injected: the same λ1 with another λ2 gives the same target
+    model(batch)
+    first = model.mix_record["target"]
+    assert first[0, 0] == torch.tensor(0.3) and first[0, 1] == 1 - torch.tensor(0.3)
+    model.mix_lambdas = (0.3, 0.1)
+    model(batch)
+    assert torch.equal(model.mix_record["target"], first) and model.mix_record["lam2"] == torch.tensor(0.1)
+    assert model.aux_loss is not None and torch.isfinite(model.aux_loss)
+    model.aux_loss.backward()
+    assert all(p.grad is not None for p in model.project.parameters())  # the disruptor's projection head learns
+
+
+def test_eigv_mixup_mixes_causal_frames_by_lambda1_and_environments_by_lambda2():
+    ctx = _context(False)
+    batch = _two_videos(ctx)  # video 0 is all 1, video 1 all 2
+    g = torch.zeros(2, L)
+    g[0, :4] = 1  # video 0: frames 0-3 causal
+    g[1, 2:5] = 1  # video 1: frames 2-4 causal
+    lam1, lam2 = torch.tensor(0.7), torch.tensor(0.2)
+    out = eigv_mixed_batch(batch, g, torch.tensor([1, 0]), lam1, lam2)
+    c0, c1 = g[0], g[1]
+    # slot by slot: λ1·c_0 + λ2·e_0 for video 0's frame, (1 - λ1)·c_1 + (1 - λ2)·e_1 for video 1's
+    want0 = (lam1 * c0 + lam2 * (1 - c0)) * 1 + ((1 - lam1) * c1 + (1 - lam2) * (1 - c1)) * 2
+    want1 = (lam1 * c1 + lam2 * (1 - c1)) * 2 + ((1 - lam1) * c0 + (1 - lam2) * (1 - c0)) * 1
+    assert torch.allclose(out.vp[0, :, 0], want0) and torch.allclose(out.v[1, :, 0], want1)
+    assert torch.allclose(out.vp[0, 0, 0], lam1 * 1 + (1 - lam2) * 2)  # causal in 0, environment in 1
+    assert torch.allclose(out.vp[0, 2, 0], lam1 * 1 + (1 - lam1) * 2)  # causal in both
+    assert torch.allclose(out.vp[0, 7, 0], lam2 * 1 + (1 - lam2) * 2)  # environment in both
+
+
+def test_perturbed_top_k_is_the_hard_top_k_at_eval():
+    torch.manual_seed(0)
+    scores = torch.randn(3, L)
+    mask = torch.ones(3, L, dtype=torch.bool)
+    mask[2, 2:] = False  # shorter than K: its real frames, then padded slots
+    ind, idx = perturbed_top_k(scores, mask, 4, samples=50, sigma=0.05, training=False)
+    assert torch.equal(idx, hard_top_k(scores, mask, 4)) and torch.equal(idx, idx.sort(1).values)
+    assert set(idx[0].tolist()) == set(scores[0].topk(4).indices.tolist())
+    assert torch.equal(ind, torch.nn.functional.one_hot(idx, L).float())  # exactly K-hot, no noise
+    ctx = _context(False)
+    model = _grounded("baseline", "rationale", ctx)  # rationale_selector: perturbed (the default)
+    assert model.opts.rationale_selector == "perturbed"
+    batch = random_batch(ctx, B)
+    model.eval()
+    view, chosen = model.select(batch)
+    scores = model.rationale(batch.vp.float(), batch.t0.float())
+    assert torch.equal(chosen, hard_top_k(scores, batch.mask, 4))
+    gathered = batch.vp.float().gather(1, chosen.unsqueeze(-1).expand(-1, -1, DC))
+    assert torch.equal(view.vp, gathered) and torch.equal(view.mask, batch.mask.gather(1, chosen))
+    with torch.no_grad():
+        assert torch.equal(model(batch), model(batch))  # deterministic at eval
+
+
+def test_perturbed_top_k_sends_a_gradient_to_every_frame_score():
+    torch.manual_seed(0)
+    scores = (0.1 * torch.randn(2, L)).requires_grad_()
+    mask = torch.ones(2, L, dtype=torch.bool)
+    ind, idx = perturbed_top_k(scores, mask, 3, samples=2000, sigma=0.5, training=True)
+    assert ind.shape == (2, 3, L) and torch.allclose(ind.sum(-1), torch.ones(2, 3))  # each slot: a distribution
+    assert torch.allclose(ind.sum(1).sum(-1), torch.full((2,), 3.0))  # K frames in all
+    frames = torch.randn(2, L, 16)
+    (torch.einsum("bkl,bld->bkd", ind, frames) * torch.randn(2, 3, 16)).sum().backward()
+    assert (scores.grad != 0).all(), scores.grad  # every one of the L frame scores gets a gradient
+    # in the wrapper: training mixes the frames by the mean indicators, and the scorer learns from the head's loss
+    ctx = _context(False)
+    model = _grounded("baseline", "rationale", ctx)
+    model.train()
+    batch = random_batch(ctx, B)
+    view, chosen = model.select(batch)
+    assert view.vp.shape == (B, 4, DC) and torch.equal(view.mask, batch.mask.gather(1, chosen))
+    loss_fn(model(batch), batch.labels, False).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.rationale.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in model.rationale.parameters())
+
+
+@pytest.mark.parametrize("grounding", ["eigv_video", "rationale_st"])
+def test_earlier_forms_stay_available(grounding):
+    torch.manual_seed(0)
+    ctx = _context(False)
+    model = _grounded("baseline", grounding, ctx)
+    assert model.project is None  # only EIGV's paper form has the disruptor's projection head
+    model.train()
+    batch = random_batch(ctx, B)
+    loss = loss_fn(model(batch), batch.labels, False)
+    if model.aux_loss is not None:
+        loss = loss + model.aux_loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    model.eval()
+    with torch.no_grad():
+        assert model(batch).shape == (B, C)
+
+
+def test_pipeline_yaml_groundings_build():
+    from pathlib import Path
+
+    from extract.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "pipeline.yaml")
+    for name in cfg.grounding:
+        opts = grounding_options(cfg, name)
+        assert opts.active
+    assert grounding_options(cfg, "eigv").mix == "paper"
+    assert grounding_options(cfg, "rationale").rationale_selector == "perturbed"
 
 
 @pytest.mark.parametrize("method", ["igv", "eigv"])

@@ -7,12 +7,14 @@ embeddings `T0` in the role of the question. `Grounded(head, options, ctx)` wrap
 `forward(batch) -> logits (B, C)` as every head, with the auxiliary losses left in `aux_loss` during
 training (the engine adds them to the head's CE/BCE):
 
-- **STR-style temporal rationales** (`rationale_frames: K`): a frame scorer (cross-attention of each
-  frame's CLIP embedding over the class text embeddings) ranks the frames; the top K real frames, kept
-  in temporal order, are the only frames the head sees (its batch has `L = K`). The hard selection is
-  made differentiable by a straight-through estimator: the gathered frames are scaled by
-  `1 + s_l - stopgrad(s_l)` (value exactly 1) with `s = softmax_l(r_l / tau)`, so the scores get a
-  gradient from the head's loss.
+- **STR temporal rationales** (`rationale_frames: K`): a frame scorer (cross-attention of each frame's CLIP
+  embedding over the class text embeddings) ranks the frames; K frames, kept in temporal order, are the only
+  frames the head sees (its batch has `L = K`). `rationale_selector: perturbed` (default, TranSTR's selector): in
+  training the differentiable perturbed top-K (Berthet et al. 2020; Cordonnier et al. 2021), slot j's frame is
+  `Σ_l y_jl v_l` with `y = (1/n) Σ_s TopK(r + σ Z_s)` the mean K-hot indicators of `perturb_samples` Gaussian-
+  perturbed scores (`perturb_sigma`), and the gradient `∂y/∂r ≈ (1/n) Σ_s TopK(r + σ Z_s) Z_s^T / σ`; at eval the
+  hard top-K. `straight_through` (ours, the earlier form): the hard top-K in training too, the gathered frames
+  scaled by `1 + s_l - stopgrad(s_l)` (value exactly 1), `s = softmax_l(r_l / tau)`.
 - **Invariant grounding, IGV** (`method: igv`): a grounding indicator (the same scorer form) splits each
   video's real frames into causal frames `c` and environment frames `e`: a binary Gumbel-softmax
   (logistic noise on the frame logits, temperature `tau`), made hard as the top `causal_share` of the
@@ -24,11 +26,17 @@ training (the engine adds them to the head's CE/BCE):
   survives any environment), and `env_weight · CE(head(e), uniform)` (the environment alone carries no
   class information; for multi-label tasks the target is the batch's label frequency, the
   uninformative prediction).
-- **Equivariant grounding, EIGV** (`method: eigv`): IGV plus (1) mixup of two videos,
-  `v_mix = λ v_b + (1 - λ) v_π(b)`, `λ ~ Beta(mix_alpha, mix_alpha)`, grounded again; its causal-frame
-  prediction must mix the labels accordingly (`mix_weight`, soft-target CE / BCE); (2) a contrastive term
-  between the grounded view (causal frames) and the perturbed view (causal + swapped environment) of the
-  same video against the other videos of the batch (InfoNCE on L2-normalised class scores, `contrast_tau`).
+- **Equivariant grounding, EIGV** (`method: eigv`, `mix: paper`, the default; EIGV's code yl3800/EIGV): IGV plus
+  (1) the equivariant mixup: `λ1 ~ Beta(mix_alpha, mix_alpha)` and an independent `λ2 ~ Beta(a2, a2)`
+  (`a2 = env_mix_alpha`, default `mix_alpha`), slot by slot `v_mix = λ1 c_b + (1 - λ1) c_π(b) + λ2 e_b +
+  (1 - λ2) e_π(b)` (each video split by its own indicator); the head's prediction on `v_mix` must match
+  `λ1 y_b + (1 - λ1) y_π(b)`: the target follows λ1 only (`mix_weight`, soft-target CE / BCE); (2) the
+  contrastive disruptor: `v_mix` is grounded again; anchor = `v_mix`, positive = `v_mix` with its environment
+  frames swapped for another video's, negatives = `contrast_negatives` copies with its causal frames swapped;
+  InfoNCE (cosine / `contrast_tau`) on a projection head `Linear(C, dim) -> ReLU -> Linear(dim, dim)` applied to
+  the head's class scores (`contrast_weight`). `mix: video` keeps our earlier form: one `λ` over whole videos,
+  the mixed video re-grounded and its causal-frame prediction against the λ-mixed labels, and a symmetric
+  InfoNCE between the grounded and the swapped view's class scores across the batch.
 - **Uniform prototype prior (IVRD-style)** is a head option, not a wrapper: `prior: uniform` on every head
   that reads a dictionary prior (pcmci, ecrl; cmdcl in its memory/bank forms of ours), variant `prior_uniform`.
 
@@ -37,12 +45,29 @@ features also multiplied by the straight-through weight `g` or `1 - g`, which ca
 indicator), so every head works unchanged. Dataset-level memories the heads keep (CMDCL's bias memory in
 its `tci_memory` variant, PCMCI's hallucination memory) are updated by the main view only, never by the auxiliary views.
 
-Where we depart from the papers (read through the thesis summary only; the papers were not available):
-IGV samples the substituted environment from a memory bank of the dataset, we use the other videos of
-the batch (the issue's wording); the hard top-`causal_share` budget is ours (without one, marking every
-frame causal satisfies both IGV losses trivially); EIGV's contrastive term is taken on the heads' class
-scores, the one representation every head shares; STR's selected frames get positions 0..K-1 of the
-head's temporal embedding (their order is kept, their gaps are not).
+Paper map (equation -> function): IGV's indicator (Gumbel-softmax split) -> `causal_split`, scored by `FrameScorer`;
+IGV's intervener `v* = c ⊕ e_π` -> `swapped_view`; EIGV's mixup `λ1 c_b + (1 - λ1) c_π + λ2 e_b + (1 - λ2) e_π`
+-> `eigv_mixed_batch`, its λ's -> `Grounded.sample_lambdas`, its soft target and losses -> `Grounded.eigv_paper`;
+EIGV's contrastive disruptor (InfoNCE, anchor / positive / negatives) -> `info_nce_negatives` on `Grounded.project`;
+STR's TR top-K (perturbed optimiser forward `E[TopK(r + σZ)]`, backward `E[TopK(r + σZ) Z^T] / σ`) ->
+`perturbed_top_k` (`_PerturbedTopK`), hard top-K -> `hard_top_k`; the straight-through form -> `top_k_frames`.
+
+Where we depart from the papers, and why:
+- the substituted environments (IGV's swap, EIGV's positive and negatives) come from the other videos of the batch,
+  not from a memory bank of the dataset (the issue's wording; a bank would be a second dataset-level memory);
+- the hard top-`causal_share` budget of the indicator is ours (without one, marking every frame causal satisfies both
+  IGV losses trivially);
+- EIGV's projection head reads the heads' class scores, the one representation every head shares (the paper
+  projects its fused video-question representation); its question-swap negatives have no counterpart (the class
+  texts `T0`, our "question", are the same for every video), so only the causal-swapped negatives are kept;
+- EIGV's code mixes the question with λ1 as well; here there is no per-video question to mix;
+- the IGV losses (causal-only, swapped, environment-only) are kept beside EIGV's terms, and the prediction returned at
+  test time is the causal frames' (IGV's form), where EIGV's code predicts from the whole video;
+- with a single video in the batch EIGV's terms are skipped (nothing to mix or swap with);
+- STR's perturbed top-K perturbs the frame scorer's raw scores `r` (TranSTR perturbs its cross-attention weights);
+  its scorer is our `FrameScorer`, and objects (STR's SR step) do not exist on cached frame features;
+- STR's selected frames get positions 0..K-1 of the head's temporal embedding (their order is kept, their gaps are
+  not); a video with fewer than K real frames keeps them all and fills its remaining slots with padded (masked) frames.
 """
 
 from __future__ import annotations
@@ -80,9 +105,19 @@ class GroundingOptions:
     swap_weight: float = field(default=1.0, metadata=bounds(0.0))  # IGV: loss of causal + swapped environment
     env_weight: float = field(default=1.0, metadata=bounds(0.0))  # IGV: environment-only prediction -> uniform
     mix_weight: float = field(default=1.0, metadata=bounds(0.0))  # EIGV: mixup of two videos' grounded frames
-    mix_alpha: float = field(default=0.4, metadata=bounds(1e-3))  # EIGV: λ ~ Beta(mix_alpha, mix_alpha)
+    mix_alpha: float = field(default=0.4, metadata=bounds(1e-3))  # EIGV: λ (paper: λ1) ~ Beta(mix_alpha, mix_alpha)
     contrast_weight: float = field(default=0.1, metadata=bounds(0.0))  # EIGV: grounded vs perturbed InfoNCE
     contrast_tau: float = field(default=0.1, metadata=bounds(1e-3))  # EIGV: temperature of the InfoNCE
+    # EIGV mixing: paper (λ1 on the causal frames, independent λ2 on the environment frames, target follows λ1,
+    # contrastive disruptor with environment-swapped positive / causal-swapped negatives) | video (ours, earlier:
+    # one λ over whole videos, re-grounded, InfoNCE grounded vs swapped view)
+    mix: Literal["paper", "video"] = "paper"
+    env_mix_alpha: float | None = field(default=None, metadata=bounds(1e-3))  # EIGV: λ2 ~ Beta(a2, a2); null=a
+    contrast_negatives: int = field(default=5, metadata=bounds(1))  # EIGV paper: causal-swapped negatives per video
+    # STR: perturbed (differentiable perturbed top-K, training; hard top-K at eval) | straight_through (ours, earlier)
+    rationale_selector: Literal["perturbed", "straight_through"] = "perturbed"
+    perturb_samples: int = field(default=500, metadata=bounds(1))  # STR perturbed top-K: n Gaussian samples
+    perturb_sigma: float = field(default=0.05, metadata=bounds(1e-6))  # STR perturbed top-K: noise scale σ
 
     @property
     def active(self) -> bool:
@@ -174,6 +209,56 @@ def top_k_frames(scores: torch.Tensor, mask: torch.Tensor, k: int, tau: float) -
     return idx, 1.0 + s - s.detach()
 
 
+def hard_top_k(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (..., k) of the top-k real frames of every row of scores (..., L), sorted in time. Padded frames rank
+    last in index order (stable sort), so a video with fewer than k real frames keeps all of them and then the
+    same padded slots whatever the scores."""
+    z = scores.detach().masked_fill(~mask, -torch.inf)
+    return z.argsort(dim=-1, descending=True, stable=True)[..., :k].sort(-1).values
+
+
+class _PerturbedTopK(torch.autograd.Function):
+    """Berthet et al. 2020 perturbed optimiser for top-k (as in Cordonnier et al. 2021 and TranSTR's `topk.py`).
+
+    forward: y(r) = E_Z[Y*(r + σZ)], Y*(·) the K-hot indicators (k, L) of the hard top-k (slots in time order),
+    estimated with n samples Z ~ N(0, I); backward: ∂y/∂r ≈ E_Z[Y*(r + σZ) Z^T] / σ (the same samples)."""
+
+    @staticmethod
+    def forward(ctx, scores, mask, k: int, samples: int, sigma: float):  # noqa: ANN001, ANN205
+        B, L = scores.shape
+        noise = torch.randn(B, samples, L, dtype=scores.dtype, device=scores.device)  # torch RNG: resumable
+        idx = hard_top_k(scores.unsqueeze(1) + sigma * noise, mask.unsqueeze(1), k)  # (B, n, k)
+        hot = F.one_hot(idx, L).to(scores.dtype)  # (B, n, k, L)
+        ctx.save_for_backward(torch.einsum("bnkl,bnl->bkl", hot, noise) / (samples * sigma), mask)  # (B, k, L)
+        return hot.mean(1)  # (B, k, L)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        jac, mask = ctx.saved_tensors
+        return (grad * jac).sum(1) * mask, None, None, None, None  # padded frames: no gradient
+
+
+def perturbed_top_k(
+    scores: torch.Tensor, mask: torch.Tensor, k: int, samples: int, sigma: float, training: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """STR's differentiable top-k: scores (B, L), mask (B, L) -> indicators (B, k, L) and hard indices (B, k).
+
+    Training: the mean K-hot indicators of the hard top-k of `samples` Gaussian-perturbed scores (σ = sigma), with
+    the perturbed-optimiser gradient; eval: the hard top-k's one-hot indicators. Row j of the indicators weighs the
+    frames for the j-th selected slot (slots in time order); the hard indices are the top-k of the scores."""
+    k = min(k, scores.shape[1])
+    idx = hard_top_k(scores, mask, k)
+    if not training:
+        return F.one_hot(idx, scores.shape[1]).to(scores.dtype), idx
+    return _PerturbedTopK.apply(scores, mask, k, samples, sigma), idx
+
+
+def derangements(m: int, n: int, device: Any) -> torch.Tensor:
+    """m random permutations without fixed points (n ≥ 2), (m, n), drawn at once: a single cycle each."""
+    p = torch.rand(m, n, device=device).argsort(1)
+    return torch.empty_like(p).scatter_(1, p, p.roll(-1, dims=1))
+
+
 def derangement(n: int, device: Any) -> torch.Tensor:
     """A random permutation without fixed points (n ≥ 2): each video receives another video's frames."""
     if n < 2:
@@ -190,11 +275,37 @@ def masked_view(batch: Batch, weight: torch.Tensor, mask: torch.Tensor) -> Batch
     return dataclasses.replace(batch, **{k: getattr(batch, k).float() * w for k in FEATURES}, mask=mask)
 
 
-def swapped_view(batch: Batch, g: torch.Tensor, hard: torch.Tensor, perm: torch.Tensor) -> Batch:
-    """IGV's intervention: video b's causal frames, and in its environment slots video perm[b]'s frames."""
+def swapped_view(
+    batch: Batch, g: torch.Tensor, hard: torch.Tensor, perm: torch.Tensor, source: Batch | None = None
+) -> Batch:
+    """IGV's intervention: video b's kept frames (weight g, slots `hard`), and in its other slots the frames of
+    video perm[b] of `source` (default: the batch itself). perm may index a larger batch than `source`'s rows
+    only through `source`; g, hard, perm are (B', L), (B', L), (B',) for a batch of B' videos."""
+    source = batch if source is None else source
     w = g.unsqueeze(-1)
-    mix = {k: w * getattr(batch, k).float() + (1 - w) * getattr(batch, k)[perm].float() for k in FEATURES}
-    return dataclasses.replace(batch, **mix, mask=torch.where(hard, batch.mask, batch.mask[perm]))
+    mix = {k: w * getattr(batch, k).float() + (1 - w) * getattr(source, k)[perm].float() for k in FEATURES}
+    return dataclasses.replace(batch, **mix, mask=torch.where(hard, batch.mask, source.mask[perm]))
+
+
+def repeated(batch: Batch, n: int) -> Batch:
+    """The batch's videos n times over (n·B videos, copy j of video b at row j·B + b)."""
+    rep = {k: getattr(batch, k).repeat(n, *([1] * (getattr(batch, k).dim() - 1))) for k in (*FEATURES, "mask")}
+    labels = None if batch.labels is None else batch.labels.repeat(n, *([1] * (batch.labels.dim() - 1)))
+    return dataclasses.replace(batch, **rep, labels=labels)
+
+
+def eigv_mixed_batch(
+    batch: Batch, g: torch.Tensor, perm: torch.Tensor, lam1: torch.Tensor, lam2: torch.Tensor
+) -> Batch:
+    """EIGV's mixup (the paper's intervener): slot by slot,
+    v_mix = λ1 c_b + (1 - λ1) c_perm[b] + λ2 e_b + (1 - λ2) e_perm[b], with c = g ⊙ v, e = (1 - g) ⊙ v on the real
+    frames (each video split by its own grounding g (B, L), straight-through); labels left to the caller."""
+    m = batch.mask.to(g.dtype)
+    c, e = (g * m).unsqueeze(-1), ((1 - g) * m).unsqueeze(-1)  # (B, L, 1)
+    own = lam1 * c + lam2 * e  # weight of video b's frame in its slot
+    other = ((1 - lam1) * c + (1 - lam2) * e)[perm]  # weight of video perm[b]'s frame in the same slot
+    mix = {k: own * getattr(batch, k).float() + other * getattr(batch, k)[perm].float() for k in FEATURES}
+    return dataclasses.replace(batch, **mix, mask=batch.mask | batch.mask[perm])
 
 
 def mixed_batch(batch: Batch, perm: torch.Tensor, lam: float) -> Batch:
@@ -233,6 +344,14 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
     return 0.5 * (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target))
 
 
+def info_nce_negatives(anchor: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, tau: float) -> torch.Tensor:
+    """EIGV's contrastive disruptor: InfoNCE of anchors (B, D) against their positives (B, D) and their own negatives
+    (N, B, D), cosine similarity / tau, the positive the target class."""
+    a, p, n = (F.normalize(x.float(), dim=-1) for x in (anchor, pos, neg))
+    logits = torch.cat([(a * p).sum(-1, keepdim=True), torch.einsum("bd,nbd->bn", a, n)], 1) / tau  # (B, 1 + N)
+    return F.cross_entropy(logits, torch.zeros(a.shape[0], dtype=torch.long, device=a.device))
+
+
 @contextlib.contextmanager
 def frozen_memories(module: nn.Module) -> Iterator[None]:
     """Within the block, heads' dataset-level memories (modules with `memory_updates`) are not updated."""
@@ -256,16 +375,43 @@ class Grounded(nn.Module):
         self.num_classes, self.multi_label = ctx.num_classes, ctx.multi_label
         self.rationale = FrameScorer(ctx.clip_dim, opts.dim) if opts.rationale_frames is not None else None
         self.indicator = FrameScorer(ctx.clip_dim, opts.dim) if opts.method != "none" else None
+        paper_eigv = opts.method == "eigv" and opts.mix == "paper"
+        # EIGV's projection head of the contrastive disruptor, on the head's class scores (B, C) -> (B, dim)
+        self.project = (
+            nn.Sequential(nn.Linear(ctx.num_classes, opts.dim), nn.ReLU(), nn.Linear(opts.dim, opts.dim))
+            if paper_eigv
+            else None
+        )
         self.aux_loss: torch.Tensor | None = None
+        self.mix_lambdas: tuple[float, float] | None = None  # EIGV: fixed (λ1, λ2) instead of sampling (tests)
+        self.mix_record: dict[str, torch.Tensor] | None = None  # EIGV: the last step's λ1, λ2, perm, soft target
 
     def select(self, batch: Batch) -> tuple[Batch, torch.Tensor]:
         """STR's rationale frames: -> the head's batch and the frame indices (B, K) (or (B, L): every frame)."""
         B, L = batch.mask.shape
         if self.rationale is None:
             return batch, torch.arange(L, device=batch.mask.device).expand(B, L)
+        o = self.opts
         scores = self.rationale(batch.vp.float(), batch.t0.float())  # (B, L)
-        idx, weight = top_k_frames(scores, batch.mask, self.opts.rationale_frames, self.opts.tau)
-        return gathered_view(batch, idx, weight), idx
+        if o.rationale_selector == "straight_through":
+            idx, weight = top_k_frames(scores, batch.mask, o.rationale_frames, o.tau)
+            return gathered_view(batch, idx, weight), idx
+        if not self.training:  # hard top-K at eval
+            idx = hard_top_k(scores, batch.mask, min(o.rationale_frames, L))
+            return gathered_view(batch, idx, torch.ones_like(idx, dtype=torch.float32)), idx
+        ind, idx = perturbed_top_k(scores, batch.mask, o.rationale_frames, o.perturb_samples, o.perturb_sigma, True)
+        feats = {k: torch.einsum("bkl,bld->bkd", ind, getattr(batch, k).float()) for k in FEATURES}
+        return dataclasses.replace(batch, **feats, mask=batch.mask.gather(1, idx)), idx
+
+    def sample_lambdas(self, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """EIGV's λ1 ~ Beta(a, a) (causal frames) and an independent λ2 ~ Beta(a2, a2) (environment frames)."""
+        if self.mix_lambdas is not None:
+            return tuple(torch.tensor(x, dtype=torch.float32, device=device) for x in self.mix_lambdas)
+        a1 = torch.tensor(self.opts.mix_alpha)
+        a2 = torch.tensor(self.opts.env_mix_alpha if self.opts.env_mix_alpha is not None else self.opts.mix_alpha)
+        lam1 = torch.distributions.Beta(a1, a1).sample()  # torch RNG: resumable
+        lam2 = torch.distributions.Beta(a2, a2).sample()
+        return lam1.to(device), lam2.to(device)
 
     def ground(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The indicator's causal frames: -> hard (B, L) bool, straight-through g (B, L)."""
@@ -302,7 +448,9 @@ class Grounded(nn.Module):
             uninformative = y.mean(0, keepdim=True).expand_as(y) if self.multi_label else torch.full_like(y, 1 / C)
             aux = o.swap_weight * soft_loss(swapped, y, self.multi_label)
             aux = aux + o.env_weight * soft_loss(env, uninformative, self.multi_label)
-            if o.method == "eigv":
+            if o.method == "eigv" and o.mix == "paper":
+                aux = aux + self.eigv_paper(batch, g, y)
+            elif o.method == "eigv":
                 a = torch.tensor(o.mix_alpha)
                 lam = float(torch.distributions.Beta(a, a).sample()) if B > 1 else 1.0  # torch RNG: resumable
                 mix_perm = derangement(B, hard.device)
@@ -313,6 +461,37 @@ class Grounded(nn.Module):
                 aux = aux + o.contrast_weight * info_nce(logits, swapped, o.contrast_tau)
         self.aux_loss = aux
         return logits
+
+    def eigv_paper(self, batch: Batch, g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """EIGV's equivariance and contrastive-disruptor losses (called under frozen_memories, in training).
+
+        Mix two videos' causal frames with λ1 and their environments with λ2 (eigv_mixed_batch); the head's
+        prediction on the mixed video must match λ1 y_b + (1 - λ1) y_perm[b] (λ2 does not enter the target). The
+        mixed video is grounded again; anchor = its projected class scores, positive = the mixed video with its
+        environment frames swapped for another video's, negatives = `contrast_negatives` copies with its causal
+        frames swapped (InfoNCE, `contrast_tau`)."""
+        o, B = self.opts, g.shape[0]
+        if B < 2:  # no other video to mix or swap with
+            self.mix_record = None
+            return g.new_zeros(())
+        lam1, lam2 = self.sample_lambdas(g.device)
+        perm = derangement(B, g.device)
+        target = lam1 * y + (1 - lam1) * y[perm]  # the soft target follows λ1 only
+        self.mix_record = {"lam1": lam1, "lam2": lam2, "perm": perm, "target": target.detach()}
+        mixed = eigv_mixed_batch(batch, g, perm, lam1, lam2)
+        mix_logits = self.head(mixed)
+        aux = o.mix_weight * soft_loss(mix_logits, target, self.multi_label)
+        if o.contrast_weight > 0:
+            hard, mg = self.ground(mixed)
+            N = o.contrast_negatives
+            pos = swapped_view(mixed, mg, hard, derangement(B, g.device), source=batch)  # environment swapped
+            neg_perm = derangements(N, B, g.device).reshape(-1)  # (N·B,) into the original videos
+            env = mixed.mask & ~hard
+            neg = swapped_view(repeated(mixed, N), (1 - mg).repeat(N, 1), env.repeat(N, 1), neg_perm, source=batch)
+            z = self.project(torch.cat([mix_logits, self.head(pos), self.head(neg)], 0).float())  # ((2 + N)·B, D)
+            anchor, positive, negatives = z[:B], z[B : 2 * B], z[2 * B :].view(N, B, -1)
+            aux = aux + o.contrast_weight * info_nce_negatives(anchor, positive, negatives, o.contrast_tau)
+        return aux
 
 
 def wrap(head: nn.Module, opts: GroundingOptions | None, ctx: HeadContext, name: str = "") -> nn.Module:
