@@ -33,8 +33,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +55,7 @@ from extract.synthetic import (
     draw_lighting,
     render_video,
 )
+from extract.vlm import publish_folder, warmup_cosine_lr
 
 log = logging.getLogger(__name__)
 
@@ -223,13 +222,6 @@ def _optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def _lr_at(step: int, steps: int, lr: float) -> float:
-    warm = max(1, round(WARMUP * steps))
-    if step < warm:
-        return lr * (step + 1) / warm
-    return 0.5 * lr * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-
 @dataclass(frozen=True)
 class VideoResult:
     checkpoint: Path  # <out>/<fingerprint>/timesformer.pyth (official layout); video.json beside it
@@ -297,7 +289,7 @@ def pretrain_video(cfg: Config, progress: bool = True) -> VideoResult:
     with tqdm(range(vc.steps), desc="pretrain video", unit="step", disable=not progress) as bar:
         for step in bar:
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, vc.steps, vc.lr)
+                group["lr"] = warmup_cosine_lr(step, vc.steps, vc.lr, WARMUP)
             rows = torch.randint(N, (vc.batch_size,), generator=gen)  # (B,)
             video = data.pixels[rows].to(device).float()  # (B, T, 3, S, S)
             y, yf = data.action[rows].to(device), data.frame_action[rows].to(device)  # (B,), (B, T)
@@ -346,18 +338,12 @@ def pretrain_video(cfg: Config, progress: bool = True) -> VideoResult:
         "config": record,
         "versions": {"torch": torch.__version__},
     }
-    tmp = Path(vc.out) / f".{fingerprint}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+
+    def write(tmp: Path) -> None:
         save_official(clf.cpu(), tmp / CHECKPOINT, record, epoch=vc.steps)
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
-        if folder.exists() and _read_result(folder, fingerprint, t0) is None:
-            shutil.rmtree(folder)
-        if not folder.exists():
-            os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_folder(folder, write, complete=lambda: _read_result(folder, fingerprint, t0) is not None)
     log.info("wrote %s (%.1f s)", folder / CHECKPOINT, seconds)
     return VideoResult(
         checkpoint=folder / CHECKPOINT,

@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -306,11 +307,30 @@ def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def _lr_at(step: int, steps: int, lr: float) -> float:
-    warm = max(1, round(WARMUP * steps))
+def warmup_cosine_lr(step: int, steps: int, lr: float, warmup: float = WARMUP) -> float:
+    """The learning rate at `step` of `steps`: linear warm-up over the first `warmup` share, then cosine to 0
+    (the schedule of both tiny-encoder pretrainings, extract/vlm.py and extract/video_pretrain.py)."""
+    warm = max(1, round(warmup * steps))
     if step < warm:
         return lr * (step + 1) / warm
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def publish_folder(folder: Path, write: Callable[[Path], object], complete: Callable[[], bool]) -> None:
+    """Run `write(tmp)` into a temporary sibling folder, then rename it to `folder`: the folder exists only when
+    complete. An existing `folder` that is not `complete()` (half-written by an older layout) is replaced; a
+    complete one (a concurrent run that finished first) is kept."""
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if folder.exists() and not complete():
+            shutil.rmtree(folder)
+        if not folder.exists():
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_result(folder: Path, fingerprint: str, t0: float) -> VlmResult | None:
@@ -378,7 +398,7 @@ def pretrain_vlm(cfg: Config, progress: bool = True) -> VlmResult:
     with tqdm(range(vc.steps), desc="pretrain vlm", unit="step", disable=not progress) as bar:
         for step in bar:
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, vc.steps, vc.lr)
+                group["lr"] = warmup_cosine_lr(step, vc.steps, vc.lr)
             rows = torch.randint(N, (vc.batch_size,), generator=gen)  # (B,)
             caption = data.sample_captions(rows, gen, vc)  # (B,)
             images = data.pixels[rows].to(device)  # (B, 3, h, w)
@@ -431,19 +451,11 @@ def pretrain_vlm(cfg: Config, progress: bool = True) -> VlmResult:
         "versions": {"open_clip": open_clip.__version__, "torch": torch.__version__},
     }
 
-    # Write everything into a temporary folder, then rename it: the folder exists only when complete.
-    tmp = Path(vc.out) / f".{fingerprint}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def write(tmp: Path) -> None:
         save_checkpoint(model, tmp / CHECKPOINT, TINY_MODEL_CFG)
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
-        if folder.exists():  # a half-written folder from an older layout, or a concurrent run that finished
-            if _read_result(folder, fingerprint, t0) is None:
-                shutil.rmtree(folder)
-        if not folder.exists():
-            os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_folder(folder, write, complete=lambda: _read_result(folder, fingerprint, t0) is not None)
     log.info("wrote %s (%.1f s)", folder / CHECKPOINT, seconds)
     return VlmResult(
         checkpoint=folder / CHECKPOINT,
