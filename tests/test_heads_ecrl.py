@@ -1,13 +1,14 @@
 """The ECRL head against known answers: BD's explicit expectation, GLCA over all of G, switches, masks."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import random_batch
 from train.heads import Batch, HeadContext
-from train.heads.ecrl import Ecrl, EcrlOptions
+from train.heads.ecrl import VARIANTS, Ecrl, EcrlOptions
 
 B, L, DC, DV, C, KZ, KG = 3, 6, 16, 20, 4, 5, 7
 
@@ -228,7 +229,6 @@ def test_the_classifier_is_linear_by_default_and_text_on_request():
 
 
 def test_each_table_row_switches_what_its_caption_says():
-    from train.heads.ecrl import VARIANTS
 
     table3 = {
         "modules_base": set(),
@@ -276,3 +276,14 @@ def test_two_step_training_trains_the_frame_stream_alone_first():
     one_stage, _ = _setup()
     one_stage.set_epoch(0)
     assert not one_stage.frame_only  # frame_epochs 0: one stage, the default
+
+
+def test_table5_paper_dictionary_is_built_as_section_3_2_states():
+    """`dict_paper` reads `confounder_paper`: k-means++ and PCA over backgrounds, entries at natural scale."""
+    from extract.config import load_config
+
+    assert VARIANTS["dict_paper"] == {**VARIANTS["modules_fcm_bcm_tsc_bd"], "confounder_dictionary": "confounder_paper"}
+    cfg = load_config(Path(__file__).resolve().parents[1] / "pipeline.yaml")
+    spec = cfg.dictionaries["confounder_paper"]
+    assert (spec.source, spec.variant, spec.init, spec.spherical) == ("clip/bg", "kmeans", "kmeans++", False)
+    assert spec.pca is not None and "ecrl:dict_paper" in cfg.ablations["ecrl_dictionary"].rows

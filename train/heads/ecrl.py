@@ -20,7 +20,12 @@ Paper map (Sec. 4, Eq. 1-15, Tables 3-5); the output is `S = S1 + S2` (Sec. 4.3)
   `bd_lambda_off` (w/o λ: 1/K), `bd_prior_off` (w/o P(z_i): 1/K), `bd_additive`, reference
   `modules_fcm_bcm_tsc_bd`. Table 5 (without GLCA): `dict_random`, `dict_average` (class means of *frame*
   features, the cache dictionary `confounder_average_frame`), `dict_background` (class-average backgrounds,
-  `confounder_average`, what the public code ships), reference: our k-means `confounder`.
+  `confounder_average`, what the public code ships), `dict_paper` (Sec. 3.2's construction of Z: k-means++
+  and PCA over the background pool, each z_i its cluster's mean at the features' natural scale, the cache
+  dictionary `confounder_paper`; deviations: the pool is every real frame's background, not one feature per
+  training video, and the centroids are the PCA-space means mapped back to Dc, i.e. the cluster means
+  projected on the PCA subspace, since the paper states no PCA width), reference: our k-means `confounder`
+  (spherical, random seeding, no PCA: the features are L2-normalised).
 - GLCA (Eq. 8-15, `GlobalLocalCausalAttention`): local features `F_L` (the frame stream before pooling), global
   features `F_G` = a k-means-initialised, **trainable** dictionary G. Fusion `h = [W_v F_G, W_q F_L ⊙ W_k F_G]`
   and Eq. 15 `F_LG = φ(ReLU(W_h h + b_h) W_a + b_a) ⊙ F_G` (`GlcaAttention`, `scorer: mlp`): φ a softmax over
@@ -304,6 +309,7 @@ VARIANTS = {
     "dict_random": {**_NO_GLCA, "confounder_dictionary": "confounder_random"},
     "dict_average": {**_NO_GLCA, "confounder_dictionary": "confounder_average_frame"},
     "dict_background": {**_NO_GLCA, "confounder_dictionary": "confounder_average"},
+    "dict_paper": {**_NO_GLCA, "confounder_dictionary": "confounder_paper"},  # k-means++ + PCA, natural scale
     # ours on the full head
     "bd_normalised_full": {"bd_form": "normalised"},
     "glca_linear": {"glca_scorer": "linear"},
