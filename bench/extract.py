@@ -7,9 +7,12 @@
   target: end-to-end >= 0.8 x the slower of the two isolated stages;
 - sampled-frame decoding on a long video (3,000 frames, 30 fps, H.264 with B-frames): seek vs decode-all;
 - the store's size against raw fp32;
+- the per-frame cost on this CPU of the `base` presets (CLIP ViT-B/16 with its fg/bg passes, TimeSformer-B
+  at 224, random weights) on one clip of 8 frames (`base_frame_cost`; bench/train.py turns it into runs per
+  extraction);
 - on a machine with a GPU: frames/s of the `base` presets (CLIP ViT-B/16, TimeSformer-B, random weights).
 
-Usage: python bench/extract.py [--videos 96] [--frames 16]
+Usage: python bench/extract.py [--videos 96] [--frames 16] [--smoke]
 The last line is `key=value` pairs.
 """
 
@@ -105,11 +108,34 @@ def gpu_base_presets(frames: int) -> dict[str, float]:
     return out
 
 
-def main() -> None:
+def base_frame_cost(frames: int = 8, device: str = "cpu", preset: str = "base") -> dict[str, float]:
+    """Seconds per frame of extraction's encoders on `device`: `encode_group` (CLIP on the frame, the saliency
+    fg/bg crops through CLIP again, TimeSformer over the clip) on one clip of `frames` frames at the preset's
+    input size, random weights (`base`: CLIP ViT-B/16 at 224, TimeSformer-B 8x224). Decoding is not included:
+    it is the same for every encoder and small beside these."""
+    cfg = from_dict({"encoders": {"clip": {"preset": preset}, "timesformer": {"preset": preset}}})
+    enc = build_encoders(cfg, device)
+    size = decode_size(enc)
+    clip = np.random.default_rng(0).integers(0, 255, (1, frames, size, size, 3), dtype=np.uint8)  # (1, L, S, S, 3)
+    valid = np.ones((1, frames), dtype=bool)
+    with torch.inference_mode():
+        encode_group(clip, valid, cfg, enc)  # warm-up
+        t0 = time.perf_counter()
+        encode_group(clip, valid, cfg, enc)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    return {"seconds_per_frame": seconds / frames, "size": size, "frames": frames}
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", type=int, default=96)
     ap.add_argument("--frames", type=int, default=16)
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="the same code path on 12 videos; tiny preset as 'base'")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.videos, args.frames = 12, 4
     logging.basicConfig(level=logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -145,6 +171,13 @@ def main() -> None:
             f"long video (3000 frames, 32 samples): sequential {timing['sequential']['seconds']:.3f} s, "
             f"seek {timing['seek']['seconds']:.3f} s, identical={timing['identical']}"
         )
+    preset = "tiny" if args.smoke else "base"
+    cost = base_frame_cost(8, "cpu", preset)
+    print(
+        f"{preset} presets on this CPU ({torch.get_num_threads()} threads, {cost['size']}x{cost['size']}, one clip of "
+        f"{cost['frames']} frames): {1000 * cost['seconds_per_frame']:.0f} ms per frame (CLIP frame + fg/bg crops "
+        "+ TimeSformer)"
+    )
     gpu = gpu_base_presets(args.frames) if torch.cuda.is_available() else {}
     figures = {
         "decode_fps": f"{decode_fps:.1f}",
@@ -155,6 +188,7 @@ def main() -> None:
         "seek_identical": timing["identical"],
         "cache_ratio": f"{summary.raw_fp32_bytes / summary.store_bytes:.2f}",
         "device": device,
+        f"{preset}_cpu_ms_per_frame": f"{1000 * cost['seconds_per_frame']:.0f}",
     }
     figures.update({k: f"{v:.1f}" for k, v in gpu.items()} or {"gpu": "none"})
     print(" ".join(f"{k}={v}" for k, v in figures.items()))

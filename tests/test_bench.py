@@ -25,3 +25,36 @@ def test_video_encoder_bench_smoke_probes_the_trained_and_the_random_timesformer
     figures = dict(kv.split("=") for kv in last.split())
     assert {"action_ood", "random_action_ood", "scene_ood", "train_s"} <= set(figures)
     assert all(float(v) == float(v) for v in figures.values())
+
+
+def _figures(out: str) -> dict[str, str]:
+    return dict(kv.split("=") for kv in out.strip().splitlines()[-1].split())
+
+
+def test_train_bench_smoke_measures_every_head_and_runs_per_extraction(capsys):
+    from bench import train as bench_train
+    from train.heads import head_names
+
+    bench_train.main(["--smoke"])
+    figures = _figures(capsys.readouterr().out)
+    for head in head_names():
+        assert float(figures[f"{head}_smoke_steps_s"]) > 0 and float(figures[f"{head}_runs_per_extraction"]) > 0
+    assert figures["within_4gib"] in ("True", "False") and float(figures["ms_per_frame"]) > 0
+
+
+def test_extract_bench_smoke_measures_the_stages_and_the_per_frame_cost(capsys):
+    from bench import extract as bench_extract
+
+    bench_extract.main(["--smoke"])
+    figures = _figures(capsys.readouterr().out)
+    assert {"decode_fps", "encode_fps", "e2e_fps", "tiny_cpu_ms_per_frame"} <= set(figures)
+    assert float(figures["tiny_cpu_ms_per_frame"]) > 0
+
+
+def test_dictionaries_bench_smoke_reports_kmeans_against_sgemm(capsys):
+    from bench import dictionaries
+
+    dictionaries.main(["--smoke", "--threads", "1"])
+    figures = _figures(capsys.readouterr().out)
+    assert float(figures["sgemm_gflops"]) > 0 and 0 < float(figures["faiss_of_sgemm"]) < 10
+    assert abs(float(figures["objective_gap"])) < 0.05  # same start, same iterations: the same local optimum
