@@ -23,8 +23,9 @@ Paper map (Sec. 4, Eq. 1-15, Tables 3-5); the output is `S = S1 + S2` (Sec. 4.3)
   `confounder_average`, what the public code ships), `dict_paper` (Sec. 3.2's construction of Z: k-means++
   and PCA over the background pool, each z_i its cluster's mean at the features' natural scale, the cache
   dictionary `confounder_paper`; deviations: the pool is every real frame's background, not one feature per
-  training video, and the centroids are the PCA-space means mapped back to Dc, i.e. the cluster means
-  projected on the PCA subspace, since the paper states no PCA width), reference: our k-means `confounder`
+  training video; the paper states no PCA width (ours: `dictionaries.confounder_paper.pca`); BD reads Z in
+  Dc, so each PCA-space centroid is mapped back to Dc, i.e. its cluster mean projected on the PCA subspace),
+  reference: our k-means `confounder`
   (spherical, random seeding, no PCA: the features are L2-normalised).
 - GLCA (Eq. 8-15, `GlobalLocalCausalAttention`): local features `F_L` (the frame stream before pooling), global
   features `F_G` = a k-means-initialised, **trainable** dictionary G. Fusion `h = [W_v F_G, W_q F_L ⊙ W_k F_G]`
