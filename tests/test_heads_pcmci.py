@@ -364,6 +364,42 @@ def test_order_is_checked_by_the_config_loader():
         from_dict({"heads": {"pcmci": {"order": ["ich", "icc", "ivc"]}}})
 
 
+def test_paper_ici_over_frozen_text_is_one_term_for_every_video_and_ici_video_varies():
+    ctx = _context()
+    seen = {}
+    for form in ("paper", "video"):
+        head = _head(ich=False, ivc=False, order=("ici",), ici_form=form)
+        handle = head.ici.register_forward_hook(lambda m, i, o, f=form: seen.__setitem__(f, o.detach()))  # T*
+        with torch.no_grad():
+            head(_batch(ctx, seed=1))
+        handle.remove()
+    paper, video = seen["paper"], seen["video"]
+    assert torch.allclose(paper, paper[:1].expand_as(paper))  # frozen T0 in, the same T* out for every video
+    assert (video - video[:1]).abs().amax() > 1e-3  # the strata weights follow the video
+
+
+def test_ici_video_is_the_explicit_renormalised_sum_over_strata():
+    torch.manual_seed(0)
+    layer = pcmci.IllusionIntervention(dim=DC, bases=4, key_dim=4, form="video")
+    with torch.no_grad():
+        layer.prior_logits.copy_(torch.randn(4))
+    x = torch.randn(2, C, DC)
+    vp = torch.randn(2, L, DC)
+    mask = torch.tensor([[True] * L, [True] * 3 + [False] * (L - 3)])
+    vp_pad = vp.clone()
+    vp_pad[1, 3:] = 50.0  # padded frames never count
+    p, g = layer.prior(), layer.relations(x)  # (K,), (B, K, C, C)
+    for b, n in ((0, L), (1, 3)):
+        mean = F.normalize(F.normalize(vp[b, :n], dim=-1).mean(0), dim=-1)  # v̄P_b
+        lam = torch.exp(layer.w_lambda.weight @ mean)  # λ_bk (K,)
+        w = lam * p / (lam * p).sum()  # ∝ λ_bk p_k, renormalised
+        explicit = x[b] + sum(w[k] * g[b, k] @ x[b] @ layer.w_v[k] for k in range(4))
+        assert torch.allclose(layer(x, vp_pad, mask)[b], explicit, atol=1e-4)
+        assert torch.allclose(layer.strata(vp_pad, mask)[b], w, atol=1e-6)
+    paper = pcmci.IllusionIntervention(dim=DC, bases=4, key_dim=4)
+    assert paper.w_lambda is None and paper.strata(vp, mask).shape == (4,)  # the paper's p_k, no new parameters
+
+
 def test_builtin_variants_are_the_papers_tables():
     variants = head_entry("pcmci").builtin_variants
     stages = lambda v: tuple(s for s in ("ich", "ici", "ivc") if variants[v].get(s, True))  # noqa: E731

@@ -76,6 +76,13 @@ Deviations, each with its reason:
 - The paper trains TimeSformer with the stages; the cache freezes it (DESIGN, "Where we differ"). Our
   trunk has one temporal layer by default (baseline: two): IVC's frame relations add a second.
 - The same K (`relation_bases`) is used for ICI and F; the paper's K ablation may concern ICI only.
+- **The paper's ICI is inert on frozen text where it runs first.** ICI reads only T: over the frozen T0 (V3, or
+  any order that puts ICI before ICH) T* is one vector per class, the same for every video, a re-parametrised
+  class embedding (`tests/test_heads_pcmci.py` checks it; its variation over test videos is 0). We keep the
+  paper's form (`ici_form: paper`, strata weights p_k) and add ours beside it: `ici_form: video` (variants
+  `ici_video`, `stages_v3_video`): the strata weights ∝ λ_bk p_k, renormalised, with log λ_bk = u_k · v̄P_b
+  from the video's mean CLIP frame (the normalised λ·P form of ECRL's Eq. 6-7): R and its relation bases
+  unchanged, the mixture over strata follows the video; IVC's aligned frame relations use the same weights.
 
 Beyond the paper: `visual: clip` (variant `clip_only`) feeds VP to the trunk instead of TimeSformer's V;
 `ivc_dictionary: global` (variant `ivc_bank_clip`) runs IVC's sample bank over CLIP frames (which reopens the
@@ -121,6 +128,7 @@ class PCMCIOptions:
     ivc: bool = True  # IVC: frame relations + front-door with the text as mediator (needs `ivc_dictionary`)
     order: tuple[Stage, ...] = ("ich", "ici", "ivc")  # run order: a permutation of the enabled stages
     ich_form: Literal["paper", "attention", "memory"] = "paper"  # Σ_h P(h) h | class attention (ours) | memory (ours)
+    ici_form: Literal["paper", "video"] = "paper"  # strata weights p_k | ∝ λ_bk p_k from the video (ours)
     # OT cost 1 - S divided by the spread of its interaction part (what the plan sees) | min-max to [0, 1] | as is
     cost_scale: Literal["interaction", "minmax", "none"] = "interaction"
     sinkhorn_eps: float = field(default=0.25, metadata=bounds(1e-3))  # ε of the entropic OT plan π (cost units)
@@ -144,9 +152,10 @@ class PCMCIOptions:
 
 
 def propagate(x: torch.Tensor, g: torch.Tensor, prior: torch.Tensor, w_v: torch.Tensor) -> torch.Tensor:
-    """x + Σ_k p_k G_k x W_v^k: x (B, N, d), G (B, K, N, N), p (K,), W_v (K, d, d) -> (B, N, d)."""
+    """x + Σ_k p_k G_k x W_v^k: x (B, N, d), G (B, K, N, N), p (K,) or per video (B, K), W_v (K, d, d) -> (B, N, d)."""
     xv = torch.einsum("bmd,kde->bkme", x, w_v)  # x W_v^k, (B, K, N, d)
-    return x + torch.einsum("k,bknm,bkme->bne", prior.to(x.dtype), g, xv)  # (B, N, d)
+    p = prior.to(x.dtype).expand(x.shape[0], -1)  # (B, K)
+    return x + torch.einsum("bk,bknm,bkme->bne", p, g, xv)  # (B, N, d)
 
 
 class RelationBases(nn.Module):
@@ -183,7 +192,31 @@ class RelationBases(nn.Module):
 
 
 class IllusionIntervention(RelationBases):
-    """ICI: the back-door on the codependency illusion I, T* = T' + Σ_k p_k G_k T' W_v^k over the C labels."""
+    """ICI: the back-door on the codependency illusion I, T* = T' + Σ_k w_k G_k T' W_v^k over the C labels.
+
+    `paper`: w_k = p_k, the strata prior (the same for every video). `video` (ours): w_bk ∝ λ_bk p_k,
+    renormalised, with log λ_bk = u_k · v̄P_b from the video's mean CLIP frame (unit norm): the strata are
+    weighed per video as ECRL's Eq. 6-7 weighs its confounders, so the term varies where T' does not.
+    """
+
+    def __init__(self, dim: int, bases: int, key_dim: int, form: Literal["paper", "video"] = "paper"):
+        super().__init__(dim, bases, key_dim)
+        self.form = form
+        # log λ_k (u_k rows): a bias would shift every stratum's score equally and cancel in the softmax
+        self.w_lambda = nn.Linear(dim, bases, bias=False) if form == "video" else None
+
+    def strata(self, vp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The strata weights: vp (B, L, Dc), mask (B, L) -> p (K,) (paper) or ∝ λ_bk p_k (B, K) (video)."""
+        p = self.prior()  # (K,)
+        if self.w_lambda is None:
+            return p
+        w = mask.unsqueeze(-1).to(vp.dtype)  # (B, L, 1)
+        mean = F.normalize((F.normalize(vp, dim=-1) * w).sum(1) / w.sum(1).clamp_min(1.0), dim=-1)  # v̄P (B, Dc)
+        return (self.w_lambda(mean) + p.log()).softmax(-1)  # (B, K)
+
+    def forward(self, x: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """T' (B, C, Dc), the video's VP (B, L, Dc) and mask (B, L) -> T* (B, C, Dc)."""
+        return propagate(x, self.relations(x), self.strata(vp, mask), self.w_v)
 
 
 class HallucinationIntervention(nn.Module):
@@ -322,14 +355,16 @@ class VisualConfounderIntervention(nn.Module):
         mask: torch.Tensor,
         bank: torch.Tensor,
         bank_prior: torch.Tensor,
-        text_bases: RelationBases | None,
+        text_bases: IllusionIntervention | None,
+        vp: torch.Tensor,
     ) -> torch.Tensor:
         """v (B, L, d), T (B, C, Dc) and its projection t (B, C, d), mask (B, L), bank (Kg, Dg), prior (Kg,),
-        ICI's bases when aligned -> V* (B, L, d)."""
+        ICI's bases when aligned, the video's VP (B, L, Dc) for their strata weights -> V* (B, L, d)."""
         if text_bases is not None:
             p_t = torch.einsum("bld,bcd->blc", v, t).mul(self.scale).softmax(-1)  # P(t_c | v_l), (B, L, C)
             counterpart = torch.einsum("blc,bcd->bld", p_t, t_clip)  # each frame's text, CLIP space (B, L, Dc)
-            g, p = text_bases.relations(counterpart, mask), text_bases.prior()  # G^V_k (B, K, L, L), p (K,)
+            g = text_bases.relations(counterpart, mask)  # G^V_k (B, K, L, L)
+            p = text_bases.strata(vp, mask)  # R's strata weights, (K,) or per video (B, K)
             v_r = propagate(v, g, p, self.w_v)  # F level 1, aligned with R, (B, L, d)
         else:
             v_r = self.frame_relations(v, mask)  # F level 1 from the frames alone, (B, L, d)
@@ -363,6 +398,7 @@ TERMS = (
         "stages_v3": {"ich": False, "ivc": False, "order": ["ici"]},
         "stages_v4": {"ivc": False, "order": ["ich", "ici"]},
         "stages_v5": {"ich": False, "ici": False, "order": ["ivc"]},
+        "stages_v3_video": {"ich": False, "ivc": False, "order": ["ici"], "ici_form": "video"},  # ours beside V3
         # the paper's order table (ICH -> ICI -> IVC is the default)
         "order_ivc_ich_ici": {"order": ["ivc", "ich", "ici"]},
         "order_ici_ich_ivc": {"order": ["ici", "ich", "ivc"]},
@@ -379,6 +415,7 @@ TERMS = (
         # ours, beside the paper's forms
         "ich_attention": {"ich_form": "attention"},  # each class attends over the video's proxies
         "ich_memory": {"ich_form": "memory"},  # dataset-level EMA memory + learned class prior
+        "ici_video": {"ici_form": "video"},  # ICI's strata weighed per video (∝ λ_bk p_k): varies over frozen T0
         "ivc_bank_clip": {"ivc_dictionary": "global"},  # IVC's bank over CLIP frames (reopens the VLM path)
         "learn_text": {"learn_text": True},  # T learnable from T0
         "clip_only": {"visual": "clip"},  # VP as V, as the baseline's variant of that name
@@ -406,7 +443,9 @@ class PCMCI(nn.Module):
         )
         self.text = TextQueries(ctx.t0, d, learnable=opts.learn_text)  # T (C, Dc) and its projection to d
         self.ich = HallucinationIntervention(ctx.t0, opts) if opts.ich else None
-        self.ici = IllusionIntervention(ctx.clip_dim, opts.relation_bases, opts.relation_dim) if opts.ici else None
+        self.ici = None
+        if opts.ici:
+            self.ici = IllusionIntervention(ctx.clip_dim, opts.relation_bases, opts.relation_dim, opts.ici_form)
         self.ivc = None
         if opts.ivc:
             bank = ctx.dictionaries.get(opts.ivc_dictionary)
@@ -424,12 +463,12 @@ class PCMCI(nn.Module):
             if stage == "ich":
                 t = self.ich(t, vp, mask)  # T' (B, C, Dc)
             elif stage == "ici":
-                t = self.ici(t)  # T* (B, C, Dc)
+                t = self.ici(t, vp, mask)  # T* (B, C, Dc)
             else:
                 bank, prior = batch.dictionaries[self.opts.ivc_dictionary]  # (Kg, Dg), P(v') (Kg,)
                 prior = dictionary_prior(prior.float(), self.opts.prior)
                 aligned = self.ici if self.opts.ivc_alignment else None
-                v = self.ivc(v, t, self.text.proj(t), mask, bank.float(), prior, aligned)  # V* (B, L, d)
+                v = self.ivc(v, t, self.text.proj(t), mask, bank.float(), prior, aligned, vp)  # V* (B, L, d)
         f = self.pool(self.text.proj(t), v, mask)  # inference: T* as queries over V*, (B, C, d)
         return self.readout(f)  # (B, C)
 
