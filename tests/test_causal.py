@@ -1,5 +1,7 @@
 """The shared back-door / front-door / Sinkhorn helpers against independent answers (POT, explicit sums)."""
 
+import math
+
 import numpy as np
 import ot
 import pytest
@@ -91,6 +93,22 @@ def test_sample_bank_prior_weights_the_bank():
     out = att(q, bank, onehot)
     assert torch.allclose(out, att.w_v(bank[1]).expand(3, 8), atol=1e-5)
     assert att(q, bank).shape == (3, 8)
+
+
+def test_sample_bank_cosine_scores_are_the_explicit_renormalised_cosine_over_tau():
+    torch.manual_seed(0)
+    att = SampleBankAttention(4, 6, 8, score="cosine")
+    with torch.no_grad():
+        att.log_tau.fill_(math.log(0.3))
+    q, bank = torch.randn(3, 4), torch.randn(5, 6)
+    prior = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25])
+    for b in range(3):
+        qa = att.w_q(q[b])
+        cos = torch.stack([torch.dot(qa, att.w_k(bank[k])) / (qa.norm() * att.w_k(bank[k]).norm()) for k in range(5)])
+        w = torch.exp(cos / 0.3) * prior / (torch.exp(cos / 0.3) * prior).sum()  # ∝ exp(cos/τ) P(x'), renormalised
+        assert torch.allclose(att.weights(q, bank, prior)[b], w, atol=1e-5)
+        assert torch.allclose(att(q, bank, prior)[b], w @ att.w_v(bank), atol=1e-5)
+    assert SampleBankAttention(4, 6, 8).log_tau is None  # the dot form has no temperature
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 6)])

@@ -16,6 +16,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -79,18 +80,25 @@ class SampleBankAttention(nn.Module):
 
     The mediator's query attends over a bank of other samples' features (the global dictionary G or
     a memory), each weighted by its prior P(x') (uniform without one): cross-sample attention.
+    `score="dot"`: q · k / √d; `score="cosine"`: cos(q, k) / τ with a learned τ (starting at 0.1), so the
+    weights' sharpness, and the term's dependence on the sample, can grow where dot scores stay flat.
     """
 
-    def __init__(self, query_dim: int, bank_dim: int, dim: int):
+    def __init__(self, query_dim: int, bank_dim: int, dim: int, score: Literal["dot", "cosine"] = "dot"):
         super().__init__()
         self.w_q = nn.Linear(query_dim, dim)
         self.w_k = nn.Linear(bank_dim, dim)
         self.w_v = nn.Linear(bank_dim, dim)
         self.scale = dim**-0.5
+        self.log_tau = nn.Parameter(torch.tensor(math.log(0.1))) if score == "cosine" else None  # τ = exp(log τ)
 
     def weights(self, query: torch.Tensor, bank: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """P(x' | m): query (..., Dq), bank (K, Db), prior (K,) or None -> (..., K), summing to 1."""
-        scores = torch.einsum("...d,kd->...k", self.w_q(query), self.w_k(bank)) * self.scale  # (..., K)
+        q, k = self.w_q(query), self.w_k(bank)  # (..., d), (K, d)
+        if self.log_tau is None:
+            scores = torch.einsum("...d,kd->...k", q, k) * self.scale  # (..., K)
+        else:
+            scores = torch.einsum("...d,kd->...k", F.normalize(q, dim=-1), F.normalize(k, dim=-1)) / self.log_tau.exp()
         if prior is not None:
             scores = scores + prior.clamp_min(1e-12).log().to(scores.dtype)  # × P(x'), renormalised
         return scores.softmax(-1)

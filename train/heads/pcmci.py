@@ -83,6 +83,12 @@ Deviations, each with its reason:
   `ici_video`, `stages_v3_video`): the strata weights ∝ λ_bk p_k, renormalised, with log λ_bk = u_k · v̄P_b
   from the video's mean CLIP frame (the normalised λ·P form of ECRL's Eq. 6-7): R and its relation bases
   unchanged, the mixture over strata follows the video; IVC's aligned frame relations use the same weights.
+- **IVC's sample term is flat at our scale.** With dot-product scores q·k/√d the bank attention stays at its
+  prior for every video (on the benchmark cache, V5: entropy 0.965 of log K, variation 1e-4 of the term,
+  knock-out 0): the weights sum to 1 over K entries and each one's gradient is ~1/K. The default keeps the
+  plain scores (the summary gives the term no form beyond attention with the bank's prior); ours beside it:
+  `ivc_bank_score: cosine` (variants `ivc_bank_cosine`, `stages_v5_cosine`), cos(q, k)/τ with a learned τ
+  from 0.1, the renormalised cosine form of ECRL's `bd_normalised`.
 
 Beyond the paper: `visual: clip` (variant `clip_only`) feeds VP to the trunk instead of TimeSformer's V;
 `ivc_dictionary: global` (variant `ivc_bank_clip`) runs IVC's sample bank over CLIP frames (which reopens the
@@ -141,6 +147,7 @@ class PCMCIOptions:
     ivc_mediator: Literal["text", "memory", "multiscale"] = "text"  # M: T* | visual memory bank | multi-scale
     ivc_alignment: bool = True  # F's frame relations through ICI's bases (structural alignment; needs ICI)
     prior: Literal["empirical", "uniform"] = "empirical"  # IVC's P(v') over its bank: N_i/N | 1/K (IVRD-style)
+    ivc_bank_score: Literal["dot", "cosine"] = "dot"  # IVC's bank attention: q·k/√d | cos/τ, learned τ (ours)
 
     def __post_init__(self) -> None:
         enabled = [s for s in ("ich", "ici", "ivc") if getattr(self, s)]
@@ -333,7 +340,7 @@ class VisualConfounderIntervention(nn.Module):
             self.memory_key, self.memory_value = nn.Linear(bank_dim, d), nn.Linear(bank_dim, d)
         elif opts.ivc_mediator == "multiscale":
             self.multiscale = MultiScaleAttention(d)
-        self.bank = SampleBankAttention(d, bank_dim, d)  # Σ_v' P(v') over the V dictionary
+        self.bank = SampleBankAttention(d, bank_dim, d, opts.ivc_bank_score)  # Σ_v' P(v') over the V dictionary
         self.norm = nn.LayerNorm(d)
         self.scale = d**-0.5
 
@@ -399,6 +406,7 @@ TERMS = (
         "stages_v4": {"ivc": False, "order": ["ich", "ici"]},
         "stages_v5": {"ich": False, "ici": False, "order": ["ivc"]},
         "stages_v3_video": {"ich": False, "ivc": False, "order": ["ici"], "ici_form": "video"},  # ours beside V3
+        "stages_v5_cosine": {"ich": False, "ici": False, "order": ["ivc"], "ivc_bank_score": "cosine"},  # ours, V5
         # the paper's order table (ICH -> ICI -> IVC is the default)
         "order_ivc_ich_ici": {"order": ["ivc", "ich", "ici"]},
         "order_ici_ich_ivc": {"order": ["ici", "ich", "ivc"]},
@@ -416,6 +424,7 @@ TERMS = (
         "ich_attention": {"ich_form": "attention"},  # each class attends over the video's proxies
         "ich_memory": {"ich_form": "memory"},  # dataset-level EMA memory + learned class prior
         "ici_video": {"ici_form": "video"},  # ICI's strata weighed per video (∝ λ_bk p_k): varies over frozen T0
+        "ivc_bank_cosine": {"ivc_bank_score": "cosine"},  # IVC's bank by cosine / learned τ: its dot scores stay flat
         "ivc_bank_clip": {"ivc_dictionary": "global"},  # IVC's bank over CLIP frames (reopens the VLM path)
         "learn_text": {"learn_text": True},  # T learnable from T0
         "clip_only": {"visual": "clip"},  # VP as V, as the baseline's variant of that name
