@@ -400,6 +400,25 @@ def test_ici_video_is_the_explicit_renormalised_sum_over_strata():
     assert paper.w_lambda is None and paper.strata(vp, mask).shape == (4,)  # the paper's p_k, no new parameters
 
 
+def test_diagnosed_ici_term_is_the_intervention_alone_not_t_star():
+    """`ltar diagnose` measures ICI by `ici.term` = T* - T': T* itself carries ICH's variation in T', so knocking
+    T* out would also knock ICH out (the two knock-outs were the same number in every table row)."""
+    ctx = _context()
+    head = _head()  # ICH -> ICI -> IVC
+    assert [t.module for t in head_entry("pcmci").terms if t.name == "ici"] == ["ici.term"]
+    seen = {}
+    hooks = [
+        head.ici.register_forward_hook(lambda m, i, o: seen.update(t_prime=i[0].detach(), t_star=o.detach())),
+        head.ici.term.register_forward_hook(lambda m, i, o: seen.update(term=o.detach())),
+    ]
+    with torch.no_grad():
+        head(_batch(ctx, seed=1))
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(seen["term"], seen["t_star"] - seen["t_prime"], atol=1e-5)  # Σ_k p_k G_k T' W_v^k
+    assert (seen["t_prime"] - seen["t_prime"][:1]).abs().amax() > 1e-3  # T' varies: ICH is on
+
+
 def test_builtin_variants_are_the_papers_tables():
     variants = head_entry("pcmci").builtin_variants
     stages = lambda v: tuple(s for s in ("ich", "ici", "ivc") if variants[v].get(s, True))  # noqa: E731

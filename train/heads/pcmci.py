@@ -83,7 +83,7 @@ Deviations, each with its reason:
   `ici_video`, `stages_v3_video`): the strata weights ∝ λ_bk p_k, renormalised, with log λ_bk = u_k · v̄P_b
   from the video's mean CLIP frame (the normalised λ·P form of ECRL's Eq. 6-7): R and its relation bases
   unchanged, the mixture over strata follows the video; IVC's aligned frame relations use the same weights.
-  Measured on the benchmark cache (3 seeds, seed-0 diagnosis): alone (V3) its variation is 0.015 with knock-out
+  Measured on the benchmark cache (3 seeds, seed-0 diagnosis): alone (V3) its variation is 0.11 with knock-out
   0; in the full head it is -2.1 [-3.3, -0.7] atomic test_ood mAP against the paper's form.
 - **IVC's sample term is flat at our scale.** With dot-product scores q·k/√d the bank attention stays at its
   prior for every video (on the benchmark cache, V5: entropy 0.965 of log K, variation 1e-4 of the term,
@@ -161,11 +161,16 @@ class PCMCIOptions:
             )
 
 
-def propagate(x: torch.Tensor, g: torch.Tensor, prior: torch.Tensor, w_v: torch.Tensor) -> torch.Tensor:
-    """x + Σ_k p_k G_k x W_v^k: x (B, N, d), G (B, K, N, N), p (K,) or per video (B, K), W_v (K, d, d) -> (B, N, d)."""
+def intervention(x: torch.Tensor, g: torch.Tensor, prior: torch.Tensor, w_v: torch.Tensor) -> torch.Tensor:
+    """Σ_k p_k G_k x W_v^k: x (B, N, d), G (B, K, N, N), p (K,) or per video (B, K), W_v (K, d, d) -> (B, N, d)."""
     xv = torch.einsum("bmd,kde->bkme", x, w_v)  # x W_v^k, (B, K, N, d)
     p = prior.to(x.dtype).expand(x.shape[0], -1)  # (B, K)
-    return x + torch.einsum("bk,bknm,bkme->bne", p, g, xv)  # (B, N, d)
+    return torch.einsum("bk,bknm,bkme->bne", p, g, xv)  # (B, N, d)
+
+
+def propagate(x: torch.Tensor, g: torch.Tensor, prior: torch.Tensor, w_v: torch.Tensor) -> torch.Tensor:
+    """x + Σ_k p_k G_k x W_v^k (B, N, d); arguments as `intervention`'s."""
+    return x + intervention(x, g, prior, w_v)
 
 
 class RelationBases(nn.Module):
@@ -182,6 +187,9 @@ class RelationBases(nn.Module):
         self.w_v = nn.Parameter(torch.randn(bases, dim, dim) * dim**-0.5)  # W_v^k (K, d, d)
         self.prior_logits = nn.Parameter(torch.zeros(bases))  # φ, p = softmax(φ): uniform at start
         self.scale = key_dim**-0.5
+        # the intervention Σ_k p_k G_k x W_v^k alone (B, N, d): the term `ltar diagnose` measures and knocks
+        # out (the module's output x + ... also carries x, e.g. ICH's variation in T')
+        self.term = nn.Identity()
 
     def prior(self) -> torch.Tensor:
         """p: (K,), sums to 1."""
@@ -198,7 +206,7 @@ class RelationBases(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, d), mask (B, N) or None -> (B, N, d)."""
-        return propagate(x, self.relations(x, mask), self.prior(), self.w_v)  # T* = T' + Σ_k p_k G_k T' W_v^k
+        return x + self.term(intervention(x, self.relations(x, mask), self.prior(), self.w_v))
 
 
 class IllusionIntervention(RelationBases):
@@ -225,7 +233,7 @@ class IllusionIntervention(RelationBases):
 
     def forward(self, x: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """T' (B, C, Dc), the video's VP (B, L, Dc) and mask (B, L) -> T* (B, C, Dc)."""
-        return propagate(x, self.relations(x), self.strata(vp, mask), self.w_v)
+        return x + self.term(intervention(x, self.relations(x), self.strata(vp, mask), self.w_v))
 
 
 class HallucinationIntervention(nn.Module):
@@ -390,7 +398,7 @@ def _plan_rows(m: HallucinationIntervention, a: tuple, k: dict, o) -> tuple[torc
 
 TERMS = (
     CausalTerm("ich", "W_H Σ_h P(h) h", "ich.w_h", "ich", _plan_rows),
-    CausalTerm("ici", "T* = T' + Σ_k p_k G_k T' W_v^k", "ici", "ici", lambda m, a, k, o: (m.relations(a[0]), None)),
+    CausalTerm("ici", "Σ_k p_k G_k T' W_v^k", "ici.term", "ici", lambda m, a, k, o: (m.relations(a[0]), None)),
     CausalTerm("ivc_bank", "Σ_v' P(v' | m) v'", "ivc.bank", "ivc.bank", lambda m, a, k, o: (m.weights(*a), None)),
 )
 
