@@ -9,6 +9,10 @@
    same videos with the `base` encoders, whose per-frame cost on this CPU bench/extract.py's
    `base_frame_cost` measures in this run (CLIP ViT-B/16 with its fg/bg passes, TimeSformer-B at 224).
 
+3. A table's wall time at 3 seeds, side by side on that cache (the main table's rows, task activity, same
+   epochs): today's path (one run at a time, each reading its splits), one run at a time with the splits read
+   once per table (`shared_splits`), and the seeds of a row stacked (train/stacked.py, `train.stack_seeds`).
+
 Usage: python bench/train.py [--steps 10] [--videos 320] [--epochs 30] [--smoke]
 The last line is `key=value` pairs.
 """
@@ -110,8 +114,32 @@ def head_throughput(steps: int, device: str, scales: list[str]) -> dict[str, dic
     return out
 
 
-def run_cost(videos: int, epochs: int) -> dict:
-    """A demo-size cache (tiny encoders), its dictionaries, then one `epochs`-epoch run per head, each timed."""
+def table_time(base: list[str], store: Path, runs_root: Path, seeds: int) -> dict[str, float]:
+    """Seconds of `ltar ablate --table main` (task activity) under the three paths, each into its own runs."""
+    import contextlib
+
+    import train.ablate as ablate
+    from extract.config import load_config
+
+    out = {}
+    for mode in ("sequential", "shared", "stacked"):
+        sets = [*base, f"train.runs_root={runs_root / mode}", f"train.stack_seeds={mode == 'stacked'}"]
+        cfg = load_config(ROOT / "pipeline.yaml", [*sets, "ablations.main.tasks=[activity]"])
+        real = ablate.shared_splits
+        if mode == "sequential":  # today's path: every run reads its splits from the store
+            ablate.shared_splits = contextlib.nullcontext
+        try:
+            t = time.perf_counter()
+            ablate.run_table(cfg, "main", seeds=seeds, store=store, progress=False)
+            out[mode] = time.perf_counter() - t
+        finally:
+            ablate.shared_splits = real
+    return out
+
+
+def run_cost(videos: int, epochs: int, seeds: int = 3) -> dict:
+    """A demo-size cache (tiny encoders), its dictionaries, then one `epochs`-epoch run per head, each timed,
+    and the main table's wall time at `seeds` seeds by each path (`table_time`)."""
     from extract.config import load_config
     from extract.dictionaries import build_dictionaries
     from extract.pipeline import extract
@@ -143,7 +171,14 @@ def run_cost(videos: int, epochs: int) -> dict:
             t = time.perf_counter()
             train(run_cfg, store=summary.store, progress=False, run_dir=tmp / "runs" / head)
             runs[head] = time.perf_counter() - t
-    return {"videos": videos, "frames": cfg.frames.num_frames, "train_videos": videos - 2 * n_test, "runs": runs}
+        tables = table_time(base, summary.store, tmp / "tables", seeds)
+    return {
+        "videos": videos,
+        "frames": cfg.frames.num_frames,
+        "train_videos": videos - 2 * n_test,
+        "runs": runs,
+        "tables": tables,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,10 +188,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--videos", type=int, default=320)
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="the same code path on tiny shapes, 12 videos, 1 epoch")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.steps, args.videos, args.epochs = 1, 12, 1
+        args.steps, args.videos, args.epochs, args.seeds = 1, 12, 1, 2
     logging.basicConfig(level=logging.ERROR)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scales = list(SMOKE_SCALES if args.smoke else SCALES)
@@ -177,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     worst = max(r["peak_mib"] for by_scale in heads.values() for r in by_scale.values())
     preset = "tiny" if args.smoke else "base"
     frame = base_frame_cost(8, "cpu", preset)
-    cost = run_cost(args.videos, args.epochs)
+    cost = run_cost(args.videos, args.epochs, args.seeds)
     extraction_s = cost["videos"] * cost["frames"] * frame["seconds_per_frame"]
     print(
         f"extracting the {cost['videos']} demo videos x {cost['frames']} frames with the {preset} presets on this "
@@ -189,6 +225,17 @@ def main(argv: list[str] | None = None) -> None:
             f"-> {extraction_s / seconds:7.1f} runs per extraction"
         )
         figures[f"{head}_runs_per_extraction"] = f"{extraction_s / seconds:.1f}"
+    t = cost["tables"]
+    print(
+        f"table `main` (activity, {len(cost['runs'])} rows x {args.seeds} seeds, {args.epochs} epochs): today's path "
+        f"{t['sequential']:.1f} s, splits read once {t['shared']:.1f} s ({t['shared'] / t['sequential']:.2f}), "
+        f"seeds stacked {t['stacked']:.1f} s ({t['stacked'] / t['sequential']:.2f})"
+    )
+    figures.update(
+        table_sequential_s=f"{t['sequential']:.1f}",
+        table_shared_ratio=f"{t['shared'] / t['sequential']:.2f}",
+        table_stacked_ratio=f"{t['stacked'] / t['sequential']:.2f}",
+    )
     figures.update(
         worst_peak_mib=f"{worst:.0f}",
         within_4gib=worst <= PEAK_LIMIT_MIB,

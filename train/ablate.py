@@ -8,6 +8,9 @@ intervals and the chance level). The runs live in `<runs_root>/ablations/<cache 
 table of that cache (a row that appears in several tables, such as a full head, trains once). Runs
 already finished (their `last.pt` reached the last epoch) are reused, so an interrupted ablation
 resumes where it stopped; a run folder trained with other settings is refused, never silently reused.
+The seeds of a row train as one stacked model (`train.stack_seeds`, train/stacked.py: per-seed runs, folders
+and checkpoints as the one-at-a-time path writes them); rows that cannot stack train one seed at a time, and
+each split of the cache is read once per table (`shared_splits`).
 """
 
 from __future__ import annotations
@@ -26,9 +29,19 @@ from extract.config import AblationTable, Config, to_dict
 from train.data import CacheReader
 from train.diagnose import diagnose as diagnose_run
 from train.diagnose import headline
-from train.engine import RunError, RunResult, dictionary_hashes, find_store, run_name, run_predictions, train
+from train.engine import (
+    RunError,
+    RunResult,
+    dictionary_hashes,
+    find_store,
+    run_name,
+    run_predictions,
+    shared_splits,
+    train,
+)
 from train.grounding import grounding_options
 from train.heads import ORACLE_ROW, head_options, parse_row
+from train.stacked import NotStackable, train_stacked
 from train.stats import Interval, chance_level, interval, paired_difference
 
 METRICS_WITH_CI = ("acc1", "acc5", "map")  # bootstrapped per video (train.stats); frame IoU is reported as is
@@ -103,7 +116,7 @@ def gap_closed(cells: list[Cell], split: str = "test_ood") -> dict[tuple[str, st
 
 
 # train keys that decide where a run lives or how it is read, not what it computes
-_NOT_RESULTS = ("runs_root", "memory_budget_mb", "eval_every")
+_NOT_RESULTS = ("runs_root", "memory_budget_mb", "eval_every", "stack_seeds")  # stacked: the same in distribution
 
 
 def _same(saved: dict, now: Any, ignore: tuple[str, ...] = ()) -> bool:
@@ -176,17 +189,30 @@ def run_table(
     t0 = time.perf_counter()
     results: dict[tuple[str, str], list[RunResult]] = {}
     diagnosis: dict[tuple[str, str], str] = {}
-    jobs = [(row, task, cfg.train.seed + s) for row in table.rows for task in table.tasks for s in range(n_seeds)]
-    bar = tqdm(jobs, desc=f"ablate {name}", unit="run", disable=not progress)
-    for row, task, seed in bar:
-        run_cfg = _run_cfg(cfg, row, task, seed)
-        run_dir = out_root / reader.fingerprint / run_name(run_cfg)  # shared by every table of this cache
-        done = _finished(run_dir, run_cfg, reader)
-        result = done or train(run_cfg, store=store, resume=True, progress=False, run_dir=run_dir)
-        results.setdefault((row, task), []).append(result)
-        if diagnose and seed == cfg.train.seed and DIAGNOSE_SPLIT in reader.info.splits:
-            rows, _ = diagnose_run(run_dir, DIAGNOSE_SPLIT, store=store)
-            diagnosis[(row, task)] = headline(rows)
+    seeds_run = [cfg.train.seed + s for s in range(n_seeds)]
+    groups = [(row, task) for row in table.rows for task in table.tasks]
+    bar = tqdm(total=len(groups) * n_seeds, desc=f"ablate {name}", unit="run", disable=not progress)
+    with shared_splits():  # every run of the table reads each split of the cache once
+        for row, task in groups:
+            cfgs = [_run_cfg(cfg, row, task, seed) for seed in seeds_run]
+            dirs = [out_root / reader.fingerprint / run_name(c) for c in cfgs]  # shared by every table of the cache
+            runs = [_finished(d, c, reader) for d, c in zip(dirs, cfgs, strict=True)]
+            todo = [i for i, r in enumerate(runs) if r is None]
+            if cfg.train.stack_seeds and len(todo) > 1:  # the row's seeds as one stacked model (train.stacked)
+                try:
+                    stacked = train_stacked([cfgs[i] for i in todo], store, [dirs[i] for i in todo])
+                    for i, r in zip(todo, stacked, strict=True):
+                        runs[i] = r
+                except NotStackable as e:
+                    log.info("training the seeds of row %s (%s) one at a time: %s", row, task, e)
+            for i, (c, d) in enumerate(zip(cfgs, dirs, strict=True)):
+                runs[i] = runs[i] or train(c, store=store, resume=True, progress=False, run_dir=d)
+            bar.update(n_seeds)
+            results[(row, task)] = runs
+            if diagnose and DIAGNOSE_SPLIT in reader.info.splits:  # seed 0's run
+                rows, _ = diagnose_run(dirs[0], DIAGNOSE_SPLIT, store=store)
+                diagnosis[(row, task)] = headline(rows)
+    bar.close()
     cells = []
     chance: dict[tuple[str, str, str], float] = {}
     predictions: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}  # (row, task, split) -> (S,N,C), labels
@@ -221,7 +247,7 @@ def run_table(
         file_name,
         cells,
         time.perf_counter() - t0,
-        len(jobs),
+        len(groups) * n_seeds,
         [],
         source,
         diagnosis,

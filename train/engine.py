@@ -17,6 +17,8 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -132,12 +134,34 @@ def _eval_splits(cfg: Config, reader: CacheReader) -> list[str]:
     return splits
 
 
+_shared_splits: dict | None = None  # inside `shared_splits()`: (store, task, slots, split, device) -> SplitTensors
+
+
+@contextmanager
+def shared_splits() -> Iterator[None]:
+    """Within the block, a split that fits the memory budget is read from the store once and shared by every
+    run that asks for it (`ltar ablate`: a table's rows read the same cache); read-only for the runs."""
+    global _shared_splits
+    outer = _shared_splits
+    _shared_splits = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _shared_splits = outer
+
+
 def _load(reader: CacheReader, split: str, cfg: Config, device: str) -> SplitTensors | StreamedSplit:
     budget = cfg.train.memory_budget_mb * 2**20
     size = reader.split_bytes(split)
     if size <= budget:
+        key = (str(reader.path), reader.fingerprint, reader.task, tuple(reader.slots.tolist()), split, device)
+        if _shared_splits is not None and key in _shared_splits:
+            return _shared_splits[key]
         data = reader.load_split(split)
-        return data.to(device) if device.startswith("cuda") else data
+        data = data.to(device) if device.startswith("cuda") else data
+        if _shared_splits is not None:
+            _shared_splits[key] = data
+        return data
     rows_per_block = max(cfg.train.batch_size, int(len(reader.split_rows(split)) * budget / (4 * size)))
     log.info(
         "split %s (%.0f MiB) exceeds the memory budget; streaming blocks of %d rows",
@@ -281,8 +305,6 @@ def _train(
         log.info("resuming %s at epoch %d", run_dir, start_epoch)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved(cfg, run_dir)
-    select = tc.select_split
-    metric = primary_metric(ctx.multi_label)
     t0_dev = ctx.t0.to(device)
     dicts = {k: (c.to(device), p.to(device)) for k, (c, p) in ctx.dictionaries.items()}
     relevance: dict = {}  # split rows -> annotated frames, for a grounded head's grounding scores
@@ -317,53 +339,86 @@ def _train(
                 break
         row = {"epoch": epoch, "step": step, "lr": sched.get_last_lr()[0], "loss": float(np.mean(losses))}
         last_epoch = epoch + 1 == tc.epochs or (max_steps is not None and step >= max_steps)
-        evaluated = last_epoch or (epoch + 1) % tc.eval_every == 0
-        for split, data in evals.items() if evaluated else ():
-            metrics, scores, labels = split_metrics(head, data, ctx, cfg, reader, device, relevance)
-            row.update({f"{split}/{k}": v for k, v in metrics.items()})
-            if last_epoch:  # the tables' confidence intervals resample these per-video scores
-                save_predictions(run_dir / f"predictions-{split}.npz", scores, labels, data.rows, step)
-        history.append(row)
-        names = ["map"] if ctx.multi_label else ["acc1", "acc5", "map"]
-        names += list(GROUND_KEYS) if hasattr(head, "frames_used") else []
-        _append_metrics(run_dir, row, ["epoch", "step", "lr", "loss"] + [f"{s}/{m}" for s in evals for m in names])
-        if select and not evaluated:
-            score = -math.inf  # best.pt is chosen only among evaluated epochs
-        else:
-            score = row[f"{select}/{metric}"] if select else epoch  # no selection split: best = last
-        state = {
-            "head": tc.head,
-            "variant": tc.variant,
-            "grounding": tc.grounding,
-            "task": tc.task,
-            "options": to_dict(head_options(cfg, tc.head, tc.variant)),
-            "grounding_options": to_dict(grounding_options(cfg, tc.grounding)) if tc.grounding else None,
-            "state_dict": head.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "epoch": epoch,
-            "step": step,
-            "best": max(best, score),
-            "history": history,
-            "fingerprint": reader.fingerprint,
-            "dictionaries": dictionary_hashes(cfg, reader),
-            "store": str(store),
-            "class_names": reader.class_names,
-            "config": to_dict(cfg),
-        }
-        if score > best:
-            best = score
-            atomic_save(state, run_dir / "best.pt")
-        atomic_save(state, last_path)
-        if max_steps is not None and step >= max_steps:
+        optim = (opt.state_dict(), sched.state_dict(), scaler.state_dict())
+        best = end_epoch(
+            cfg, head, reader, store, ctx, device, evals, relevance, run_dir, row, history, best, optim, last_epoch
+        )
+        if last_epoch:
             break
     bar.close()
     final = history[-1] if history else {}  # the last epoch is always evaluated
     metrics = {s: {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith(f"{s}/")} for s in evals}
     return RunResult(run_dir, metrics, time.perf_counter() - t0, step, history)
+
+
+def end_epoch(
+    cfg: Config,
+    head: torch.nn.Module,
+    reader: CacheReader,
+    store: Path,
+    ctx,
+    device: str,
+    evals: dict,
+    relevance: dict,
+    run_dir: Path,
+    row: dict[str, Any],
+    history: list[dict[str, Any]],
+    best: float,
+    optim: tuple[dict, dict, dict],
+    last_epoch: bool,
+    extra: dict[str, Any] | None = None,
+) -> float:
+    """After a training epoch (`row` holds its epoch, step, lr and loss): evaluate when due, append the metrics,
+    write `last.pt` (and `best.pt` when the selection score improved); the new best score. `optim`: the states
+    of the optimizer, the scheduler and the grad scaler; `last_epoch`: always evaluated, predictions written;
+    `extra`: keys added to the checkpoint."""
+    tc = cfg.train
+    epoch = row["epoch"]
+    evaluated = last_epoch or (epoch + 1) % tc.eval_every == 0
+    for split, data in evals.items() if evaluated else ():
+        metrics, scores, labels = split_metrics(head, data, ctx, cfg, reader, device, relevance)
+        row.update({f"{split}/{k}": v for k, v in metrics.items()})
+        if last_epoch:  # the tables' confidence intervals resample these per-video scores
+            save_predictions(run_dir / f"predictions-{split}.npz", scores, labels, data.rows, row["step"])
+    history.append(row)
+    names = ["map"] if ctx.multi_label else ["acc1", "acc5", "map"]
+    names += list(GROUND_KEYS) if hasattr(head, "frames_used") else []
+    _append_metrics(run_dir, row, ["epoch", "step", "lr", "loss"] + [f"{s}/{m}" for s in evals for m in names])
+    select = tc.select_split
+    if select and not evaluated:
+        score = -math.inf  # best.pt is chosen only among evaluated epochs
+    else:
+        score = row[f"{select}/{primary_metric(ctx.multi_label)}"] if select else epoch  # no selection: best = last
+    opt_state, sched_state, scaler_state = optim
+    state = {
+        "head": tc.head,
+        "variant": tc.variant,
+        "grounding": tc.grounding,
+        "task": tc.task,
+        "options": to_dict(head_options(cfg, tc.head, tc.variant)),
+        "grounding_options": to_dict(grounding_options(cfg, tc.grounding)) if tc.grounding else None,
+        "state_dict": head.state_dict(),
+        "optimizer": opt_state,
+        "scheduler": sched_state,
+        "scaler": scaler_state,
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "epoch": epoch,
+        "step": row["step"],
+        "best": max(best, score),
+        "history": history,
+        "fingerprint": reader.fingerprint,
+        "dictionaries": dictionary_hashes(cfg, reader),
+        "store": str(store),
+        "class_names": reader.class_names,
+        "config": to_dict(cfg),
+        **(extra or {}),
+    }
+    if score > best:
+        best = score
+        atomic_save(state, run_dir / "best.pt")
+    atomic_save(state, run_dir / "last.pt")
+    return best
 
 
 @dataclass

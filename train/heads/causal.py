@@ -148,7 +148,10 @@ def sinkhorn(
             fixed = logk.detach()
             for i in range(iters - 1):
                 log_u, log_v = step(log_u, log_v, fixed)
-                if i % 10 == 9 and marginal_error((log_u.unsqueeze(2) + fixed + log_v.unsqueeze(1)).exp(), mask) < tol:
+                if (
+                    i % 10 == 9
+                    and _largest(_marginal_errors((log_u.unsqueeze(2) + fixed + log_v.unsqueeze(1)).exp(), mask)) < tol
+                ):
                     break
         log_u, log_v = step(log_u, log_v, logk)  # the differentiable last iteration
     return (log_u.unsqueeze(2) + logk + log_v.unsqueeze(1)).exp()  # π = diag(u) K diag(v), (B, C, L)
@@ -160,6 +163,22 @@ def marginal_error(plan: torch.Tensor, mask: torch.Tensor | None = None) -> floa
     Rows should sum to 1/C, real columns to 1/L_valid (padded columns to 0); after a column update the
     columns are exact and the error sits in the rows.
     """
+    return _largest(_marginal_errors(plan, mask))
+
+
+def _largest(errors: torch.Tensor) -> float:
+    """max of a tensor as a float, also inside `torch.func.vmap` (the stacked seeds of train/stacked.py):
+    there the tensor is unwrapped to its physical (S, ...) one, so Sinkhorn stops when every seed's plan has
+    converged (a seed converged earlier only runs more iterations, which lower its error further)."""
+    from torch._C import _functorch
+
+    while _functorch.is_batchedtensor(errors):
+        errors = _functorch.get_unwrapped(errors)
+    return float(errors.max())
+
+
+def _marginal_errors(plan: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-video L1 marginal error of a plan (B, C, L) -> (B,)."""
     plan = plan.detach()
     B, C, L = plan.shape
     if mask is None:
@@ -168,7 +187,7 @@ def marginal_error(plan: torch.Tensor, mask: torch.Tensor | None = None) -> floa
     b = mask.to(plan.dtype) / n_valid  # (B, L)
     rows = (plan.sum(2) - 1.0 / C).abs().sum(1)  # (B,)
     cols = (plan.sum(1) - b).abs().sum(1)  # (B,)
-    return float(torch.maximum(rows, cols).max())
+    return torch.maximum(rows, cols)
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:

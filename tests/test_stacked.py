@@ -1,0 +1,166 @@
+"""The stacked-seeds path (train/stacked.py) against the one-at-a-time path it replaces in `ltar ablate`."""
+
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from extract.config import from_dict, to_dict
+from train.engine import train
+from train.stacked import NotStackable, clip_per_seed, train_stacked
+
+HEADS = ("baseline", "cmdcl", "pcmci", "ecrl")
+
+
+@pytest.fixture(scope="module")
+def dict_cache(tiny_cache, tmp_path_factory):
+    """A copy of the tiny store with the dictionaries every head reads (PCMCI's global_video included)."""
+    from extract.dictionaries import build_dictionaries
+
+    cfg, store = tiny_cache
+    root = tmp_path_factory.mktemp("stacked")
+    copy = root / store.name
+    shutil.copytree(store, copy)
+    data = to_dict(cfg)
+    data["dictionaries"]["global_video"] = {"source": "timesformer/frame", "size": 6}
+    cfg = from_dict(data)
+    build_dictionaries(cfg, copy, progress=False)
+    return cfg, copy
+
+
+def _cfgs(cfg, head: str, seeds=(0, 1), epochs: int = 3, dropout: float = 0.0, **heads):
+    data = to_dict(cfg)
+    data["heads"] = {head: {"dropout": dropout, **heads}}
+    data["train"].update(head=head, epochs=epochs, eval_every=1)
+    base = from_dict(data)
+    return [replace(base, train=replace(base.train, seed=s)) for s in seeds]
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_stacked_seeds_equal_one_at_a_time_without_dropout(dict_cache, tmp_path, head):
+    """Without dropout the two paths compute the same thing: each seed's own init, data order, gradient
+    (clipped on its own), AdamW state; only the floating-point order of the batched kernels differs."""
+    cfg, store = dict_cache
+    cfgs = _cfgs(cfg, head)
+    seq = [train(c, store=store, progress=False, run_dir=tmp_path / f"seq{c.train.seed}") for c in cfgs]
+    stacked = train_stacked(cfgs, store, [tmp_path / f"st{c.train.seed}" for c in cfgs])
+    for a, b in zip(seq, stacked, strict=True):
+        assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in b.history], rel=1e-4)
+        ka = torch.load(a.run_dir / "last.pt", weights_only=False)
+        kb = torch.load(b.run_dir / "last.pt", weights_only=False)
+        assert kb["stacked_seeds"] == [0, 1] and "stacked_seeds" not in ka
+        for name, w in ka["state_dict"].items():
+            torch.testing.assert_close(kb["state_dict"][name], w, atol=2e-3, rtol=1e-3, msg=name)
+        assert ka["optimizer"]["state"].keys() == kb["optimizer"]["state"].keys()
+        for i, st in ka["optimizer"]["state"].items():  # the seed's own Adam moments, in the one-seed layout
+            torch.testing.assert_close(
+                kb["optimizer"]["state"][i]["exp_avg_sq"], st["exp_avg_sq"], atol=1e-6, rtol=1e-2
+            )
+            assert float(kb["optimizer"]["state"][i]["step"]) == float(st["step"])
+        for split in a.metrics:
+            assert a.metrics[split] == pytest.approx(b.metrics[split], abs=1e-6), split
+        assert (b.run_dir / "predictions-test_ood.npz").exists() and (b.run_dir / "metrics.csv").exists()
+
+
+def test_stacked_seeds_differ_in_dropout_and_resume_to_the_same_bytes(dict_cache, tmp_path, monkeypatch):
+    """With dropout each seed draws its own masks (the seeds' runs differ from the sequential ones, not from
+    each other in kind); a stacked run killed after an epoch resumes, stacked, to the uninterrupted bytes."""
+    import train.stacked as stacked_mod
+
+    cfg, store = dict_cache
+    cfgs = _cfgs(cfg, "baseline", dropout=0.3)
+    full = train_stacked(cfgs, store, [tmp_path / f"full{c.train.seed}" for c in cfgs])
+    dirs = [tmp_path / f"cut{c.train.seed}" for c in cfgs]
+    real, calls = stacked_mod.end_epoch, []
+
+    def end_then_die(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == len(cfgs):  # every seed's epoch 0 is written
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(stacked_mod, "end_epoch", end_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_stacked(cfgs, store, dirs)
+    monkeypatch.setattr(stacked_mod, "end_epoch", real)
+    resumed = train_stacked(cfgs, store, dirs)
+    for a, b in zip(full, resumed, strict=True):
+        ka = torch.load(a.run_dir / "last.pt", weights_only=False)["state_dict"]
+        kb = torch.load(b.run_dir / "last.pt", weights_only=False)["state_dict"]
+        assert all(torch.equal(ka[n], kb[n]) for n in ka)
+    one = torch.load(full[0].run_dir / "last.pt", weights_only=False)["state_dict"]
+    two = torch.load(full[1].run_dir / "last.pt", weights_only=False)["state_dict"]
+    assert not all(torch.equal(one[n], two[n]) for n in one)  # two seeds, two models
+
+
+def test_a_stacked_checkpoint_continues_one_at_a_time(dict_cache, tmp_path):
+    """Each seed's checkpoint is an ordinary run's: the sequential path resumes it (its optimizer state loads)."""
+    cfg, store = dict_cache
+    cfgs = _cfgs(cfg, "ecrl", epochs=2)
+    dirs = [tmp_path / f"s{c.train.seed}" for c in cfgs]
+    train_stacked([replace(c, train=replace(c.train, epochs=2)) for c in cfgs], store, dirs)
+    longer = replace(cfgs[1], train=replace(cfgs[1].train, epochs=3))
+    res = train(longer, store=store, resume=True, progress=False, run_dir=dirs[1])
+    assert [h["epoch"] for h in res.history] == [0, 1, 2] and res.steps > 0
+
+
+def test_what_cannot_stack_says_why(dict_cache, tmp_path):
+    cfg, store = dict_cache
+    memory = _cfgs(cfg, "cmdcl", tci_form="memory")
+    with pytest.raises(NotStackable, match="dataset-level memory"):
+        train_stacked(memory, store, [tmp_path / f"m{c.train.seed}" for c in memory])
+    other = _cfgs(cfg, "baseline")
+    other[1] = replace(other[1], train=replace(other[1].train, lr=0.5))
+    with pytest.raises(NotStackable, match="more than their seed"):
+        train_stacked(other, store, [tmp_path / f"o{c.train.seed}" for c in other])
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_clip_per_seed_equals_clip_grad_norm_on_each_seed():
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(3, 4, 5, generator=g) * 3, torch.randn(3, 7, generator=g) * torch.tensor([[0.01], [1], [5]])]
+    expect = []
+    for s in range(3):
+        ps = [torch.nn.Parameter(torch.zeros_like(x[s])) for x in grads]
+        for p, x in zip(ps, grads, strict=True):
+            p.grad = x[s].clone()
+        torch.nn.utils.clip_grad_norm_(ps, 1.0)
+        expect.append([p.grad for p in ps])
+    clip_per_seed(grads, 1.0)
+    for s in range(3):
+        for x, e in zip(grads, expect[s], strict=True):
+            torch.testing.assert_close(x[s], e)
+
+
+def test_ablate_stacks_the_seeds_of_a_row_and_falls_back_for_the_rest(dict_cache, tmp_path):
+    from train.ablate import run_table
+
+    cfg, store = dict_cache
+    data = to_dict(cfg)
+    data["train"].update(runs_root=str(tmp_path / "runs"), epochs=2)
+    data["ablations"] = {"t": {"rows": ["cmdcl", "cmdcl:tci_memory"], "tasks": ["activity"], "seeds": 2}}
+    res = run_table(from_dict(data), "t", store=store, progress=False)
+    assert res.runs == 4 and res.files[0].exists()
+    ckpts = {p.parent.name: torch.load(p, weights_only=False) for p in (tmp_path / "runs").rglob("last.pt")}
+    assert len(ckpts) == 4
+    assert all(("stacked_seeds" in c) == ("tci_memory" not in name) for name, c in ckpts.items())
+
+
+def test_sequential_switch_keeps_one_run_at_a_time(dict_cache, tmp_path):
+    """`train.stack_seeds: false` is the path the tables used before: the runs equal plain `train` runs bitwise."""
+    from train.ablate import run_table
+
+    cfg, store = dict_cache
+    data = to_dict(cfg)
+    data["train"].update(runs_root=str(tmp_path / "runs"), epochs=2, stack_seeds=False)
+    data["ablations"] = {"t": {"rows": ["baseline"], "tasks": ["activity"], "seeds": 2}}
+    run_table(from_dict(data), "t", store=store, progress=False)
+    plain = replace(from_dict(data), train=replace(from_dict(data).train, seed=1))
+    ref = train(plain, store=store, progress=False, run_dir=tmp_path / "plain")
+    got = next((tmp_path / "runs").rglob("baseline-activity-s1/last.pt"))
+    a = torch.load(got, weights_only=False)
+    b = torch.load(ref.run_dir / "last.pt", weights_only=False)
+    assert "stacked_seeds" not in a
+    assert all(torch.equal(a["state_dict"][n], b["state_dict"][n]) for n in b["state_dict"])
