@@ -223,8 +223,8 @@ class TrainConfig:
     eval_splits: tuple[str, ...] = ()  # splits evaluated after training; empty = every split except train
     eval_every: int = field(default=1, metadata=_range(1))  # evaluate every N epochs (and always after the last)
     memory_budget_mb: int = field(default=4096, metadata=_range(1))  # larger splits stream chunk-wise from Zarr
-    # `ltar ablate`: the seeds of a row train as one stacked model (train/stacked.py); false = one run at a time
-    stack_seeds: bool = True
+    # `ltar ablate`: true = the seeds of a row train as one stacked model (train/stacked.py); false = one at a time
+    stack_seeds: bool = False
     # runs land in <runs_root>/<head>[-<variant>][+<grounding>][-f<L>][-<train_split>][@<recipe>]-<task>-s<seed>/
     runs_root: str = "runs"
 

@@ -139,7 +139,7 @@ def test_ablate_stacks_the_seeds_of_a_row_and_falls_back_for_the_rest(dict_cache
 
     cfg, store = dict_cache
     data = to_dict(cfg)
-    data["train"].update(runs_root=str(tmp_path / "runs"), epochs=2)
+    data["train"].update(runs_root=str(tmp_path / "runs"), epochs=2, stack_seeds=True)
     data["ablations"] = {"t": {"rows": ["cmdcl", "cmdcl:tci_memory"], "tasks": ["activity"], "seeds": 2}}
     res = run_table(from_dict(data), "t", store=store, progress=False)
     assert res.runs == 4 and res.files[0].exists()
@@ -149,7 +149,8 @@ def test_ablate_stacks_the_seeds_of_a_row_and_falls_back_for_the_rest(dict_cache
 
 
 def test_sequential_switch_keeps_one_run_at_a_time(dict_cache, tmp_path):
-    """`train.stack_seeds: false` is the path the tables used before: the runs equal plain `train` runs bitwise."""
+    """`train.stack_seeds: false` (the default) is the path the tables used before: its runs equal plain `train`
+    runs bitwise, also with the splits read once per table."""
     from train.ablate import run_table
 
     cfg, store = dict_cache

@@ -8,9 +8,10 @@ intervals and the chance level). The runs live in `<runs_root>/ablations/<cache 
 table of that cache (a row that appears in several tables, such as a full head, trains once). Runs
 already finished (their `last.pt` reached the last epoch) are reused, so an interrupted ablation
 resumes where it stopped; a run folder trained with other settings is refused, never silently reused.
-The seeds of a row train as one stacked model (`train.stack_seeds`, train/stacked.py: per-seed runs, folders
-and checkpoints as the one-at-a-time path writes them); rows that cannot stack train one seed at a time, and
-each split of the cache is read once per table (`shared_splits`).
+Each split of the cache is read once per table (`shared_splits`; the runs' numbers are unchanged). With
+`train.stack_seeds: true` the seeds of a row train as one stacked model (train/stacked.py: per-seed runs,
+folders and checkpoints as the one-at-a-time path writes them; rows that cannot stack train one seed at a
+time); off by default, because on this 2-core CPU it is no faster (bench/train.py, stacked.py's docstring).
 """
 
 from __future__ import annotations

@@ -23,6 +23,17 @@ dataset-level memory updated in the forward pass (`memory_updates`: a buffer wri
 lost), grounding interventions (their custom autograd functions and batch permutations), AMP on CUDA (one
 GradScaler would skip every seed's step when one overflows), a set of seeds whose checkpoints stand at
 different epochs.
+
+Measured (bench/train.py, the main table's 4 rows × 3 seeds × 30 epochs on the demo-size cache, 2 CPU cores):
+today's path 161.0 s, the splits read once per table 149.3 s (0.93), stacked 161.6 s (1.00). The premise
+fails on this CPU: a head's step is arithmetic-bound, not overhead-bound (matmuls are 28-47 % of a step's
+self time, dropout's Bernoulli draws another 24 % in the baseline), and the stacked step of 3 seeds costs
+3.5× one seed's (vmap turns each Linear into a `bmm` running at about half `mm`'s speed, and CPU attention has
+no batching rule, so it loops over the seeds). Hence `train.stack_seeds: false` by default; on a GPU, where
+these heads are launch-bound, it is the lever to measure first (no GPU was lent when this was written).
+Agreement with the one-at-a-time path: without dropout every head's per-seed losses, weights, Adam moments
+and metrics equal it to float tolerance (tests/test_stacked.py); with dropout the masks differ, drawn from
+the same distribution.
 """
 
 from __future__ import annotations
