@@ -414,11 +414,27 @@ def end_epoch(
         "config": to_dict(cfg),
         **(extra or {}),
     }
+    atomic_save(state, run_dir / "last.pt")
     if score > best:
         best = score
-        atomic_save(state, run_dir / "best.pt")
-    atomic_save(state, run_dir / "last.pt")
+        if select:
+            atomic_save(state, run_dir / "best.pt")
+        else:  # no selection split: best is the last epoch, the same bytes; a hard link saves a second write
+            link_or_save(run_dir / "last.pt", run_dir / "best.pt", state)
     return best
+
+
+def link_or_save(src: Path, dst: Path, state: dict) -> None:
+    """dst becomes the file src is (a hard link, renamed into place: readers see the old dst or the new one);
+    where the filesystem has no hard links, `state` is saved to dst instead."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+    except OSError:
+        atomic_save(state, dst)
+        return
+    os.replace(tmp, dst)
 
 
 @dataclass

@@ -25,7 +25,8 @@ GradScaler would skip every seed's step when one overflows), a set of seeds whos
 different epochs.
 
 Measured (bench/train.py, the main table's 4 rows × 3 seeds × 30 epochs on the demo-size cache, 2 CPU cores):
-today's path 161.0 s, the splits read once per table 149.3 s (0.93), stacked 161.6 s (1.00). The premise
+today's path 161.0 s, the splits read once per table 149.3 s (0.93), stacked 161.6 s (1.00); a second run
+169.6 s, 155.6 s (0.92), 160.2 s (0.94) (the machine's run-to-run spread is about 5 %). The premise
 fails on this CPU: a head's step is arithmetic-bound, not overhead-bound (matmuls are 28-47 % of a step's
 self time, dropout's Bernoulli draws another 24 % in the baseline), and the stacked step of 3 seeds costs
 3.5× one seed's (vmap turns each Linear into a `bmm` running at about half `mm`'s speed, and CPU attention has
