@@ -8,7 +8,7 @@ intervals and the chance level). The runs live in `<runs_root>/ablations/<cache 
 table of that cache (a row that appears in several tables, such as a full head, trains once). Runs
 already finished (their `last.pt` reached the last epoch) are reused, so an interrupted ablation
 resumes where it stopped; a run folder trained with other settings is refused, never silently reused.
-Each split of the cache is read once per table (`shared_splits`; the runs' numbers are unchanged). With
+Each split of the cache is read once per table and task (`shared_splits`; the runs' numbers are unchanged). With
 `train.stack_seeds: true` the seeds of a row train as one stacked model (train/stacked.py: per-seed runs,
 folders and checkpoints as the one-at-a-time path writes them; rows that cannot stack train one seed at a
 time); off by default, because on this 2-core CPU it is no faster (bench/train.py, stacked.py's docstring).
@@ -191,28 +191,30 @@ def run_table(
     results: dict[tuple[str, str], list[RunResult]] = {}
     diagnosis: dict[tuple[str, str], str] = {}
     seeds_run = [cfg.train.seed + s for s in range(n_seeds)]
-    groups = [(row, task) for row in table.rows for task in table.tasks]
+    groups = [(row, task) for row in table.rows for task in table.tasks]  # the table's order
     bar = tqdm(total=len(groups) * n_seeds, desc=f"ablate {name}", unit="run", disable=not progress)
-    with shared_splits():  # every run of the table reads each split of the cache once
-        for row, task in groups:
-            cfgs = [_run_cfg(cfg, row, task, seed) for seed in seeds_run]
-            dirs = [out_root / reader.fingerprint / run_name(c) for c in cfgs]  # shared by every table of the cache
-            runs = [_finished(d, c, reader) for d, c in zip(dirs, cfgs, strict=True)]
-            todo = [i for i, r in enumerate(runs) if r is None]
-            if cfg.train.stack_seeds and len(todo) > 1:  # the row's seeds as one stacked model (train.stacked)
-                try:
-                    stacked = train_stacked([cfgs[i] for i in todo], store, [dirs[i] for i in todo])
-                    for i, r in zip(todo, stacked, strict=True):
-                        runs[i] = r
-                except NotStackable as e:
-                    log.info("training the seeds of row %s (%s) one at a time: %s", row, task, e)
-            for i, (c, d) in enumerate(zip(cfgs, dirs, strict=True)):
-                runs[i] = runs[i] or train(c, store=store, resume=True, progress=False, run_dir=d)
-            bar.update(n_seeds)
-            results[(row, task)] = runs
-            if diagnose and DIAGNOSE_SPLIT in reader.info.splits:  # seed 0's run
-                rows, _ = diagnose_run(dirs[0], DIAGNOSE_SPLIT, store=store)
-                diagnosis[(row, task)] = headline(rows)
+    for task in table.tasks:  # one task's splits in memory at a time (the labels, and so the rows, are the task's)
+        with shared_splits():  # the task's runs read each split of the cache once
+            for row in table.rows:
+                cfgs = [_run_cfg(cfg, row, task, seed) for seed in seeds_run]
+                dirs = [out_root / reader.fingerprint / run_name(c) for c in cfgs]  # shared by every table of the cache
+                runs = [_finished(d, c, reader) for d, c in zip(dirs, cfgs, strict=True)]
+                todo = [i for i, r in enumerate(runs) if r is None]
+                if cfg.train.stack_seeds and len(todo) > 1:  # the row's seeds as one stacked model (train.stacked)
+                    try:
+                        stacked = train_stacked([cfgs[i] for i in todo], store, [dirs[i] for i in todo])
+                        for i, r in zip(todo, stacked, strict=True):
+                            runs[i] = r
+                    except NotStackable as e:
+                        log.info("training the seeds of row %s (%s) one at a time: %s", row, task, e)
+                for i, (c, d) in enumerate(zip(cfgs, dirs, strict=True)):
+                    runs[i] = runs[i] or train(c, store=store, resume=True, progress=False, run_dir=d)
+                bar.update(n_seeds)
+                results[(row, task)] = runs
+                if diagnose and DIAGNOSE_SPLIT in reader.info.splits:  # seed 0's run
+                    rows, _ = diagnose_run(dirs[0], DIAGNOSE_SPLIT, store=store)
+                    diagnosis[(row, task)] = headline(rows)
+    results = {k: results[k] for k in groups}  # rows in the table's order, each row's tasks together
     bar.close()
     cells = []
     chance: dict[tuple[str, str, str], float] = {}
