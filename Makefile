@@ -9,7 +9,7 @@ CONFIG ?= pipeline.yaml
 SET    ?=
 ARGS   := --config $(CONFIG) $(foreach kv,$(SET),--set $(kv))
 
-.PHONY: setup demo synth pretrain-vlm pretrain-video extract dictionaries train ablate benchmark test bench lint clean
+.PHONY: setup demo synth pretrain-vlm pretrain-video extract dictionaries train ablate benchmark confounders grounding-premise test bench lint clean
 
 # The venv is rebuilt only when the package metadata or the pinned versions change.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -64,6 +64,35 @@ benchmark: setup
 	$(LTAR) extract $(BENCH_ARGS)
 	$(LTAR) dictionaries $(BENCH_ARGS)
 	$(LTAR) ablate --table benchmark --diagnose $(BENCH_ARGS)
+
+# Which head removes which bias: the world with the distractor and one ood split per named confounder (512 videos
+# each), in its own data and cache folders; table `confounders` (extract/synthetic.py names the confounders).
+CONF_SET := synthetic.videos.test_iid=512 synthetic.videos.test_ood=512 synthetic.videos.train_oracle=192 \
+	synthetic.videos.test_ood_scene=512 synthetic.videos.test_ood_cooccur=512 synthetic.videos.test_ood_distractor=512 \
+	synthetic.distractor=true train.eval_every=30 dataset.root=data/synthetic-confounders
+CONF_ARGS := --config $(CONFIG) $(foreach kv,$(CONF_SET) $(SET),--set $(kv))
+
+confounders: setup
+	$(LTAR) synth $(CONF_ARGS)
+	$(LTAR) pretrain-vlm $(CONF_ARGS)
+	$(LTAR) pretrain-video $(CONF_ARGS)
+	$(LTAR) extract $(CONF_ARGS)
+	$(LTAR) dictionaries $(CONF_ARGS)
+	$(LTAR) ablate --table confounders --diagnose $(CONF_ARGS)
+
+# IGV's premise world: today's world plus an activity-tied marker shown only in the idle frames, broken alone in
+# test_ood_idle (512 videos per test split), in its own data and cache folders; table `grounding_premise`.
+PREMISE_SET := synthetic.videos.test_iid=512 synthetic.videos.test_ood=512 synthetic.videos.train_oracle=192 \
+	synthetic.videos.test_ood_idle=512 synthetic.idle_marker=true train.eval_every=30 dataset.root=data/synthetic-idle
+PREMISE_ARGS := --config $(CONFIG) $(foreach kv,$(PREMISE_SET) $(SET),--set $(kv))
+
+grounding-premise: setup
+	$(LTAR) synth $(PREMISE_ARGS)
+	$(LTAR) pretrain-vlm $(PREMISE_ARGS)
+	$(LTAR) pretrain-video $(PREMISE_ARGS)
+	$(LTAR) extract $(PREMISE_ARGS)
+	$(LTAR) dictionaries $(PREMISE_ARGS)
+	$(LTAR) ablate --table grounding_premise $(PREMISE_ARGS)
 
 test: setup
 	$(PY) -m pytest -q

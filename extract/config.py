@@ -56,6 +56,11 @@ class SplitSizes:
     # an unconfounded training split (scene and co-occurrence independent of the activity, rho = 1/#scenes):
     # the training data of the `oracle` bound row (`make benchmark`); 0 = none
     train_oracle: int = field(default=0, metadata=_range(0))
+    # one ood split per confounder (the `confounders` table): each breaks only its own, the others as in test_iid
+    test_ood_scene: int = field(default=0, metadata=_range(0))  # the scene drawn independently of the activity
+    test_ood_cooccur: int = field(default=0, metadata=_range(0))  # add_salt_pepper at the mean rate for all
+    test_ood_distractor: int = field(default=0, metadata=_range(0))  # the distractor drawn independently
+    test_ood_idle: int = field(default=0, metadata=_range(0))  # the idle-frame marker drawn independently
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,15 @@ class SyntheticConfig:
     # P(co-occurring action) for activities that favour it
     cooccur_high: float = field(default=0.8, metadata=_range(0.0, 1.0))
     cooccur_low: float = field(default=0.1, metadata=_range(0.0, 1.0))  # ... and for the others (train/iid)
+    # a non-causal object drawn beside the acting object in every action (so inside the salient region), tied to
+    # the activity as the scene is (PCMCI's co-occurrence hallucination); false = no distractor (the demo's world)
+    distractor: bool = False
+    # P(distractor = the activity's usual one) in train/test_iid/pretrain; drawn uniformly where it is broken
+    distractor_rho: float = field(default=0.85, metadata=_range(0.0, 1.0))
+    # a static object shown only in the idle frames between actions (none while an action plays), tied to the
+    # activity: a shortcut that lives in separable environment frames (IGV's premise); false = none
+    idle_marker: bool = False
+    idle_rho: float = field(default=0.85, metadata=_range(0.0, 1.0))  # P(marker = the activity's usual one)
     height: int = field(default=96, metadata=_range(32, 1024))  # rendered frame size in pixels
     width: int = field(default=96, metadata=_range(32, 1024))
     fps: int = field(default=8, metadata=_range(1, 120))  # frames per second of the written videos
@@ -248,6 +262,9 @@ class AblationTable:
     seeds: int = field(default=3, metadata=_range(1))  # mean ± std over this many seeds (`--seeds` overrides)
     caption: str = ""  # written above the table
     reference: str | None = None  # the row every paired difference is taken against (null = the first row)
+    # single-label tasks: also report the confusion of the same-set activity pairs (they differ only in the
+    # order of their actions; the synthetic world's world.json names them), lower is better
+    order_confusion: bool = False
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,23 @@ split drawn as test_ood is with an independent scene: the unconfounded data of t
 foreground never depends on the scene: objects keep their colours
 under every lighting, so the foreground mask separates the causal from the spurious pixels exactly.
 
+The named confounders (`CONFOUNDERS`), each a shortcut one of the papers claims to remove:
+- `scene`: the background tied to the activity (ECRL's background, CMDCL's and PCMCI's visual confounder);
+- `cooccur`: `add_salt_pepper`, a labelled action inserted more often in some activities (a co-occurrence);
+- `distractor` (`synthetic.distractor`, off by default): a small non-causal object drawn beside the acting
+  object during every action, so inside the salient region and kept by a foreground crop, the activity's
+  usual one with probability `distractor_rho` (PCMCI's "apron near the stove" co-occurrence hallucination);
+- `idle` (`synthetic.idle_marker`, off by default): a static object in a corner shown only in the idle frames
+  between actions, never while an action plays, the activity's usual one with probability `idle_rho`: a
+  shortcut that lives in separable environment frames, the premise of IGV / EIGV's grounding;
+- `order`: no planted bias but a hard case, the same-set activity pairs that only temporal order separates
+  (ICI's claim); tables report their confusion (`train.ablate`).
+test_ood breaks every planted confounder at once (today's split); `test_ood_scene`, `test_ood_cooccur`,
+`test_ood_distractor` and `test_ood_idle` (`synthetic.videos.*`, 0 by default) each break only their own and
+keep the others as test_iid draws them (`BROKEN`), so a table can tell which head removes which bias. The
+distractor and the idle marker are drawn from their own random streams: switching one on adds an object to
+the same videos (same activity, scene, timing and lighting) and changes nothing else.
+
 Outputs of `write_dataset(cfg, root)`: `videos/<split>/<id>.mp4`, `manifest.jsonl` (read by
 `extract.datasets.read_manifest`), `classes.json` (the two tasks only) and `world.json` (world
 definition, config and its hash; the scene list lives here because scene is not a task).
@@ -40,9 +57,25 @@ import numpy as np
 from extract.config import SyntheticConfig, to_dict
 
 GENERATOR_VERSION = 1  # bump when rendering or the world changes: every written dataset re-renders
-SPLITS = ("train", "test_iid", "test_ood", "pretrain", "train_oracle")  # appended: a split's index seeds its videos
-UNCONFOUNDED = "train_oracle"  # scene and co-occurrence independent of the activity: the oracle's training data
-_VIDEO_NAME = re.compile(r"^(train|test_iid|test_ood|pretrain|train_oracle)_\d{5}\.mp4$")
+SPLITS = (  # appended only: a split's index seeds its videos
+    "train",
+    "test_iid",
+    "test_ood",
+    "pretrain",
+    "train_oracle",
+    "test_ood_scene",
+    "test_ood_cooccur",
+    "test_ood_distractor",
+    "test_ood_idle",
+)
+UNCONFOUNDED = "train_oracle"  # every confounder independent of the activity: the oracle's training data
+CONFOUNDERS = ("scene", "cooccur", "distractor", "idle")  # the planted shortcuts (`order` is a hard case, not a bias)
+BROKEN: dict[str, frozenset[str]] = {  # split -> the confounders drawn independently of the activity in it
+    "test_ood": frozenset(CONFOUNDERS),
+    UNCONFOUNDED: frozenset(CONFOUNDERS),
+    **{f"test_ood_{c}": frozenset({c}) for c in CONFOUNDERS},
+}
+_VIDEO_NAME = re.compile(r"^(" + "|".join(SPLITS) + r")_\d{5}\.mp4$")
 
 # ---------------------------------------------------------------------------------------------
 # The world
@@ -56,6 +89,16 @@ COLOURS: dict[str, tuple[int, int, int]] = {  # saturated or bright, so objects 
     "green": (40, 200, 60),
     "blue": (30, 80, 240),
     "cyan": (0, 220, 230),
+}
+
+DISTRACTOR_COLOURS: dict[str, tuple[int, int, int]] = {  # hues no atomic action has, so a distractor is no action
+    "magenta": (235, 40, 235),
+    "pink": (255, 165, 200),
+}
+
+IDLE_COLOURS: dict[str, tuple[int, int, int]] = {  # neither an action's nor a distractor's hue
+    "black": (12, 12, 12),
+    "lime": (165, 255, 0),
 }
 
 MOTION_TEXT = {
@@ -90,6 +133,20 @@ class Activity:
     script: tuple[str, ...]  # atomic actions in temporal order
     usual_scene: str  # the scene it is filmed in with probability rho (train, test_iid, pretrain)
     cooccur: str  # "high" or "low": how often add_salt_pepper is inserted (train, test_iid, pretrain)
+
+
+@dataclass(frozen=True)
+class Distractor:
+    name: str  # readable object name (not a class: no task labels it)
+    shape: str  # a key of _SHAPES
+    colour: str  # a key of DISTRACTOR_COLOURS (never an atomic action's colour)
+
+
+@dataclass(frozen=True)
+class IdleMarker:
+    name: str  # readable object name (not a class)
+    shape: str  # a key of _SHAPES
+    colour: str  # a key of IDLE_COLOURS (never an atomic action's or a distractor's colour)
 
 
 @dataclass(frozen=True)
@@ -131,6 +188,31 @@ SCENES: tuple[Scene, ...] = (  # mid-tone colours (max channel <= 0.6): every ob
     Scene("marble_counter", "marble", ((0.56, 0.56, 0.60), (0.36, 0.36, 0.40))),
 )
 
+# The distractors, the i-th the usual one of the i-th activity (`ACTIVITIES`) when `synthetic.distractor` is on.
+DISTRACTORS: tuple[Distractor, ...] = (
+    Distractor("apron", "square", "magenta"),
+    Distractor("oven_mitt", "circle", "magenta"),
+    Distractor("spice_jar", "triangle", "magenta"),
+    Distractor("tea_towel", "diamond", "magenta"),
+    Distractor("napkin", "square", "pink"),
+    Distractor("salt_shaker", "circle", "pink"),
+    Distractor("pot_lid", "triangle", "pink"),
+    Distractor("sponge", "diamond", "pink"),
+)
+
+# The idle markers, the i-th the usual one of the i-th activity when `synthetic.idle_marker` is on: static, in a
+# corner, shown only while no action plays.
+IDLE_MARKERS: tuple[IdleMarker, ...] = (
+    IdleMarker("wall_clock", "circle", "black"),
+    IdleMarker("calendar", "square", "black"),
+    IdleMarker("radio", "bar", "black"),
+    IdleMarker("plant", "triangle", "black"),
+    IdleMarker("lamp", "circle", "lime"),
+    IdleMarker("poster", "square", "lime"),
+    IdleMarker("shelf", "bar", "lime"),
+    IdleMarker("vase", "triangle", "lime"),
+)
+
 # The two same-set pairs: (fried, scrambled) and (cereal, porridge). In each pair one member favours
 # the co-occurring action, so co-occurrence is a shortcut exactly where temporal order should decide.
 ACTIVITIES: tuple[Activity, ...] = (
@@ -154,6 +236,13 @@ ACTIVITY = {a.name: a for a in ACTIVITIES}
 SCENE = {s.name: s for s in SCENES}
 _ACTIVITY_INDEX = {a.name: i for i, a in enumerate(ACTIVITIES)}
 _SCENE_INDEX = {s.name: i for i, s in enumerate(SCENES)}
+DISTRACTOR = {d.name: d for d in DISTRACTORS}
+IDLE_MARKER = {m.name: m for m in IDLE_MARKERS}
+
+
+def broken(split: str) -> frozenset[str]:
+    """The confounders drawn independently of the activity in `split` (none in train, test_iid, pretrain)."""
+    return BROKEN.get(split, frozenset())
 
 
 def same_set_pairs() -> list[tuple[str, str]]:
@@ -175,6 +264,10 @@ def world_definition() -> dict[str, Any]:
         "activities": [{**a.__dict__, "script": list(a.script)} for a in ACTIVITIES],
         "scenes": [{"name": s.name, "pattern": s.pattern, "colours": [list(c) for c in s.colours]} for s in SCENES],
         "cooccur_action": COOCCUR_ACTION,
+        "distractors": [{**d.__dict__, "usual_for": a.name} for d, a in zip(DISTRACTORS, ACTIVITIES, strict=True)],
+        "idle_markers": [{**m.__dict__, "usual_for": a.name} for m, a in zip(IDLE_MARKERS, ACTIVITIES, strict=True)],
+        "confounders": list(CONFOUNDERS),
+        "broken": {s: sorted(c) for s, c in BROKEN.items()},
         "same_set_pairs": [list(p) for p in same_set_pairs()],
         "colours": {k: list(v) for k, v in COLOURS.items()},
     }
@@ -225,6 +318,12 @@ class VideoSpec:
     segments: tuple[Segment, ...]  # atomic actions in temporal order; frames between them are idle
     lighting: Lighting  # = draw_lighting(seed)
     seed: int  # decides the lighting; render_scene_only(scene, cfg, T, seed) is this video's background
+    distractor: str | None = None  # the object drawn beside every action (synthetic.distractor), None = none
+    usual_distractor: bool | None = None  # distractor == the activity's usual one
+    distractor_angle: float = 0.0  # radians: where the distractor sits around the acting object
+    idle_marker: str | None = None  # the object shown in the idle frames (synthetic.idle_marker), None = none
+    usual_idle_marker: bool | None = None  # idle_marker == the activity's usual one
+    idle_corner: int = 0  # 0..3: top-left, top-right, bottom-left, bottom-right
 
     @property
     def atomic(self) -> list[str]:
@@ -265,15 +364,28 @@ def _draw_scene(rng: np.random.Generator, activity: Activity, split: str, cfg: S
     other += other >= usual  # uniform over the scenes that are not the usual one
     if split == UNCONFOUNDED:
         return SCENES[anything].name  # rho = 1/#scenes: the scene carries nothing about the activity
-    if split != "test_ood":
+    if "scene" not in broken(split):
         return SCENES[usual if u < cfg.rho else other].name
     return SCENES[anything if cfg.ood_scene == "independent" else other].name
 
 
 def _cooccur_rate(activity: Activity, split: str, cfg: SyntheticConfig) -> float:
-    if split in ("test_ood", UNCONFOUNDED):
+    if "cooccur" in broken(split):
         return (cfg.cooccur_high + cfg.cooccur_low) / 2
     return cfg.cooccur_high if activity.cooccur == "high" else cfg.cooccur_low
+
+
+def _draw_tied(rng: np.random.Generator, activity: Activity, split: str, confounder: str, rho: float) -> int:
+    """Index of an activity-tied object (distractor, idle marker; 8 of each, the i-th the usual one of the
+    i-th activity): the usual one with probability rho, else one of the others; uniform where `split` breaks
+    `confounder`. `rng` is the video's own stream for that object."""
+    usual = _ACTIVITY_INDEX[activity.name]
+    n = len(ACTIVITIES)
+    u, other, anything = rng.random(), int(rng.integers(n - 1)), int(rng.integers(n))
+    other += other >= usual
+    if confounder in broken(split):
+        return anything
+    return usual if u < rho else other
 
 
 def _timeline(rng: np.random.Generator, script: Sequence[str], num_frames: int) -> list[tuple[int, int]]:
@@ -319,6 +431,15 @@ def plan_split(cfg: SyntheticConfig, split: str) -> list[VideoSpec]:
             script.insert(where, COOCCUR_ACTION)
         num_frames = int(round(rng.uniform(cfg.min_seconds, cfg.max_seconds) * cfg.fps))
         spans = _timeline(rng, script, num_frames)
+        distractor, angle, marker, corner = None, 0.0, None, 0
+        if cfg.distractor:  # its own stream: the video's other draws are the same with the distractor on or off
+            stream = np.random.default_rng([base, k, i, 2])
+            distractor = DISTRACTORS[_draw_tied(stream, activity, split, "distractor", cfg.distractor_rho)].name
+            angle = float(2 * math.pi * stream.random())
+        if cfg.idle_marker:  # its own stream too
+            stream = np.random.default_rng([base, k, i, 3])
+            marker = IDLE_MARKERS[_draw_tied(stream, activity, split, "idle", cfg.idle_rho)].name
+            corner = int(stream.integers(4))
         jitter = rng.random((len(script), 5))  # speed, phase, dy, dx, scale per segment
         segments = tuple(
             Segment(
@@ -344,6 +465,12 @@ def plan_split(cfg: SyntheticConfig, split: str) -> list[VideoSpec]:
                 segments=segments,
                 lighting=draw_lighting(seed),
                 seed=seed,
+                distractor=distractor,
+                usual_distractor=None if distractor is None else distractor == DISTRACTORS[int(order[i])].name,
+                distractor_angle=angle,
+                idle_marker=marker,
+                usual_idle_marker=None if marker is None else marker == IDLE_MARKERS[int(order[i])].name,
+                idle_corner=corner,
             )
         )
     return specs
@@ -443,17 +570,25 @@ _SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 }
 
 _RADIUS = 0.12  # object radius as a fraction of the shorter frame side
+_DISTRACTOR_SIZE = 0.5  # distractor radius / the acting object's radius
+_DISTRACTOR_GAP = 1.4  # distance of the distractor's centre from the object's, in object radii (beside, not on it)
+_IDLE_SIZE = 0.8  # idle marker radius / the object radius
+_IDLE_PLACE = 0.14  # the idle marker's centre: this far (frame fraction) from the two edges of its corner
 
 
-def render_video(spec: VideoSpec, cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels of one planned video.
+def render_layers(spec: VideoSpec, cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixels of one planned video and where its objects are: frames uint8 `(T, H, W, 3)`, the acting
+    object's mask bool `(T, H, W)` and the visible pixels of the non-causal objects bool `(T, H, W)` (the
+    distractor and the idle marker; all False in a world without them).
 
-    Returns frames uint8 `(T, H, W, 3)` and the foreground mask bool `(T, H, W)` (True where the
-    moving object is). Outside the mask the frames equal `render_scene_only(spec.scene, cfg, T, spec.seed)`.
+    The distractor is drawn first, beside the acting object (at `spec.distractor_angle`, moving with it), and
+    the acting object over it, so the causal pixels are the same with or without the distractor. The idle
+    marker stands still in its corner in the frames no action covers.
     """
     T, H, W = spec.num_frames, cfg.height, cfg.width
     frames = _to_uint8(_background(SCENE[spec.scene], spec.lighting, cfg, T))  # (T, H, W, 3)
     mask = np.zeros((T, H, W), dtype=bool)
+    spurious = np.zeros((T, H, W), dtype=bool)
     py = np.arange(H, dtype=np.float32)[None, :, None] + 0.5  # (1, H, 1) pixel centres
     px = np.arange(W, dtype=np.float32)[None, None, :] + 0.5  # (1, 1, W)
     for seg in spec.segments:
@@ -465,11 +600,42 @@ def render_video(spec: VideoSpec, cfg: SyntheticConfig) -> tuple[np.ndarray, np.
         my, mx = radius / H, radius / W  # keep the whole object inside the frame
         cy = np.clip(cy + seg.offset[0], my, 1 - my) * H  # (n,) pixels
         cx = np.clip(cx + seg.offset[1], mx, 1 - mx) * W
+        if spec.distractor is not None:
+            d = DISTRACTOR[spec.distractor]
+            r = _DISTRACTOR_SIZE * radius  # pixels
+            gap = _DISTRACTOR_GAP * radius
+            ty = np.clip(cy + gap * math.sin(spec.distractor_angle), r, H - r)  # (n,) pixels, inside the frame
+            tx = np.clip(cx + gap * math.cos(spec.distractor_angle), r, W - r)
+            beside = _SHAPES[d.shape]((py - ty[:, None, None]) / r, (px - tx[:, None, None]) / r)  # (n, H, W)
+            spurious[seg.start : seg.end] = beside
+            frames[seg.start : seg.end][beside] = DISTRACTOR_COLOURS[d.colour]
         dy = (py - cy[:, None, None]) / radius  # (n, H, 1)
         dx = (px - cx[:, None, None]) / radius  # (n, 1, W)
         inside = _SHAPES[action.shape](dy, dx)  # (n, H, W)
         mask[seg.start : seg.end] = inside
         frames[seg.start : seg.end][inside] = COLOURS[action.colour]
+    if spec.idle_marker is not None:
+        marker = IDLE_MARKER[spec.idle_marker]
+        idle = np.ones(T, dtype=bool)  # (T,) the frames no action covers
+        for seg in spec.segments:
+            idle[seg.start : seg.end] = False
+        r = _IDLE_SIZE * _RADIUS * min(H, W)  # pixels
+        cy = (_IDLE_PLACE if spec.idle_corner < 2 else 1 - _IDLE_PLACE) * H
+        cx = (_IDLE_PLACE if spec.idle_corner % 2 == 0 else 1 - _IDLE_PLACE) * W
+        shown = idle[:, None, None] & _SHAPES[marker.shape]((py - cy) / r, (px - cx) / r)  # (T, H, W)
+        spurious |= shown
+        frames[shown] = IDLE_COLOURS[marker.colour]
+    return frames, mask, spurious & ~mask
+
+
+def render_video(spec: VideoSpec, cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of one planned video.
+
+    Returns frames uint8 `(T, H, W, 3)` and the foreground mask bool `(T, H, W)` (True where the
+    moving object is). Outside the mask the frames equal `render_scene_only(spec.scene, cfg, T, spec.seed)`,
+    except at the distractor's pixels when the world has one (`render_layers`).
+    """
+    frames, mask, _ = render_layers(spec, cfg)
     return frames, mask
 
 
@@ -537,8 +703,13 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int, codec: str = "mp
 def config_hash(cfg: SyntheticConfig) -> str:
     """Hash of the config and the generator version: equal hashes mean byte-identical datasets."""
     config = to_dict(cfg)
-    if not config["videos"]["train_oracle"]:  # a split added later, empty: the same videos, the same hash
-        del config["videos"]["train_oracle"]
+    for split in SPLITS[SPLITS.index(UNCONFOUNDED) :]:  # splits added later, empty: the same videos, the same hash
+        if not config["videos"][split]:
+            del config["videos"][split]
+    if not config["distractor"]:  # added later, off: the same videos, the same hash
+        del config["distractor"], config["distractor_rho"]
+    if not config["idle_marker"]:
+        del config["idle_marker"], config["idle_rho"]
     blob = json.dumps({"generator": GENERATOR_VERSION, "config": config}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -565,6 +736,9 @@ def manifest_row(spec: VideoSpec, cfg: SyntheticConfig) -> dict[str, Any]:
         "usual_scene": spec.usual_scene,
         "cooccur": spec.cooccur,
         "seed": spec.seed,
+        # only in a world with the distractor: the demo world's manifest stays byte-identical
+        **({"distractor": spec.distractor, "usual_distractor": spec.usual_distractor} if cfg.distractor else {}),
+        **({"idle_marker": spec.idle_marker, "usual_idle_marker": spec.usual_idle_marker} if cfg.idle_marker else {}),
     }
 
 
@@ -627,6 +801,16 @@ def write_dataset(
     if cfg.height % 2 or cfg.width % 2:
         raise ValueError(
             f"synthetic.height x width = {cfg.height}x{cfg.width}: mp4 needs even sizes; set both to even numbers"
+        )
+    if cfg.videos.test_ood_distractor and not cfg.distractor:
+        raise ValueError(
+            f"synthetic.videos.test_ood_distractor = {cfg.videos.test_ood_distractor} breaks the distractor, but the "
+            "world has none; set synthetic.distractor: true, or test_ood_distractor: 0"
+        )
+    if cfg.videos.test_ood_idle and not cfg.idle_marker:
+        raise ValueError(
+            f"synthetic.videos.test_ood_idle = {cfg.videos.test_ood_idle} breaks the idle marker, but the world has "
+            "none; set synthetic.idle_marker: true, or test_ood_idle: 0"
         )
     _check_codec(cfg.codec)
     requested = [s for s in SPLITS if _split_sizes(cfg, s) > 0] if splits is None else list(splits)

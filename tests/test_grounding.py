@@ -491,3 +491,55 @@ def test_a_run_folder_takes_one_process_at_a_time(tiny_cache, tmp_path):
     with pytest.raises(ConfigError, match="keeps every one of the 8 frames"):
         train(keeps_all, store=store, progress=False, run_dir=tmp_path / "never")
     assert not (tmp_path / "never").exists()  # a run that could not start leaves no folder
+
+
+def test_ground_check_evaluates_every_fixed_mask_on_the_runs_own_objective(tiny_cache, tmp_path):
+    """`ltar ground-check`: the learned mask's causal term is the run's own eval loss, the objective is the weighted
+    sum of its terms, the budgeted masks share the learned mask's budget, and at that budget no mask has a higher
+    frame IoU than the oracle's (it maximises the IoU per video); a run without an indicator is refused."""
+    from typer.testing import CliRunner
+
+    from train.cli import app
+    from train.data import iterate_batches
+    from train.engine import _load, load_run, train
+    from train.ground_check import MASKS, ground_check
+    from train.grounding import one_hot_targets, soft_loss
+
+    cfg, store = tiny_cache
+    cfg = dataclasses.replace(
+        cfg,
+        grounding={"eigv": {"method": "eigv"}},
+        train=dataclasses.replace(cfg.train, epochs=1, grounding="eigv", runs_root=str(tmp_path)),
+    )
+    train(cfg, store=store, progress=False, run_dir=tmp_path / "run")
+    rows, decisive, files = ground_check(tmp_path / "run", "train", store=store)
+    by = {r.mask: r for r in rows}
+    assert list(by) == list(MASKS) and all(f.exists() for f in files)
+    model = by["learned"]
+    weights = {"causal": 1.0, "swapped": 1.0, "env": 1.0, "mix": 1.0}  # the section's defaults
+    for r in rows:
+        assert set(r.terms) == {"causal", "swapped", "env", "mix"}
+        assert r.objective == pytest.approx(sum(weights[k] * v for k, v in r.terms.items()))
+    for name in ("learned_noisy", "oracle", "idle_first", "random", "untrained"):
+        assert by[name].causal_share == pytest.approx(model.causal_share)
+        assert by[name].ground["ground_iou"] <= by["oracle"].ground["ground_iou"] + 1e-9
+    assert by["idle_first"].ground["ground_precision"] <= by["oracle"].ground["ground_precision"]
+    # by hand: the learned mask's causal term is the eval loss of the run's own prediction
+    run = load_run(tmp_path / "run" / "last.pt", store)
+    run.model.eval()
+    data = _load(run.reader, "train", run.cfg, run.device)
+    losses, spreads = [], []
+    with torch.no_grad():
+        for _, batch in iterate_batches(data, cfg.train.batch_size, run.ctx.t0, run.ctx.dictionaries, "cpu"):
+            y = one_hot_targets(batch.labels, run.ctx.num_classes, run.ctx.multi_label)
+            losses.append(float(soft_loss(run.model(batch), y, run.ctx.multi_label)))
+            scores = run.model.indicator(batch.vp.float(), batch.t0.float()).numpy()
+            spreads += [np.std(s[m], ddof=1) for s, m in zip(scores, batch.mask.numpy(), strict=True)]
+    assert model.terms["causal"] == pytest.approx(np.mean(losses), rel=1e-5)
+    assert decisive["score_spread"] == pytest.approx(np.mean(spreads), rel=1e-4)
+    result = CliRunner().invoke(app, ["ground-check", str(tmp_path / "run"), "--store", str(store)])
+    assert result.exit_code == 0 and "oracle_unbudgeted" in result.output
+    plain = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grounding=None))
+    train(plain, store=store, progress=False, run_dir=tmp_path / "plain")
+    with pytest.raises(RunError, match="needs a run with a grounding indicator"):
+        ground_check(tmp_path / "plain", "train", store=store)

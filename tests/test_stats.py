@@ -78,3 +78,23 @@ def test_chance_levels():
     assert chance_level(labels, "acc1", 4) == 0.25 and chance_level(labels, "acc5", 4) == 1.0
     multi = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0], [1, 0, 0]])
     assert chance_level(multi, "map", 3) == pytest.approx((3 / 4 + 1 / 4) / 2)  # class 2 has no positive
+
+
+def test_the_order_confusion_against_a_hand_count():
+    """Same-set pairs (0, 1) and (2, 3); class 4 has no partner. The order confusion is the share of videos
+    whose top-1 class is their class's partner, with the same draws as Acc@1."""
+    partner = np.array([1, 0, 3, 2, -1])
+    labels = np.array([0, 0, 1, 2, 3, 3])
+    top = np.array([[1, 0, 1, 2, 2, 4], [0, 0, 0, 3, 2, 2]])  # (S, N) seed s's top-1 per video
+    scores = np.eye(5)[top]  # (S, N, C)
+    # seed 0: videos 0 (0->1) and 4 (3->2) confused: 2/6; seed 1: 2 (1->0), 3 (2->3), 4 and 5 (3->2): 4/6
+    assert interval(scores, labels, "order", partner=partner).estimate == pytest.approx((2 / 6 + 4 / 6) / 2)
+    seed_idx, video_idx = draw_indices(2, 6, draws=100)
+    confused = top == partner[labels][None]  # (S, N)
+    by_hand = [np.mean([confused[s, v].mean() for s in seeds]) for seeds, v in zip(seed_idx, video_idx, strict=True)]
+    ci = interval(scores, labels, "order", draws=100, partner=partner)
+    assert (ci.low, ci.high) == pytest.approx(tuple(np.percentile(by_hand, [2.5, 97.5])))
+    assert paired_difference(scores, scores, labels, "order", partner=partner).estimate == 0.0
+    assert chance_level(labels, "order", 5) == pytest.approx(1 / 5)
+    with pytest.raises(ValueError, match="partner"):
+        interval(scores, np.array([4, 0, 1, 2, 3, 3]), "order", partner=partner)  # class 4 has no partner

@@ -128,8 +128,10 @@ def test_the_oracle_split_has_scene_and_activity_independent():
 
     from extract.config import to_dict
 
-    before = to_dict(MANY)  # the hash as it was before the split existed: worlds without it keep their caches
-    del before["videos"]["train_oracle"]
+    before = to_dict(MANY)  # the hash as it was before these splits and keys existed: old worlds keep their caches
+    for split in ("train_oracle", "test_ood_scene", "test_ood_cooccur", "test_ood_distractor", "test_ood_idle"):
+        del before["videos"][split]
+    del before["distractor"], before["distractor_rho"], before["idle_marker"], before["idle_rho"]
     blob = json.dumps({"generator": S.GENERATOR_VERSION, "config": before}, sort_keys=True)
     assert S.config_hash(MANY) == hashlib.sha256(blob.encode()).hexdigest()[:16]
     assert S.config_hash(world) != S.config_hash(MANY)
@@ -313,3 +315,122 @@ def test_write_video_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="killed"):
         S.write_video(tmp_path / "w.mp4", frames, fps=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]  # no half file, no temporary left
+
+
+# --- the named confounders ----------------------------------------------------------------------
+
+NAMED = replace(
+    MANY,
+    distractor=True,
+    idle_marker=True,
+    videos=replace(
+        MANY.videos, test_ood_scene=2000, test_ood_cooccur=2000, test_ood_distractor=2000, test_ood_idle=2000
+    ),
+)
+
+
+def test_each_ood_split_breaks_only_its_own_confounder():
+    """Counted on the manifest rows: in each split, the rate of the usual scene, of the co-occurring action per
+    activity group and of the usual distractor is the train rate where the split keeps the confounder and the
+    independent rate where it breaks it (`S.BROKEN`)."""
+    high = {a.name for a in S.ACTIVITIES if a.cooccur == "high"}
+    middle = (NAMED.cooccur_high + NAMED.cooccur_low) / 2
+    kept = {
+        "scene": NAMED.rho,
+        "cooccur": (NAMED.cooccur_high, NAMED.cooccur_low),
+        "distractor": NAMED.distractor_rho,
+        "idle": NAMED.idle_rho,
+    }
+    free = {"scene": 1 / 8, "cooccur": (middle, middle), "distractor": 1 / 8, "idle": 1 / 8}
+    splits = ("train", "test_iid", "test_ood", *(f"test_ood_{c}" for c in S.CONFOUNDERS))
+    for split in splits:
+        rows = [S.manifest_row(s, NAMED) for s in plan(NAMED, split)]
+        assert len(rows) == 2000
+        got = {
+            "scene": np.mean([r["usual_scene"] for r in rows]),
+            "cooccur": tuple(
+                np.mean([r["cooccur"] for r in rows if (r["labels"]["activity"] in high) == h]) for h in (True, False)
+            ),
+            "distractor": np.mean([r["usual_distractor"] for r in rows]),
+            "idle": np.mean([r["usual_idle_marker"] for r in rows]),
+        }
+        for name in S.CONFOUNDERS:
+            expected = free[name] if name in S.broken(split) else kept[name]
+            assert got[name] == pytest.approx(expected, abs=0.04), (split, name)
+    assert S.broken("test_ood") == set(S.CONFOUNDERS) and not S.broken("test_iid")
+    # where the distractor is broken, every distractor appears about equally often with every activity
+    counts = Counter((s.activity, s.distractor) for s in plan(NAMED, "test_ood_distractor"))
+    assert len(counts) == 64 and min(counts.values()) > 0.5 * 2000 / 64
+
+
+def test_the_distractor_adds_an_object_and_changes_nothing_else():
+    off, on = replace(TINY, distractor_rho=0.5), replace(TINY, distractor=True)  # off: its rho decides nothing
+    for split in ("train", "test_ood"):
+        for a, b in zip(S.plan_split(TINY, split), S.plan_split(on, split), strict=True):
+            assert replace(b, distractor=None, usual_distractor=None, distractor_angle=0.0) == a  # its own stream
+            assert b.distractor in S.DISTRACTOR and b.usual_distractor == (
+                b.distractor == S.DISTRACTORS[[x.name for x in S.ACTIVITIES].index(b.activity)].name
+            )
+    spec_off, spec_on = S.plan_split(TINY, "train")[0], S.plan_split(on, "train")[0]
+    frames_off, mask_off, none = S.render_layers(spec_off, TINY)
+    frames_on, mask_on, spurious = S.render_layers(spec_on, on)
+    assert not none.any()
+    np.testing.assert_array_equal(mask_on, mask_off)  # the causal object is untouched ...
+    np.testing.assert_array_equal(frames_on[~spurious], frames_off[~spurious])  # ... and so is every other pixel
+    colour = S.DISTRACTOR_COLOURS[S.DISTRACTOR[spec_on.distractor].colour]
+    assert (frames_on[spurious] == colour).all() and not (spurious & mask_on).any()
+    active = np.zeros(spec_on.num_frames, bool)
+    for seg in spec_on.segments:
+        active[seg.start : seg.end] = True
+    assert spurious.any((1, 2))[active].all() and not spurious[~active].any()  # beside every action, never idle
+    # the demo world keeps its hash and its manifest (old caches stay valid); the options are recorded
+    assert S.config_hash(off) == S.config_hash(TINY) != S.config_hash(on)
+    assert S.config_hash(replace(TINY, videos=replace(TINY.videos, test_ood_scene=8))) != S.config_hash(TINY)
+    assert "distractor" not in S.manifest_row(spec_off, TINY) and S.manifest_row(spec_on, on)["distractor"]
+
+
+def test_the_distractor_lies_inside_the_foreground_box():
+    """A foreground crop keeps the distractor: on rendered frames, the box the saliency produces (spectral
+    residual, the configured mass 0.6) holds about as much of the distractor's pixels as of the acting
+    object's, far more than the box's share of the frame (where a pixel placed at random would fall)."""
+    import torch
+
+    from extract.saliency import box_mask, foreground_box, spectral_residual_saliency
+
+    world = replace(SyntheticConfig(), distractor=True, videos=SplitSizes(train=16, test_iid=0, test_ood=0))
+    layers = [S.render_layers(s, world) for s in S.plan_split(world, "train")]
+    frames, obj, spurious = (np.concatenate(x) for x in zip(*layers, strict=True))  # (N, H, W, ...)
+    shown = spurious.any((1, 2))  # frames during an action
+    frames, obj, spurious = frames[shown], obj[shown], spurious[shown]
+    boxes = foreground_box(spectral_residual_saliency(torch.from_numpy(frames), 12), mass=0.6)  # (N, 4)
+    inside = box_mask(boxes, frames.shape[1:3]).numpy()  # (N, H, W)
+    share_distractor = (inside & spurious).sum() / spurious.sum()
+    share_object = (inside & obj).sum() / obj.sum()
+    assert share_distractor > 0.7 and share_distractor > 0.85 * share_object
+    assert share_distractor > 2.5 * inside.mean()
+
+
+def test_the_idle_marker_is_shown_only_between_actions():
+    """IGV's premise world: a static activity-tied object in a corner in every idle frame, in none during an
+    action; every other pixel as in the world without it."""
+    on = replace(TINY, idle_marker=True)
+    assert S.config_hash(replace(TINY, idle_rho=0.3)) == S.config_hash(TINY) != S.config_hash(on)
+    for a, b in zip(S.plan_split(TINY, "train")[:4], S.plan_split(on, "train")[:4], strict=True):
+        assert replace(b, idle_marker=None, usual_idle_marker=None, idle_corner=0) == a  # its own stream
+        frames_off, mask_off, _ = S.render_layers(a, TINY)
+        frames_on, mask_on, marker = S.render_layers(b, on)
+        np.testing.assert_array_equal(mask_on, mask_off)
+        np.testing.assert_array_equal(frames_on[~marker], frames_off[~marker])
+        assert (frames_on[marker] == S.IDLE_COLOURS[S.IDLE_MARKER[b.idle_marker].colour]).all()
+        active = np.zeros(b.num_frames, bool)
+        for seg in b.segments:
+            active[seg.start : seg.end] = True
+        shown = marker.any((1, 2))
+        assert shown[~active].all() and not shown[active].any()  # every idle frame, no action frame
+        assert (marker[~active] == marker[~active][0]).all()  # static
+        row = S.manifest_row(b, on)
+        assert row["idle_marker"] == b.idle_marker and "idle_marker" not in S.manifest_row(a, TINY)
+    with pytest.raises(ValueError, match="set synthetic.idle_marker: true"):
+        S.write_dataset(
+            replace(TINY, videos=replace(TINY.videos, test_ood_idle=2)), Path("/nonexistent"), progress=False
+        )

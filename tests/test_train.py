@@ -340,21 +340,25 @@ def test_frame_epochs_must_leave_a_second_step(tiny_cache, tmp_path):
 
 
 def test_the_oracle_row_trains_on_the_unconfounded_split_and_gives_the_gap_closed(tiny_cache, tmp_path):
+    """Also the `confounders` table's parts: every named confounder's ood split is evaluated, gets its gap
+    closed, and the same-set pairs' order confusion is reported (checked against the saved predictions)."""
     from extract.config import AblationTable
     from extract.pipeline import extract
-    from extract.synthetic import write_dataset
+    from extract.synthetic import ACTIVITIES, write_dataset
     from tests.conftest import tiny_config
-    from train.ablate import MissingSplit, gap_closed, run_table
+    from train.ablate import Cell, MissingSplit, gap_closed, ood_gaps, order_partners, run_table
+    from train.engine import run_predictions
 
     cfg, store = tiny_cache
-    table = AblationTable(rows=("baseline", "oracle"), tasks=("activity",), seeds=1)
+    table = AblationTable(rows=("baseline", "oracle"), tasks=("activity", "atomic"), seeds=1, order_confusion=True)
     plain = dataclasses.replace(
         cfg, ablations={"bounds": table}, train=dataclasses.replace(cfg.train, epochs=1, runs_root=str(tmp_path))
     )
     with pytest.raises(MissingSplit, match="has no train_oracle split; render it with synthetic.videos.train_oracle"):
         run_table(plain, "bounds", store=store, progress=False)
-    videos = {"train": 6, "test_iid": 3, "test_ood": 3, "train_oracle": 6}
-    world = tiny_config(tmp_path / "world", tmp_path / "cache", synthetic={"videos": videos})
+    ood = ("test_ood", "test_ood_cooccur", "test_ood_distractor", "test_ood_scene")
+    videos = {"train": 6, "test_iid": 3, "train_oracle": 6, **dict.fromkeys(ood, 3)}
+    world = tiny_config(tmp_path / "world", tmp_path / "cache", synthetic={"videos": videos, "distractor": True})
     write_dataset(world.synthetic, tmp_path / "world", progress=False)
     oracle_store = extract(world, progress=False).store
     cfg = dataclasses.replace(
@@ -362,18 +366,43 @@ def test_the_oracle_row_trains_on_the_unconfounded_split_and_gives_the_gap_close
     )
     result = run_table(cfg, "bounds", store=oracle_store, progress=False)
     runs = {p.parent.name for p in (tmp_path / "ablations").rglob("last.pt")}
-    assert runs == {"baseline-activity-s0", "baseline-train_oracle-activity-s0"}
+    assert runs == {f"baseline{o}-{t}-s0" for o in ("", "-train_oracle") for t in ("activity", "atomic")}
+    primary = {(c.task, c.split) for c in result.cells if c.metric in ("acc1", "map")}
+    assert primary == {(t, s) for t in ("activity", "atomic") for s in ("test_iid", *ood)}
+    # the order confusion: activity only, on the videos of the same-set pairs, as counted from the predictions
+    assert {(c.task, c.split) for c in result.cells if c.metric == "order"} == {
+        ("activity", s) for s in ("test_iid", *ood)
+    }
+    scores, labels, _ = run_predictions(
+        next((tmp_path / "ablations").rglob("baseline-activity-s0")), "test_ood", oracle_store
+    )
+    partner = order_partners(tmp_path / "world", [a.name for a in ACTIVITIES])
+    paired = partner[labels] >= 0
+    cell = next(
+        c for c in result.cells if (c.row, c.task, c.split, c.metric) == ("baseline", "activity", "test_ood", "order")
+    )
+    assert paired.any() and cell.values == [pytest.approx(np.mean(scores[paired].argmax(1) == partner[labels[paired]]))]
+    assert cell.diff is not None and cell.diff.estimate == 0.0  # the reference row against itself
+    assert "activity order confusion test_ood" in result.files[0].read_text()
     oracle_run = next((tmp_path / "ablations").rglob("baseline-train_oracle-activity-s0"))
     saved = torch.load(oracle_run / "last.pt", weights_only=False)
     assert saved["config"]["train"]["train_split"] == "train_oracle"
     assert not (oracle_run / "predictions-train_oracle.npz").exists()  # a training split is never evaluated
-    gap = gap_closed(result.cells)
     md = result.files[0].read_text()
-    if gap:  # defined unless baseline and oracle tie on test_ood
-        assert gap[("baseline", "activity")] == 0.0 and gap[("oracle", "activity")] == 1.0
-        assert "activity gap closed (test_ood)" in md
+    assert result.gap == ood_gaps(result.cells)
+    for task, split in {(t, s) for _, t, s in result.gap}:  # defined unless baseline and oracle tie on the split
+        assert result.gap[("baseline", task, split)] == 0.0 and result.gap[("oracle", task, split)] == 1.0
+        assert f"{task} gap closed ({split})" in md
+    assert gap_closed(result.cells) == {(r, t): v for (r, t, s), v in result.gap.items() if s == "test_ood"}
     # by hand: the share of the ood gap a row closes
-    from train.ablate import Cell
 
     cells = [Cell(r, "atomic", "test_ood", "map", [v]) for r, v in (("baseline", 0.3), ("oracle", 0.7), ("x", 0.4))]
     assert gap_closed(cells)[("x", "atomic")] == pytest.approx(0.25)
+    scene = [
+        Cell(r, "atomic", "test_ood_scene", "map", [v]) for r, v in (("baseline", 0.2), ("oracle", 0.6), ("x", 0.5))
+    ]
+    iid = [Cell(r, "atomic", "test_iid", "map", [0.9]) for r in ("baseline", "oracle", "x")]
+    gaps = ood_gaps(cells + scene + iid)  # every ood split, never test_iid
+    assert gaps[("x", "atomic", "test_ood")] == pytest.approx(0.25)
+    assert gaps[("x", "atomic", "test_ood_scene")] == pytest.approx(0.75)
+    assert {s for _, _, s in gaps} == {"test_ood", "test_ood_scene"}

@@ -17,6 +17,7 @@ time); off by default, because on this 2-core CPU it is no faster (bench/train.p
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -43,9 +44,9 @@ from train.engine import (
 from train.grounding import grounding_options
 from train.heads import ORACLE_ROW, head_options, parse_row
 from train.stacked import NotStackable, train_stacked
-from train.stats import Interval, chance_level, interval, paired_difference
+from train.stats import Interval, chance_level, interval, paired_difference, point
 
-METRICS_WITH_CI = ("acc1", "acc5", "map")  # bootstrapped per video (train.stats); frame IoU is reported as is
+METRICS_WITH_CI = ("acc1", "acc5", "map", "order")  # bootstrapped per video (train.stats); frame IoU is reported as is
 DIAGNOSE_SPLIT = "test_ood"  # `ltar ablate --diagnose` reads the split where the confounder breaks
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ METRIC_LABEL = {
     "acc1": "Acc@1",
     "acc5": "Acc@5",
     "map": "mAP",
+    "order": "order confusion",  # same-set pairs: the share of a pair's videos predicted as the other activity
     "ground_iou": "frame IoU",  # grounded heads: frames used vs annotated segments (train.grounding)
     "ground_iou_random": "frame IoU random",  # ... the same number of random frames (exact expectation)
 }
@@ -89,7 +91,7 @@ class TableResult:
     diagnosis: dict[tuple[str, str], str] = field(default_factory=dict)  # (row, task) -> causal-term headline
     reference: str = ""  # the row of the paired differences
     chance: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (task, metric, split) -> chance level
-    gap: dict[tuple[str, str], float] = field(default_factory=dict)  # (row, task) -> share of the ood gap closed
+    gap: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (row, task, ood split) -> gap closed
 
 
 class MissingSplit(RunError):
@@ -105,8 +107,8 @@ def _run_cfg(cfg: Config, row: str, task: str, seed: int) -> Config:
 
 
 def gap_closed(cells: list[Cell], split: str = "test_ood") -> dict[tuple[str, str], float]:
-    """(row, task) -> (ood - ood_baseline) / (ood_oracle - ood_baseline) on the task's primary metric, for a
-    table holding both the `baseline` and the `oracle` rows (0 = the baseline, 1 = the oracle)."""
+    """(row, task) -> (ood - ood_baseline) / (ood_oracle - ood_baseline) on the task's primary metric on the ood
+    `split`, for a table holding both the `baseline` and the `oracle` rows (0 = the baseline, 1 = the oracle)."""
     means = {(c.row, c.task): c.mean for c in cells if c.split == split and c.metric in ("acc1", "map")}
     out = {}
     for (row, task), value in means.items():
@@ -114,6 +116,12 @@ def gap_closed(cells: list[Cell], split: str = "test_ood") -> dict[tuple[str, st
         if base is not None and oracle is not None and abs(oracle - base) > 1e-12:
             out[(row, task)] = (value - base) / (oracle - base)
     return out
+
+
+def ood_gaps(cells: list[Cell]) -> dict[tuple[str, str, str], float]:
+    """(row, task, split) -> `gap_closed` on every ood split of the table (test_ood and one per named confounder)."""
+    splits = sorted({c.split for c in cells if c.split.startswith("test_ood")})
+    return {(row, task, split): v for split in splits for (row, task), v in gap_closed(cells, split).items()}
 
 
 # train keys that decide where a run lives or how it is read, not what it computes
@@ -161,6 +169,24 @@ def _finished(run_dir: Path, cfg: Config, reader: CacheReader) -> RunResult | No
 
 def main_metric(task_multi_label: bool) -> list[str]:
     return ["map"] if task_multi_label else ["acc1"]
+
+
+def order_partners(dataset_root: str | Path, class_names: list[str]) -> np.ndarray | None:
+    """(C,) each class's same-set partner (the activity with the same actions in another order), -1 for none,
+    from the synthetic world's `world.json` in `dataset_root`; None where the dataset names no such pairs."""
+    try:
+        world = json.loads((Path(dataset_root) / "world.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    index = {name: i for i, name in enumerate(class_names)}
+    named = world.get("world", {}).get("same_set_pairs", [])
+    known = [(index[a], index[b]) for a, b in named if a in index and b in index]
+    if not known:
+        return None
+    pairs = np.array(known)  # (P, 2) class indices
+    partner = np.full(len(class_names), -1)
+    partner[pairs[:, 0]], partner[pairs[:, 1]] = pairs[:, 1], pairs[:, 0]
+    return partner
 
 
 def run_table(
@@ -219,9 +245,17 @@ def run_table(
     cells = []
     chance: dict[tuple[str, str, str], float] = {}
     predictions: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}  # (row, task, split) -> (S,N,C), labels
+    partners: dict[str, np.ndarray | None] = {}  # single-label task -> (C,) each class's same-set partner
     for (row, task), runs in results.items():
         splits = sorted(runs[0].metrics)
         multi = "acc1" not in runs[0].metrics[splits[0]]
+        if table.order_confusion and not multi and task not in partners:
+            names = CacheReader(store, task, allow_partial=True).class_names
+            partners[task] = order_partners(cfg.dataset.root, names)
+            if partners[task] is None:
+                where = Path(cfg.dataset.root) / "world.json"
+                log.warning(f"table {name}: {where} names no same-set pairs of {task} classes; no order confusion")
+        order = ["order"] if partners.get(task) is not None and not multi else []
         for split in splits:
             stacked = [run_predictions(r.run_dir, split, store) for r in runs]
             if any(not np.array_equal(p[2], stacked[0][2]) for p in stacked):
@@ -235,6 +269,14 @@ def run_table(
                     cell.ci = interval(scores, labels, metric)
                     chance[(task, metric, split)] = chance_level(labels, metric, scores.shape[-1])
                 cells.append(cell)
+            for metric in order:  # on the videos of the paired activities only
+                partner = partners[task]
+                paired = partner[labels] >= 0  # (N,)
+                if paired.any():
+                    s, y = scores[:, paired], labels[paired]
+                    values = [point(s[i : i + 1], y, metric, partner) for i in range(len(s))]
+                    cells.append(Cell(row, task, split, metric, values, interval(s, y, metric, partner=partner)))
+                    chance[(task, metric, split)] = chance_level(y, metric, scores.shape[-1])
     reference = table.reference or table.rows[0]
     for cell in cells:
         ref = predictions.get((reference, cell.task, cell.split))
@@ -242,7 +284,11 @@ def run_table(
             scores, labels = predictions[(cell.row, cell.task, cell.split)]
             if not np.array_equal(labels, ref[1]):
                 raise RunError(f"rows {cell.row!r} and {reference!r} scored different videos of {cell.split}")
-            cell.diff = paired_difference(scores, ref[0], labels, cell.metric)
+            reference_scores, partner = ref[0], partners.get(cell.task)
+            if cell.metric == "order":
+                paired = partner[labels] >= 0
+                scores, reference_scores, labels = scores[:, paired], reference_scores[:, paired], labels[paired]
+            cell.diff = paired_difference(scores, reference_scores, labels, cell.metric, partner=partner)
     recipe = cfg.train.recipe
     file_name = name if recipe is None else f"{name}@{recipe}"  # a paper recipe's table beside ours
     source = "ours (pipeline.yaml `train`)" if recipe is None else f"`{recipe}`: {cfg.recipes[recipe].source}"
@@ -256,7 +302,7 @@ def run_table(
         diagnosis,
         reference,
         chance,
-        gap_closed(cells),
+        ood_gaps(cells),
     )
     result.files = write_table(result, table, out_root, n_seeds)
     return result
@@ -291,8 +337,8 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
         header.append(f"{t} {METRIC_LABEL[m]} {s}")
         if m in METRICS_WITH_CI:
             header.append("Δ")
-    gap_tasks = list(dict.fromkeys(t for _, t in result.gap))
-    header += [f"{t} gap closed (test_ood)" for t in gap_tasks]
+    gap_cols = list(dict.fromkeys((t, s) for _, t, s in result.gap))
+    header += [f"{t} gap closed ({s})" for t, s in gap_cols]
     tasks = list(dict.fromkeys(c.task for c in result.cells)) if result.diagnosis else []
     header += [f"{t} diagnosis ({DIAGNOSE_SPLIT}, seed 0)" for t in tasks]
     lines = []
@@ -308,6 +354,11 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
         lines.append(
             "Gap closed: (ood - ood of `baseline`) / (ood of `oracle` - ood of `baseline`) on the primary metric; "
             "`oracle` is the baseline trained on an unconfounded training split of the same size."
+        )
+    if any(c.metric == "order" for c in result.cells):
+        lines.append(
+            "Order confusion: on the videos of the activity pairs that hold the same actions in another order, the "
+            "share predicted as the pair's other activity (lower is better; its chance level is 1/C)."
         )
     if result.chance:
         levels = ", ".join(f"{t} {METRIC_LABEL[m]} {s} {100 * v:.1f}" for (t, m, s), v in result.chance.items())
@@ -330,7 +381,7 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
                 vals.append("ref")
             else:
                 vals.append(_ci(c.diff, signed=True) + (" *" if c.diff.excludes_zero() else ""))
-        vals += [f"{result.gap[(r, t)]:.2f}" if (r, t) in result.gap else "—" for t in gap_tasks]
+        vals += [f"{result.gap[(r, t, s)]:.2f}" if (r, t, s) in result.gap else "—" for t, s in gap_cols]
         vals += [result.diagnosis.get((r, t), "—") for t in tasks]
         lines.append(f"| {r} | " + " | ".join(vals) + " |")
     md = out_root / f"{result.name}.md"
@@ -365,6 +416,8 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
                     "" if d is None else int(d.excludes_zero()),
                 ]
             )
+        for (row, task, split), value in result.gap.items():  # the gap closed: a derived number, no interval
+            w.writerow([row, task, split, "gap_closed", f"{value:.6f}"] + [""] * 10)
 
     fig, axes = plt.subplots(
         1, len(cols), figsize=(max(4.0, 1.0 + 0.7 * len(rows)) * len(cols) / 1.5, 3.6), squeeze=False

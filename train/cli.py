@@ -107,6 +107,30 @@ def diagnose_cmd(
         raise _fail(str(e)) from None
 
 
+@app.command("ground-check")
+def ground_check_cmd(
+    run: Path = typer.Argument(..., help="A grounded run folder (grounding igv / eigv), or its last.pt / best.pt."),
+    split: list[str] = typer.Option(["train"], "--split", help="Split(s) to check on (repeatable)."),
+    store: Path = StoreOpt,
+) -> None:
+    """Is the grounding indicator decisive, and does its learned mask minimise its own objective? The run's
+    training objective with the causal-frame mask held fixed: learned, oracle (annotated action frames first),
+    idle-first, random, an untrained indicator; writes ground-check-<split>.md/.csv beside the checkpoint.
+
+    Example: ltar ground-check runs/ablations/<fingerprint>/baseline+igv-activity-s0
+    """
+    from train.engine import RunError
+    from train.ground_check import ground_check
+
+    try:
+        for s in split:
+            _, _, files = ground_check(run, s, store=store)
+            typer.echo(files[0].read_text())
+            typer.echo("wrote " + ", ".join(map(str, files)))
+    except (CacheError, RunError, ConfigError) as e:
+        raise _fail(str(e)) from None
+
+
 @app.command("ablate")
 def ablate_cmd(
     config: Path = ConfigOpt,

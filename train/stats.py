@@ -36,15 +36,29 @@ def draw_indices(seeds: int, videos: int, draws: int = DRAWS, seed: int = CI_SEE
     return rng.integers(0, seeds, (draws, seeds)), rng.integers(0, videos, (draws, videos))
 
 
-def per_draw(scores: np.ndarray, labels: np.ndarray, metric: str, seed_idx: np.ndarray, video_idx: np.ndarray):
+def per_draw(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    metric: str,
+    seed_idx: np.ndarray,
+    video_idx: np.ndarray,
+    partner: np.ndarray | None = None,
+):
     """The metric of every draw: scores (S, N, C) of S seeds, labels (N,) or (N, C) -> (draws,).
 
     Acc@k is a mean over videos of a per-video hit, so a draw is a gather of the (S, N) hit matrix; mAP is
-    recomputed on every draw's videos (a loop over draws and seeds, never over videos or classes)."""
-    if metric in ("acc1", "acc5"):
-        k = 1 if metric == "acc1" else 5
-        top = np.argsort(-scores, axis=-1)[..., :k]  # (S, N, k)
-        hit = (top == labels[None, :, None]).any(-1).astype(np.float64)  # (S, N)
+    recomputed on every draw's videos (a loop over draws and seeds, never over videos or classes). `order`
+    (single-label, every label with a partner class, `partner` (C,)): the share of videos whose top-1 class is
+    their class's partner, the activity that holds the same actions in another order (lower is better)."""
+    if metric in ("acc1", "acc5", "order"):
+        if metric == "order":
+            if partner is None or (partner[labels] < 0).any():
+                raise ValueError("the order confusion needs every video's class to have a partner (`partner`)")
+            hit = (scores.argmax(-1) == partner[labels][None]).astype(np.float64)  # (S, N)
+        else:
+            k = 1 if metric == "acc1" else 5
+            top = np.argsort(-scores, axis=-1)[..., :k]  # (S, N, k)
+            hit = (top == labels[None, :, None]).any(-1).astype(np.float64)  # (S, N)
         return hit[seed_idx[:, :, None], video_idx[:, None, :]].mean((1, 2))  # (draws,)
     if metric != "map":
         raise ValueError(f"no bootstrap for metric {metric!r}")
@@ -55,40 +69,48 @@ def per_draw(scores: np.ndarray, labels: np.ndarray, metric: str, seed_idx: np.n
     return out
 
 
-def point(scores: np.ndarray, labels: np.ndarray, metric: str) -> float:
+def point(scores: np.ndarray, labels: np.ndarray, metric: str, partner: np.ndarray | None = None) -> float:
     """The metric averaged over the S seeds on all videos: scores (S, N, C)."""
     S, N = scores.shape[:2]
-    return float(per_draw(scores, labels, metric, np.arange(S)[None], np.arange(N)[None])[0])
+    return float(per_draw(scores, labels, metric, np.arange(S)[None], np.arange(N)[None], partner)[0])
 
 
-def interval(scores: np.ndarray, labels: np.ndarray, metric: str, draws: int = DRAWS) -> Interval:
+def interval(
+    scores: np.ndarray, labels: np.ndarray, metric: str, draws: int = DRAWS, partner: np.ndarray | None = None
+) -> Interval:
     """Mean over seeds and its 95% bootstrap interval (videos and seeds resampled): scores (S, N, C)."""
     S, N = scores.shape[:2]
     seed_idx, video_idx = draw_indices(S, N, draws)
-    values = per_draw(scores, labels, metric, seed_idx, video_idx)
+    values = per_draw(scores, labels, metric, seed_idx, video_idx, partner)
     low, high = np.percentile(values, [2.5, 97.5])
-    return Interval(point(scores, labels, metric), float(low), float(high))
+    return Interval(point(scores, labels, metric, partner), float(low), float(high))
 
 
 def paired_difference(
-    scores: np.ndarray, reference: np.ndarray, labels: np.ndarray, metric: str, draws: int = DRAWS
+    scores: np.ndarray,
+    reference: np.ndarray,
+    labels: np.ndarray,
+    metric: str,
+    draws: int = DRAWS,
+    partner: np.ndarray | None = None,
 ) -> Interval:
     """Row minus reference row on the same videos and seed indices, with its 95% bootstrap interval.
     scores (S, N, C), reference (S', N, C): the first min(S, S') seeds of each are paired."""
     S = min(len(scores), len(reference))
     scores, reference = scores[:S], reference[:S]
     seed_idx, video_idx = draw_indices(S, scores.shape[1], draws)
-    diff = per_draw(scores, labels, metric, seed_idx, video_idx) - per_draw(
-        reference, labels, metric, seed_idx, video_idx
+    diff = per_draw(scores, labels, metric, seed_idx, video_idx, partner) - per_draw(
+        reference, labels, metric, seed_idx, video_idx, partner
     )
     low, high = np.percentile(diff, [2.5, 97.5])
-    return Interval(point(scores, labels, metric) - point(reference, labels, metric), float(low), float(high))
+    estimate = point(scores, labels, metric, partner) - point(reference, labels, metric, partner)
+    return Interval(estimate, float(low), float(high))
 
 
 def chance_level(labels: np.ndarray, metric: str, num_classes: int) -> float:
     """What a classifier without information scores: 1/C (Acc@1), min(5, C)/C (Acc@5), the mean positive
     rate per class (mAP of constant scores, in expectation of random ones)."""
-    if metric == "acc1":
+    if metric in ("acc1", "order"):  # order: a random top-1 is the partner with probability 1/C
         return 1.0 / num_classes
     if metric == "acc5":
         return min(5, num_classes) / num_classes

@@ -1,0 +1,250 @@
+"""`ltar ground-check`: is the grounding indicator decisive, and does the mask it learned minimise its own objective?
+
+IGV / EIGV train an indicator that splits each video's frames into causal frames c and environment frames e.
+If the indicator works, the mask it chooses should score at least as well on the training objective as any
+other mask of the same budget, and the ground-truth action frames (the oracle mask) should be among the best
+on a world whose shortcut lives in the environment. This module evaluates a trained grounded run's objective
+with the mask held fixed, mask by mask, on one split (by default `train`, the objective's own data):
+
+- `learned`: the indicator's causal frames as the prediction uses them (noise-free);
+- `learned_noisy`: the same scores with one draw of the training noise (logistic, scale 1, std π/√3 ≈ 1.81): the
+  masks training actually saw;
+- `oracle`: frames inside the annotated action segments first (random order among them), to the same budget;
+- `oracle_unbudgeted`: every annotated action frame causal (at least one frame on each side);
+- `idle_first`: frames outside every segment first, to the budget;
+- `random`: the budget's worth of frames drawn at random;
+- `untrained`: the top frames of a freshly initialised indicator (seeded).
+
+For each mask: the objective as the run trains it — `L(head(c), y) + swap_weight · L(head(c ⊕ e_π), y) +
+env_weight · L(head(e), uninformative)`, and for EIGV (`mix: paper`) `+ mix_weight · L(head(v_mix), λ1 y + (1 - λ1)
+y_π)` — with its terms, the share of real frames marked causal, and the mask's frame IoU / precision against the
+annotated segments beside the exact random expectation. The derangements and EIGV's λ's are drawn from one seed,
+the same for every mask, so the masks are compared on the same interventions. EIGV's contrastive term is left
+out (it re-grounds the mixed video with the learned indicator whatever the fixed mask, so it does not compare
+masks). Also reported: the indicator's decisiveness, the mean within-video standard deviation of its frame scores
+against the std of the noise it is sampled with (a ratio far below 1: the training masks are nearly random).
+
+A learned mask whose objective is worse than the oracle's on its own trained head is an optimisation defect of the
+indicator (the head was trained on the learned masks, which favours them). Writes `ground-check-<split>.md` and
+`.csv` beside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train.data import iterate_batches
+from train.grounding import (
+    FrameScorer,
+    Grounded,
+    derangement,
+    eigv_mixed_batch,
+    frame_relevance,
+    frozen_memories,
+    grounding_scores,
+    masked_view,
+    one_hot_targets,
+    ranks,
+    soft_loss,
+    swapped_view,
+)
+from train.heads import Batch
+
+MASKS = ("learned", "learned_noisy", "oracle", "oracle_unbudgeted", "idle_first", "random", "untrained")
+LOGISTIC_STD = math.pi / math.sqrt(3)  # std of the standard logistic noise of the binary Gumbel-softmax
+CHECK_SEED = 0  # the interventions' draws (derangements, λ's, random masks, the untrained indicator)
+
+
+@dataclass
+class MaskObjective:
+    mask: str
+    objective: float  # the training objective with this mask fixed (mean over the split's batches)
+    terms: dict[str, float]  # causal, swapped, env (and mix for EIGV), unweighted
+    causal_share: float  # share of the real frames marked causal
+    ground: dict[str, float]  # frame IoU / precision against the annotated segments (and their random values)
+
+
+def budget(mask: torch.Tensor, share: float) -> torch.Tensor:
+    """The indicator's causal frames per video, as `causal_split` counts them: mask (B, L) -> (B,)."""
+    n = mask.sum(1)
+    return (share * n.float()).round().long().clamp(max=(n - 1).clamp_min(1)).clamp_min(1)
+
+
+def top_by(priority: torch.Tensor, mask: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The k[b] real frames of highest priority in each video: (B, L), (B, L), (B,) -> (B, L) bool."""
+    return (ranks(priority, mask) < k.unsqueeze(1)) & mask
+
+
+def fixed_masks(
+    model: Grounded, batch: Batch, relevant: torch.Tensor, untrained: FrameScorer, g: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Every mask of `MASKS` for one batch: name -> (B, L) bool causal frames. relevant (B, L): action frames."""
+    mask, share = batch.mask, model.opts.causal_share
+    k = budget(mask, share)  # (B,)
+    scores = model.indicator(batch.vp.float(), batch.t0.float())  # (B, L)
+    tie = torch.rand(mask.shape, generator=g).to(mask.device)  # (B, L) random order within a group
+    u = torch.rand(mask.shape, generator=g).clamp(1e-6, 1 - 1e-6).to(mask.device)
+    logistic = u.log() - (-u).log1p()  # one draw of the training noise
+    first_actions = relevant.float() + 0.5 * tie  # every action frame ranks above every idle frame
+    # every action frame, kept within [1, n - 1] causal frames as the indicator's split is
+    every = (relevant & mask).sum(1).clamp(max=(mask.sum(1) - 1).clamp_min(1)).clamp_min(1)  # (B,)
+    return {
+        "learned": top_by(scores, mask, k),
+        "learned_noisy": top_by(scores + logistic, mask, k),
+        "oracle": top_by(first_actions, mask, k),
+        "oracle_unbudgeted": top_by(first_actions, mask, every),
+        "idle_first": top_by((~relevant).float() + 0.5 * tie, mask, k),
+        "random": top_by(tie, mask, k),
+        "untrained": top_by(untrained(batch.vp.float(), batch.t0.float()), mask, k),
+    }
+
+
+def objective_terms(model: Grounded, batch: Batch, hard: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """The run's training losses with the causal frames fixed to `hard` (B, L): causal, swapped, env (and mix for
+    EIGV's paper form); the interventions drawn from `g` (seeded, so the same for every mask)."""
+    o, head, B = model.opts, model.head, hard.shape[0]
+    w = hard.float()
+    y = one_hot_targets(batch.labels, model.num_classes, model.multi_label)  # (B, C)
+    C = y.shape[1]
+    uninformative = y.mean(0, keepdim=True).expand_as(y) if model.multi_label else torch.full_like(y, 1 / C)
+    with torch.random.fork_rng(devices=[]), frozen_memories(head):  # seeded interventions; memories untouched
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))
+        perm = derangement(B, hard.device)
+        terms = {
+            "causal": soft_loss(head(masked_view(batch, w, hard)), y, model.multi_label),
+            "swapped": soft_loss(head(swapped_view(batch, w, hard, perm)), y, model.multi_label),
+            "env": soft_loss(head(masked_view(batch, 1 - w, batch.mask & ~hard)), uninformative, model.multi_label),
+        }
+        if o.method == "eigv" and o.mix == "paper" and B > 1:
+            lam1, lam2 = model.sample_lambdas(hard.device)
+            mix_perm = derangement(B, hard.device)
+            target = lam1 * y + (1 - lam1) * y[mix_perm]
+            terms["mix"] = soft_loss(head(eigv_mixed_batch(batch, w, mix_perm, lam1, lam2)), target, model.multi_label)
+    return terms
+
+
+def weighted(model: Grounded, terms: dict[str, float]) -> float:
+    o = model.opts
+    weights = {"causal": 1.0, "swapped": o.swap_weight, "env": o.env_weight, "mix": o.mix_weight}
+    return sum(weights[k] * v for k, v in terms.items())
+
+
+@torch.no_grad()
+def mask_objectives(
+    run_dir_or_checkpoint: Path, split: str = "train", store: Path | None = None
+) -> tuple[list[MaskObjective], dict[str, float]]:
+    """Every fixed mask's objective on `split` for a grounded run (IGV or EIGV); also the indicator's decisiveness
+    {score_spread, noise_std, ratio}. Raises for a run without an indicator."""
+    from train.engine import RunError, _load, load_run
+
+    path = Path(run_dir_or_checkpoint)
+    checkpoint = path / "last.pt" if path.is_dir() else path
+    run = load_run(checkpoint, store)
+    model = run.model
+    if not isinstance(model, Grounded) or model.indicator is None:
+        raise RunError(
+            f"{checkpoint}: `ltar ground-check` needs a run with a grounding indicator (grounding.<name>.method igv "
+            "or eigv); this run has none"
+        )
+    model.eval()
+    data = _load(run.reader, split, run.cfg, run.device)
+    relevant_all = frame_relevance(run.cfg, run.reader, data.rows)
+    if relevant_all is None:
+        raise RunError(
+            f"{checkpoint}: the dataset {run.cfg.dataset.root} annotates no action segments to check against"
+        )
+    torch.manual_seed(CHECK_SEED)
+    untrained = FrameScorer(run.ctx.clip_dim, model.opts.dim).to(run.device)  # seeded fresh initialisation
+    g = torch.Generator().manual_seed(CHECK_SEED)
+    sums = {m: {} for m in MASKS}
+    used = {m: np.zeros(relevant_all.shape, dtype=bool) for m in MASKS}
+    real = np.zeros(relevant_all.shape, dtype=bool)
+    spreads, batches = [], 0
+    dicts = {k: (c.to(run.device), p.to(run.device)) for k, (c, p) in run.ctx.dictionaries.items()}
+    for pos, batch in iterate_batches(data, run.cfg.train.batch_size, run.ctx.t0.to(run.device), dicts, run.device):
+        relevant = torch.from_numpy(relevant_all[pos]).to(batch.mask.device)  # (B, L)
+        scores = model.indicator(batch.vp.float(), batch.t0.float())  # (B, L)
+        m = batch.mask.float()
+        mean = (scores * m).sum(1) / m.sum(1).clamp_min(1)
+        spreads.append((((scores - mean[:, None]) ** 2 * m).sum(1) / (m.sum(1) - 1).clamp_min(1)).sqrt().cpu())
+        masks = fixed_masks(model, batch, relevant, untrained, g)
+        state = g.get_state()
+        for name, hard in masks.items():
+            g.set_state(state)  # the same interventions for every mask
+            for k, v in objective_terms(model, batch, hard, g).items():
+                sums[name][k] = sums[name].get(k, 0.0) + float(v)
+            used[name][pos] = hard.cpu().numpy()
+        real[pos] = batch.mask.cpu().numpy()
+        batches += 1
+    out = []
+    for name in MASKS:
+        terms = {k: v / batches for k, v in sums[name].items()}
+        share = float(used[name].sum() / max(real.sum(), 1))
+        out.append(
+            MaskObjective(name, weighted(model, terms), terms, share, grounding_scores(used[name], relevant_all, real))
+        )
+    spread = float(torch.cat(spreads).mean())
+    return out, {"score_spread": spread, "noise_std": LOGISTIC_STD, "ratio": spread / LOGISTIC_STD}
+
+
+def write_check(
+    rows: list[MaskObjective], decisive: dict[str, float], out_dir: Path, split: str, title: str
+) -> list[Path]:
+    """ground-check-<split>.md and .csv."""
+    term_names = list(dict.fromkeys(k for r in rows for k in r.terms))
+    md = out_dir / f"ground-check-{split}.md"
+    lines = [
+        f"# Grounding objective under fixed masks: {title} on {split}",
+        "",
+        "The run's training objective with its causal-frame mask held fixed (the same interventions for every mask); "
+        "lower is better. A learned mask worse than `oracle` is an optimisation defect of the indicator.",
+        f"Indicator decisiveness: within-video std of its frame scores {decisive['score_spread']:.3f} against the "
+        f"training noise's std {decisive['noise_std']:.3f} (ratio {decisive['ratio']:.3f}).",
+        "",
+        "| mask | objective | "
+        + " | ".join(term_names)
+        + " | causal share | frame IoU | IoU random | precision | precision random |",
+        "|---|" + "---:|" * (len(term_names) + 6),
+    ]
+    for r in rows:
+        vals = [
+            f"{r.objective:.4f}",
+            *(f"{r.terms.get(k, float('nan')):.4f}" for k in term_names),
+            f"{r.causal_share:.3f}",
+        ]
+        gs = r.ground
+        vals += [
+            f"{gs['ground_iou']:.3f}",
+            f"{gs['ground_iou_random']:.3f}",
+            f"{gs['ground_precision']:.3f}",
+            f"{gs['ground_precision_random']:.3f}",
+        ]
+        lines.append(f"| {r.mask} | " + " | ".join(vals) + " |")
+    md.write_text("\n".join(lines) + "\n")
+    path_csv = out_dir / f"ground-check-{split}.csv"
+    with path_csv.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["mask", "objective", *term_names, "causal_share", *rows[0].ground, "score_spread", "noise_std"])
+        for r in rows:
+            w.writerow(
+                [r.mask, f"{r.objective:.6f}", *(f"{r.terms.get(k, float('nan')):.6f}" for k in term_names)]
+                + [f"{r.causal_share:.6f}", *(f"{v:.6f}" for v in r.ground.values())]
+                + [f"{decisive['score_spread']:.6f}", f"{decisive['noise_std']:.6f}"]
+            )
+    return [md, path_csv]
+
+
+def ground_check(
+    run_dir_or_checkpoint: Path, split: str = "train", store: Path | None = None
+) -> tuple[list[MaskObjective], dict[str, float], list[Path]]:
+    """`mask_objectives` and the files beside the checkpoint."""
+    path = Path(run_dir_or_checkpoint)
+    rows, decisive = mask_objectives(path, split, store)
+    out_dir = path if path.is_dir() else path.parent
+    return rows, decisive, write_check(rows, decisive, out_dir, split, out_dir.name)
