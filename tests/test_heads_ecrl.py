@@ -287,3 +287,25 @@ def test_table5_paper_dictionary_is_built_as_section_3_2_states():
     spec = cfg.dictionaries["confounder_paper"]
     assert (spec.source, spec.variant, spec.init, spec.spherical) == ("clip/bg", "kmeans", "kmeans++", False)
     assert spec.pca is not None and "ecrl:dict_paper" in cfg.ablations["ecrl_dictionary"].rows
+
+
+def test_ivrd_variant_is_an_intervention_over_class_prototypes_with_a_uniform_prior():
+    """IVRD's form in BD's place: Z = the class means of the frame features (the cache's
+    `confounder_average_frame`), P(z) = 1/K whatever the dictionary's own prior, λ attended from the video."""
+    opts = EcrlOptions(**VARIANTS["ivrd"])
+    assert Ecrl.required_dictionaries(opts) == ("confounder_average_frame", "global")
+    assert opts.glca and opts.bd and opts.prior == "uniform"  # the full head with BD's set and prior replaced
+    g = torch.Generator().manual_seed(3)
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
+    protos = unit(C, DC)  # one prototype per class
+    dicts = {
+        "confounder_average_frame": (protos, torch.softmax(torch.randn(C, generator=g), 0)),  # a non-uniform prior
+        "global": (unit(KG, DC), torch.full((KG,), 1 / KG)),
+    }
+    ctx = HeadContext(DC, DV, L, C, False, unit(C, DC), dicts)
+    head = Ecrl(dataclasses.replace(opts, dim=16, layers=1, attention_heads=2), ctx).eval()
+    batch = random_batch(ctx, B)
+    seen = _capture(head.bd)
+    head(batch)
+    lam = head.bd.weights(seen["args"][0], protos)  # λ (B, C) from the video's J
+    assert torch.allclose(seen["out"], lam @ protos / C, atol=1e-6)  # Σ_z λ_z z P(z), P(z) = 1/K

@@ -37,8 +37,10 @@ training (the engine adds them to the head's CE/BCE):
   the head's class scores (`contrast_weight`). `mix: video` keeps our earlier form: one `λ` over whole videos,
   the mixed video re-grounded and its causal-frame prediction against the λ-mixed labels, and a symmetric
   InfoNCE between the grounded and the swapped view's class scores across the batch.
-- **Uniform prototype prior (IVRD-style)** is a head option, not a wrapper: `prior: uniform` on every head
-  that reads a dictionary prior (pcmci, ecrl; cmdcl in its memory/bank forms of ours), variant `prior_uniform`.
+- **IVRD** (an intervention over class prototypes with a uniform prior, attended from the sample) is a head
+  variant, not a wrapper: `ecrl:ivrd` puts it in BD's place (Z = the class means of the frame features, P(z) =
+  1/K). `prior: uniform` (variant `prior_uniform` of pcmci, ecrl, cmdcl's memory/bank forms) sets every
+  dictionary prior 1/K over the heads' own prototypes: ECRL's Table 4 "w/o P(z_i)", not IVRD's form.
 
 The views are batches of the same layout: environment/causal frames are removed by the frame mask (their
 features also multiplied by the straight-through weight `g` or `1 - g`, which carries the gradient to the

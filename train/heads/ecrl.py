@@ -43,6 +43,9 @@ Variants of ours, beside the paper's form (never in place of it):
 - `glca_scorer: linear` (variant `glca_linear`): `w_h · h` without the hidden ReLU layer and with values
   `W_v F_G`, the form this file had before; the `(B, L, Kg, D)` tensor `h` is never built (one matmul).
 - `global_prior: true`: GLCA's global weights also multiplied by G's prior p(g_k) (off by default: not in Eq. 15).
+- `prior_uniform`: every dictionary prior 1/K on the full head (Table 4's "w/o P(z_i)" with GLCA); `ivrd`: IVRD's
+  intervention over class prototypes (the class means of the frame features) with a uniform P(z), attended from
+  the video, in BD's place (the grounding table's IVRD row).
 
 Deviations, on purpose: the frozen encoder (above); our saliency (CLIP attention, DESIGN.md); GLCA's
 combination `W_o [F_LL, F_LG]` (the paper says only that F_LL is "combined with" F_L and F_LG); `glca_chunk`
@@ -315,8 +318,13 @@ VARIANTS = {
     "bd_normalised_full": {"bd_form": "normalised"},
     "glca_linear": {"glca_scorer": "linear"},
     "classifier_text": {"classifier": "text"},
-    # IVRD-style uniform prototype prior on every dictionary the head reads (BD's p(z); GLCA's p(g) stays off)
+    # a uniform prior on every dictionary the head reads (BD's p(z); GLCA's p(g) stays off): Table 4's "w/o
+    # P(z_i)" on the full head; over our background k-means prototypes, not IVRD's form (that is `ivrd`)
     "prior_uniform": {"prior": "uniform", "global_prior": False},
+    # IVRD's intervention (the thesis, Mechanism 1: P(y | do(x)) ≈ Σ_z P(y | x, z) P(z) over class prototypes with
+    # P(z) forced uniform, attended from the sample) in BD's place: Z = the class means of the frame features
+    # (`confounder_average_frame`), P(z) = 1/K, λ from the video's J; GLCA as in the full head
+    "ivrd": {"confounder_dictionary": "confounder_average_frame", "prior": "uniform", "global_prior": False},
 }
 
 
