@@ -700,17 +700,24 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int, codec: str = "mp
     return path.stat().st_size
 
 
-def config_hash(cfg: SyntheticConfig) -> str:
-    """Hash of the config and the generator version: equal hashes mean byte-identical datasets."""
+def hashed_config(cfg: SyntheticConfig) -> dict[str, Any]:
+    """The world's config as every hash of it reads it (this dataset's, the tiny VLM's pretraining): splits and
+    options added later are left out while they are empty or off, so a world that does not use them keeps the
+    hashes, and so the videos, checkpoints and caches, it had before they existed."""
     config = to_dict(cfg)
     for split in SPLITS[SPLITS.index(UNCONFOUNDED) :]:  # splits added later, empty: the same videos, the same hash
         if not config["videos"][split]:
             del config["videos"][split]
-    if not config["distractor"]:  # added later, off: the same videos, the same hash
+    if not config["distractor"]:  # added later, off: the same videos
         del config["distractor"], config["distractor_rho"]
     if not config["idle_marker"]:
         del config["idle_marker"], config["idle_rho"]
-    blob = json.dumps({"generator": GENERATOR_VERSION, "config": config}, sort_keys=True)
+    return config
+
+
+def config_hash(cfg: SyntheticConfig) -> str:
+    """Hash of the config and the generator version: equal hashes mean byte-identical datasets."""
+    blob = json.dumps({"generator": GENERATOR_VERSION, "config": hashed_config(cfg)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -42,6 +42,7 @@ from extract.synthetic import (
     GENERATOR_VERSION,
     SCENES,
     VideoSpec,
+    hashed_config,
     plan_split,
     render_scene_only,
     render_video,
@@ -108,7 +109,7 @@ def pretrain_world(cfg: Config) -> SyntheticConfig:
 
 def vlm_fingerprint(cfg: Config) -> str:
     """Hash of everything that changes the checkpoint's numbers (not `vlm.out`, not the test splits)."""
-    world = to_dict(pretrain_world(cfg))
+    world = hashed_config(pretrain_world(cfg))  # options added later, while off, leave the hash as it was
     for key in _WORLD_IGNORED:
         world.pop(key, None)
     world["videos"] = {"pretrain": world["videos"]["pretrain"]}  # other splits never reach pretraining

@@ -406,3 +406,15 @@ def test_the_oracle_row_trains_on_the_unconfounded_split_and_gives_the_gap_close
     assert gaps[("x", "atomic", "test_ood")] == pytest.approx(0.25)
     assert gaps[("x", "atomic", "test_ood_scene")] == pytest.approx(0.75)
     assert {s for _, _, s in gaps} == {"test_ood", "test_ood_scene"}
+    # no gap to close: the oracle at or below the baseline, or a gap its paired interval does not resolve
+    below = [
+        Cell(r, "atomic", "test_ood_cooccur", "map", [v]) for r, v in (("baseline", 0.6), ("oracle", 0.5), ("x", 0.7))
+    ]
+    assert ("x", "atomic", "test_ood_cooccur") not in ood_gaps(cells + below)
+    from train.stats import Interval
+
+    unresolved = [
+        Cell(r, "atomic", "test_ood", "map", [v]) for r, v in (("baseline", 0.3), ("oracle", 0.7), ("x", 0.4))
+    ]
+    unresolved[1].diff = Interval(0.4, -0.1, 0.9)
+    assert gap_closed(unresolved) == {}

@@ -94,6 +94,11 @@ def test_rerun_is_a_noop_and_the_fingerprint_tracks_what_matters(trained, tmp_pa
     zero = replace(world, videos=replace(world.videos, pretrain=0))
     default = replace(world, videos=replace(world.videos, pretrain=vlm.DEFAULT_PRETRAIN_VIDEOS))
     assert fp(replace(cfg, synthetic=zero)) == fp(replace(cfg, synthetic=default))
+    # Options added to the world later hash only when on: an old world keeps its checkpoint (and its caches).
+    off = replace(world, distractor_rho=0.3, idle_rho=0.3, videos=replace(world.videos, test_ood_scene=9))
+    assert fp(replace(cfg, synthetic=off)) == r.fingerprint
+    assert fp(replace(cfg, synthetic=replace(world, distractor=True))) != r.fingerprint
+    assert fp(replace(cfg, synthetic=replace(world, idle_marker=True))) != r.fingerprint
 
 
 def test_caption_tokens_equal_the_tokenizer():

@@ -108,13 +108,21 @@ def _run_cfg(cfg: Config, row: str, task: str, seed: int) -> Config:
 
 def gap_closed(cells: list[Cell], split: str = "test_ood") -> dict[tuple[str, str], float]:
     """(row, task) -> (ood - ood_baseline) / (ood_oracle - ood_baseline) on the task's primary metric on the ood
-    `split`, for a table holding both the `baseline` and the `oracle` rows (0 = the baseline, 1 = the oracle)."""
-    means = {(c.row, c.task): c.mean for c in cells if c.split == split and c.metric in ("acc1", "map")}
+    `split`, for a table holding both the `baseline` and the `oracle` rows (0 = the baseline, 1 = the oracle).
+
+    Defined only where there is a gap to close: the oracle above the baseline, by a resolved paired difference
+    where the oracle's cell has one against the baseline (the table's reference), else by its mean. Where the
+    oracle does not beat the baseline (a split whose broken shortcut costs the baseline less than the
+    unconfounded training costs it) the ratio's sign and size mean nothing, so it is left out."""
+    primary = {(c.row, c.task): c for c in cells if c.split == split and c.metric in ("acc1", "map")}
     out = {}
-    for (row, task), value in means.items():
-        base, oracle = means.get(("baseline", task)), means.get((ORACLE_ROW, task))
-        if base is not None and oracle is not None and abs(oracle - base) > 1e-12:
-            out[(row, task)] = (value - base) / (oracle - base)
+    for (row, task), cell in primary.items():
+        base, oracle = primary.get(("baseline", task)), primary.get((ORACLE_ROW, task))
+        if base is None or oracle is None or oracle.mean <= base.mean:
+            continue
+        if oracle.diff is not None and not oracle.diff.low > 0:  # the gap itself is not resolved
+            continue
+        out[(row, task)] = (cell.mean - base.mean) / (oracle.mean - base.mean)
     return out
 
 
