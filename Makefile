@@ -80,19 +80,25 @@ confounders: setup
 	$(LTAR) dictionaries $(CONF_ARGS)
 	$(LTAR) ablate --table confounders --diagnose $(CONF_ARGS)
 
-# IGV's premise world: today's world plus an activity-tied marker shown only in the idle frames, broken alone in
-# test_ood_idle (512 videos per test split), in its own data and cache folders; table `grounding_premise`.
+# IGV's premise test on three worlds (512 videos per test split, activity, 3 seeds), each in its own data and cache
+# folders: the idle-frame shortcut world (a marker only between actions, scene and co-occurrence unconfounded),
+# today's benchmark world, an unconfounded world; tables grounding_premise / grounding_today / grounding_unconfounded.
 PREMISE_SET := synthetic.videos.test_iid=512 synthetic.videos.test_ood=512 synthetic.videos.train_oracle=192 \
-	synthetic.videos.test_ood_idle=512 synthetic.idle_marker=true train.eval_every=30 dataset.root=data/synthetic-idle
+	synthetic.videos.test_ood_idle=512 synthetic.idle_marker=true synthetic.idle_rho=0.95 synthetic.rho=0.125 \
+	synthetic.cooccur_high=0.45 synthetic.cooccur_low=0.45 train.eval_every=30 dataset.root=data/synthetic-idle-only
 PREMISE_ARGS := --config $(CONFIG) $(foreach kv,$(PREMISE_SET) $(SET),--set $(kv))
+UNCONF_SET := synthetic.videos.test_iid=512 synthetic.videos.test_ood=512 synthetic.videos.train_oracle=192 \
+	synthetic.rho=0.125 synthetic.cooccur_high=0.45 synthetic.cooccur_low=0.45 train.eval_every=30 \
+	dataset.root=data/synthetic-unconfounded
+UNCONF_ARGS := --config $(CONFIG) $(foreach kv,$(UNCONF_SET) $(SET),--set $(kv))
 
 grounding-premise: setup
-	$(LTAR) synth $(PREMISE_ARGS)
-	$(LTAR) pretrain-vlm $(PREMISE_ARGS)
-	$(LTAR) pretrain-video $(PREMISE_ARGS)
-	$(LTAR) extract $(PREMISE_ARGS)
-	$(LTAR) dictionaries $(PREMISE_ARGS)
+	@for args in "$(PREMISE_ARGS)" "$(BENCH_ARGS)" "$(UNCONF_ARGS)"; do \
+		$(LTAR) synth $$args && $(LTAR) pretrain-vlm $$args && $(LTAR) pretrain-video $$args && \
+		$(LTAR) extract $$args && $(LTAR) dictionaries $$args || exit 1; done
 	$(LTAR) ablate --table grounding_premise $(PREMISE_ARGS)
+	$(LTAR) ablate --table grounding_today $(BENCH_ARGS)
+	$(LTAR) ablate --table grounding_unconfounded $(UNCONF_ARGS)
 
 test: setup
 	$(PY) -m pytest -q

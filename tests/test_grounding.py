@@ -543,3 +543,56 @@ def test_ground_check_evaluates_every_fixed_mask_on_the_runs_own_objective(tiny_
     train(plain, store=store, progress=False, run_dir=tmp_path / "plain")
     with pytest.raises(RunError, match="needs a run with a grounding indicator"):
         ground_check(tmp_path / "plain", "train", store=store)
+
+
+def test_environments_come_from_the_bank_never_the_video_itself():
+    """IGV / EIGV's memory of training videos: filled first in first out after each step, drawn only among filled
+    entries holding another video (checked by split position), and the swapped view's environment slots are the
+    drawn bank entry's frames; until the bank can serve every video, the batch's derangement stands in."""
+    ctx = _context(False)
+    cfg = from_dict({"grounding": {"igv_bank": {"method": "igv", "env_source": "bank", "env_bank": 8}}})
+    model = Grounded(build_head("baseline", cfg, ctx), grounding_options(cfg, "igv_bank"), ctx).train()
+    assert model.banked and (model.bank_ids == -1).all()
+    batch = dataclasses.replace(random_batch(ctx, B), ids=torch.arange(B))  # positions 0..5
+    source, idx = model.environments(batch, 1)
+    assert source is batch and (idx[0] != torch.arange(B)).all()  # empty bank: a derangement of the batch
+    model(batch)  # one step: its videos enter the bank afterwards
+    assert model.bank_ids.tolist() == [0, 1, 2, 3, 4, 5, -1, -1] and int(model.bank_next) == 6
+    torch.testing.assert_close(model.bank_vp[:B].float(), batch.vp.float(), atol=1e-3, rtol=1e-3)
+    assert torch.equal(model.bank_mask[:B], batch.mask)
+    # the same videos again (a new epoch): every draw is a filled entry of another video
+    source, idx = model.environments(batch, 50)
+    assert source is not batch and idx.shape == (50, B)
+    assert ((model.bank_ids[idx] != torch.arange(B)) & (model.bank_ids[idx] >= 0)).all()
+    assert len(set(idx.flatten().tolist())) == B  # every filled entry is used, no empty one
+    later = dataclasses.replace(random_batch(ctx, B, seed=7), ids=torch.arange(10, 10 + B))
+    model(later)  # wraps around: the oldest four entries are overwritten
+    assert model.bank_ids.tolist() == [12, 13, 14, 15, 4, 5, 10, 11] and int(model.bank_next) == 4
+    hard, g = model.ground(batch)
+    source, idx = model.environments(batch, 1)
+    view = swapped_view(batch, g, hard, idx[0], source=source)
+    env = ~hard & source.mask[idx[0]]  # the environment slots a bank video fills
+    torch.testing.assert_close(view.vp[env], source.vp[idx[0]].float()[env])
+    one = Grounded(build_head("baseline", cfg, ctx), grounding_options(cfg, "igv_bank"), ctx)
+    one.bank_ids[:] = torch.tensor([0, 0, 0, 0, 0, 0, 0, -1])  # only video 0 itself is banked
+    assert one.bank_draw(torch.tensor([0, 1]), 1) is None  # video 0 has no other video to draw: batch fallback
+    plain = _grounded("baseline", "igv", ctx)
+    assert not plain.banked and "bank_ids" not in plain.state_dict()  # env_source: batch keeps no bank
+
+
+def test_a_banked_run_resumes_to_the_same_numbers(tiny_cache, tmp_path):
+    from train.engine import train
+
+    cfg, store = tiny_cache
+    cfg = dataclasses.replace(
+        cfg,
+        grounding={"eigv": {"method": "eigv", "env_source": "bank", "env_bank": 4}},
+        train=dataclasses.replace(cfg.train, epochs=3, grounding="eigv", runs_root=str(tmp_path)),
+    )
+    full = train(cfg, store=store, progress=False, run_dir=tmp_path / "full")
+    cut = train(cfg, store=store, progress=False, run_dir=tmp_path / "cut", max_steps=full.steps // 3)
+    assert cut.steps == full.steps // 3
+    resumed = train(cfg, store=store, progress=False, run_dir=tmp_path / "cut", resume=True)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    saved = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["state_dict"]
+    assert (saved["bank_ids"] >= 0).all()  # the bank is in the checkpoint, filled with split positions

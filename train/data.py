@@ -195,15 +195,16 @@ def iterate_batches(
 ) -> Iterator[tuple[np.ndarray, Batch]]:
     """(positions in the split, Batch) in a shuffled order when `generator` is given, else in order."""
 
-    def batch(t: dict[str, torch.Tensor]) -> Batch:
-        return Batch(t["vp"], t["v"], t["fg"], t["bg"], t["mask"], t0, dictionaries, t["labels"]).to(device)
+    def batch(t: dict[str, torch.Tensor], pos: np.ndarray) -> Batch:
+        ids = torch.as_tensor(pos, dtype=torch.long)
+        return Batch(t["vp"], t["v"], t["fg"], t["bg"], t["mask"], t0, dictionaries, t["labels"], ids).to(device)
 
     if isinstance(data, SplitTensors):
         n = len(data)
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
         for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
-            yield idx.numpy(), batch(data.take(idx.to(data.vp.device)))
+            yield idx.numpy(), batch(data.take(idx.to(data.vp.device)), idx.numpy())
         return
     blocks = np.arange(data.num_blocks())
     if generator is not None:
@@ -212,4 +213,4 @@ def iterate_batches(
         inner = torch.randperm(len(pos), generator=generator) if generator is not None else torch.arange(len(pos))
         for i in range(0, len(pos), batch_size):
             idx = inner[i : i + batch_size]
-            yield pos[idx.numpy()], batch({k: v[idx] for k, v in tensors.items()})
+            yield pos[idx.numpy()], batch({k: v[idx] for k, v in tensors.items()}, pos[idx.numpy()])

@@ -43,6 +43,7 @@ from train.data import iterate_batches
 from train.grounding import (
     FrameScorer,
     Grounded,
+    causal_budget,
     derangement,
     eigv_mixed_batch,
     frame_relevance,
@@ -70,12 +71,6 @@ class MaskObjective:
     ground: dict[str, float]  # frame IoU / precision against the annotated segments (and their random values)
 
 
-def budget(mask: torch.Tensor, share: float) -> torch.Tensor:
-    """The indicator's causal frames per video, as `causal_split` counts them: mask (B, L) -> (B,)."""
-    n = mask.sum(1)
-    return (share * n.float()).round().long().clamp(max=(n - 1).clamp_min(1)).clamp_min(1)
-
-
 def top_by(priority: torch.Tensor, mask: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """The k[b] real frames of highest priority in each video: (B, L), (B, L), (B,) -> (B, L) bool."""
     return (ranks(priority, mask) < k.unsqueeze(1)) & mask
@@ -86,7 +81,7 @@ def fixed_masks(
 ) -> dict[str, torch.Tensor]:
     """Every mask of `MASKS` for one batch: name -> (B, L) bool causal frames. relevant (B, L): action frames."""
     mask, share = batch.mask, model.opts.causal_share
-    k = budget(mask, share)  # (B,)
+    k = causal_budget(mask, share)  # (B,), as the indicator's own split
     scores = model.indicator(batch.vp.float(), batch.t0.float())  # (B, L)
     tie = torch.rand(mask.shape, generator=g).to(mask.device)  # (B, L) random order within a group
     u = torch.rand(mask.shape, generator=g).clamp(1e-6, 1 - 1e-6).to(mask.device)

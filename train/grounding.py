@@ -20,7 +20,8 @@ training (the engine adds them to the head's CE/BCE):
   (logistic noise on the frame logits, temperature `tau`), made hard as the top `causal_share` of the
   video's real frames (at least one of each), straight-through. An intervener fills a video's
   environment slots with another video's frames at those slots (whatever that video's own grounding
-  says of them), `v* = g ⊙ v + (1 - g) ⊙ v_π(b)` with `π` a derangement of the batch. Losses: the head's
+  says of them), `v* = g ⊙ v + (1 - g) ⊙ v_π(b)` with `v_π(b)` an earlier training video drawn from the environment
+  bank (`env_source: bank`; `batch`: a derangement of the batch). Losses: the head's
   loss on the causal frames alone (what is returned: the prediction at test time, with the noise-free
   indicator), `swap_weight · loss(head(v*), y)` (the label
   survives any environment), and `env_weight · CE(head(e), uniform)` (the environment alone carries no
@@ -48,15 +49,20 @@ indicator), so every head works unchanged. Dataset-level memories the heads keep
 its `tci_memory` variant, PCMCI's hallucination memory) are updated by the main view only, never by the auxiliary views.
 
 Paper map (equation -> function): IGV's indicator (Gumbel-softmax split) -> `causal_split`, scored by `FrameScorer`;
-IGV's intervener `v* = c ⊕ e_π` -> `swapped_view`; EIGV's mixup `λ1 c_b + (1 - λ1) c_π + λ2 e_b + (1 - λ2) e_π`
+IGV's intervener `v* = c ⊕ e_π` -> `swapped_view`, its memory of training videos -> `Grounded.bank_push` /
+`Grounded.bank_draw` / `Grounded.environments`; EIGV's mixup `λ1 c_b + (1 - λ1) c_π + λ2 e_b + (1 - λ2) e_π`
 -> `eigv_mixed_batch`, its λ's -> `Grounded.sample_lambdas`, its soft target and losses -> `Grounded.eigv_paper`;
 EIGV's contrastive disruptor (InfoNCE, anchor / positive / negatives) -> `info_nce_negatives` on `Grounded.project`;
 STR's TR top-K (perturbed optimiser forward `E[TopK(r + σZ)]`, backward `E[TopK(r + σZ) Z^T] / σ`) ->
 `perturbed_top_k` (`_PerturbedTopK`), hard top-K -> `hard_top_k`; the straight-through form -> `top_k_frames`.
 
 Where we depart from the papers, and why:
-- the substituted environments (IGV's swap, EIGV's positive and negatives) come from the other videos of the batch,
-  not from a memory bank of the dataset (the issue's wording; a bank would be a second dataset-level memory);
+- the substituted environments (IGV's swap, EIGV's positive and negatives) come, as in the papers, from a bank of
+  earlier training videos (`env_source: bank`, `env_bank` videos, first in first out, never the video itself: the
+  bank keeps each entry's split position); until the bank holds an entry for every video of a step (the first
+  step) the batch's other videos stand in. `env_source: batch` (ours, the earlier form) always swaps within the
+  batch. The bank holds the frames as the indicator sees them (after STR's selection), in fp16, and is saved in
+  the checkpoint, so a resumed run continues with the same bank;
 - the hard top-`causal_share` budget of the indicator is ours (without one, marking every frame causal satisfies both
   IGV losses trivially);
 - EIGV's projection head reads the heads' class scores, the one representation every head shares (the paper
@@ -120,6 +126,12 @@ class GroundingOptions:
     rationale_selector: Literal["perturbed", "straight_through"] = "perturbed"
     perturb_samples: int = field(default=500, metadata=bounds(1))  # STR perturbed top-K: n Gaussian samples
     perturb_sigma: float = field(default=0.05, metadata=bounds(1e-6))  # STR perturbed top-K: noise scale σ
+    # IGV / EIGV: where substituted environments come from: bank (the papers: a memory of earlier training videos,
+    # never the video itself) | batch (ours, the earlier form: another video of the same batch). The dataclass
+    # default is `batch` so that runs written before the option read back as what they were; pipeline.yaml's
+    # igv / eigv sections choose `bank`.
+    env_source: Literal["bank", "batch"] = "batch"
+    env_bank: int = field(default=256, metadata=bounds(2))  # bank: videos held (first in, first out)
 
     @property
     def active(self) -> bool:
@@ -178,6 +190,13 @@ def ranks(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return z.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
 
 
+def causal_budget(mask: torch.Tensor, share: float) -> torch.Tensor:
+    """How many of each video's real frames the indicator marks causal: max(1, min(n - 1, round(share · n))) of its
+    n real frames (a video with one real frame keeps it causal). mask (B, L) -> (B,)."""
+    n = mask.sum(1)  # (B,)
+    return (share * n.float()).round().long().clamp(max=(n - 1).clamp_min(1)).clamp_min(1)
+
+
 def causal_split(
     scores: torch.Tensor, mask: torch.Tensor, share: float, tau: float, noise: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,8 +209,7 @@ def causal_split(
     if noise:
         u = torch.rand_like(scores).clamp(1e-6, 1 - 1e-6)
         z = scores + (u.log() - (-u).log1p())  # logistic = difference of two Gumbels: binary Gumbel-softmax
-    n = mask.sum(1)  # (B,)
-    k = (share * n.float()).round().long().clamp(max=(n - 1).clamp_min(1)).clamp_min(1)  # (B,)
+    k = causal_budget(mask, share)  # (B,)
     hard = (ranks(z, mask) < k.unsqueeze(1)) & mask  # (B, L)
     soft = torch.sigmoid(z / tau)
     g = hard.to(soft.dtype) + soft - soft.detach()  # straight-through, (B, L)
@@ -384,6 +402,16 @@ class Grounded(nn.Module):
             if paper_eigv
             else None
         )
+        if opts.method != "none" and opts.env_source == "bank":
+            # the environment bank: earlier training videos' frames as the indicator sees them (after STR's selection),
+            # with their split positions; persistent buffers, so a resumed run continues with the same bank
+            M, Lv = opts.env_bank, opts.rationale_frames or ctx.num_frames
+            dims = {"vp": ctx.clip_dim, "v": ctx.video_dim, "fg": ctx.clip_dim, "bg": ctx.clip_dim}
+            for k in FEATURES:
+                self.register_buffer(f"bank_{k}", torch.zeros(M, Lv, dims[k], dtype=torch.float16))  # (M, L, D)
+            self.register_buffer("bank_mask", torch.zeros(M, Lv, dtype=torch.bool))  # (M, L)
+            self.register_buffer("bank_ids", torch.full((M,), -1, dtype=torch.long))  # (M,), -1 = empty
+            self.register_buffer("bank_next", torch.zeros((), dtype=torch.long))  # the next slot to overwrite
         self.aux_loss: torch.Tensor | None = None
         self.mix_lambdas: tuple[float, float] | None = None  # EIGV: fixed (λ1, λ2) instead of sampling (tests)
         self.mix_record: dict[str, torch.Tensor] | None = None  # EIGV: the last step's λ1, λ2, perm, soft target
@@ -404,6 +432,52 @@ class Grounded(nn.Module):
         ind, idx = perturbed_top_k(scores, batch.mask, o.rationale_frames, o.perturb_samples, o.perturb_sigma, True)
         feats = {k: torch.einsum("bkl,bld->bkd", ind, getattr(batch, k).float()) for k in FEATURES}
         return dataclasses.replace(batch, **feats, mask=batch.mask.gather(1, idx)), idx
+
+    @property
+    def banked(self) -> bool:
+        return hasattr(self, "bank_ids")
+
+    def bank_batch(self, like: Batch) -> Batch:
+        """The bank's videos as a batch of the same layout (the source of substituted environments)."""
+        return dataclasses.replace(like, **{k: getattr(self, f"bank_{k}") for k in FEATURES}, mask=self.bank_mask)
+
+    def bank_draw(self, ids: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        """n bank entries per video, uniformly among the filled ones that hold another video: (n, B) indices into
+        the bank; None while some video has no such entry (the batch's own videos stand in). Without split
+        positions (`ids`, a batch built outside a split) only emptiness is checked."""
+        B, M = (1 if ids is None else ids.shape[0]), self.bank_ids.shape[0]
+        ok = (self.bank_ids != -1).expand(B, M)  # (B, M) filled entries (-2: a video of unknown position)
+        if ids is not None:
+            ok = ok & (self.bank_ids[None] != ids[:, None])  # never the video itself
+        if not ok.any(1).all():
+            return None
+        draw = torch.rand(n, B, M, device=ok.device).masked_fill(~ok, -1.0)  # torch RNG: resumable
+        return draw.argmax(-1)  # (n, B)
+
+    @torch.no_grad()
+    def bank_push(self, batch: Batch) -> None:
+        """The batch's videos into the bank (first in, first out), after the step has used the bank."""
+        B, M = batch.mask.shape[0], self.bank_ids.shape[0]
+        slots = (self.bank_next + torch.arange(B, device=self.bank_ids.device)) % M  # (B,)
+        keep = slots if B <= M else slots[-M:]
+        rows = torch.arange(B, device=keep.device)[-len(keep) :]
+        for k in FEATURES:
+            getattr(self, f"bank_{k}")[keep] = getattr(batch, k)[rows].detach().to(torch.float16)
+        self.bank_mask[keep] = batch.mask[rows]
+        ids = batch.ids if batch.ids is not None else torch.full((B,), -2, dtype=torch.long)  # -2: position unknown
+        self.bank_ids[keep] = ids[rows].to(self.bank_ids.device)
+        self.bank_next.copy_((self.bank_next + B) % M)
+
+    def environments(self, batch: Batch, n: int) -> tuple[Batch, torch.Tensor]:
+        """Where n substituted environments per video come from: (source batch, (n, B) indices into it): the bank's
+        other videos (`env_source: bank`, once it holds some for every video), else derangements of the batch."""
+        B = batch.mask.shape[0]
+        if self.banked:
+            drawn = self.bank_draw(batch.ids, n)
+            if drawn is not None:
+                return self.bank_batch(batch), drawn
+        perms = derangement(B, batch.mask.device)[None] if n == 1 else derangements(n, B, batch.mask.device)
+        return batch, perms
 
     def sample_lambdas(self, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """EIGV's λ1 ~ Beta(a, a) (causal frames) and an independent λ2 ~ Beta(a2, a2) (environment frames)."""
@@ -441,9 +515,10 @@ class Grounded(nn.Module):
             return logits
         o, B = self.opts, hard.shape[0]
         y = one_hot_targets(batch.labels, self.num_classes, self.multi_label)  # (B, C)
-        perm = derangement(B, hard.device)
+        source, perm = self.environments(batch, 1)
         with frozen_memories(self.head):
-            swapped = self.head(swapped_view(batch, g, hard, perm))  # causal frames + another video's environment
+            # causal frames + another video's environment (from the bank, or the batch)
+            swapped = self.head(swapped_view(batch, g, hard, perm[0], source=source))
             env = self.head(masked_view(batch, 1 - g, batch.mask & ~hard))  # the environment frames alone
             # no class information: uniform over classes, or (multi-label) the batch's label frequency
             C = y.shape[1]
@@ -462,6 +537,8 @@ class Grounded(nn.Module):
                 aux = aux + o.mix_weight * soft_loss(mix_logits, lam * y + (1 - lam) * y[mix_perm], self.multi_label)
                 aux = aux + o.contrast_weight * info_nce(logits, swapped, o.contrast_tau)
         self.aux_loss = aux
+        if self.banked:
+            self.bank_push(batch)  # after its use: the bank holds earlier videos only
         return logits
 
     def eigv_paper(self, batch: Batch, g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -486,10 +563,12 @@ class Grounded(nn.Module):
         if o.contrast_weight > 0:
             hard, mg = self.ground(mixed)
             N = o.contrast_negatives
-            pos = swapped_view(mixed, mg, hard, derangement(B, g.device), source=batch)  # environment swapped
-            neg_perm = derangements(N, B, g.device).reshape(-1)  # (N·B,) into the original videos
+            source, pos_idx = self.environments(batch, 1)
+            pos = swapped_view(mixed, mg, hard, pos_idx[0], source=source)  # environment swapped
+            source, neg_idx = self.environments(batch, N)
+            neg_perm = neg_idx.reshape(-1)  # (N·B,) into the source's videos
             env = mixed.mask & ~hard
-            neg = swapped_view(repeated(mixed, N), (1 - mg).repeat(N, 1), env.repeat(N, 1), neg_perm, source=batch)
+            neg = swapped_view(repeated(mixed, N), (1 - mg).repeat(N, 1), env.repeat(N, 1), neg_perm, source=source)
             z = self.project(torch.cat([mix_logits, self.head(pos), self.head(neg)], 0).float())  # ((2 + N)·B, D)
             anchor, positive, negatives = z[:B], z[B : 2 * B], z[2 * B :].view(N, B, -1)
             aux = aux + o.contrast_weight * info_nce_negatives(anchor, positive, negatives, o.contrast_tau)

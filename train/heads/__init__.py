@@ -187,6 +187,7 @@ class Batch:
     t0: torch.Tensor  # T0 (C, Dc): class-name text embeddings
     dictionaries: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (centroids (K, D), prior (K,))
     labels: torch.Tensor | None = None  # (B,) long or (B, C) float multi-hot
+    ids: torch.Tensor | None = None  # (B,) long: each video's position in its split (None outside a split)
 
     def to(self, device: Any) -> Batch:
         move = lambda x: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x  # noqa: E731
@@ -200,6 +201,7 @@ class Batch:
             t0=move(self.t0),
             dictionaries={k: (move(c), move(p)) for k, (c, p) in self.dictionaries.items()},
             labels=move(self.labels),
+            ids=move(self.ids),
         )
 
 
