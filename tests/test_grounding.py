@@ -508,7 +508,7 @@ def test_ground_check_evaluates_every_fixed_mask_on_the_runs_own_objective(tiny_
     cfg, store = tiny_cache
     cfg = dataclasses.replace(
         cfg,
-        grounding={"eigv": {"method": "eigv"}},
+        grounding={"eigv": {"method": "eigv", "env_source": "bank", "env_bank": 4}},  # swaps from its saved bank
         train=dataclasses.replace(cfg.train, epochs=1, grounding="eigv", runs_root=str(tmp_path)),
     )
     train(cfg, store=store, progress=False, run_dir=tmp_path / "run")

@@ -26,7 +26,8 @@ against the std of the noise it is sampled with (a ratio far below 1: the traini
 
 A learned mask whose objective is worse than the oracle's on its own trained head is an optimisation defect of the
 indicator (the head was trained on the learned masks, which favours them). Writes `ground-check-<split>.md` and
-`.csv` beside the checkpoint.
+`.csv` beside the checkpoint. The substituted environments are the run's own: drawn from its saved bank
+(`env_source: bank`) or the batch.
 """
 
 from __future__ import annotations
@@ -110,10 +111,10 @@ def objective_terms(model: Grounded, batch: Batch, hard: torch.Tensor, g: torch.
     uninformative = y.mean(0, keepdim=True).expand_as(y) if model.multi_label else torch.full_like(y, 1 / C)
     with torch.random.fork_rng(devices=[]), frozen_memories(head):  # seeded interventions; memories untouched
         torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))
-        perm = derangement(B, hard.device)
+        source, perm = model.environments(batch, 1)  # the run's own environments: its bank, or the batch
         terms = {
             "causal": soft_loss(head(masked_view(batch, w, hard)), y, model.multi_label),
-            "swapped": soft_loss(head(swapped_view(batch, w, hard, perm)), y, model.multi_label),
+            "swapped": soft_loss(head(swapped_view(batch, w, hard, perm[0], source=source)), y, model.multi_label),
             "env": soft_loss(head(masked_view(batch, 1 - w, batch.mask & ~hard)), uninformative, model.multi_label),
         }
         if o.method == "eigv" and o.mix == "paper" and B > 1:
