@@ -546,36 +546,44 @@ def test_ground_check_evaluates_every_fixed_mask_on_the_runs_own_objective(tiny_
 
 
 def test_environments_come_from_the_bank_never_the_video_itself():
-    """IGV / EIGV's memory of training videos: filled first in first out after each step, drawn only among filled
-    entries holding another video (checked by split position), and the swapped view's environment slots are the
-    drawn bank entry's frames; until the bank can serve every video, the batch's derangement stands in."""
+    """IGV / EIGV's memory of training videos: filled first in first out after each step; each environment frame is
+    drawn among the real frames of filled entries holding another video (checked by split position), as IGV's
+    memory bank samples; the swapped view's environment slots are those bank frames; until the bank can serve
+    every video, the batch's derangement stands in."""
     ctx = _context(False)
     cfg = from_dict({"grounding": {"igv_bank": {"method": "igv", "env_source": "bank", "env_bank": 8}}})
     model = Grounded(build_head("baseline", cfg, ctx), grounding_options(cfg, "igv_bank"), ctx).train()
     assert model.banked and (model.bank_ids == -1).all()
-    batch = dataclasses.replace(random_batch(ctx, B), ids=torch.arange(B))  # positions 0..5
+    batch = dataclasses.replace(random_batch(ctx, B), ids=torch.arange(B))  # positions 0..5; video 0 is short
     source, idx = model.environments(batch, 1)
     assert source is batch and (idx[0] != torch.arange(B)).all()  # empty bank: a derangement of the batch
     model(batch)  # one step: its videos enter the bank afterwards
     assert model.bank_ids.tolist() == [0, 1, 2, 3, 4, 5, -1, -1] and int(model.bank_next) == 6
     torch.testing.assert_close(model.bank_vp[:B].float(), batch.vp.float(), atol=1e-3, rtol=1e-3)
     assert torch.equal(model.bank_mask[:B], batch.mask)
-    # the same videos again (a new epoch): every draw is a filled entry of another video
-    source, idx = model.environments(batch, 50)
-    assert source is not batch and idx.shape == (50, B)
-    assert ((model.bank_ids[idx] != torch.arange(B)) & (model.bank_ids[idx] >= 0)).all()
-    assert len(set(idx.flatten().tolist())) == B  # every filled entry is used, no empty one
+    # the same videos again (a new epoch): every frame drawn is a real frame of another, filled entry
+    entry, frame = model.bank_frames(batch.ids, 40, L)  # (40·B, L) each
+    own = batch.ids.repeat(40)[:, None]  # row j·B + b is a copy of video b
+    assert entry.shape == (40 * B, L) and (model.bank_ids[entry] != own).all() and (model.bank_ids[entry] >= 0).all()
+    assert model.bank_mask[entry, frame].all()  # never a padded frame (video 0's last two are)
+    assert len(set(entry.flatten().tolist())) == B and len(set(frame.flatten().tolist())) == L  # all of them used
     later = dataclasses.replace(random_batch(ctx, B, seed=7), ids=torch.arange(10, 10 + B))
     model(later)  # wraps around: the oldest four entries are overwritten
     assert model.bank_ids.tolist() == [12, 13, 14, 15, 4, 5, 10, 11] and int(model.bank_next) == 4
     hard, g = model.ground(batch)
+    torch.manual_seed(3)
     source, idx = model.environments(batch, 1)
+    torch.manual_seed(3)
+    entry, frame = model.bank_frames(batch.ids, 1, L)
+    torch.testing.assert_close(source.vp, model.bank_vp[entry, frame])  # the assembled environments
     view = swapped_view(batch, g, hard, idx[0], source=source)
-    env = ~hard & source.mask[idx[0]]  # the environment slots a bank video fills
+    env = ~hard  # every environment slot gets a real bank frame
     torch.testing.assert_close(view.vp[env], source.vp[idx[0]].float()[env])
+    assert view.mask[env].all()
     one = Grounded(build_head("baseline", cfg, ctx), grounding_options(cfg, "igv_bank"), ctx)
     one.bank_ids[:] = torch.tensor([0, 0, 0, 0, 0, 0, 0, -1])  # only video 0 itself is banked
-    assert one.bank_draw(torch.tensor([0, 1]), 1) is None  # video 0 has no other video to draw: batch fallback
+    one.bank_mask[:] = True
+    assert one.bank_frames(torch.tensor([0, 1]), 1, L) is None  # video 0 has no other video: the batch stands in
     plain = _grounded("baseline", "igv", ctx)
     assert not plain.banked and "bank_ids" not in plain.state_dict()  # env_source: batch keeps no bank
 

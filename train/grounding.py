@@ -50,7 +50,7 @@ its `tci_memory` variant, PCMCI's hallucination memory) are updated by the main 
 
 Paper map (equation -> function): IGV's indicator (Gumbel-softmax split) -> `causal_split`, scored by `FrameScorer`;
 IGV's intervener `v* = c ⊕ e_π` -> `swapped_view`, its memory of training videos -> `Grounded.bank_push` /
-`Grounded.bank_draw` / `Grounded.environments`; EIGV's mixup `λ1 c_b + (1 - λ1) c_π + λ2 e_b + (1 - λ2) e_π`
+`Grounded.bank_frames` / `Grounded.environments`; EIGV's mixup `λ1 c_b + (1 - λ1) c_π + λ2 e_b + (1 - λ2) e_π`
 -> `eigv_mixed_batch`, its λ's -> `Grounded.sample_lambdas`, its soft target and losses -> `Grounded.eigv_paper`;
 EIGV's contrastive disruptor (InfoNCE, anchor / positive / negatives) -> `info_nce_negatives` on `Grounded.project`;
 STR's TR top-K (perturbed optimiser forward `E[TopK(r + σZ)]`, backward `E[TopK(r + σZ) Z^T] / σ`) ->
@@ -58,13 +58,17 @@ STR's TR top-K (perturbed optimiser forward `E[TopK(r + σZ)]`, backward `E[TopK
 
 Where we depart from the papers, and why:
 - the substituted environments (IGV's swap, EIGV's positive and negatives) come, as in the papers, from a bank of
-  earlier training videos (`env_source: bank`, `env_bank` videos, first in first out, never the video itself: the
-  bank keeps each entry's split position); until the bank holds an entry for every video of a step (the first
-  step) the batch's other videos stand in. `env_source: batch` (ours, the earlier form) always swaps within the
-  batch. The bank holds the frames as the indicator sees them (after STR's selection), in fp16, and is saved in
-  the checkpoint, so a resumed run continues with the same bank;
-- the hard top-`causal_share` budget of the indicator is ours (without one, marking every frame causal satisfies both
-  IGV losses trivially);
+  training videos (`env_source: bank`), each environment frame a random real frame of a random other video (as
+  IGV's `MemBank` samples, never the video itself: the bank keeps each entry's split position). IGV's code reads a
+  precomputed feature file of the whole training set; ours fills the bank from the training batches (`env_bank`
+  videos, first in first out: with `env_bank` at least the training split, the whole split after one epoch), and
+  until it can serve every video of a step (the first step) the batch's other videos stand in. `env_source: batch`
+  (ours, the earlier form) swaps within the batch, slot by slot. The bank holds the frames as the indicator sees
+  them (after STR's selection), in fp16, and is saved in the checkpoint, so a resumed run continues with it;
+- IGV's indicator (its code's `Grounding_Indicator`) is a per-frame binary Gumbel-softmax over two attention scores
+  with no budget; ours keeps the binary Gumbel-softmax and adds
+  the hard top-`causal_share` budget (without one, marking every frame causal satisfies both IGV losses trivially;
+  `ltar ground-check` measures what the budget costs);
 - EIGV's projection head reads the heads' class scores, the one representation every head shares (the paper
   projects its fused video-question representation); its question-swap negatives have no counterpart (the class
   texts `T0`, our "question", are the same for every video), so only the causal-swapped negatives are kept;
@@ -437,22 +441,21 @@ class Grounded(nn.Module):
     def banked(self) -> bool:
         return hasattr(self, "bank_ids")
 
-    def bank_batch(self, like: Batch) -> Batch:
-        """The bank's videos as a batch of the same layout (the source of substituted environments)."""
-        return dataclasses.replace(like, **{k: getattr(self, f"bank_{k}") for k in FEATURES}, mask=self.bank_mask)
-
-    def bank_draw(self, ids: torch.Tensor | None, n: int) -> torch.Tensor | None:
-        """n bank entries per video, uniformly among the filled ones that hold another video: (n, B) indices into
-        the bank; None while some video has no such entry (the batch's own videos stand in). Without split
-        positions (`ids`, a batch built outside a split) only emptiness is checked."""
-        B, M = (1 if ids is None else ids.shape[0]), self.bank_ids.shape[0]
+    def bank_frames(self, ids: torch.Tensor | None, n: int, L: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """n environments of L frames per video, as IGV's memory bank samples them: every frame a random real frame
+        of a random filled entry that holds another video. -> (entry, frame) indices into the bank, each (n·B, L),
+        row j·B + b for copy j of video b; None while some video has no such frame (the batch stands in).
+        Without split positions (`ids`, a batch built outside a split) only emptiness is checked."""
+        B, (M, Lb) = (1 if ids is None else ids.shape[0]), self.bank_mask.shape
         ok = (self.bank_ids != -1).expand(B, M)  # (B, M) filled entries (-2: a video of unknown position)
         if ids is not None:
             ok = ok & (self.bank_ids[None] != ids[:, None])  # never the video itself
-        if not ok.any(1).all():
+        weight = (ok[:, :, None] & self.bank_mask[None]).flatten(1).float()  # (B, M·Lb) real frames of those
+        if not (weight.sum(1) > 0).all():
             return None
-        draw = torch.rand(n, B, M, device=ok.device).masked_fill(~ok, -1.0)  # torch RNG: resumable
-        return draw.argmax(-1)  # (n, B)
+        pick = torch.multinomial(weight, n * L, replacement=True)  # (B, n·L), torch RNG: resumable
+        pick = pick.view(B, n, L).transpose(0, 1).reshape(n * B, L)  # copy-major rows
+        return pick // Lb, pick % Lb
 
     @torch.no_grad()
     def bank_push(self, batch: Batch) -> None:
@@ -469,13 +472,19 @@ class Grounded(nn.Module):
         self.bank_next.copy_((self.bank_next + B) % M)
 
     def environments(self, batch: Batch, n: int) -> tuple[Batch, torch.Tensor]:
-        """Where n substituted environments per video come from: (source batch, (n, B) indices into it): the bank's
-        other videos (`env_source: bank`, once it holds some for every video), else derangements of the batch."""
-        B = batch.mask.shape[0]
+        """Where n substituted environments per video come from: (source batch, (n, B) indices into it). With the
+        bank (`env_source: bank`, once it can serve every video), each environment frame is a random frame of a
+        random other banked training video (`bank_frames`), assembled into n·B source videos; else derangements of
+        the batch (the environment at a slot is another batch video's frame at that slot)."""
+        B, L = batch.mask.shape
         if self.banked:
-            drawn = self.bank_draw(batch.ids, n)
+            drawn = self.bank_frames(batch.ids, n, L)
             if drawn is not None:
-                return self.bank_batch(batch), drawn
+                entry, frame = drawn  # (n·B, L) each
+                frames = {k: getattr(self, f"bank_{k}")[entry, frame] for k in FEATURES}  # (n·B, L, D) each
+                real = torch.ones(n * B, L, dtype=torch.bool, device=batch.mask.device)  # drawn among real frames
+                source = dataclasses.replace(batch, **frames, mask=real)
+                return source, torch.arange(n * B, device=batch.mask.device).view(n, B)
         perms = derangement(B, batch.mask.device)[None] if n == 1 else derangements(n, B, batch.mask.device)
         return batch, perms
 
