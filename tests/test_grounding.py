@@ -444,13 +444,15 @@ def _last_metrics(root):
     return {k.split("/", 1)[1] for k in ckpt["history"][-1] if k.startswith("test_ood/")}
 
 
-def test_grounded_run_resumes_exactly_and_evaluates_from_its_checkpoint(tiny_cache, tmp_path):
+@pytest.mark.parametrize("source", ["batch", "bank"])
+def test_grounded_run_resumes_exactly_and_evaluates_from_its_checkpoint(tiny_cache, tmp_path, source):
+    """Also with the environment bank: it is in the checkpoint, so the resumed run draws from the same bank."""
     from train.engine import evaluate, train
 
     cfg, store = tiny_cache
     cfg = dataclasses.replace(
         cfg,
-        grounding={"eigv": {"method": "eigv"}},
+        grounding={"eigv": {"method": "eigv", "env_source": source, "env_bank": 4}},
         train=dataclasses.replace(cfg.train, epochs=3, grounding="eigv", runs_root=str(tmp_path)),
     )
     full = train(cfg, store=store, progress=False, run_dir=tmp_path / "full")
@@ -461,6 +463,10 @@ def test_grounded_run_resumes_exactly_and_evaluates_from_its_checkpoint(tiny_cac
     assert resumed.metrics == full.metrics and "ground_iou" in full.metrics["test_ood"]
     ev = evaluate(tmp_path / "full" / "last.pt", "test_ood", store=store)
     assert ev.metrics == pytest.approx(full.metrics["test_ood"])
+    saved = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["state_dict"]
+    assert ("bank_ids" in saved) == (source == "bank")
+    if source == "bank":
+        assert (saved["bank_ids"] >= 0).all()  # filled with the training videos' split positions
 
 
 def test_a_run_folder_takes_one_process_at_a_time(tiny_cache, tmp_path):
@@ -586,21 +592,3 @@ def test_environments_come_from_the_bank_never_the_video_itself():
     assert one.bank_frames(torch.tensor([0, 1]), 1, L) is None  # video 0 has no other video: the batch stands in
     plain = _grounded("baseline", "igv", ctx)
     assert not plain.banked and "bank_ids" not in plain.state_dict()  # env_source: batch keeps no bank
-
-
-def test_a_banked_run_resumes_to_the_same_numbers(tiny_cache, tmp_path):
-    from train.engine import train
-
-    cfg, store = tiny_cache
-    cfg = dataclasses.replace(
-        cfg,
-        grounding={"eigv": {"method": "eigv", "env_source": "bank", "env_bank": 4}},
-        train=dataclasses.replace(cfg.train, epochs=3, grounding="eigv", runs_root=str(tmp_path)),
-    )
-    full = train(cfg, store=store, progress=False, run_dir=tmp_path / "full")
-    cut = train(cfg, store=store, progress=False, run_dir=tmp_path / "cut", max_steps=full.steps // 3)
-    assert cut.steps == full.steps // 3
-    resumed = train(cfg, store=store, progress=False, run_dir=tmp_path / "cut", resume=True)
-    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
-    saved = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["state_dict"]
-    assert (saved["bank_ids"] >= 0).all()  # the bank is in the checkpoint, filled with split positions
