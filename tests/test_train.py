@@ -418,3 +418,5 @@ def test_the_oracle_row_trains_on_the_unconfounded_split_and_gives_the_gap_close
     ]
     unresolved[1].diff = Interval(0.4, -0.1, 0.9)
     assert gap_closed(unresolved) == {}
+    # the oracle's Δ is against the table's reference: only a baseline reference's Δ can resolve the gap
+    assert gap_closed(unresolved, reference="x")[("x", "atomic")] == pytest.approx(0.25)

@@ -106,12 +106,12 @@ def _run_cfg(cfg: Config, row: str, task: str, seed: int) -> Config:
     return replace(cfg, train=replace(cfg.train, head=head, variant=variant, grounding=grounding, task=task, seed=seed))
 
 
-def gap_closed(cells: list[Cell], split: str = "test_ood") -> dict[tuple[str, str], float]:
+def gap_closed(cells: list[Cell], split: str = "test_ood", reference: str = "baseline") -> dict[tuple[str, str], float]:
     """(row, task) -> (ood - ood_baseline) / (ood_oracle - ood_baseline) on the task's primary metric on the ood
     `split`, for a table holding both the `baseline` and the `oracle` rows (0 = the baseline, 1 = the oracle).
 
     Defined only where there is a gap to close: the oracle above the baseline, by a resolved paired difference
-    where the oracle's cell has one against the baseline (the table's reference), else by its mean. Where the
+    when the table's `reference` is the baseline (the oracle's Δ is then against it), else by its mean. Where the
     oracle does not beat the baseline (a split whose broken shortcut costs the baseline less than the
     unconfounded training costs it) the ratio's sign and size mean nothing, so it is left out."""
     primary = {(c.row, c.task): c for c in cells if c.split == split and c.metric in ("acc1", "map")}
@@ -120,16 +120,17 @@ def gap_closed(cells: list[Cell], split: str = "test_ood") -> dict[tuple[str, st
         base, oracle = primary.get(("baseline", task)), primary.get((ORACLE_ROW, task))
         if base is None or oracle is None or oracle.mean <= base.mean:
             continue
-        if oracle.diff is not None and not oracle.diff.low > 0:  # the gap itself is not resolved
+        if reference == "baseline" and oracle.diff is not None and not oracle.diff.low > 0:  # gap not resolved
             continue
         out[(row, task)] = (cell.mean - base.mean) / (oracle.mean - base.mean)
     return out
 
 
-def ood_gaps(cells: list[Cell]) -> dict[tuple[str, str, str], float]:
+def ood_gaps(cells: list[Cell], reference: str = "baseline") -> dict[tuple[str, str, str], float]:
     """(row, task, split) -> `gap_closed` on every ood split of the table (test_ood and one per named confounder)."""
     splits = sorted({c.split for c in cells if c.split.startswith("test_ood")})
-    return {(row, task, split): v for split in splits for (row, task), v in gap_closed(cells, split).items()}
+    gaps = {split: gap_closed(cells, split, reference) for split in splits}
+    return {(row, task, split): v for split, g in gaps.items() for (row, task), v in g.items()}
 
 
 # train keys that decide where a run lives or how it is read, not what it computes
@@ -310,7 +311,7 @@ def run_table(
         diagnosis,
         reference,
         chance,
-        ood_gaps(cells),
+        ood_gaps(cells, reference),
     )
     result.files = write_table(result, table, out_root, n_seeds)
     return result
