@@ -49,6 +49,10 @@ demo: setup
 	$(LTAR) dictionaries $(ARGS)
 	$(LTAR) ablate --table main $(ARGS)
 
+# Stage 1 of a world in its own data and cache folders (render, tiny encoders, extract, dictionaries): $(call world,ARGS)
+world = $(LTAR) synth $(1) && $(LTAR) pretrain-vlm $(1) && $(LTAR) pretrain-video $(1) && $(LTAR) extract $(1) && \
+	$(LTAR) dictionaries $(1)
+
 # The powered benchmark: 512 videos per test split and the unconfounded train_oracle split, in its own
 # data and cache folders (the demo's stay as they are); the main table with its bounds (table `benchmark`).
 # train.eval_every=30: the 1,024 test videos are evaluated once, after the last epoch (best.pt is the last epoch
@@ -58,11 +62,7 @@ BENCH_SET := synthetic.videos.test_iid=512 synthetic.videos.test_ood=512 synthet
 BENCH_ARGS := --config $(CONFIG) $(foreach kv,$(BENCH_SET) $(SET),--set $(kv))
 
 benchmark: setup
-	$(LTAR) synth $(BENCH_ARGS)
-	$(LTAR) pretrain-vlm $(BENCH_ARGS)
-	$(LTAR) pretrain-video $(BENCH_ARGS)
-	$(LTAR) extract $(BENCH_ARGS)
-	$(LTAR) dictionaries $(BENCH_ARGS)
+	$(call world,$(BENCH_ARGS))
 	$(LTAR) ablate --table benchmark --diagnose $(BENCH_ARGS)
 
 # Which head removes which bias: the world with the distractor and one ood split per named confounder (512 videos
@@ -73,11 +73,7 @@ CONF_SET := synthetic.videos.test_iid=512 synthetic.videos.test_ood=512 syntheti
 CONF_ARGS := --config $(CONFIG) $(foreach kv,$(CONF_SET) $(SET),--set $(kv))
 
 confounders: setup
-	$(LTAR) synth $(CONF_ARGS)
-	$(LTAR) pretrain-vlm $(CONF_ARGS)
-	$(LTAR) pretrain-video $(CONF_ARGS)
-	$(LTAR) extract $(CONF_ARGS)
-	$(LTAR) dictionaries $(CONF_ARGS)
+	$(call world,$(CONF_ARGS))
 	$(LTAR) ablate --table confounders --diagnose $(CONF_ARGS)
 
 # IGV's premise test on three worlds (512 videos per test split, activity, 3 seeds), each in its own data and cache
@@ -93,9 +89,9 @@ UNCONF_SET := synthetic.videos.test_iid=512 synthetic.videos.test_ood=512 synthe
 UNCONF_ARGS := --config $(CONFIG) $(foreach kv,$(UNCONF_SET) $(SET),--set $(kv))
 
 grounding-premise: setup
-	@for args in "$(PREMISE_ARGS)" "$(BENCH_ARGS)" "$(UNCONF_ARGS)"; do \
-		$(LTAR) synth $$args && $(LTAR) pretrain-vlm $$args && $(LTAR) pretrain-video $$args && \
-		$(LTAR) extract $$args && $(LTAR) dictionaries $$args || exit 1; done
+	$(call world,$(PREMISE_ARGS))
+	$(call world,$(BENCH_ARGS))
+	$(call world,$(UNCONF_ARGS))
 	$(LTAR) ablate --table grounding_premise $(PREMISE_ARGS)
 	$(LTAR) ablate --table grounding_today $(BENCH_ARGS)
 	$(LTAR) ablate --table grounding_unconfounded $(UNCONF_ARGS)
