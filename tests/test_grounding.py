@@ -9,7 +9,7 @@ import torch
 
 from extract.config import ConfigError, from_dict
 from tests.conftest import random_batch
-from train.engine import RunError, loss_fn
+from train.engine import RunError, loss_fn, training_loss
 from train.grounding import (
     GROUND_KEYS,
     Grounded,
@@ -33,6 +33,8 @@ B, L, DC, DV, C = 6, 8, 32, 48, 5
 GROUNDINGS = {
     "igv": {"method": "igv"},
     "eigv": {"method": "eigv"},
+    "igv_frame": {"method": "igv", "indicator": "per_frame"},  # IGV's code's indicator
+    "eigv_paper": {"method": "eigv", "indicator": "per_frame", "igv_terms": False, "predict": "video"},
     "rationale": {"rationale_frames": 4},
     "rationale_igv": {"method": "igv", "rationale_frames": 6},
     "eigv_video": {"method": "eigv", "mix": "video"},
@@ -60,7 +62,17 @@ def _grounded(head_name: str, grounding: str, ctx: HeadContext, variant=None) ->
     return Grounded(build_head(head_name, cfg, ctx, variant), grounding_options(cfg, grounding), ctx)
 
 
-CASES = [("igv", False), ("igv", True), ("eigv", False), ("eigv", True), ("rationale", False), ("rationale_igv", True)]
+CASES = [
+    ("igv", False),
+    ("igv", True),
+    ("eigv", False),
+    ("eigv", True),
+    ("igv_frame", False),
+    ("eigv_paper", False),
+    ("eigv_paper", True),
+    ("rationale", False),
+    ("rationale_igv", True),
+]
 
 
 @pytest.mark.parametrize("grounding,multi_label", CASES, ids=[f"{g}-{'atomic' if m else 'activity'}" for g, m in CASES])
@@ -79,10 +91,11 @@ def test_every_grounding_with_every_head(head_name, grounding, multi_label):
     first = None
     for step in range(60):
         batch = batches[step % 2]
-        loss = loss_fn(model(batch), batch.labels, multi_label)
+        logits = model(batch)
+        loss = loss_fn(logits, batch.labels, multi_label)
         first = float(loss.detach()) if first is None else first
         opt.zero_grad()
-        (loss + (model.aux_loss if model.aux_loss is not None else 0)).backward()
+        training_loss(model, logits, batch.labels, multi_label).backward()
         opt.step()
     model.eval()
     with torch.no_grad():
@@ -91,33 +104,71 @@ def test_every_grounding_with_every_head(head_name, grounding, multi_label):
     assert final < 0.7 * first, (first, final)
 
 
-def test_indicator_grounds_the_frames_that_carry_the_action():
-    """Toy batch: in every video 4 of 8 frames show the class (its text embedding plus noise), the other 4 are
-    noise; IGV's indicator must come to pick exactly those frames, far above as many random frames."""
-    torch.manual_seed(0)
-    ctx = _context(False)
+def _toy_grounding_batch(ctx: HeadContext, shortcut: float):
+    """48 videos of 8 frames: in each, 4 random frames show the class (its text embedding plus noise); the other 4
+    show `shortcut` × the text embedding of the next class (as predictive in training as the action) plus noise."""
     g = torch.Generator().manual_seed(3)
     n = 48
     labels = torch.randint(0, C, (n,), generator=g)
-    relevant = torch.rand(n, L, generator=g).argsort(1) < L // 2  # 4 random frames per video carry the action
+    relevant = torch.rand(n, L, generator=g).argsort(1) < L // 2  # (n, L): the frames that carry the action
     noise = lambda *s: 0.1 * torch.randn(*s, generator=g)  # noqa: E731
-    vp = torch.where(relevant.unsqueeze(-1), ctx.t0[labels].unsqueeze(1) + noise(n, L, DC), noise(n, L, DC))
-    mask = torch.ones(n, L, dtype=torch.bool)
+    env = shortcut * ctx.t0[(labels + 1) % C].unsqueeze(1)  # (n, 1, Dc)
+    vp = torch.where(relevant.unsqueeze(-1), ctx.t0[labels].unsqueeze(1) + noise(n, L, DC), env + noise(n, L, DC))
     batch = random_batch(ctx, n, seed=4, short=0)
-    batch = dataclasses.replace(batch, vp=vp, fg=vp, mask=mask, labels=labels)
-    model = _grounded("baseline", "igv", ctx, variant="clip_only")
+    mask = torch.ones(n, L, dtype=torch.bool)
+    return dataclasses.replace(batch, vp=vp, fg=vp, mask=mask, labels=labels, ids=torch.arange(n)), relevant
+
+
+def _train_toy(grounding: str, batch, steps: int = 100) -> Grounded:
+    torch.manual_seed(0)
+    model = _grounded("baseline", grounding, _context(False), variant="clip_only")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
-    for _ in range(100):
-        loss = loss_fn(model(batch), labels, False) + model.aux_loss
+    for _ in range(steps):
+        logits = model(batch)
+        loss = training_loss(model, logits, batch.labels, False)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
+    return model.eval()
+
+
+@pytest.mark.parametrize("shortcut", [0.0, 0.5])
+def test_budget_indicator_grounds_the_frames_that_carry_the_action(shortcut):
+    """IGV's losses with the budget indicator (top half): on the toy batch it comes to pick the action frames, far
+    above as many random frames, also when the environment frames carry a shortcut as predictive as the action
+    (measured: IoU 0.91 without, 0.73 with the shortcut at 100 steps, random 0.36), and the prediction with another
+    video's environment frames swapped in keeps the label."""
+    ctx = _context(False)
+    batch, relevant = _toy_grounding_batch(ctx, shortcut)
+    model = _train_toy("igv", batch)
     with torch.no_grad():
-        used = model.frames_used(batch).numpy()
-    scores = grounding_scores(used, relevant.numpy(), mask.numpy())
-    assert scores["ground_iou"] > 0.9 and scores["ground_iou_random"] < 0.4, scores
+        used = model.frames_used(batch)
+        swapped = model.head(swapped_view(batch, used.float(), used, derangement(len(used), "cpu")))
+    scores = grounding_scores(used.numpy(), relevant.numpy(), batch.mask.numpy())
+    assert scores["ground_iou_random"] < 0.4, scores
+    assert scores["ground_iou"] > (0.9 if shortcut == 0 else 0.65), scores
+    assert float((swapped.argmax(-1) == batch.labels).float().mean()) > 0.75  # the label survives the swap
+
+
+def test_per_frame_indicator_without_a_budget_marks_every_frame_causal():
+    """IGV's per-frame indicator on our (unbounded) frame scorer reaches the trivial split on the toy batch: every
+    frame causal, where the environment loss falls back to the whole video and sends the mask no gradient. Its
+    objective is then worse than the oracle's (the action frames causal) on the same head and interventions: the
+    optimisation defect the budget variant exists for (ltar ground-check measures the same on a run)."""
+    from train.ground_check import objective_terms, weighted
+
+    ctx = _context(False)
+    batch, relevant = _toy_grounding_batch(ctx, 0.0)
+    model = _train_toy("igv_frame", batch)
+    with torch.no_grad():
+        used = model.frames_used(batch)
+        assert used.all()  # the trivial solution: no environment frame left
+        objective = {}
+        for name, hard in (("learned", used), ("oracle", relevant)):
+            terms = objective_terms(model, batch, hard, torch.Generator().manual_seed(0))
+            objective[name] = weighted(model, {k: float(v) for k, v in terms.items()})
+    assert objective["learned"] > objective["oracle"], objective
 
 
 def test_swap_intervention_mixes_batch_members():
@@ -152,6 +203,96 @@ def test_causal_split_keeps_a_budget_and_is_deterministic_in_eval():
     assert hard[0, top[0]].all()  # without noise the highest scores are causal
     noisy = [causal_split(scores, mask, 0.5, 1.0, noise=True)[0] for _ in range(5)]
     assert any(not torch.equal(n, hard) for n in noisy)  # Gumbel noise explores in training
+
+
+def test_per_frame_indicator_is_igvs_binary_gumbel_softmax_without_a_budget():
+    """IGV's indicator: frame l causal iff its (noisy) logit > 0, the hard sample of the binary Gumbel-softmax whose
+    straight-through gradient is that of sigmoid(z / tau); no budget; a video with no causal frame keeps them all."""
+    scores = torch.tensor([[2.0, -1.0, 0.5, -3.0], [-1.0, -2.0, -0.5, -4.0], [1.0, 1.0, -1.0, 3.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    hard, g = causal_split(scores, mask, 0.5, tau=0.7, noise=False, indicator="per_frame")
+    expected = [[True, False, True, False], [True, True, True, False], [True, True, False, False]]
+    assert hard.tolist() == expected  # row 1: no logit > 0, every real frame causal; row 2: both real frames
+    assert torch.allclose(g.detach(), hard.float())
+    g.sum().backward()
+    s = torch.sigmoid(scores.detach() / 0.7)
+    assert torch.allclose(scores.grad, s * (1 - s) / 0.7)  # the binary Gumbel-softmax's gradient, frame by frame
+    # the noise: logistic × noise_scale, so each frame is causal with P(r + noise > 0) (1/2 at r = 0), plus the
+    # fallback of a video whose six frames all came out environment (2^-6); noise_scale 0: the noise-free decision
+    wide = torch.zeros(2000, 6)
+    m = torch.ones_like(wide, dtype=torch.bool)
+    hard = causal_split(wide, m, 0.5, 1.0, True, "per_frame")[0]
+    assert abs(float(hard.float().mean()) - (0.5 + 0.5**6)) < 0.01
+    assert torch.equal(causal_split(wide + 0.1, m, 0.5, 1.0, True, "per_frame", noise_scale=0.0)[0], m)
+
+
+def test_an_empty_environment_reads_as_the_whole_video():
+    from train.grounding import environment_view
+
+    ctx = _context(False)
+    batch = random_batch(ctx, 3, short=0)
+    hard = torch.ones(3, L, dtype=torch.bool)
+    hard[0, :3] = False  # video 0 has three environment frames; videos 1 and 2 none
+    g = hard.float() * 0.9 + 0.05  # a weight whose complement is not 0 or 1, to see which one is used
+    env = environment_view(batch, g, hard)
+    assert env.mask[0].tolist() == [True] * 3 + [False] * (L - 3) and env.mask[1:].all()
+    assert torch.allclose(env.vp[0], batch.vp[0].float() * (1 - g[0]).unsqueeze(-1))
+    assert torch.allclose(env.vp[1:], batch.vp[1:].float())  # the whole video, unweighted (IGV's code)
+
+
+def test_eigv_paper_objective_is_its_mixup_and_contrast_and_it_predicts_from_the_whole_video():
+    """EIGV's code: training loss = soft-target CE of the mixed video + the contrastive term (no IGV terms, no task
+    loss on the returned logits); at test time the head's prediction on the whole video."""
+    torch.manual_seed(0)
+    ctx = _context(False)
+    model = _grounded("baseline", "eigv_paper", ctx)
+    assert model.owns_loss
+    batch = random_batch(ctx, B, 1)
+    model.train()
+    model.mix_lambdas = (0.7, 0.2)
+    torch.manual_seed(5)
+    logits = model(batch)
+    rec = model.mix_record
+    eye = torch.eye(C)
+    assert torch.allclose(rec["target"], 0.7 * eye[batch.labels] + 0.3 * eye[batch.labels[rec["perm"]]])
+    assert training_loss(model, logits, batch.labels, False) is model.aux_loss  # the whole objective
+    mix_term = model.opts.mix_weight * soft_loss_of(logits, rec["target"])  # the returned logits: the mixed video's
+    assert float(model.aux_loss.detach()) > float(mix_term.detach())  # the contrastive term (> 0) beside the mixup
+    plain = _grounded("baseline", "eigv_paper", ctx)
+    plain.opts = dataclasses.replace(plain.opts, contrast_weight=0.0)
+    plain.load_state_dict(model.state_dict())
+    plain.train()
+    plain.mix_lambdas = (0.7, 0.2)
+    torch.manual_seed(5)
+    out = plain(batch)
+    assert torch.allclose(plain.aux_loss, plain.opts.mix_weight * soft_loss_of(out, plain.mix_record["target"]))
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(batch), model.head(batch))  # the whole video at test time
+    one = dataclasses.replace(batch, **{k: getattr(batch, k)[:1] for k in ("vp", "v", "fg", "bg", "mask", "labels")})
+    one = dataclasses.replace(one, ids=None)
+    model.train()
+    logits = model(one)  # a single video: nothing to mix with, its own loss
+    assert torch.allclose(model.aux_loss, loss_fn(logits, one.labels, False))
+
+
+def soft_loss_of(logits, target):
+    return -(target * logits.log_softmax(-1)).sum(-1).mean()
+
+
+def test_pcmci_takes_a_one_frame_video_with_finite_gradients():
+    """A grounded view may keep a single frame (IGV's per-frame indicator): PCMCI's interaction cost has no spread
+    there, and its gradient must stay finite."""
+    torch.manual_seed(0)
+    ctx = _context(False)
+    head = build_head("pcmci", _cfg(), ctx)
+    batch = random_batch(ctx, 3, 1)
+    mask = torch.zeros(3, L, dtype=torch.bool)
+    mask[:, 0] = True
+    batch = dataclasses.replace(batch, mask=mask)
+    head.train()
+    loss_fn(head(batch), batch.labels, False).backward()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
 
 
 def test_top_k_returns_exactly_k_frames_with_gradients_to_the_scores():
@@ -401,6 +542,12 @@ def test_config_names_and_checks_groundings():
         from_dict({"train": {"grounding": "x"}})
     with pytest.raises(ConfigError, match="grounding.g: turns nothing on"):
         from_dict({"grounding": {"g": {"method": "none"}}})
+    with pytest.raises(ConfigError, match=r"grounding\.g\.igv_terms: false leaves 'igv' no training objective"):
+        from_dict({"grounding": {"g": {"method": "igv", "igv_terms": False}}})
+    with pytest.raises(ConfigError, match=r"grounding\.g\.predict: video needs an indicator"):
+        from_dict({"grounding": {"g": {"rationale_frames": 4, "predict": "video"}}})
+    with pytest.raises(ConfigError, match=r"grounding\.g\.indicator: 'top'"):
+        from_dict({"grounding": {"g": {"method": "igv", "indicator": "top"}}})
     ctx = _context(False)  # L = 8 frames
     too_many = grounding_options(from_dict({"grounding": {"g": {"rationale_frames": 8}}}), "g")
     with pytest.raises(ConfigError, match=r"grounding.g.rationale_frames: 8 keeps every one of the 8 frames"):
@@ -499,10 +646,19 @@ def test_a_run_folder_takes_one_process_at_a_time(tiny_cache, tmp_path):
     assert not (tmp_path / "never").exists()  # a run that could not start leaves no folder
 
 
-def test_ground_check_evaluates_every_fixed_mask_on_the_runs_own_objective(tiny_cache, tmp_path):
-    """`ltar ground-check`: the learned mask's causal term is the run's own eval loss, the objective is the weighted
-    sum of its terms, the budgeted masks share the learned mask's budget, and at that budget no mask has a higher
-    frame IoU than the oracle's (it maximises the IoU per video); a run without an indicator is refused."""
+CHECKED = {
+    "budget": {"method": "eigv", "indicator": "budget", "env_source": "bank", "env_bank": 4},  # from its saved bank
+    "per_frame": {"method": "igv", "indicator": "per_frame"},
+    "eigv_paper": {"method": "eigv", "indicator": "per_frame", "igv_terms": False, "predict": "video"},
+}
+
+
+@pytest.mark.parametrize("form", list(CHECKED))
+def test_ground_check_evaluates_every_fixed_mask_on_the_runs_own_objective(tiny_cache, tmp_path, form):
+    """`ltar ground-check`: the learned mask's causal term is the run's own eval loss (where it predicts from the
+    causal frames), the objective is the weighted sum of the terms the run trains, the other masks have the learned
+    mask's size video by video (the budget, or the per-frame indicator's own choice), and at that size no mask has a
+    higher frame IoU than the oracle's (it maximises the IoU per video); a run without an indicator is refused."""
     from typer.testing import CliRunner
 
     from train.cli import app
@@ -514,19 +670,22 @@ def test_ground_check_evaluates_every_fixed_mask_on_the_runs_own_objective(tiny_
     cfg, store = tiny_cache
     cfg = dataclasses.replace(
         cfg,
-        grounding={"eigv": {"method": "eigv", "env_source": "bank", "env_bank": 4}},  # swaps from its saved bank
-        train=dataclasses.replace(cfg.train, epochs=1, grounding="eigv", runs_root=str(tmp_path)),
+        grounding={"g": CHECKED[form]},
+        train=dataclasses.replace(cfg.train, epochs=1, grounding="g", runs_root=str(tmp_path)),
     )
     train(cfg, store=store, progress=False, run_dir=tmp_path / "run")
     rows, decisive, files = ground_check(tmp_path / "run", "train", store=store)
     by = {r.mask: r for r in rows}
     assert list(by) == list(MASKS) and all(f.exists() for f in files)
     model = by["learned"]
-    weights = {"causal": 1.0, "swapped": 1.0, "env": 1.0, "mix": 1.0}  # the section's defaults
+    igv = 0.0 if form == "eigv_paper" else 1.0  # EIGV's paper objective: its mixup alone
+    weights = {"causal": igv, "swapped": igv, "env": igv, "mix": 1.0}  # the sections' defaults
     for r in rows:
-        assert set(r.terms) == {"causal", "swapped", "env", "mix"}
+        mix = {"mix"} if CHECKED[form]["method"] == "eigv" else set()
+        assert set(r.terms) == {"causal", "swapped", "env"} | mix
         assert r.objective == pytest.approx(sum(weights[k] * v for k, v in r.terms.items()))
-    for name in ("learned_noisy", "oracle", "idle_first", "random", "untrained"):
+    sized = ("oracle", "idle_first", "random", "untrained") + (("learned_noisy",) if form == "budget" else ())
+    for name in sized:  # (a per-frame indicator's noisy draw chooses its own size)
         assert by[name].causal_share == pytest.approx(model.causal_share)
         assert by[name].ground["ground_iou"] <= by["oracle"].ground["ground_iou"] + 1e-9
     assert by["idle_first"].ground["ground_precision"] <= by["oracle"].ground["ground_precision"]
@@ -541,7 +700,8 @@ def test_ground_check_evaluates_every_fixed_mask_on_the_runs_own_objective(tiny_
             losses.append(float(soft_loss(run.model(batch), y, run.ctx.multi_label)))
             scores = run.model.indicator(batch.vp.float(), batch.t0.float()).numpy()
             spreads += [np.std(s[m], ddof=1) for s, m in zip(scores, batch.mask.numpy(), strict=True)]
-    assert model.terms["causal"] == pytest.approx(np.mean(losses), rel=1e-5)
+    if form != "eigv_paper":  # (EIGV's paper predicts from the whole video)
+        assert model.terms["causal"] == pytest.approx(np.mean(losses), rel=1e-5)
     assert decisive["score_spread"] == pytest.approx(np.mean(spreads), rel=1e-4)
     result = CliRunner().invoke(app, ["ground-check", str(tmp_path / "run"), "--store", str(store)])
     assert result.exit_code == 0 and "oracle_unbudgeted" in result.output

@@ -83,6 +83,18 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> to
     return F.cross_entropy(logits.float(), labels)
 
 
+def training_loss(
+    model: torch.nn.Module, logits: torch.Tensor, labels: torch.Tensor, multi_label: bool
+) -> torch.Tensor:
+    """A training step's loss: the task loss on the returned logits plus the model's auxiliary losses (`aux_loss`,
+    grounding); a model that `owns_loss` (EIGV's paper objective) returns its whole objective as `aux_loss`."""
+    aux = getattr(model, "aux_loss", None)
+    if aux is not None and getattr(model, "owns_loss", False):
+        return aux
+    loss = loss_fn(logits, labels, multi_label)
+    return loss if aux is None else loss + aux
+
+
 def lr_lambda(step: int, total: int, warmup: int) -> float:
     """Linear warm-up to 1, then cosine decay to 0 over the remaining steps."""
     if step < warmup:
@@ -319,10 +331,7 @@ def _train(
         for _, batch in iterate_batches(train_data, tc.batch_size, t0_dev, dicts, device, gen):
             with torch.autocast("cuda", enabled=use_amp):
                 logits = head(batch)  # (B, C)
-                loss = loss_fn(logits, batch.labels, ctx.multi_label)
-                aux = getattr(head, "aux_loss", None)
-                if aux is not None:
-                    loss = loss + aux
+                loss = training_loss(head, logits, batch.labels, ctx.multi_label)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if tc.grad_clip > 0:

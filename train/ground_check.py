@@ -6,10 +6,12 @@ other mask of the same budget, and the ground-truth action frames (the oracle ma
 on a world whose shortcut lives in the environment. This module evaluates a trained grounded run's objective
 with the mask held fixed, mask by mask, on one split (by default `train`, the objective's own data):
 
-- `learned`: the indicator's causal frames as the prediction uses them (noise-free);
-- `learned_noisy`: the same scores with one draw of the training noise (logistic, scale 1, std π/√3 ≈ 1.81): the
-  masks training actually saw;
-- `oracle`: frames inside the annotated action segments first (random order among them), to the same budget;
+- `learned`: the indicator's causal frames, noise-free (its `per_frame` decision, or its `budget`'s top frames);
+- `learned_noisy`: the same scores with one draw of the training noise (logistic × `noise_scale`; std π/√3 ≈ 1.81
+  at scale 1): the masks training actually saw;
+- `oracle`: frames inside the annotated action segments first (random order among them), to the same budget (the
+  budget: the `budget` indicator's `causal_share`; for the `per_frame` indicator, the learned mask's own size in
+  each video, so every mask below is compared at the size the indicator chose);
 - `oracle_unbudgeted`: every annotated action frame causal (at least one frame on each side);
 - `idle_first`: frames outside every segment first, to the budget;
 - `random`: the budget's worth of frames drawn at random;
@@ -17,7 +19,8 @@ with the mask held fixed, mask by mask, on one split (by default `train`, the ob
 
 For each mask: the objective as the run trains it — `L(head(c), y) + swap_weight · L(head(c ⊕ e_π), y) +
 env_weight · L(head(e), uninformative)`, and for EIGV (`mix: paper`) `+ mix_weight · L(head(v_mix), λ1 y + (1 - λ1)
-y_π)` — with its terms, the share of real frames marked causal, and the mask's frame IoU / precision against the
+y_π)` (EIGV's paper objective, `igv_terms: false`: the mixup term alone; the IGV terms are shown, weighted 0) —
+with its terms, the share of real frames marked causal, and the mask's frame IoU / precision against the
 annotated segments beside the exact random expectation. The derangements and EIGV's λ's are drawn from one seed,
 the same for every mask, so the masks are compared on the same interventions. EIGV's contrastive term is left
 out (it re-grounds the mixed video with the learned indicator whatever the fixed mask, so it does not compare
@@ -47,11 +50,13 @@ from train.grounding import (
     causal_budget,
     derangement,
     eigv_mixed_batch,
+    environment_view,
     frame_relevance,
     frozen_memories,
     grounding_scores,
     masked_view,
     one_hot_targets,
+    per_frame_causal,
     ranks,
     soft_loss,
     swapped_view,
@@ -81,18 +86,24 @@ def fixed_masks(
     model: Grounded, batch: Batch, relevant: torch.Tensor, untrained: FrameScorer, g: torch.Generator
 ) -> dict[str, torch.Tensor]:
     """Every mask of `MASKS` for one batch: name -> (B, L) bool causal frames. relevant (B, L): action frames."""
-    mask, share = batch.mask, model.opts.causal_share
-    k = causal_budget(mask, share)  # (B,), as the indicator's own split
+    o, mask = model.opts, batch.mask
     scores = model.indicator(batch.vp.float(), batch.t0.float())  # (B, L)
     tie = torch.rand(mask.shape, generator=g).to(mask.device)  # (B, L) random order within a group
     u = torch.rand(mask.shape, generator=g).clamp(1e-6, 1 - 1e-6).to(mask.device)
-    logistic = u.log() - (-u).log1p()  # one draw of the training noise
+    noisy = scores + o.noise_scale * (u.log() - (-u).log1p())  # one draw of the training noise
+    if o.indicator == "per_frame":
+        learned = per_frame_causal(scores, mask)
+        k = learned.sum(1)  # (B,): the other masks at the learned mask's size, video by video
+        learned_noisy = per_frame_causal(noisy, mask)
+    else:
+        k = causal_budget(mask, o.causal_share)  # (B,), as the indicator's own split
+        learned, learned_noisy = top_by(scores, mask, k), top_by(noisy, mask, k)
     first_actions = relevant.float() + 0.5 * tie  # every action frame ranks above every idle frame
     # every action frame, kept within [1, n - 1] causal frames as the indicator's split is
     every = (relevant & mask).sum(1).clamp(max=(mask.sum(1) - 1).clamp_min(1)).clamp_min(1)  # (B,)
     return {
-        "learned": top_by(scores, mask, k),
-        "learned_noisy": top_by(scores + logistic, mask, k),
+        "learned": learned,
+        "learned_noisy": learned_noisy,
         "oracle": top_by(first_actions, mask, k),
         "oracle_unbudgeted": top_by(first_actions, mask, every),
         "idle_first": top_by((~relevant).float() + 0.5 * tie, mask, k),
@@ -115,7 +126,7 @@ def objective_terms(model: Grounded, batch: Batch, hard: torch.Tensor, g: torch.
         terms = {
             "causal": soft_loss(head(masked_view(batch, w, hard)), y, model.multi_label),
             "swapped": soft_loss(head(swapped_view(batch, w, hard, perm[0], source=source)), y, model.multi_label),
-            "env": soft_loss(head(masked_view(batch, 1 - w, batch.mask & ~hard)), uninformative, model.multi_label),
+            "env": soft_loss(head(environment_view(batch, w, hard)), uninformative, model.multi_label),
         }
         if o.method == "eigv" and o.mix == "paper" and B > 1:
             lam1, lam2 = model.sample_lambdas(hard.device)
@@ -127,7 +138,8 @@ def objective_terms(model: Grounded, batch: Batch, hard: torch.Tensor, g: torch.
 
 def weighted(model: Grounded, terms: dict[str, float]) -> float:
     o = model.opts
-    weights = {"causal": 1.0, "swapped": o.swap_weight, "env": o.env_weight, "mix": o.mix_weight}
+    igv = 1.0 if o.igv_terms else 0.0  # EIGV's paper objective: its mixup alone (the contrastive term left out)
+    weights = {"causal": igv, "swapped": igv * o.swap_weight, "env": igv * o.env_weight, "mix": o.mix_weight}
     return sum(weights[k] * v for k, v in terms.items())
 
 
@@ -186,7 +198,8 @@ def mask_objectives(
             MaskObjective(name, weighted(model, terms), terms, share, grounding_scores(used[name], relevant_all, real))
         )
     spread = float(torch.cat(spreads).mean())
-    return out, {"score_spread": spread, "noise_std": LOGISTIC_STD, "ratio": spread / LOGISTIC_STD}
+    noise_std = LOGISTIC_STD * model.opts.noise_scale
+    return out, {"score_spread": spread, "noise_std": noise_std, "ratio": spread / max(noise_std, 1e-12)}
 
 
 def write_check(

@@ -16,9 +16,12 @@ training (the engine adds them to the head's CE/BCE):
   hard top-K. `straight_through` (ours, the earlier form): the hard top-K in training too, the gathered frames
   scaled by `1 + s_l - stopgrad(s_l)` (value exactly 1), `s = softmax_l(r_l / tau)`.
 - **Invariant grounding, IGV** (`method: igv`): a grounding indicator (the same scorer form) splits each
-  video's real frames into causal frames `c` and environment frames `e`: a binary Gumbel-softmax
-  (logistic noise on the frame logits, temperature `tau`), made hard as the top `causal_share` of the
-  video's real frames (at least one of each), straight-through. An intervener fills a video's
+  video's real frames into causal frames `c` and environment frames `e` with a binary Gumbel-softmax: logits
+  `z = r + noise_scale · logistic noise` (training; `r` at test), straight-through with the gradient of
+  `sigmoid(z / tau)`. `indicator: per_frame` (IGV's code, pipeline.yaml's igv / eigv): frame l is causal iff `z_l > 0`,
+  no budget; a video with no causal frame keeps every frame, and an empty environment reads as the whole video
+  (both IGV's code). `indicator: budget` (ours, the earlier form and the dataclass default): the top `causal_share`
+  of the video's real frames by `z` (at least one of each). An intervener fills a video's
   environment slots with another video's frames at those slots (whatever that video's own grounding
   says of them), `v* = g ⊙ v + (1 - g) ⊙ v_π(b)` with `v_π(b)` an earlier training video drawn from the environment
   bank (`env_source: bank`; `batch`: a derangement of the batch). Losses: the head's
@@ -27,7 +30,7 @@ training (the engine adds them to the head's CE/BCE):
   survives any environment), and `env_weight · CE(head(e), uniform)` (the environment alone carries no
   class information; for multi-label tasks the target is the batch's label frequency, the
   uninformative prediction).
-- **Equivariant grounding, EIGV** (`method: eigv`, `mix: paper`, the default; EIGV's code yl3800/EIGV): IGV plus
+- **Equivariant grounding, EIGV** (`method: eigv`, `mix: paper`, the default; EIGV's code yl3800/EIGV):
   (1) the equivariant mixup: `λ1 ~ Beta(mix_alpha, mix_alpha)` and an independent `λ2 ~ Beta(a2, a2)`
   (`a2 = env_mix_alpha`, default `mix_alpha`), slot by slot `v_mix = λ1 c_b + (1 - λ1) c_π(b) + λ2 e_b +
   (1 - λ2) e_π(b)` (each video split by its own indicator); the head's prediction on `v_mix` must match
@@ -35,9 +38,12 @@ training (the engine adds them to the head's CE/BCE):
   contrastive disruptor: `v_mix` is grounded again; anchor = `v_mix`, positive = `v_mix` with its environment
   frames swapped for another video's, negatives = `contrast_negatives` copies with its causal frames swapped;
   InfoNCE (cosine / `contrast_tau`) on a projection head `Linear(C, dim) -> ReLU -> Linear(dim, dim)` applied to
-  the head's class scores (`contrast_weight`). `mix: video` keeps our earlier form: one `λ` over whole videos,
-  the mixed video re-grounded and its causal-frame prediction against the λ-mixed labels, and a symmetric
-  InfoNCE between the grounded and the swapped view's class scores across the batch.
+  the head's class scores (`contrast_weight`). With `igv_terms: false` (EIGV's code, pipeline.yaml's eigv) these
+  two are the whole training objective (`owns_loss`: the engine adds no task loss; the mixed video is the step's
+  main view) and `predict: video` predicts from the whole video at test time, as EIGV's code does. `igv_terms:
+  true` (ours, the earlier form, `eigv_budget`) keeps IGV's three losses beside them. `mix: video` keeps our earliest
+  form: one `λ` over whole videos, the mixed video re-grounded and its causal-frame prediction against the λ-mixed
+  labels, and a symmetric InfoNCE between the grounded and the swapped view's class scores across the batch.
 - **IVRD** (an intervention over class prototypes with a uniform prior, attended from the sample) is a head
   variant, not a wrapper: `ecrl:ivrd` puts it in BD's place (Z = the class means of the frame features, P(z) =
   1/K). `prior: uniform` (variant `prior_uniform` of pcmci, ecrl, cmdcl's memory/bank forms) sets every
@@ -48,11 +54,15 @@ features also multiplied by the straight-through weight `g` or `1 - g`, which ca
 indicator), so every head works unchanged. Dataset-level memories the heads keep (CMDCL's bias memory in
 its `tci_memory` variant, PCMCI's hallucination memory) are updated by the main view only, never by the auxiliary views.
 
-Paper map (equation -> function): IGV's indicator (Gumbel-softmax split) -> `causal_split`, scored by `FrameScorer`;
+Paper map (equation -> function): IGV's indicator (Gumbel-softmax split) -> `causal_split` (its per-frame
+decision -> `per_frame_causal`, its noise -> `logistic_noise`), scored by `FrameScorer`; the environment view ->
+`environment_view`;
 IGV's intervener `v* = c ⊕ e_π` -> `swapped_view`, its memory of training videos -> `Grounded.bank_push` /
 `Grounded.bank_frames` / `Grounded.environments`; EIGV's mixup `λ1 c_b + (1 - λ1) c_π + λ2 e_b + (1 - λ2) e_π`
 -> `eigv_mixed_batch`, its λ's -> `Grounded.sample_lambdas`, its soft target and losses -> `Grounded.eigv_paper`;
 EIGV's contrastive disruptor (InfoNCE, anchor / positive / negatives) -> `info_nce_negatives` on `Grounded.project`;
+IGV's losses -> `Grounded.igv_losses`; EIGV's objective without them -> `Grounded.owns_loss` +
+`train.engine.training_loss`;
 STR's TR top-K (perturbed optimiser forward `E[TopK(r + σZ)]`, backward `E[TopK(r + σZ) Z^T] / σ`) ->
 `perturbed_top_k` (`_PerturbedTopK`), hard top-K -> `hard_top_k`; the straight-through form -> `top_k_frames`.
 
@@ -65,16 +75,23 @@ Where we depart from the papers, and why:
   until it can serve every video of a step (the first step) the batch's other videos stand in. `env_source: batch`
   (ours, the earlier form) swaps within the batch, slot by slot. The bank holds the frames as the indicator sees
   them (after STR's selection), in fp16, and is saved in the checkpoint, so a resumed run continues with it;
-- IGV's indicator (its code's `Grounding_Indicator`) is a per-frame binary Gumbel-softmax over two attention scores
-  with no budget; ours keeps the binary Gumbel-softmax and adds
-  the hard top-`causal_share` budget (without one, marking every frame causal satisfies both IGV losses trivially;
-  `ltar ground-check` measures what the budget costs);
+- IGV's indicator (its code's `Grounding_Indicator`) is a per-frame binary Gumbel-softmax whose two logits are
+  attention probabilities over the frames (each in [0, 1], summing to 1 over the video): their difference is at
+  most 1 against logistic noise of std 1.81, so its masks stay close to random by construction, and its code
+  samples the noise at test time too. Ours (`per_frame`) takes the same decision on `FrameScorer`'s unbounded
+  logit `r`, noise-free at test (a deterministic prediction). With unbounded logits the per-frame indicator can
+  leave the noise, and on a toy batch it reaches the trivial split: every frame causal, where the environment
+  term falls back to the whole video and sends the mask no gradient, while the causal and swap losses only gain
+  from keeping a frame (tested; its objective is then worse than the oracle mask's). `budget` (ours) forces the
+  split with the hard top-`causal_share`; `ltar ground-check` measures what either choice costs against the
+  oracle mask on a trained run;
+- IGV's code matches the swapped video's prediction to the causal frames' (a KL to it); ours matches it to the
+  label (the same invariance, the form of the paper's loss on the intervened video);
 - EIGV's projection head reads the heads' class scores, the one representation every head shares (the paper
   projects its fused video-question representation); its question-swap negatives have no counterpart (the class
   texts `T0`, our "question", are the same for every video), so only the causal-swapped negatives are kept;
 - EIGV's code mixes the question with λ1 as well; here there is no per-video question to mix;
-- the IGV losses (causal-only, swapped, environment-only) are kept beside EIGV's terms, and the prediction returned at
-  test time is the causal frames' (IGV's form), where EIGV's code predicts from the whole video;
+- EIGV's code draws λ1, λ2 once per batch, as ours (`sample_lambdas`);
 - with a single video in the batch EIGV's terms are skipped (nothing to mix or swap with);
 - STR's perturbed top-K perturbs the frame scorer's raw scores `r` (TranSTR perturbs its cross-attention weights);
   its scorer is our `FrameScorer`, and objects (STR's SR step) do not exist on cached frame features;
@@ -136,6 +153,18 @@ class GroundingOptions:
     # igv / eigv sections choose `bank`.
     env_source: Literal["bank", "batch"] = "batch"
     env_bank: int = field(default=256, metadata=bounds(2))  # bank: videos held (first in, first out)
+    # IGV / EIGV indicator: per_frame (IGV's code: each frame causal iff its noisy logit > 0, no budget; a video with no
+    # causal frame keeps every frame, an empty environment reads as the whole video) | budget (ours, the earlier form:
+    # the top `causal_share` of the real frames by noisy logit, at least one of each). Dataclass default `budget`, so
+    # runs written before the option read back as what they were; pipeline.yaml's igv / eigv choose `per_frame`.
+    indicator: Literal["per_frame", "budget"] = "budget"
+    noise_scale: float = field(default=1.0, metadata=bounds(0.0))  # IGV / EIGV: scale of the indicator's logistic noise
+    # IGV's three losses (causal-only, swapped, environment-only). EIGV's paper trains only its mixup and contrastive
+    # terms (false: they are then the whole objective, and the head's own loss is not added); true keeps them beside
+    # (ours, the earlier form). Required true for igv.
+    igv_terms: bool = True
+    # the prediction returned at test time: causal (IGV: the causal frames') | video (EIGV's code: the whole video's)
+    predict: Literal["causal", "video"] = "causal"
 
     @property
     def active(self) -> bool:
@@ -165,6 +194,13 @@ def validate(cfg: Config) -> list[str]:
             continue
         if not opts.active:
             errors.append(f"grounding.{name}: turns nothing on; set method (igv | eigv) or rationale_frames")
+        if not opts.igv_terms and opts.method != "eigv":
+            errors.append(
+                f"grounding.{name}.igv_terms: false leaves {opts.method!r} no training objective of its own; only eigv "
+                "(its mixup and contrastive terms) trains without IGV's losses; set igv_terms: true"
+            )
+        if opts.predict == "video" and opts.method == "none":
+            errors.append(f"grounding.{name}.predict: video needs an indicator (method igv | eigv) to choose against")
     return errors
 
 
@@ -201,20 +237,42 @@ def causal_budget(mask: torch.Tensor, share: float) -> torch.Tensor:
     return (share * n.float()).round().long().clamp(max=(n - 1).clamp_min(1)).clamp_min(1)
 
 
+def logistic_noise(like: torch.Tensor) -> torch.Tensor:
+    """Standard logistic noise (std π/√3 ≈ 1.81), the difference of two Gumbels: the binary Gumbel-softmax's."""
+    u = torch.rand_like(like).clamp(1e-6, 1 - 1e-6)
+    return u.log() - (-u).log1p()
+
+
+def per_frame_causal(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """IGV's per-frame decision: frame l is causal iff z_l > 0 (the binary Gumbel-softmax's hard sample: the first
+    of the two classes wins); a video with no causal frame keeps every real frame (IGV's code). (B, L) -> (B, L)."""
+    hard = (z > 0) & mask
+    return torch.where(hard.any(1, keepdim=True), hard, mask)
+
+
 def causal_split(
-    scores: torch.Tensor, mask: torch.Tensor, share: float, tau: float, noise: bool
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    share: float,
+    tau: float,
+    noise: bool,
+    indicator: str = "budget",
+    noise_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The grounding indicator: scores (B, L), mask (B, L) -> hard causal mask (B, L) bool and the
     straight-through weight g (B, L) (value = hard, gradient of the binary Gumbel-softmax sigmoid(z / tau)).
 
-    z = r + logistic noise (training) or r (eval); the top max(1, min(n - 1, round(share · n))) of a video's n
-    real frames are causal (a video with one real frame keeps it causal)."""
+    z = r + noise_scale · logistic noise (training) or r (eval). `per_frame` (IGV): frame l is causal iff z_l > 0,
+    the hard decision of the same sigmoid (`per_frame_causal`). `budget` (ours): the top max(1, min(n - 1,
+    round(share · n))) of a video's n real frames are causal (a video with one real frame keeps it causal)."""
     z = scores
-    if noise:
-        u = torch.rand_like(scores).clamp(1e-6, 1 - 1e-6)
-        z = scores + (u.log() - (-u).log1p())  # logistic = difference of two Gumbels: binary Gumbel-softmax
-    k = causal_budget(mask, share)  # (B,)
-    hard = (ranks(z, mask) < k.unsqueeze(1)) & mask  # (B, L)
+    if noise and noise_scale > 0:
+        z = scores + noise_scale * logistic_noise(scores)
+    if indicator == "per_frame":
+        hard = per_frame_causal(z, mask)
+    else:
+        k = causal_budget(mask, share)  # (B,)
+        hard = (ranks(z, mask) < k.unsqueeze(1)) & mask  # (B, L)
     soft = torch.sigmoid(z / tau)
     g = hard.to(soft.dtype) + soft - soft.detach()  # straight-through, (B, L)
     return hard, g
@@ -297,6 +355,14 @@ def masked_view(batch: Batch, weight: torch.Tensor, mask: torch.Tensor) -> Batch
     """The same videos with frame features scaled by weight (B, L) and the frame mask replaced by mask (B, L)."""
     w = weight.unsqueeze(-1)
     return dataclasses.replace(batch, **{k: getattr(batch, k).float() * w for k in FEATURES}, mask=mask)
+
+
+def environment_view(batch: Batch, g: torch.Tensor, hard: torch.Tensor) -> Batch:
+    """The environment frames alone (weight 1 - g); a video with none reads as its whole video, unweighted (IGV's
+    code: an empty side of the split falls back to every frame). g, hard (B, L)."""
+    env = batch.mask & ~hard  # (B, L)
+    empty = ~env.any(1, keepdim=True)  # (B, 1)
+    return masked_view(batch, torch.where(empty, torch.ones_like(g), 1 - g), torch.where(empty, batch.mask, env))
 
 
 def swapped_view(
@@ -500,8 +566,14 @@ class Grounded(nn.Module):
 
     def ground(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The indicator's causal frames: -> hard (B, L) bool, straight-through g (B, L)."""
+        o = self.opts
         scores = self.indicator(batch.vp.float(), batch.t0.float())  # (B, L)
-        return causal_split(scores, batch.mask, self.opts.causal_share, self.opts.tau, noise=self.training)
+        return causal_split(scores, batch.mask, o.causal_share, o.tau, self.training, o.indicator, o.noise_scale)
+
+    @property
+    def owns_loss(self) -> bool:
+        """In training, `aux_loss` is the whole objective (EIGV's paper: its mixup and contrastive terms only)."""
+        return self.indicator is not None and not self.opts.igv_terms
 
     def frames_used(self, batch: Batch) -> torch.Tensor:
         """Which of the batch's frames the prediction rests on: (B, L) bool (the grounding evaluation)."""
@@ -517,25 +589,42 @@ class Grounded(nn.Module):
         if self.indicator is None:
             self.aux_loss = None
             return self.head(batch)
-        hard, g = self.ground(batch)
-        logits = self.head(masked_view(batch, g, hard))  # the prediction from the causal frames, (B, C)
+        o = self.opts
         if not self.training or batch.labels is None:
             self.aux_loss = None
-            return logits
-        o, B = self.opts, hard.shape[0]
+            if o.predict == "video":  # EIGV's code: the whole video at test time
+                return self.head(batch)
+            hard, g = self.ground(batch)
+            return self.head(masked_view(batch, g, hard))  # the prediction from the causal frames, (B, C)
+        hard, g = self.ground(batch)
         y = one_hot_targets(batch.labels, self.num_classes, self.multi_label)  # (B, C)
+        if not o.igv_terms:  # EIGV's paper: its mixup (the main view, memories updated) and contrastive terms alone
+            self.aux_loss, logits = self.eigv_paper(batch, g, y, main=True)
+        else:
+            logits = self.head(masked_view(batch, g, hard))  # the prediction from the causal frames, (B, C)
+            self.aux_loss = self.igv_losses(batch, g, hard, y, logits)
+        if self.banked:
+            self.bank_push(batch)  # after its use: the bank holds earlier videos only
+        return logits
+
+    def igv_losses(
+        self, batch: Batch, g: torch.Tensor, hard: torch.Tensor, y: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """IGV's swapped and environment-only losses (the causal-only one is the head's own, on `logits`), and
+        EIGV's terms beside them when `method: eigv` keeps `igv_terms` (ours)."""
+        o, B = self.opts, hard.shape[0]
         source, perm = self.environments(batch, 1)
         with frozen_memories(self.head):
             # causal frames + another video's environment (from the bank, or the batch)
             swapped = self.head(swapped_view(batch, g, hard, perm[0], source=source))
-            env = self.head(masked_view(batch, 1 - g, batch.mask & ~hard))  # the environment frames alone
+            env = self.head(environment_view(batch, g, hard))  # the environment frames alone
             # no class information: uniform over classes, or (multi-label) the batch's label frequency
             C = y.shape[1]
             uninformative = y.mean(0, keepdim=True).expand_as(y) if self.multi_label else torch.full_like(y, 1 / C)
             aux = o.swap_weight * soft_loss(swapped, y, self.multi_label)
             aux = aux + o.env_weight * soft_loss(env, uninformative, self.multi_label)
             if o.method == "eigv" and o.mix == "paper":
-                aux = aux + self.eigv_paper(batch, g, y)
+                aux = aux + self.eigv_paper(batch, g, y, main=False)[0]
             elif o.method == "eigv":
                 a = torch.tensor(o.mix_alpha)
                 lam = float(torch.distributions.Beta(a, a).sample()) if B > 1 else 1.0  # torch RNG: resumable
@@ -545,43 +634,48 @@ class Grounded(nn.Module):
                 mix_logits = self.head(masked_view(mixed, mix_g, mix_hard))
                 aux = aux + o.mix_weight * soft_loss(mix_logits, lam * y + (1 - lam) * y[mix_perm], self.multi_label)
                 aux = aux + o.contrast_weight * info_nce(logits, swapped, o.contrast_tau)
-        self.aux_loss = aux
-        if self.banked:
-            self.bank_push(batch)  # after its use: the bank holds earlier videos only
-        return logits
+        return aux
 
-    def eigv_paper(self, batch: Batch, g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """EIGV's equivariance and contrastive-disruptor losses (called under frozen_memories, in training).
+    def eigv_paper(
+        self, batch: Batch, g: torch.Tensor, y: torch.Tensor, main: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """EIGV's equivariance and contrastive-disruptor losses (training) -> (loss, the mixed video's logits).
 
         Mix two videos' causal frames with λ1 and their environments with λ2 (eigv_mixed_batch); the head's
         prediction on the mixed video must match λ1 y_b + (1 - λ1) y_perm[b] (λ2 does not enter the target). The
         mixed video is grounded again; anchor = its projected class scores, positive = the mixed video with its
         environment frames swapped for another video's, negatives = `contrast_negatives` copies with its causal
-        frames swapped (InfoNCE, `contrast_tau`)."""
+        frames swapped (InfoNCE, `contrast_tau`). `main`: the mixed video is the step's main view (EIGV's paper
+        objective, `igv_terms: false`): the head's memories update on it, and with a single video in the batch (no
+        other to mix with) the loss is the video's own (λ1 = λ2 = 1). Else the call runs under frozen memories."""
         o, B = self.opts, g.shape[0]
         if B < 2:  # no other video to mix or swap with
             self.mix_record = None
-            return g.new_zeros(())
+            if not main:
+                return g.new_zeros(()), None
+            logits = self.head(batch)  # the mixed video at λ1 = λ2 = 1 is the video itself
+            return o.mix_weight * soft_loss(logits, y, self.multi_label), logits
         lam1, lam2 = self.sample_lambdas(g.device)
         perm = derangement(B, g.device)
         target = lam1 * y + (1 - lam1) * y[perm]  # the soft target follows λ1 only
         self.mix_record = {"lam1": lam1, "lam2": lam2, "perm": perm, "target": target.detach()}
         mixed = eigv_mixed_batch(batch, g, perm, lam1, lam2)
-        mix_logits = self.head(mixed)
+        mix_logits = self.head(mixed)  # (B, C); under frozen memories unless this is the main view
         aux = o.mix_weight * soft_loss(mix_logits, target, self.multi_label)
         if o.contrast_weight > 0:
-            hard, mg = self.ground(mixed)
-            N = o.contrast_negatives
-            source, pos_idx = self.environments(batch, 1)
-            pos = swapped_view(mixed, mg, hard, pos_idx[0], source=source)  # environment swapped
-            source, neg_idx = self.environments(batch, N)
-            neg_perm = neg_idx.reshape(-1)  # (N·B,) into the source's videos
-            env = mixed.mask & ~hard
-            neg = swapped_view(repeated(mixed, N), (1 - mg).repeat(N, 1), env.repeat(N, 1), neg_perm, source=source)
-            z = self.project(torch.cat([mix_logits, self.head(pos), self.head(neg)], 0).float())  # ((2 + N)·B, D)
+            with frozen_memories(self.head):
+                hard, mg = self.ground(mixed)
+                N = o.contrast_negatives
+                source, pos_idx = self.environments(batch, 1)
+                pos = swapped_view(mixed, mg, hard, pos_idx[0], source=source)  # environment swapped
+                source, neg_idx = self.environments(batch, N)
+                neg_perm = neg_idx.reshape(-1)  # (N·B,) into the source's videos
+                env = mixed.mask & ~hard
+                neg = swapped_view(repeated(mixed, N), (1 - mg).repeat(N, 1), env.repeat(N, 1), neg_perm, source=source)
+                z = self.project(torch.cat([mix_logits, self.head(pos), self.head(neg)], 0).float())  # ((2+N)·B, D)
             anchor, positive, negatives = z[:B], z[B : 2 * B], z[2 * B :].view(N, B, -1)
             aux = aux + o.contrast_weight * info_nce_negatives(anchor, positive, negatives, o.contrast_tau)
-        return aux
+        return aux, mix_logits
 
 
 def wrap(head: nn.Module, opts: GroundingOptions | None, ctx: HeadContext, name: str = "") -> nn.Module:

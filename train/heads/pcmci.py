@@ -272,8 +272,10 @@ class HallucinationIntervention(nn.Module):
         rows = (cost * w).sum(2, keepdim=True) / n  # (B, C, 1)
         cols = (cost * w).mean(1, keepdim=True)  # (B, 1, L)
         centred = (cost - rows - cols + rows.mean(1, keepdim=True)) * w  # (B, C, L)
-        spread = (centred.square().sum((1, 2), keepdim=True) / (n * cost.shape[1])).sqrt()  # (B, 1, 1)
-        return cost / spread.clamp_min(1e-6)  # the plan is that of the centred cost: same row/column shifts
+        var = centred.square().sum((1, 2), keepdim=True) / (n * cost.shape[1])  # (B, 1, 1)
+        # clamped before the root: a one-frame video has no spread, and sqrt's gradient at 0 is infinite
+        spread = var.clamp_min(1e-12).sqrt()  # (B, 1, 1), the same values as sqrt(var).clamp_min(1e-6)
+        return cost / spread  # the plan is that of the centred cost: same row/column shifts
 
     def plan(self, t: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """π: t (B, C, Dc), vp (B, L, Dc), mask (B, L) -> (B, C, L), rows 1/C, real columns 1/L_valid."""
