@@ -265,6 +265,9 @@ class AblationTable:
     # single-label tasks: also report the confusion of the same-set activity pairs (they differ only in the
     # order of their actions; the synthetic world's world.json names them), lower is better
     order_confusion: bool = False
+    # rows with a grounding indicator (IGV / EIGV): also `ltar ground-check` on seed 0's run (train split), their
+    # training objective under fixed masks, written as <table>-ground-check.md / .csv
+    ground_check: bool = False
 
 
 @dataclass(frozen=True)

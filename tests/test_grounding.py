@@ -1,5 +1,6 @@
 """Grounding interventions (IGV, EIGV, STR rationales, the uniform prior) around every head."""
 
+import csv
 import dataclasses
 import itertools
 
@@ -560,7 +561,7 @@ def test_grounding_table_end_to_end_and_stale_runs_refused(tiny_cache, tmp_path,
     cfg, store = tiny_cache
     grounding = {"igv": {"method": "igv"}, "rationale": {"rationale_frames": 4}}
     rows = ["baseline", "baseline+igv", "baseline+rationale"]
-    table = from_dict({"grounding": grounding, "ablations": {"g": {"rows": rows}}}).ablations
+    table = from_dict({"grounding": grounding, "ablations": {"g": {"rows": rows, "ground_check": True}}}).ablations
     cfg = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, runs_root=str(tmp_path)), grounding=grounding, ablations=table
     )
@@ -570,6 +571,18 @@ def test_grounding_table_end_to_end_and_stale_runs_refused(tiny_cache, tmp_path,
     baseline_line = next(line for line in md.splitlines() if line.startswith("| baseline |"))
     assert "—" in baseline_line  # no grounding: no frame IoU
     assert {c.metric for c in result.cells} == {"acc1", "ground_iou", "ground_iou_random"}
+    # the fixed-mask objectives of the rows with an indicator (igv only), seed 0, as `ltar ground-check` writes them
+    check = (tmp_path / "ablations" / "g-ground-check.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in check if line.startswith("| baseline")] == ["| baseline+igv"]
+    from train.ground_check import mask_objectives
+
+    expected = {
+        r.mask: r.objective for r in mask_objectives(tmp_path / "ablations" / result_dir(tmp_path), "train", store)[0]
+    }
+    written = {
+        r["mask"]: float(r["objective"]) for r in csv.DictReader((tmp_path / "ablations" / "g-ground-check.csv").open())
+    }
+    assert written == pytest.approx(expected, rel=1e-5)
     run_dirs = sorted(p.name for p in (tmp_path / "ablations").glob("*/*") if p.is_dir())
     assert "baseline+igv-activity-s0" in run_dirs
     again = run_table(cfg, "g", seeds=1, store=store, progress=False)  # finished runs are reused
@@ -583,6 +596,10 @@ def test_grounding_table_end_to_end_and_stale_runs_refused(tiny_cache, tmp_path,
     with pytest.raises(RunError, match="other `dictionaries` settings"):
         run_table(cfg, "g", seeds=1, store=store, progress=False)
     assert set(GROUND_KEYS) <= _last_metrics(tmp_path)  # every grounding score in the run history
+
+
+def result_dir(root):
+    return next((root / "ablations").glob("*/baseline+igv-activity-s0")).relative_to(root / "ablations")
 
 
 def _last_metrics(root):

@@ -41,6 +41,7 @@ from train.engine import (
     shared_splits,
     train,
 )
+from train.ground_check import mask_objectives, write_table_check
 from train.grounding import grounding_options
 from train.heads import ORACLE_ROW, head_options, parse_row
 from train.stacked import NotStackable, train_stacked
@@ -225,6 +226,7 @@ def run_table(
     t0 = time.perf_counter()
     results: dict[tuple[str, str], list[RunResult]] = {}
     diagnosis: dict[tuple[str, str], str] = {}
+    checks: dict[str, tuple] = {}  # grounded row -> its fixed-mask objectives (ground_check tables)
     seeds_run = [cfg.train.seed + s for s in range(n_seeds)]
     groups = [(row, task) for row in table.rows for task in table.tasks]  # the table's order
     bar = tqdm(total=len(groups) * n_seeds, desc=f"ablate {name}", unit="run", disable=not progress)
@@ -249,6 +251,11 @@ def run_table(
                 if diagnose and DIAGNOSE_SPLIT in reader.info.splits:  # seed 0's run
                     rows, _ = diagnose_run(dirs[0], DIAGNOSE_SPLIT, store=store)
                     diagnosis[(row, task)] = headline(rows)
+                grounding = grounding_options(cfg, cfgs[0].train.grounding)
+                if table.ground_check and grounding is not None and grounding.method != "none":
+                    checks[row if len(table.tasks) == 1 else f"{row} ({task})"] = mask_objectives(
+                        dirs[0], "train", store
+                    )
     results = {k: results[k] for k in groups}  # rows in the table's order, each row's tasks together
     bar.close()
     cells = []
@@ -314,6 +321,8 @@ def run_table(
         ood_gaps(cells, reference),
     )
     result.files = write_table(result, table, out_root, n_seeds)
+    if checks:
+        result.files += write_table_check(checks, out_root, file_name)
     return result
 
 
