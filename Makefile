@@ -78,7 +78,8 @@ confounders: setup
 
 # IGV's premise test on three worlds (512 videos per test split, activity, 3 seeds), each in its own data and cache
 # folders: the idle-frame shortcut world (a marker only between actions, scene and co-occurrence unconfounded),
-# today's benchmark world, an unconfounded world; tables grounding_premise / grounding_today / grounding_unconfounded.
+# today's benchmark world, an unconfounded world; tables grounding_premise / grounding_today / grounding_unconfounded,
+# and grounding_indicator (the indicator's noise and budget, on the unconfounded world).
 PREMISE_SET := synthetic.videos.test_iid=512 synthetic.videos.test_ood=512 synthetic.videos.train_oracle=192 \
 	synthetic.videos.test_ood_idle=512 synthetic.idle_marker=true synthetic.idle_rho=0.95 synthetic.rho=0.125 \
 	synthetic.cooccur_high=0.45 synthetic.cooccur_low=0.45 train.eval_every=30 dataset.root=data/synthetic-idle-only
@@ -95,6 +96,7 @@ grounding-premise: setup
 	$(LTAR) ablate --table grounding_premise $(PREMISE_ARGS)
 	$(LTAR) ablate --table grounding_today $(BENCH_ARGS)
 	$(LTAR) ablate --table grounding_unconfounded $(UNCONF_ARGS)
+	$(LTAR) ablate --table grounding_indicator $(UNCONF_ARGS)
 
 test: setup
 	$(PY) -m pytest -q

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from extract.config import ConfigError, from_dict
+from extract.schema import FRAME_MASK
 from tests.conftest import random_batch
 from train.engine import RunError, loss_fn, training_loss
 from train.grounding import (
@@ -769,3 +770,30 @@ def test_environments_come_from_the_bank_never_the_video_itself():
     assert one.bank_frames(torch.tensor([0, 1]), 1, L) is None  # video 0 has no other video: the batch stands in
     plain = _grounded("baseline", "igv", ctx)
     assert not plain.banked and "bank_ids" not in plain.state_dict()  # env_source: batch keeps no bank
+
+
+def test_oracle_indicator_grounds_on_the_annotated_frames_in_training_and_at_test(tiny_cache, tmp_path):
+    """`indicator: oracle` (a diagnostic): the causal frames are the annotated action frames of the split being
+    read, so the run's frame grounding on every split is exactly the annotation's (a video without one keeps every
+    frame); it is refused where it means nothing (EIGV)."""
+    from train.data import CacheReader
+    from train.engine import _load, train
+
+    cfg, store = tiny_cache
+    cfg = dataclasses.replace(
+        cfg,
+        grounding={"o": {"method": "igv", "indicator": "oracle"}},
+        train=dataclasses.replace(cfg.train, epochs=1, grounding="o", runs_root=str(tmp_path)),
+    )
+    result = train(cfg, store=store, progress=False, run_dir=tmp_path / "run")
+    reader = CacheReader(store, cfg.train.task, allow_partial=True)
+    for split in ("test_iid", "test_ood"):
+        data = _load(reader, split, cfg, "cpu")
+        relevant = frame_relevance(cfg, reader, data.rows)
+        mask = np.asarray(reader.group[FRAME_MASK].get_orthogonal_selection(data.rows)).astype(bool)
+        used = np.where((relevant & mask).any(1, keepdims=True), relevant & mask, mask)
+        expected = grounding_scores(used, relevant, mask)
+        assert result.metrics[split]["ground_iou"] == pytest.approx(expected["ground_iou"])
+        assert expected["ground_iou"] > expected["ground_iou_random"]
+    with pytest.raises(ConfigError, match=r"grounding\.e\.indicator: oracle .* is a diagnostic for method igv"):
+        from_dict({"grounding": {"e": {"method": "eigv", "indicator": "oracle"}}})

@@ -252,7 +252,8 @@ def run_table(
                     rows, _ = diagnose_run(dirs[0], DIAGNOSE_SPLIT, store=store)
                     diagnosis[(row, task)] = headline(rows)
                 grounding = grounding_options(cfg, cfgs[0].train.grounding)
-                if table.ground_check and grounding is not None and grounding.method != "none":
+                checkable = grounding is not None and grounding.method != "none" and grounding.indicator != "oracle"
+                if table.ground_check and checkable:
                     checks[row if len(table.tasks) == 1 else f"{row} ({task})"] = mask_objectives(
                         dirs[0], "train", store
                     )

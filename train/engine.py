@@ -10,6 +10,7 @@ run. A run folder takes one process at a time (`ltar.lock` inside it, as a store
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -214,17 +215,33 @@ def split_metrics(
     """Metrics, scores and labels of a split; a grounded head adds its grounding scores against the
     annotated segments. `relevance` caches each split's (relevant frames, frame mask) (None: no annotation)."""
     tc = cfg.train
-    scores, labels, used = predict(head, data, ctx, device, tc.batch_size, tc.amp and device.startswith("cuda"))
+    grounded = hasattr(head, "frames_used")
+    key = tuple(data.rows)
+    if grounded and key not in relevance:
+        relevant = frame_relevance(cfg, reader, data.rows)
+        mask = np.asarray(reader.group[FRAME_MASK].get_orthogonal_selection(data.rows)).astype(bool)
+        relevance[key] = None if relevant is None else (relevant, mask)
+    with oracle_frames(head, relevance.get(key)):  # `indicator: oracle` reads this split's annotated frames
+        scores, labels, used = predict(head, data, ctx, device, tc.batch_size, tc.amp and device.startswith("cuda"))
     metrics = compute_metrics(scores, labels, ctx.multi_label)
-    if used is not None:
-        key = tuple(data.rows)
-        if key not in relevance:
-            relevant = frame_relevance(cfg, reader, data.rows)
-            mask = np.asarray(reader.group[FRAME_MASK].get_orthogonal_selection(data.rows)).astype(bool)
-            relevance[key] = None if relevant is None else (relevant, mask)
-        if relevance[key] is not None:
-            metrics.update(grounding_scores(used, *relevance[key]))
+    if used is not None and relevance[key] is not None:
+        metrics.update(grounding_scores(used, *relevance[key]))
     return metrics, scores, labels
+
+
+@contextlib.contextmanager
+def oracle_frames(head: torch.nn.Module, relevance: tuple[np.ndarray, np.ndarray] | None) -> Iterator[None]:
+    """Within the block, a grounded head with `indicator: oracle` reads these annotated frames ((N, L) bool of the
+    split being read, with its frame mask); other heads are untouched."""
+    uses = getattr(getattr(head, "opts", None), "indicator", None) == "oracle"
+    before = getattr(head, "oracle_frames", None)
+    if uses:
+        head.oracle_frames = None if relevance is None else torch.from_numpy(relevance[0])
+    try:
+        yield
+    finally:
+        if uses:
+            head.oracle_frames = before
 
 
 def train(
@@ -320,6 +337,9 @@ def _train(
     t0_dev = ctx.t0.to(device)
     dicts = {k: (c.to(device), p.to(device)) for k, (c, p) in ctx.dictionaries.items()}
     relevance: dict = {}  # split rows -> annotated frames, for a grounded head's grounding scores
+    if getattr(getattr(head, "opts", None), "indicator", None) == "oracle":  # the diagnostic reads the train split's
+        relevant = frame_relevance(cfg, reader, train_data.rows)
+        head.oracle_frames = None if relevant is None else torch.from_numpy(relevant)
     bar = tqdm(total=total, initial=step, disable=not progress, desc=run_name(cfg), unit="step")
     phase = getattr(head, "set_epoch", None) or getattr(getattr(head, "head", None), "set_epoch", None)
     for epoch in range(start_epoch, tc.epochs):

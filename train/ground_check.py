@@ -160,6 +160,8 @@ def mask_objectives(
             f"{checkpoint}: `ltar ground-check` needs a run with a grounding indicator (grounding.<name>.method igv "
             "or eigv); this run has none"
         )
+    if model.opts.indicator == "oracle":
+        raise RunError(f"{checkpoint}: its indicator is the oracle (the annotated frames): nothing learned to check")
     model.eval()
     data = _load(run.reader, split, run.cfg, run.device)
     relevant_all = frame_relevance(run.cfg, run.reader, data.rows)

@@ -21,7 +21,9 @@ training (the engine adds them to the head's CE/BCE):
   `sigmoid(z / tau)`. `indicator: per_frame` (IGV's code, pipeline.yaml's igv / eigv): frame l is causal iff `z_l > 0`,
   no budget; a video with no causal frame keeps every frame, and an empty environment reads as the whole video
   (both IGV's code). `indicator: budget` (ours, the earlier form and the dataclass default): the top `causal_share`
-  of the video's real frames by `z` (at least one of each). An intervener fills a video's
+  of the video's real frames by `z` (at least one of each). `indicator: oracle` (a diagnostic, not a method): the
+  annotated action frames of the split being read (`Grounded.oracle_split`; `train.engine.oracle_frames` sets them),
+  IGV's losses on the true split. An intervener fills a video's
   environment slots with another video's frames at those slots (whatever that video's own grounding
   says of them), `v* = g ⊙ v + (1 - g) ⊙ v_π(b)` with `v_π(b)` an earlier training video drawn from the environment
   bank (`env_source: bank`; `batch`: a derangement of the batch). Losses: the head's
@@ -157,7 +159,9 @@ class GroundingOptions:
     # causal frame keeps every frame, an empty environment reads as the whole video) | budget (ours, the earlier form:
     # the top `causal_share` of the real frames by noisy logit, at least one of each). Dataclass default `budget`, so
     # runs written before the option read back as what they were; pipeline.yaml's igv / eigv choose `per_frame`.
-    indicator: Literal["per_frame", "budget"] = "budget"
+    # oracle: a diagnostic, not a method: the annotated action frames are the causal frames (IGV's losses trained on
+    # the true split, read from the dataset's segments in training and at test; igv only, without rationale_frames)
+    indicator: Literal["per_frame", "budget", "oracle"] = "budget"
     noise_scale: float = field(default=1.0, metadata=bounds(0.0))  # IGV / EIGV: scale of the indicator's logistic noise
     # IGV's three losses (causal-only, swapped, environment-only). EIGV's paper trains only its mixup and contrastive
     # terms (false: they are then the whole objective, and the head's own loss is not added); true keeps them beside
@@ -198,6 +202,11 @@ def validate(cfg: Config) -> list[str]:
             errors.append(
                 f"grounding.{name}.igv_terms: false leaves {opts.method!r} no training objective of its own; only eigv "
                 "(its mixup and contrastive terms) trains without IGV's losses; set igv_terms: true"
+            )
+        if opts.indicator == "oracle" and (opts.method != "igv" or opts.rationale_frames is not None):
+            errors.append(
+                f"grounding.{name}.indicator: oracle (the annotated action frames) is a diagnostic for method igv "
+                "without rationale_frames (EIGV re-grounds mixed videos, STR moves the frames); use method: igv"
             )
         if opts.predict == "video" and opts.method == "none":
             errors.append(f"grounding.{name}.predict: video needs an indicator (method igv | eigv) to choose against")
@@ -483,6 +492,7 @@ class Grounded(nn.Module):
             self.register_buffer("bank_ids", torch.full((M,), -1, dtype=torch.long))  # (M,), -1 = empty
             self.register_buffer("bank_next", torch.zeros((), dtype=torch.long))  # the next slot to overwrite
         self.aux_loss: torch.Tensor | None = None
+        self.oracle_frames: torch.Tensor | None = None  # `indicator: oracle`: (N, L) annotated frames of the split read
         self.mix_lambdas: tuple[float, float] | None = None  # EIGV: fixed (λ1, λ2) instead of sampling (tests)
         self.mix_record: dict[str, torch.Tensor] | None = None  # EIGV: the last step's λ1, λ2, perm, soft target
 
@@ -567,8 +577,23 @@ class Grounded(nn.Module):
     def ground(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The indicator's causal frames: -> hard (B, L) bool, straight-through g (B, L)."""
         o = self.opts
+        if o.indicator == "oracle":
+            return self.oracle_split(batch)
         scores = self.indicator(batch.vp.float(), batch.t0.float())  # (B, L)
         return causal_split(scores, batch.mask, o.causal_share, o.tau, self.training, o.indicator, o.noise_scale)
+
+    def oracle_split(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """`indicator: oracle`: the annotated action frames of the batch's videos (`oracle_frames`, (N, L) bool for
+        the split being read, indexed by the batch's split positions) -> hard (B, L), g = hard (no gradient); a
+        video with no annotated frame keeps every frame, as the per-frame indicator does."""
+        if self.oracle_frames is None or batch.ids is None:
+            raise RuntimeError(
+                "indicator: oracle needs the annotated action frames of the split being read (train.engine sets "
+                "`oracle_frames` from the dataset's segments); this dataset or call provides none"
+            )
+        hard = self.oracle_frames.to(batch.mask.device)[batch.ids.to(batch.mask.device)] & batch.mask  # (B, L)
+        hard = torch.where(hard.any(1, keepdim=True), hard, batch.mask)
+        return hard, hard.float()
 
     @property
     def owns_loss(self) -> bool:
