@@ -11,7 +11,8 @@
 
 3. A table's wall time at 3 seeds, side by side on that cache (the main table's rows, task activity, same
    epochs): today's path (one run at a time, each reading its splits), one run at a time with the splits read
-   once per table (`shared_splits`), and the seeds of a row stacked (train/stacked.py, `train.stack_seeds`).
+   once per table (`shared_splits`), the seeds of a row stacked (train/stacked.py, `train.stack_seeds`), and the
+   runs trained in one worker process per core, one thread each (`train.workers`, train/ablate.py).
 
 Usage: python bench/train.py [--steps 10] [--videos 320] [--epochs 30] [--smoke]
 The last line is `key=value` pairs.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import subprocess
 import sys
@@ -39,6 +41,7 @@ SCALES = {
     "charades": dict(C=157, L=32, DC=512, DV=768, B=32),
 }
 SMOKE_SCALES = {"smoke": dict(C=12, L=4, DC=32, DV=48, B=4)}
+WORKERS = len(os.sched_getaffinity(0))  # the table's worker processes: one per core, one thread each
 PEAK_LIMIT_MIB = 4096  # no head may need more at these scales on CPU (issue 19)
 
 
@@ -115,15 +118,17 @@ def head_throughput(steps: int, device: str, scales: list[str]) -> dict[str, dic
 
 
 def table_time(base: list[str], store: Path, runs_root: Path, seeds: int) -> dict[str, float]:
-    """Seconds of `ltar ablate --table main` (task activity) under the three paths, each into its own runs."""
+    """Seconds of `ltar ablate --table main` (task activity) under each path, each into its own runs folder."""
     import contextlib
 
     import train.ablate as ablate
     from extract.config import load_config
 
     out = {}
-    for mode in ("sequential", "shared", "stacked"):
+    for mode in ("sequential", "shared", "stacked", "workers"):
+        workers = WORKERS if mode == "workers" else 1
         sets = [*base, f"train.runs_root={runs_root / mode}", f"train.stack_seeds={mode == 'stacked'}"]
+        sets.append(f"train.workers={workers}")
         cfg = load_config(ROOT / "pipeline.yaml", [*sets, "ablations.main.tasks=[activity]"])
         real = ablate.shared_splits
         if mode == "sequential":  # today's path: every run reads its splits from the store
@@ -229,12 +234,14 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"table `main` (activity, {len(cost['runs'])} rows x {args.seeds} seeds, {args.epochs} epochs): today's path "
         f"{t['sequential']:.1f} s, splits read once {t['shared']:.1f} s ({t['shared'] / t['sequential']:.2f}), "
-        f"seeds stacked {t['stacked']:.1f} s ({t['stacked'] / t['sequential']:.2f})"
+        f"seeds stacked {t['stacked']:.1f} s ({t['stacked'] / t['sequential']:.2f}), "
+        f"{WORKERS} worker processes {t['workers']:.1f} s ({t['workers'] / t['sequential']:.2f})"
     )
     figures.update(
         table_sequential_s=f"{t['sequential']:.1f}",
         table_shared_ratio=f"{t['shared'] / t['sequential']:.2f}",
         table_stacked_ratio=f"{t['stacked'] / t['sequential']:.2f}",
+        table_workers_ratio=f"{t['workers'] / t['sequential']:.2f}",
     )
     figures.update(
         worst_peak_mib=f"{worst:.0f}",

@@ -239,6 +239,9 @@ class TrainConfig:
     memory_budget_mb: int = field(default=4096, metadata=_range(1))  # larger splits stream chunk-wise from Zarr
     # `ltar ablate`: true = the seeds of a row train as one stacked model (train/stacked.py); false = one at a time
     stack_seeds: bool = False
+    # `ltar ablate`: processes that train runs side by side, each with cores // workers threads (train.ablate);
+    # 1 = one run at a time in this process, today's path
+    workers: int = field(default=1, metadata=_range(1, 64))
     # runs land in <runs_root>/<head>[-<variant>][+<grounding>][-f<L>][-<train_split>][@<recipe>]-<task>-s<seed>/
     runs_root: str = "runs"
 

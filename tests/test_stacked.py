@@ -1,4 +1,5 @@
-"""The stacked-seeds path (train/stacked.py) against the one-at-a-time path it replaces in `ltar ablate`."""
+"""The fast table paths of `ltar ablate` (seeds stacked, train/stacked.py; runs in worker processes,
+`train.workers`) against the one-at-a-time path they stand beside."""
 
 import shutil
 from dataclasses import replace
@@ -165,3 +166,55 @@ def test_sequential_switch_keeps_one_run_at_a_time(dict_cache, tmp_path):
     b = torch.load(ref.run_dir / "last.pt", weights_only=False)
     assert "stacked_seeds" not in a
     assert all(torch.equal(a["state_dict"][n], b["state_dict"][n]) for n in b["state_dict"])
+
+
+def test_worker_processes_train_the_runs_of_one_at_a_time_at_their_thread_count(dict_cache, tmp_path):
+    """`train.workers: 2`: every run (dropout on) equals bitwise a plain `train` run at the worker's thread
+    count; finished runs are reused on a second call; with `stack_seeds` a worker trains a row's seeds stacked."""
+    from train.ablate import run_table
+
+    cfg, store = dict_cache
+    data = to_dict(cfg)
+    data["train"].update(runs_root=str(tmp_path / "runs"), epochs=2, workers=2)
+    data["ablations"] = {"t": {"rows": ["baseline", "cmdcl"], "tasks": ["activity"], "seeds": 2}}
+    table = from_dict(data)
+    res = run_table(table, "t", store=store, progress=False)
+    assert res.runs == 4 and res.files[0].exists()
+    threads = max(1, torch.get_num_threads() // 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for head in ("baseline", "cmdcl"):
+            plain = replace(table, train=replace(table.train, head=head, seed=1, workers=1))
+            ref = train(plain, store=store, progress=False, run_dir=tmp_path / f"plain-{head}")
+            a = torch.load(next((tmp_path / "runs").rglob(f"{head}-activity-s1/last.pt")), weights_only=False)
+            b = torch.load(ref.run_dir / "last.pt", weights_only=False)
+            assert a["history"] == b["history"]
+            assert all(torch.equal(a["state_dict"][n], b["state_dict"][n]) for n in b["state_dict"])
+    finally:
+        torch.set_num_threads(before)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("last.pt")}
+    again = run_table(table, "t", store=store, progress=False)  # finished runs are reused, not retrained
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert [c.values for c in again.cells] == [c.values for c in res.cells]
+
+    data["train"].update(runs_root=str(tmp_path / "stacked"), stack_seeds=True)
+    run_table(from_dict(data), "t", store=store, progress=False)
+    ckpts = [torch.load(p, weights_only=False) for p in (tmp_path / "stacked").rglob("last.pt")]
+    assert len(ckpts) == 4 and all(c["stacked_seeds"] == [0, 1] for c in ckpts)
+
+
+def test_a_failing_run_in_a_worker_stops_the_table_with_its_sentence(dict_cache, tmp_path):
+    from train.ablate import run_table
+    from train.engine import RunError
+
+    cfg, store = dict_cache
+    data = to_dict(cfg)
+    data["train"].update(runs_root=str(tmp_path / "runs"), epochs=2, workers=2)
+    data["ablations"] = {"t": {"rows": ["baseline"], "tasks": ["activity"], "seeds": 2}}
+    table = from_dict(data)
+    run_table(replace(table, train=replace(table.train, epochs=1)), "t", store=store, progress=False)
+    stale = next((tmp_path / "runs").rglob("baseline-activity-s0"))
+    (stale / "ltar.lock").write_text('{"host": "elsewhere", "pid": 1, "pid_start": 0}')  # held by another host
+    with pytest.raises(RunError, match="baseline-activity-s0"):
+        run_table(table, "t", store=store, progress=False)

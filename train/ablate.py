@@ -19,7 +19,11 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import multiprocessing
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -135,7 +139,8 @@ def ood_gaps(cells: list[Cell], reference: str = "baseline") -> dict[tuple[str, 
 
 
 # train keys that decide where a run lives or how it is read, not what it computes
-_NOT_RESULTS = ("runs_root", "memory_budget_mb", "eval_every", "stack_seeds")  # stacked: the same in distribution
+# stack_seeds, workers: the same numbers in distribution (tests/test_stacked.py)
+_NOT_RESULTS = ("runs_root", "memory_budget_mb", "eval_every", "stack_seeds", "workers")
 
 
 def _same(saved: dict, now: Any, ignore: tuple[str, ...] = ()) -> bool:
@@ -199,6 +204,77 @@ def order_partners(dataset_root: str | Path, class_names: list[str]) -> np.ndarr
     return partner
 
 
+def train_unit(cfgs: list[Config], store: Path, dirs: list[Path], stack: bool) -> list[RunResult]:
+    """Train (or resume) the runs `cfgs` of one row and task into `dirs`: stacked when `stack` and the row can
+    stack (train.stacked), else one at a time; returns their results in order."""
+    runs: list[RunResult | None] = [None] * len(cfgs)
+    if stack and len(cfgs) > 1:
+        try:
+            runs = list(train_stacked(cfgs, store, dirs))
+        except NotStackable as e:
+            log.info("training the seeds of %s one at a time: %s", run_name(cfgs[0]), e)
+    return [
+        r or train(c, store=store, resume=True, progress=False, run_dir=d)
+        for r, c, d in zip(runs, cfgs, dirs, strict=True)
+    ]
+
+
+_WORKER = ExitStack()  # in a worker process: its `shared_splits` block, open for the worker's life
+
+
+def _start_worker(threads: int, level: int) -> None:
+    """A worker process of `_train_units`: `threads` intra-op threads (its share of the cores), the parent's log
+    level, and the splits of the cache read once for all the runs it trains (the pool lives for one task)."""
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    _WORKER.enter_context(shared_splits())
+
+
+def _train_units(
+    cfg: Config,
+    store: Path,
+    cfgs: dict[str, list[Config]],
+    dirs: dict[str, list[Path]],
+    units: list[tuple[str, list[int]]],
+    done: Callable[[int], Any],
+) -> Iterator[tuple[tuple[str, list[int]], list[RunResult]]]:
+    """Train every unit (a row and the indices of its seeds to train together), yielding each with its results.
+
+    `train.workers: 1`: in this process, in the table's order (today's path). More: `workers` processes (spawned,
+    so no thread pool is inherited mid-use), each with cores // workers threads and its own `shared_splits`; a
+    free worker takes the next unit. A run's numbers then equal the one-at-a-time path's at that thread count
+    (tests/test_stacked.py), and match today's path in distribution, not bitwise: intra-op threads change the
+    order of float reductions. Each run still trains in its own folder under its own lock, checkpointing every
+    epoch, so a killed table resumes per run as before. The first failing unit stops the table; the units
+    already running finish (their runs are kept), the ones not started are cancelled."""
+    stack = cfg.train.stack_seeds
+    if cfg.train.workers == 1 or len(units) < 2:
+        for row, idx in units:
+            runs = train_unit([cfgs[row][i] for i in idx], store, [dirs[row][i] for i in idx], stack)
+            done(len(idx))
+            yield (row, idx), runs
+        return
+    workers = min(cfg.train.workers, len(units))
+    threads = max(1, torch.get_num_threads() // workers)
+    log.info("training %d runs in %d worker processes, %d thread(s) each", len(units), workers, threads)
+    context = multiprocessing.get_context("spawn")
+    init = (threads, logging.getLogger().getEffectiveLevel())
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=init) as pool:
+        futures = {
+            pool.submit(train_unit, [cfgs[row][i] for i in idx], store, [dirs[row][i] for i in idx], stack): (row, idx)
+            for row, idx in units
+        }
+        try:
+            for future in as_completed(futures):
+                unit = futures[future]
+                runs = future.result()
+                done(len(unit[1]))
+                yield unit, runs
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
 def run_table(
     cfg: Config,
     name: str,
@@ -231,31 +307,33 @@ def run_table(
     groups = [(row, task) for row in table.rows for task in table.tasks]  # the table's order
     bar = tqdm(total=len(groups) * n_seeds, desc=f"ablate {name}", unit="run", disable=not progress)
     for task in table.tasks:  # one task's splits in memory at a time (the labels, and so the rows, are the task's)
+        cfgs = {row: [_run_cfg(cfg, row, task, seed) for seed in seeds_run] for row in table.rows}
+        dirs = {row: [out_root / reader.fingerprint / run_name(c) for c in cs] for row, cs in cfgs.items()}
         with shared_splits():  # the task's runs read each split of the cache once
+            finished = {
+                row: [_finished(d, c, reader) for d, c in zip(dirs[row], cs, strict=True)] for row, cs in cfgs.items()
+            }
+            todo = {row: [i for i, r in enumerate(rs) if r is None] for row, rs in finished.items()}
+            units = [  # what one process trains at once: a row's unfinished seeds stacked, or one seed
+                (row, idx)
+                for row in table.rows
+                for idx in ([todo[row]] if cfg.train.stack_seeds else [[i] for i in todo[row]])
+                if idx
+            ]
+            bar.update(sum(n_seeds - len(idx) for idx in todo.values()))  # the reused runs
+            for (row, idx), runs in _train_units(cfg, store, cfgs, dirs, units, bar.update):
+                for i, r in zip(idx, runs, strict=True):
+                    finished[row][i] = r
             for row in table.rows:
-                cfgs = [_run_cfg(cfg, row, task, seed) for seed in seeds_run]
-                dirs = [out_root / reader.fingerprint / run_name(c) for c in cfgs]  # shared by every table of the cache
-                runs = [_finished(d, c, reader) for d, c in zip(dirs, cfgs, strict=True)]
-                todo = [i for i, r in enumerate(runs) if r is None]
-                if cfg.train.stack_seeds and len(todo) > 1:  # the row's seeds as one stacked model (train.stacked)
-                    try:
-                        stacked = train_stacked([cfgs[i] for i in todo], store, [dirs[i] for i in todo])
-                        for i, r in zip(todo, stacked, strict=True):
-                            runs[i] = r
-                    except NotStackable as e:
-                        log.info("training the seeds of row %s (%s) one at a time: %s", row, task, e)
-                for i, (c, d) in enumerate(zip(cfgs, dirs, strict=True)):
-                    runs[i] = runs[i] or train(c, store=store, resume=True, progress=False, run_dir=d)
-                bar.update(n_seeds)
-                results[(row, task)] = runs
+                results[(row, task)] = finished[row]
                 if diagnose and DIAGNOSE_SPLIT in reader.info.splits:  # seed 0's run
-                    rows, _ = diagnose_run(dirs[0], DIAGNOSE_SPLIT, store=store)
+                    rows, _ = diagnose_run(dirs[row][0], DIAGNOSE_SPLIT, store=store)
                     diagnosis[(row, task)] = headline(rows)
-                grounding = grounding_options(cfg, cfgs[0].train.grounding)
+                grounding = grounding_options(cfg, cfgs[row][0].train.grounding)
                 checkable = grounding is not None and grounding.method != "none" and grounding.indicator != "oracle"
                 if table.ground_check and checkable:
                     checks[row if len(table.tasks) == 1 else f"{row} ({task})"] = mask_objectives(
-                        dirs[0], "train", store
+                        dirs[row][0], "train", store
                     )
     results = {k: results[k] for k in groups}  # rows in the table's order, each row's tasks together
     bar.close()

@@ -141,15 +141,21 @@ def ablate_cmd(
     diagnose: bool = typer.Option(
         False, "--diagnose", help="Add each row's causal-term diagnosis (variation, knock-out) on test_ood (seed 0)."
     ),
+    workers: int = typer.Option(
+        None,
+        "--workers",
+        min=1,
+        help="Processes training runs side by side (overrides train.workers; 1 = one at a time).",
+    ),
 ) -> None:
     """Run every variant of the named tables from one cache; write runs/ablations/<table>.md, .csv, .png.
 
-    Example: ltar ablate --table main --seeds 3
+    Example: ltar ablate --table main --seeds 3 --workers 2
     """
     from train.ablate import MissingSplit, run_table
     from train.engine import RunError
 
-    cfg = resolve_config(config, set_)
+    cfg = resolve_config(config, [*set_, f"train.workers={workers}"] if workers else set_)
     names = table or sorted(cfg.ablations)
     unknown = [n for n in names if n not in cfg.ablations]
     if unknown:
