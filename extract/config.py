@@ -262,7 +262,7 @@ RECIPE_FORBIDDEN = ("recipe", "head", "variant", "grounding", "task", "seed", "r
 class AblationTable:
     rows: tuple[str, ...] = ()  # `head`, `head:variant`, optionally `+grounding` (`ecrl+igv`), one row each
     tasks: tuple[str, ...] = ("activity",)  # each row is trained and evaluated on every task listed
-    seeds: int = field(default=3, metadata=_range(1))  # mean ± std over this many seeds (`--seeds` overrides)
+    seeds: int = field(default=3, metadata=_range(1))  # each cell rests on this many seeds (`--seeds` overrides)
     caption: str = ""  # written above the table
     reference: str | None = None  # the row every paired difference is taken against (null = the first row)
     # single-label tasks: also report the confusion of the same-set activity pairs (they differ only in the

@@ -59,3 +59,13 @@ def test_dictionaries_bench_smoke_reports_kmeans_against_sgemm(capsys):
     figures = _figures(capsys.readouterr().out)
     assert float(figures["sgemm_gflops"]) > 0 and 0 < float(figures["faiss_of_sgemm"]) < 10
     assert abs(float(figures["objective_gap"])) < 0.05  # same start, same iterations: the same local optimum
+
+
+def test_intervals_bench_smoke_reports_false_stars_and_coverage_of_both_intervals(capsys):
+    from bench import intervals
+
+    intervals.main(["--smoke"])
+    figures = _figures(capsys.readouterr().out)
+    for metric in ("acc1", "map"):
+        for key in ("fp_new", "fp_old", "cover_new", "cover_old"):
+            assert 0 <= float(figures[f"{metric}_{key}"]) <= 1

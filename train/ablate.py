@@ -1,9 +1,11 @@
 """`ltar ablate`: every row of a named table × task × seed, trained from one cache, written as files.
 
 Outputs in `<runs_root>/ablations/`: `<table>.md` (paste into a paper: each cell the mean over seeds with
-its 95% bootstrap interval, and the paired difference to the table's reference row with its interval,
-marked where it excludes 0; train/stats.py), `<table>.csv` (one line per row, task, split and metric, with
-mean, std, the per-seed values, the interval and the paired difference) and `<table>.png` (bars with the
+its 95% interval counting test-video and training-seed noise, and the paired difference to the table's
+reference row with its interval, starred where it survives Holm's correction over the table's Δ cells;
+train/stats.py), `<table>.csv` (one line per row, task, split and metric: mean, std, the per-seed values, the
+interval with its standard error and degrees of freedom, the paired difference with its uncorrected interval,
+p and Holm-adjusted p; and each gap closed with its Fieller interval) and `<table>.png` (bars with the
 intervals and the chance level). The runs live in `<runs_root>/ablations/<cache fingerprint>/<run>/`, shared by every
 table of that cache (a row that appears in several tables, such as a full head, trains once). Runs
 already finished (their `last.pt` reached the last epoch) are reused, so an interrupted ablation
@@ -49,9 +51,9 @@ from train.ground_check import mask_objectives, write_table_check
 from train.grounding import grounding_options
 from train.heads import ORACLE_ROW, head_options, parse_row
 from train.stacked import NotStackable, train_stacked
-from train.stats import Interval, chance_level, interval, paired_difference, point
+from train.stats import LEVEL, GapClosed, Interval, Replicates, chance_level, fieller_ratio, holm, replicates
 
-METRICS_WITH_CI = ("acc1", "acc5", "map", "order")  # bootstrapped per video (train.stats); frame IoU is reported as is
+METRICS_WITH_CI = ("acc1", "acc5", "map", "order")  # intervals per video and seed (train.stats); frame IoU as is
 DIAGNOSE_SPLIT = "test_ood"  # `ltar ablate --diagnose` reads the split where the confounder breaks
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,10 @@ class Cell:
     split: str
     metric: str
     values: list[float]
-    ci: Interval | None = None  # mean over seeds with its bootstrap 95% interval (train.stats)
-    diff: Interval | None = None  # paired difference to the table's reference row, with its interval
+    ci: Interval | None = None  # mean over seeds with its 95% interval (train.stats)
+    diff: Interval | None = None  # paired difference to the table's reference row, with its uncorrected interval
+    p_holm: float | None = None  # the difference's p, Holm-adjusted over the table's Δ cells
+    rep: Replicates | None = None  # what the intervals are computed from (per-seed values, leave-one-video-out)
 
     @property
     def mean(self) -> float:
@@ -83,6 +87,11 @@ class Cell:
     @property
     def std(self) -> float:
         return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else 0.0
+
+    @property
+    def star(self) -> bool:
+        """The difference survives the table's family-wise correction (Holm, at 1 - LEVEL)."""
+        return self.p_holm is not None and self.p_holm < 1 - LEVEL
 
 
 @dataclass
@@ -96,7 +105,8 @@ class TableResult:
     diagnosis: dict[tuple[str, str], str] = field(default_factory=dict)  # (row, task) -> causal-term headline
     reference: str = ""  # the row of the paired differences
     chance: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (task, metric, split) -> chance level
-    gap: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (row, task, ood split) -> gap closed
+    gap: dict[tuple[str, str, str], GapClosed] = field(default_factory=dict)  # (row, task, ood split) -> gap closed
+    family: int = 0  # how many Δ cells the correction runs over
 
 
 class MissingSplit(RunError):
@@ -111,31 +121,39 @@ def _run_cfg(cfg: Config, row: str, task: str, seed: int) -> Config:
     return replace(cfg, train=replace(cfg.train, head=head, variant=variant, grounding=grounding, task=task, seed=seed))
 
 
-def gap_closed(cells: list[Cell], split: str = "test_ood", reference: str = "baseline") -> dict[tuple[str, str], float]:
+def gap_closed(cells: list[Cell], split: str = "test_ood") -> dict[tuple[str, str], GapClosed]:
     """(row, task) -> (ood - ood_baseline) / (ood_oracle - ood_baseline) on the task's primary metric on the ood
-    `split`, for a table holding both the `baseline` and the `oracle` rows (0 = the baseline, 1 = the oracle).
+    `split` with Fieller's 95% interval (train.stats.fieller_ratio), for a table holding the `baseline` and the
+    `oracle` rows (0 = the baseline, 1 = the oracle). Numerator and denominator are paired differences on the
+    same videos and seeds.
 
-    Defined only where there is a gap to close: the oracle above the baseline, by a resolved paired difference
-    when the table's `reference` is the baseline (the oracle's Δ is then against it), else by its mean. Where the
-    oracle does not beat the baseline (a split whose broken shortcut costs the baseline less than the
-    unconfounded training costs it) the ratio's sign and size mean nothing, so it is left out."""
-    primary = {(c.row, c.task): c for c in cells if c.split == split and c.metric in ("acc1", "map")}
+    Left out where the oracle does not beat the baseline on average (a split whose broken shortcut costs the
+    baseline less than unconfounded training costs it: there is no gap, and the ratio's sign means nothing);
+    `unstable` (no interval) where it does, but the gap is not resolved from 0."""
+    primary = {(c.row, c.task): c for c in cells if c.split == split and c.metric in ("acc1", "map") and c.rep}
     out = {}
     for (row, task), cell in primary.items():
         base, oracle = primary.get(("baseline", task)), primary.get((ORACLE_ROW, task))
-        if base is None or oracle is None or oracle.mean <= base.mean:
+        if base is None or oracle is None or oracle.rep.estimate <= base.rep.estimate:
             continue
-        if reference == "baseline" and oracle.diff is not None and not oracle.diff.low > 0:  # gap not resolved
-            continue
-        out[(row, task)] = (cell.mean - base.mean) / (oracle.mean - base.mean)
+        out[(row, task)] = fieller_ratio(cell.rep - base.rep, oracle.rep - base.rep)
     return out
 
 
-def ood_gaps(cells: list[Cell], reference: str = "baseline") -> dict[tuple[str, str, str], float]:
+def ood_gaps(cells: list[Cell]) -> dict[tuple[str, str, str], GapClosed]:
     """(row, task, split) -> `gap_closed` on every ood split of the table (test_ood and one per named confounder)."""
     splits = sorted({c.split for c in cells if c.split.startswith("test_ood")})
-    gaps = {split: gap_closed(cells, split, reference) for split in splits}
+    gaps = {split: gap_closed(cells, split) for split in splits}
     return {(row, task, split): v for split, g in gaps.items() for (row, task), v in g.items()}
+
+
+def correct(cells: list[Cell], reference: str) -> int:
+    """Holm's correction over every Δ cell of the table (each row but the reference, each task, split and
+    metric with an interval): sets `p_holm`; returns the family's size."""
+    family = [c for c in cells if c.diff is not None and c.row != reference]
+    for c, p in zip(family, holm(np.array([c.diff.p for c in family])), strict=True):
+        c.p_holm = float(p)
+    return len(family)
 
 
 # train keys that decide where a run lives or how it is read, not what it computes
@@ -361,29 +379,28 @@ def run_table(
             for metric in main_metric(multi) + grounded:
                 cell = Cell(row, task, split, metric, [r.metrics[split][metric] for r in runs])
                 if metric in METRICS_WITH_CI:
-                    cell.ci = interval(scores, labels, metric)
+                    cell.rep = replicates(scores, labels, metric)
+                    cell.ci = cell.rep.interval()
                     chance[(task, metric, split)] = chance_level(labels, metric, scores.shape[-1])
                 cells.append(cell)
             for metric in order:  # on the videos of the paired activities only
                 partner = partners[task]
                 paired = partner[labels] >= 0  # (N,)
                 if paired.any():
-                    s, y = scores[:, paired], labels[paired]
-                    values = [point(s[i : i + 1], y, metric, partner) for i in range(len(s))]
-                    cells.append(Cell(row, task, split, metric, values, interval(s, y, metric, partner=partner)))
-                    chance[(task, metric, split)] = chance_level(y, metric, scores.shape[-1])
+                    r = replicates(scores[:, paired], labels[paired], metric, partner)
+                    cells.append(Cell(row, task, split, metric, r.per_seed.tolist(), r.interval(), rep=r))
+                    chance[(task, metric, split)] = chance_level(labels[paired], metric, scores.shape[-1])
     reference = table.reference or table.rows[0]
+    by_key = {(c.row, c.task, c.split, c.metric): c for c in cells}
     for cell in cells:
         ref = predictions.get((reference, cell.task, cell.split))
-        if cell.ci is not None and ref is not None:
-            scores, labels = predictions[(cell.row, cell.task, cell.split)]
-            if not np.array_equal(labels, ref[1]):
+        if cell.rep is not None and ref is not None:
+            if not np.array_equal(predictions[(cell.row, cell.task, cell.split)][1], ref[1]):
                 raise RunError(f"rows {cell.row!r} and {reference!r} scored different videos of {cell.split}")
-            reference_scores, partner = ref[0], partners.get(cell.task)
-            if cell.metric == "order":
-                paired = partner[labels] >= 0
-                scores, reference_scores, labels = scores[:, paired], reference_scores[:, paired], labels[paired]
-            cell.diff = paired_difference(scores, reference_scores, labels, cell.metric, partner=partner)
+            ref_cell = by_key.get((reference, cell.task, cell.split, cell.metric))
+            if ref_cell is not None:  # the same seeds by index, the same videos
+                cell.diff = (cell.rep - ref_cell.rep).interval()
+    family = correct(cells, reference)
     recipe = cfg.train.recipe
     file_name = name if recipe is None else f"{name}@{recipe}"  # a paper recipe's table beside ours
     source = "ours (pipeline.yaml `train`)" if recipe is None else f"`{recipe}`: {cfg.recipes[recipe].source}"
@@ -397,7 +414,8 @@ def run_table(
         diagnosis,
         reference,
         chance,
-        ood_gaps(cells, reference),
+        ood_gaps(cells),
+        family,
     )
     result.files = write_table(result, table, out_root, n_seeds)
     if checks:
@@ -412,11 +430,19 @@ def _columns(cells: list[Cell]) -> list[tuple[str, str, str]]:
     return list(seen)
 
 
-def _ci(x: Interval | None, signed: bool = False) -> str:
+def _ci(x: Interval | GapClosed | None, signed: bool = False, scale: float = 100, digits: int = 1) -> str:
     if x is None:
         return "—"
-    f = "{:+.1f}" if signed else "{:.1f}"
-    return f"{f.format(100 * x.estimate)} [{f.format(100 * x.low)}, {f.format(100 * x.high)}]"
+    f = f"{{:+.{digits}f}}" if signed else f"{{:.{digits}f}}"
+    return f"{f.format(scale * x.estimate)} [{f.format(scale * x.low)}, {f.format(scale * x.high)}]"
+
+
+def _gap(g: GapClosed | None) -> str:
+    if g is None:
+        return "—"
+    if g.status != "resolved":
+        return f"{g.estimate:.2f} (unstable)"
+    return _ci(g, signed=True, scale=1, digits=2)
 
 
 def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds: int) -> list[Path]:
@@ -441,17 +467,27 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
     lines = []
     if table.caption:
         lines += [table.caption, ""]
+    noise = (
+        "test videos (jackknife) and training seeds (between-seed variance), t quantile at Welch-Satterthwaite "
+        "degrees of freedom"
+        if seeds > 1
+        else "test videos only (jackknife): with one seed, training noise is NOT counted; run more seeds"
+    )
     lines.append(
-        f"Table `{result.name}`: all numbers in %. Each cell: the mean over {seeds} seed(s) and its 95% "
-        "bootstrap interval (test videos and seeds resampled); Δ: the paired difference to the reference row "
-        f"`{result.reference}` on the same videos and seeds, with its 95% interval; * marks a Δ whose interval "
-        "excludes 0 (a difference the split can resolve)."
+        f"Table `{result.name}`: all numbers in %. Each cell: the mean over {seeds} seed(s) and its 95% interval "
+        f"counting {noise}. Δ: the paired difference to the reference row `{result.reference}` on the same videos, "
+        f"seed against seed, with its uncorrected 95% interval; * marks a Δ that survives Holm's correction over "
+        f"the table's {result.family} Δ cells (family-wise error 5%); the CSV holds each Δ's p and Holm-adjusted p."
     )
     if result.gap:
         lines.append(
-            "Gap closed: (ood - ood of `baseline`) / (ood of `oracle` - ood of `baseline`) on the primary metric; "
-            "`oracle` is the baseline trained on an unconfounded training split of the same size."
+            "Gap closed: (ood - ood of `baseline`) / (ood of `oracle` - ood of `baseline`) on the primary metric, "
+            "with Fieller's 95% interval (numerator and denominator paired on the same videos and seeds); "
+            "`oracle` is the baseline trained on an unconfounded training split of the same size. `unstable`: the "
+            "oracle's gap on that split is not resolved from 0, so the ratio has no bounded interval; `—`: no gap."
         )
+    if any(c.metric not in METRICS_WITH_CI for c in result.cells):
+        lines.append("Frame IoU cells: the mean and, in brackets, the standard deviation over seeds (no interval).")
     if any(c.metric == "order" for c in result.cells):
         lines.append(
             "Order confusion: on the videos of the activity pairs that hold the same actions in another order, the "
@@ -469,7 +505,7 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
         for t, m, s in cols:
             c = by.get((r, t, m, s))
             if m not in METRICS_WITH_CI:
-                vals.append(f"{100 * c.mean:.1f} ± {100 * c.std:.1f}" if c else "—")
+                vals.append(f"{100 * c.mean:.1f} (sd {100 * c.std:.1f})" if c else "—")
                 continue
             vals.append(_ci(c.ci) if c else "—")
             if c is None or c.diff is None:
@@ -477,8 +513,8 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
             elif r == result.reference:
                 vals.append("ref")
             else:
-                vals.append(_ci(c.diff, signed=True) + (" *" if c.diff.excludes_zero() else ""))
-        vals += [f"{result.gap[(r, t, s)]:.2f}" if (r, t, s) in result.gap else "—" for t, s in gap_cols]
+                vals.append(_ci(c.diff, signed=True) + (" *" if c.star else ""))
+        vals += [_gap(result.gap.get((r, t, s))) for t, s in gap_cols]
         vals += [result.diagnosis.get((r, t), "—") for t in tasks]
         lines.append(f"| {r} | " + " | ".join(vals) + " |")
     md = out_root / f"{result.name}.md"
@@ -488,8 +524,9 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
     with path_csv.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
-            ["row", "task", "split", "metric", "mean", "std", "seeds", "values"]
-            + ["ci_low", "ci_high", "reference", "diff", "diff_low", "diff_high", "diff_excludes_0"]
+            ["row", "task", "split", "metric", "mean", "std", "seeds", "values", "ci_low", "ci_high", "se", "df"]
+            + ["reference", "diff", "diff_low", "diff_high", "diff_se", "diff_df", "diff_p", "diff_p_holm"]
+            + ["diff_excludes_0", "diff_star", "family"]
         )
         num = lambda x: "" if x is None else f"{x:.6f}"  # noqa: E731
         for c in result.cells:
@@ -506,15 +543,25 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
                     " ".join(f"{v:.6f}" for v in c.values),
                     num(ci and ci.low),
                     num(ci and ci.high),
+                    num(ci and ci.se),
+                    num(ci and ci.df),
                     result.reference,
                     num(d and d.estimate),
                     num(d and d.low),
                     num(d and d.high),
+                    num(d and d.se),
+                    num(d and d.df),
+                    "" if d is None else f"{d.p:.6g}",
+                    "" if c.p_holm is None else f"{c.p_holm:.6g}",
                     "" if d is None else int(d.excludes_zero()),
+                    "" if c.p_holm is None else int(c.star),
+                    result.family,
                 ]
             )
-        for (row, task, split), value in result.gap.items():  # the gap closed: a derived number, no interval
-            w.writerow([row, task, split, "gap_closed", f"{value:.6f}"] + [""] * 10)
+        for (row, task, split), g in result.gap.items():  # a ratio of paired differences: interval in ci_low/high
+            resolved = g.status == "resolved"
+            low, high = (f"{g.low:.6f}", f"{g.high:.6f}") if resolved else (g.status, g.status)
+            w.writerow([row, task, split, "gap_closed", f"{g.estimate:.6f}", "", "", "", low, high] + [""] * 13)
 
     fig, axes = plt.subplots(
         1, len(cols), figsize=(max(4.0, 1.0 + 0.7 * len(rows)) * len(cols) / 1.5, 3.6), squeeze=False
@@ -531,7 +578,7 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
         ax.set_xticks(range(len(rows)), rows, rotation=45, ha="right", fontsize=8)
         ax.set_title(f"{t} {METRIC_LABEL[m]} ({s})", fontsize=9)
         ax.set_ylim(0, 100)
-    fig.suptitle(f"{result.name} (mean over {seeds} seeds, 95% bootstrap intervals)", fontsize=10)
+    fig.suptitle(f"{result.name} (mean over {seeds} seeds, 95% intervals: videos and seeds)", fontsize=10)
     fig.tight_layout()
     png = out_root / f"{result.name}.png"
     fig.savefig(png, dpi=100)

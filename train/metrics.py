@@ -60,3 +60,44 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, multi_label: bool) -
 
 def primary_metric(multi_label: bool) -> str:
     return "map" if multi_label else "acc1"
+
+
+def leave_one_out_average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(N, C) per-class AP with row i left out, for every row i at once, exactly as `average_precision` on the
+    other N − 1 rows (ties grouped as sklearn groups them); NaN where the class has no positive left.
+    scores (N, C) float, targets (N, C) bool.
+
+    With rows sorted by score, AP = (1/P) Σ_groups pos_g · TP_g / N_g (TP_g, N_g cumulative at the tie group's
+    end). Leaving out a row of group g* (label y) removes y from P, pos_g* and every TP at or after g*, and one
+    from every N at or after g*; the groups before are untouched. So each left-out AP is a prefix sum, the
+    changed own-group term and a suffix sum, read off cumulative sums in O(N C) instead of N sorts."""
+    n, c = scores.shape
+    order = np.argsort(-scores, axis=0, kind="stable")  # (N, C)
+    s = np.take_along_axis(scores, order, 0)  # (N, C) descending
+    t = np.take_along_axis(targets.astype(np.float64), order, 0)  # (N, C) labels in that order
+    tp = np.cumsum(t, 0)  # (N, C)
+    rows = np.arange(n)[:, None]
+    last = np.ones((n, c), dtype=bool)  # the last row of its tie group
+    last[:-1] = s[:-1] != s[1:]
+    first = np.ones((n, c), dtype=bool)  # the first row of its tie group
+    first[1:] = last[:-1]
+    end = np.minimum.accumulate(np.where(last, rows, n - 1)[::-1], 0)[::-1]  # (N, C) its group's last row
+    start = np.maximum.accumulate(np.where(first, rows, 0), 0)  # (N, C) its group's first row
+    tp_end = np.take_along_axis(tp, end, 0)  # (N, C) TP_g of each row's group
+    tp_before = np.where(start > 0, np.take_along_axis(tp, np.maximum(start - 1, 0), 0), 0.0)  # TP before the group
+    pos = tp_end - tp_before  # (N, C) pos_g of each row's group
+    count = (end + 1).astype(np.float64)  # (N, C) N_g
+    fewer = np.maximum(count - 1, 1.0)  # N_g − 1 (a group after the left-out row's has N_g ≥ 2)
+    term = np.where(last, pos * tp_end / count, 0.0)  # (N, C) each group's term, at its last row
+    after_neg = np.where(last, pos * tp_end / fewer, 0.0)  # the term once a negative before it is left out
+    after_pos = np.where(last, pos * (tp_end - 1) / fewer, 0.0)  # ... once a positive before it is left out
+    csum, cneg, cpos = np.cumsum(term, 0), np.cumsum(after_neg, 0), np.cumsum(after_pos, 0)
+    at = lambda a: np.take_along_axis(a, end, 0)  # noqa: E731  (N, C) a cumulative sum read at the row's group end
+    prefix = at(csum) - np.take_along_axis(term, end, 0)  # the groups before the row's own
+    suffix = np.where(t > 0, cpos[-1] - at(cpos), cneg[-1] - at(cneg))  # the groups after it
+    own = np.where(count > 1, (pos - t) * (tp_end - t) / fewer, 0.0)  # the row's group without the row
+    left = tp[-1][None] - t  # (N, C) positives left
+    ap_sorted = np.where(left > 0, (prefix + own + suffix) / np.maximum(left, 1), np.nan)
+    out = np.empty((n, c))
+    np.put_along_axis(out, order, ap_sorted, 0)  # back to the rows' own order
+    return out
