@@ -204,10 +204,11 @@ def test_the_order_confusion_against_a_hand_count():
         interval(scores, np.array([4, 0, 1, 2, 3, 3]), "order", partner=partner)  # class 4 has no partner
 
 
-@pytest.mark.parametrize("metric, sigma", [("acc1", 0.045), ("acc1", 0.0), ("map", 0.35)])
+@pytest.mark.parametrize("metric, sigma", [("acc1", 0.07), ("acc1", 0.0), ("map", 0.35)])
 def test_a_seed_dominated_null_is_starred_at_most_7_percent_of_the_time(metric, sigma):
-    """Two rows equal in distribution (true Δ = 0), 3 seeds each: the crossed bootstrap starred 12-21 % of
-    such tables at this seed noise (bench/intervals.py); the seed-aware interval must hold its 5 %."""
+    """Two rows equal in distribution (true Δ = 0), 3 seeds each, 256 videos. With these designs and draws the
+    crossed bootstrap this replaced starred 13 % (acc1, σ = 0.07) and 22 % (map, σ = 0.35) of such tables; the
+    seed-aware interval must hold its 5 % (measured 4.3 % and 5 %; σ = 0: the video-dominated null)."""
     from bench.intervals import simulate
 
     rng = np.random.default_rng(10)
