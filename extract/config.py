@@ -157,18 +157,19 @@ class DictionarySpec:
     # cache array the points come from: clip/bg (confounder Z), clip/frame or timesformer/frame (global G)
     source: Literal["clip/bg", "clip/fg", "clip/frame", "timesformer/frame"] = "clip/bg"
     size: int = field(default=256, metadata=_range(1))  # K: number of entries (average: ignored, K = classes)
-    # kmeans (FAISS) | random (random features) | average (class-average features, prior = class frequency)
-    variant: Literal["kmeans", "random", "average"] = "kmeans"
+    # kmeans (FAISS) | random (K sampled points of the source) | noise (K random vectors, no data: ECRL Table 5's
+    # "random features") | average (class-average features, prior = class frequency)
+    variant: Literal["kmeans", "random", "noise", "average"] = "kmeans"
     task: str = "activity"  # the label task whose classes `average` averages over
     split: str = "train"  # only this split's rows are used
-    # kmeans: reduce to this many dims first (FAISS PCAMatrix); centroids are also stored mapped back
+    # kmeans: cluster in this many PCA dims (FAISS PCAMatrix); each entry is then its cluster's mean in the source space
     pca: int | None = field(default=None, metadata=_range(1))
     spherical: bool = True  # L2-normalise the entries (the features are L2-normalised)
     niter: int = field(default=20, metadata=_range(1))  # k-means iterations
     nredo: int = field(default=1, metadata=_range(1))  # k-means restarts, best objective kept
     init: Literal["random", "kmeans++"] = "random"  # k-means seeding: K random points (FAISS default) or k-means++
     max_points: int | None = field(default=100_000, metadata=_range(1))  # kmeans: seeded subsample; null = all
-    seed: int = 0  # seeds the subsample, the k-means init and the `random` draw
+    seed: int = 0  # seeds the subsample, the k-means init and the `random` / `noise` draws
 
 
 def _default_dictionaries() -> dict[str, DictionarySpec]:

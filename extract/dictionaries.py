@@ -10,14 +10,17 @@ extract/schema.py). Variants (ECRL Table 5):
   of at most `max_points` points, optionally after a FAISS PCA to `pca` dims. The prior
   `p(z_i) = N_i / N` counts every point of the split, assigned with the trained centroids.
 - `random`: K points drawn (seeded) from the split's points; uniform prior.
+- `noise`: K random vectors (seeded standard normal in D, L2-normalised when `spherical`), no data at all: ECRL
+  Table 5's "random features"; uniform prior. The split's points are still assigned, for the objective.
 - `average`: one entry per class of `task`, the mean of the real frames of the split's videos that
   carry the class (multi-label: every class a video carries); prior = class frequency over videos.
   `size` is ignored: K is the number of classes (the attrs keep `size_requested`). A class without a
   video in the split gets a zero entry and prior 0 (listed in the attrs as `empty_classes`).
 
 Heads use `centroids` (K, D) and `prior` (K,): `centroids` is always in the source array's space.
-With PCA, the centroids found in the P-dim PCA space are mapped back to D (the point of the PCA
-subspace they stand for, L2-normalised when `spherical`); `pca_centroids`, `pca_matrix` and
+With PCA, the clusters are found in the P-dim PCA space and each entry is its cluster's mean feature in D (the
+mean of the split's points assigned to it, accumulated in the assignment pass; ECRL Sec. 4.2.1's "z_i is the
+average feature of its cluster"; L2-normalised when `spherical`); `pca_centroids`, `pca_matrix` and
 `pca_mean` are stored too, for a head that works in the PCA space (`Dictionary.project`).
 
 Videos whose extraction failed (recorded in the store's `failures`) are skipped and counted; rows
@@ -275,10 +278,13 @@ def _device() -> tuple[bool, str]:
     return False, f"cpu ({faiss.omp_get_max_threads()} threads)"
 
 
-def _assign(pts: _Points, entries: np.ndarray, transform: Any, gpu: bool, progress: bool, desc: str):
+def _assign(
+    pts: _Points, entries: np.ndarray, transform: Any, gpu: bool, progress: bool, desc: str, sums: bool = False
+):
     """Nearest entry of every point of the split. entries (K, d) in the space `transform` maps to.
 
-    Returns counts (K,) int64 and the mean squared L2 distance to the nearest entry.
+    Returns counts (K,) int64 and the mean squared L2 distance to the nearest entry; with `sums`, also the sum
+    (K, D) of the points assigned to each entry in their own (untransformed) space, for cluster means.
     """
     import faiss
 
@@ -288,12 +294,17 @@ def _assign(pts: _Points, entries: np.ndarray, transform: Any, gpu: bool, progre
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(np.ascontiguousarray(entries, dtype=np.float32))
     counts = np.zeros(K, dtype=np.int64)  # (K,)
+    total = np.zeros((K, pts.dim), dtype=np.float64) if sums else None  # (K, D)
     sse = 0.0
     for _, x, _ in pts.blocks(progress=progress, desc=desc):
         xt = transform.apply(x) if transform is not None else x  # (P, d)
         dist, nearest = index.search(np.ascontiguousarray(xt), 1)  # (P, 1), (P, 1)
         counts += np.bincount(nearest[:, 0], minlength=K)
         sse += float(dist.sum(dtype=np.float64))
+        if total is not None:
+            np.add.at(total, nearest[:, 0], x)  # each point into its entry's sum, (K, D)
+    if sums:
+        return counts, sse / pts.total, total
     return counts, sse / pts.total
 
 
@@ -353,7 +364,10 @@ def _kmeans(pts: _Points, spec: DictionarySpec, key: str, progress: bool) -> dic
     )
     km.train(x)
     found = np.asarray(km.centroids, dtype=np.float32)  # (K, P or D)
-    counts, objective = _assign(pts, found, pca, gpu, progress, f"{key}: assign")
+    if pca is None:
+        counts, objective = _assign(pts, found, pca, gpu, progress, f"{key}: assign")
+    else:
+        counts, objective, sums = _assign(pts, found, pca, gpu, progress, f"{key}: assign", sums=True)
     out: dict[str, Any] = {"prior": counts / counts.sum(), "objective": objective, "points_used": m}
     out.update(device=device, iterations=spec.niter * spec.nredo)
     if pca is None:
@@ -361,10 +375,12 @@ def _kmeans(pts: _Points, spec: DictionarySpec, key: str, progress: bool) -> dic
     else:
         A = faiss.vector_to_array(pca.A).reshape(spec.pca, D)  # (P, D), orthonormal rows
         mean = faiss.vector_to_array(pca.mean).astype(np.float32)  # (D,)
-        # the point of the PCA subspace each centroid stands for (FAISS's reverse_transform drops the
-        # mean's component off the subspace, so it is written out here)
+        # each entry is its cluster's mean feature in D (ECRL Sec. 4.2.1: "z_i is the average feature of its
+        # cluster"), the clusters found in the PCA space and every point of the split assigned there; an entry no
+        # point chose keeps the point of the PCA subspace its centroid stands for
         back = found @ A + mean  # (K, D)
-        out["centroids"] = _normalise(back) if spec.spherical else back.astype(np.float32)
+        means = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], back)  # (K, D)
+        out["centroids"] = _normalise(means) if spec.spherical else means.astype(np.float32)
         out[schema.DICT_PCA_CENTROIDS] = found
         out[schema.DICT_PCA_MATRIX] = A
         out[schema.DICT_PCA_MEAN] = mean
@@ -381,6 +397,16 @@ def _random(pts: _Points, spec: DictionarySpec, key: str, progress: bool) -> dic
     _, objective = _assign(pts, entries, None, gpu, progress, f"{key}: assign")
     prior = np.full(K, 1.0 / K)  # (K,)
     return {"centroids": entries, "prior": prior, "objective": objective, "points_used": K, "device": device}
+
+
+def _noise(pts: _Points, spec: DictionarySpec, key: str, progress: bool) -> dict[str, Any]:
+    K = spec.size
+    x = np.random.default_rng(spec.seed).standard_normal((K, pts.dim)).astype(np.float32)  # (K, D)
+    entries = _normalise(x) if spec.spherical else x
+    gpu, device = _device()
+    _, objective = _assign(pts, entries, None, gpu, progress, f"{key}: assign")
+    prior = np.full(K, 1.0 / K)  # (K,)
+    return {"centroids": entries, "prior": prior, "objective": objective, "points_used": 0, "device": device}
 
 
 def _average(pts: _Points, spec: DictionarySpec, key: str, group: Any, info: schema.CacheInfo, progress: bool):
@@ -436,6 +462,7 @@ def _average(pts: _Points, spec: DictionarySpec, key: str, group: Any, info: sch
 _USED_KEYS = {  # spec keys each variant's result depends on (the others are recorded as null)
     "kmeans": ("source", "split", "size", "pca", "spherical", "niter", "nredo", "init", "max_points", "seed"),
     "random": ("source", "split", "size", "spherical", "seed"),
+    "noise": ("source", "split", "size", "spherical", "seed"),
     "average": ("source", "split", "task", "spherical"),
 }
 
@@ -445,8 +472,11 @@ def _params(spec: DictionarySpec, pts: _Points) -> tuple[dict[str, Any], str]:
     used = {k: v for k, v in to_dict(spec).items() if k in _USED_KEYS[spec.variant]}
     params = {k: used.get(k) for k in to_dict(spec) if k not in ("size", "variant")}
     params.update(variant=spec.variant, size_requested=spec.size)
+    # with PCA the entries are the clusters' means in D (before: their centroids mapped back): old ones rebuild
+    entries = {"pca_entries": "cluster_mean"} if used.get("pca") is not None else {}
     blob = json.dumps(
-        {"schema": schema.SCHEMA_VERSION, "variant": spec.variant, **used, "rows": pts.rows_digest()}, sort_keys=True
+        {"schema": schema.SCHEMA_VERSION, "variant": spec.variant, **used, **entries, "rows": pts.rows_digest()},
+        sort_keys=True,
     )
     return params, hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -512,6 +542,8 @@ def build_dictionary(
         out = _kmeans(pts, spec, key, progress)
     elif spec.variant == "random":
         out = _random(pts, spec, key, progress)
+    elif spec.variant == "noise":
+        out = _noise(pts, spec, key, progress)
     else:
         out = _average(pts, spec, key, group, info, progress)
     out["prior"] = np.asarray(out["prior"], dtype=np.float32)

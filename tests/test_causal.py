@@ -71,8 +71,13 @@ def test_backdoor_expectation_is_the_explicit_weighted_sum():
         explicit = torch.stack([sum(lam[b, i] * z[i] * prior[i] for i in range(5)) for b in range(3)])
         assert torch.allclose(bd(q, z, prior), explicit, atol=1e-6)
         assert torch.allclose(lam.sum(-1), torch.ones(3))
+    # Table 4's rows remove a factor of Eq. 7 (set it to 1): the factor left is a distribution
+    no_lambda = BackdoorAttention(6, 4, 8, use_lambda=False)
+    assert torch.allclose(no_lambda(q, z, prior), (prior[:, None] * z).sum(0).expand(3, 4), atol=1e-6)  # Σ p_i z_i
+    no_prior = BackdoorAttention(6, 4, 8, use_prior=False)
+    assert torch.allclose(no_prior(q, z, prior), no_prior.weights(q, z) @ z, atol=1e-6)  # Σ λ_i z_i
     flat = BackdoorAttention(6, 4, 8, use_lambda=False, use_prior=False)
-    assert torch.allclose(flat(q, z, prior), (z / 25).sum(0).expand(3, 4), atol=1e-6)  # Σ (1/K)(1/K) z_i
+    assert torch.allclose(flat(q, z, prior), z.sum(0).expand(3, 4), atol=1e-6)  # Σ z_i
 
 
 def test_nwgm_with_a_one_hot_prior_is_the_single_entry_term():
@@ -114,3 +119,15 @@ def test_sample_bank_cosine_scores_are_the_explicit_renormalised_cosine_over_tau
 @pytest.mark.parametrize("shape", [(2, 4, 6)])
 def test_nwgm_shapes(shape):
     assert nwgm_expectation(torch.randn(*shape, 3), torch.full((shape[-1],), 1 / shape[-1])).shape == (*shape[:-1], 3)
+
+
+def test_sinkhorn_reports_a_plan_returned_at_its_budget_unconverged():
+    g = torch.Generator().manual_seed(2)
+    cost = torch.rand(2, 4, 9, generator=g, dtype=torch.float64)
+    seen = []
+    plan = sinkhorn(cost, eps=0.01, iters=3, tol=1e-12, unconverged=seen.append)
+    # the error of the plan before its differentiable last iteration (which exactly fixes the columns)
+    assert len(seen) == 1 and seen[0] > 1e-12 and marginal_error(plan) > 1e-12
+    converged = []
+    sinkhorn(cost, eps=0.5, iters=100000, tol=1e-8, unconverged=converged.append)
+    assert converged == []  # within its budget: nothing to report

@@ -168,12 +168,21 @@ def test_streaming_in_small_blocks_equals_one_block_and_numpy(blobs, tmp_path):
     assert np.isclose(small.objective, np.mean(dist**2), rtol=1e-4)
 
 
-def test_pca_stores_the_projection_and_centroids_in_both_spaces(blobs, store):
+def test_pca_entries_are_the_cluster_means_of_every_point_in_its_own_space(blobs, store):
+    """With PCA, each entry is the mean, in D, of the split's points nearest (in the PCA space) to its PCA-space
+    centroid (ECRL Sec. 4.2.1), and the prior their share: recomputed here with numpy from the stored projection."""
     build_dictionary(store, "p", DictionarySpec(size=4, pca=6, spherical=False, init="kmeans++", nredo=3))
     p = load_dictionary(store, "p")
     assert p.pca_centroids.shape == (4, 6) and p.pca_matrix.shape == (6, D) and p.pca_mean.shape == (D,)
     assert p.centroids.shape == (4, D) and p.attrs["pca"] == 6
-    assert np.allclose(p.project(p.centroids), p.pca_centroids, atol=1e-4)  # mapped back, then projected again
+    x = blobs["arrays"][schema.CLIP_BG][:N_TRAIN][blobs["mask"][:N_TRAIN]]  # the train split's real frames (M, D)
+    z = (x - p.pca_mean) @ p.pca_matrix.T  # (M, 6)
+    nearest = ((z[:, None] - p.pca_centroids[None]) ** 2).sum(-1).argmin(1)  # (M,)
+    means = np.stack([x[nearest == k].mean(0) for k in range(4)])  # (4, D), by hand
+    assert np.allclose(p.centroids, means, atol=1e-4)
+    assert np.allclose(p.prior, np.bincount(nearest, minlength=4) / len(x))
+    # in the PCA space they are the k-means centroids: a converged centroid is its cluster's mean there
+    assert np.allclose(p.project(p.centroids), p.pca_centroids, atol=1e-3)
     assert _nearest(blobs["centres"][:4], p.centroids)[1].max() < 0.1  # 6 dims keep the 4 clusters apart
 
 
@@ -317,3 +326,18 @@ def test_end_to_end_on_an_extracted_synthetic_cache(tmp_path):
     elsewhere = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, root=str(tmp_path / "empty")))
     with pytest.raises(DictionaryError, match="no cache store at .*run `ltar extract` first"):
         build_dictionaries(elsewhere, progress=False)
+
+
+def test_noise_entries_are_seeded_unit_gaussian_vectors_whatever_the_data(blobs, store, tmp_path):
+    """ECRL Table 5's Random Dictionary: random features, no data (against numpy's draw); the same entries on a
+    store with other features; uniform prior; the objective still measured against the split's points."""
+    spec = DictionarySpec(size=5, variant="noise", seed=7)
+    build_dictionary(store, "n", spec)
+    n = load_dictionary(store, "n")
+    draw = np.random.default_rng(7).standard_normal((5, D)).astype(np.float32)
+    assert np.allclose(n.centroids, draw / np.linalg.norm(draw, axis=1, keepdims=True), atol=1e-6)
+    assert np.allclose(n.prior, 0.2) and n.attrs["objective"] > 0
+    other = {**blobs["arrays"], schema.CLIP_BG: -blobs["arrays"][schema.CLIP_BG]}
+    elsewhere = make_store(tmp_path / "other.zarr", other, blobs["splits"])
+    build_dictionary(elsewhere, "n", spec)
+    assert np.array_equal(load_dictionary(elsewhere, "n").centroids, n.centroids)

@@ -450,10 +450,10 @@ def test_pipeline_yaml_groundings_build():
 
 
 @pytest.mark.parametrize("method", ["igv", "eigv"])
-@pytest.mark.parametrize("head_name,memory,variant", [("cmdcl", "tci", "tci_memory"), ("pcmci", "ich", "ich_memory")])
+@pytest.mark.parametrize("head_name,memory,variant", [("cmdcl", "tci", "tci_memory"), ("pcmci", "ich", None)])
 def test_one_grounded_step_updates_a_memory_once(head_name, memory, variant, method, monkeypatch):
     ctx = _context(False)
-    model = _grounded(head_name, method, ctx, variant)  # the memories are our variants, not the papers' forms
+    model = _grounded(head_name, method, ctx, variant)  # CMDCL's memory is our variant; PCMCI's ICH default
     module = getattr(model.head, memory)
     calls = []
     real = module.update_memory
@@ -465,7 +465,7 @@ def test_one_grounded_step_updates_a_memory_once(head_name, memory, variant, met
 
 def test_auxiliary_views_never_update_the_heads_memories():
     ctx = _context(False)
-    head = build_head("pcmci", _cfg(), ctx, "ich_memory")
+    head = build_head("pcmci", _cfg(), ctx)  # ICH's default form holds the strata memory
     head.train()
     before = head.ich.memory.clone()
     with frozen_memories(head):
@@ -595,6 +595,10 @@ def test_grounding_table_end_to_end_and_stale_runs_refused(tiny_cache, tmp_path,
     run_table(read_only, "g", seeds=1, store=store, progress=False)  # where and how runs are read: not refused
     monkeypatch.setattr("train.ablate.dictionary_hashes", lambda cfg, reader: {"global": "rebuilt"})
     with pytest.raises(RunError, match="other `dictionaries` settings"):
+        run_table(cfg, "g", seeds=1, store=store, progress=False)
+    monkeypatch.undo()
+    monkeypatch.setattr("train.ablate.INIT_SCHEME", "drawn-otherwise")  # a run from before `initialise`
+    with pytest.raises(RunError, match="other `initialisation` settings"):
         run_table(cfg, "g", seeds=1, store=store, progress=False)
     assert set(GROUND_KEYS) <= _last_metrics(tmp_path)  # every grounding score in the run history
 

@@ -25,7 +25,11 @@ def _context() -> HeadContext:
     g = torch.Generator().manual_seed(0)
     unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
     prior = torch.arange(1, K + 1, dtype=torch.float32)
-    dicts = {"confounder": (unit(K, DC), prior / prior.sum()), "global": (unit(K + 2, DC), torch.full((K + 2,), 1 / 7))}
+    dicts = {
+        "confounder": (unit(K, DC), prior / prior.sum()),
+        "global": (unit(K + 2, DC), torch.full((K + 2,), 1 / 7)),
+        "global_video": (unit(K + 3, DV), torch.full((K + 3,), 1 / 8)),
+    }
     return HeadContext(DC, DV, L, C, False, unit(C, DC), dicts)
 
 
@@ -135,11 +139,14 @@ def test_random_memory_its_size_and_the_dictionaries_each_form_needs():
         MemoryTextualIntervention(_opts(**mem, memory_size=K + 1), ctx)
     assert required_dictionaries(from_dict({}), "cmdcl") == ()  # the paper's forms need no dictionary
     assert required_dictionaries(from_dict({}), "cmdcl", "tci_memory") == ("confounder",)
-    assert required_dictionaries(from_dict({}), "cmdcl", "vci_bank") == ("global",)
-    assert required_dictionaries(from_dict({}), "cmdcl", "memory_bank") == ("confounder", "global")
-    assert required_dictionaries(from_dict({}), "cmdcl", "prior_uniform") == ("confounder", "global")
+    # VCI's bank holds samples of its own input V: TimeSformer's dictionary, CLIP's only when V is CLIP's VP
+    assert required_dictionaries(from_dict({}), "cmdcl", "vci_bank") == ("global_video",)
+    assert required_dictionaries(from_dict({}), "cmdcl", "memory_bank") == ("confounder", "global_video")
+    assert required_dictionaries(from_dict({}), "cmdcl", "prior_uniform") == ("confounder", "global_video")
     cfg = from_dict({"heads": {"cmdcl": {"memory_init": "random"}}})
-    assert required_dictionaries(cfg, "cmdcl", "memory_bank") == ("global",)
+    assert required_dictionaries(cfg, "cmdcl", "memory_bank") == ("global_video",)
+    clip = from_dict({"heads": {"cmdcl": {"visual": "clip", "vci_form": "bank"}}})
+    assert required_dictionaries(clip, "cmdcl") == ("global",)
     assert required_dictionaries(from_dict({}), "cmdcl", "variant1") == ()
 
 
@@ -172,8 +179,23 @@ def test_vci_per_dimension_scores_and_v_hat_are_the_explicit_sums():
     bank = VisualIntervention(_opts(vci_form="bank"), ctx)
     p = bank.mediator_prob(x, t, mask)
     assert torch.allclose(p.sum(-1), torch.ones(B))
-    G, pg = ctx.dictionaries["global"]
+    G, pg = ctx.dictionaries["global_video"]
     assert bank(v, mask, t, G, pg)[0].shape == (B, C, 16)
+
+
+def test_vci_bank_never_reads_the_clip_dictionary():
+    """`vci_bank` on TimeSformer V: replacing the CLIP `global` dictionary leaves the logits unchanged, replacing
+    `global_video` changes them (VCI does not re-open the VLM path)."""
+    ctx = _context()
+    batch = _batch(ctx)
+    head = _head("vci_bank").eval()
+    G, pg = batch.dictionaries["global"]
+    Gv, pv = batch.dictionaries["global_video"]
+    clip_swapped = dataclasses.replace(batch, dictionaries={**batch.dictionaries, "global": (G.flip(0) * 3, pg)})
+    video_swapped = dataclasses.replace(batch, dictionaries={**batch.dictionaries, "global_video": (-Gv, pv)})
+    with torch.no_grad():
+        assert torch.equal(head(batch), head(clip_swapped))
+        assert not torch.allclose(head(batch), head(video_swapped))
 
 
 def _head(variant=None, **sets):
@@ -199,7 +221,6 @@ def test_vp_changes_t_prime_and_the_logits():
 
 
 def test_table3_switches_remove_exactly_their_modules():
-    batch = _batch(_context())
     heads = {k: _head(v) for k, v in (("full", None), ("v1", "variant1"), ("v2", "variant2"), ("v3", "variant3"))}
     names = {k: set(m.state_dict()) for k, m in heads.items()}
     has = lambda k, p: any(n.startswith(p) for n in names[k])  # noqa: E731
@@ -213,14 +234,29 @@ def test_table3_switches_remove_exactly_their_modules():
     # without VCI the frames pass the same H self-attention layers: the rows isolate the modules, not depth
     assert len(heads["v1"].visual.layers.layers) == len(heads["full"].vci.encoder.layers.layers) == 2
     assert len(heads["v2"].visual.layers.layers) == 2
-    for m in heads.values():
-        m.eval()
+
+
+@pytest.mark.parametrize("without, with_tci", [("variant1", "variant2"), ("variant3", None)], ids=["v1-v2", "v3-full"])
+def test_tci_differs_from_its_row_without_it_only_by_its_bias_term(without, with_tci):
+    """Rows initialised by name share every common module. With TCI's h set to [W_T, 0] (text_proj's map on
+    t_c, nothing on b_c) the TCI row equals the row without TCI exactly; with h's b_c block back it does not:
+    TCI acts through b_c(V) alone (Table 3's TCI switch changes one term)."""
+    from train.heads.common import initialise
+
+    batch = _batch(_context())
+    off, on = _head(without).eval(), _head(with_tci).eval()
+    initialise(off, 0), initialise(on, 0)
+    shared = off.state_dict().keys() & on.state_dict().keys()
+    assert all(torch.equal(off.state_dict()[k], on.state_dict()[k]) for k in shared) and len(shared) > 20
+    h, w_t = on.tci.h, off.text_proj
+    b_block = h.weight.data[:, DC:].clone()
     with torch.no_grad():
-        outs = [m(batch) for m in heads.values()]
-    for i in range(4):
-        assert outs[i].shape == (B, C) and torch.isfinite(outs[i]).all()
-        for j in range(i):
-            assert not torch.allclose(outs[i], outs[j])
+        h.weight[:, :DC] = w_t.weight
+        h.weight[:, DC:] = 0
+        h.bias.copy_(w_t.bias)
+        assert torch.allclose(on(batch), off(batch), atol=1e-6)
+        h.weight[:, DC:] = b_block  # W_b b_c(V) back in
+        assert (on(batch) - off(batch)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("variant", ["tci_memory", "vci_bank", "memory_bank", "prior_uniform"])
@@ -230,17 +266,26 @@ def test_our_variants_build_and_run(variant):
     memory = variant != "vci_bank"
     assert ("tci.memory" in names) == memory and ("tci.prior_logits" in names) == memory
     assert any(n.startswith("vci.bank.") for n in names) == (variant != "tci_memory")
-    head.train()
-    out = head(_batch(_context()))
+    head.eval()
+    batch = _batch(_context())
+    out = head(batch)
     assert out.shape == (B, C) and torch.isfinite(out).all()
-    out.sum().backward()
-    assert head.readout.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # the same model with its own term changed: the memory, or the bank's samples
+        if memory:
+            head.tci.memory.copy_(torch.roll(head.tci.memory, 1, 0) * 2)
+            changed = head(batch)
+        else:
+            Gv, pv = batch.dictionaries["global_video"]
+            changed = head(dataclasses.replace(batch, dictionaries={**batch.dictionaries, "global_video": (-Gv, pv)}))
+    assert (changed - out).abs().max() > 1e-4
 
 
 def test_vci_layers_sets_the_number_of_self_attention_layers():
-    for h in (2, 4, 6, 8):
+    for h in (2, 4, 6, 8, 10):
         head = _head(f"vci_layers{h}")
         assert len(head.vci.encoder.layers.layers) == h
+    flat = _head("vci_layers0")  # Fig. 7a's H = 0: no self-attention over V, the rest of VCI unchanged
+    assert flat.vci.encoder.layers is None and flat(_batch(_context())).shape == (B, C)
     torch.manual_seed(0)
     assert len(build_head("cmdcl", from_dict({}), _context()).vci.encoder.layers.layers) == 6  # the paper's default
 

@@ -1,7 +1,6 @@
 """The ECRL head against known answers: BD's explicit expectation, GLCA over all of G, switches, masks."""
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -120,16 +119,14 @@ FULL = {"fcm": True, "bcm": True, "tsc": True, "bd": True, "glca": True}
         (FULL, {"fcm": False}, ("encoders.fg.", "cfm.fg.")),
         (FULL, {"bcm": False}, ("encoders.bg.", "cfm.bg.")),
         ({**FULL, "bd": False}, {"tsc": False}, ("cfm.fg.", "cfm.bg.")),
-        (FULL, {"bd": False}, ("bd.", "w_a.", "w_b.")),
         (FULL, {"glca": False}, ("glca.", "G")),
-        (FULL, {"use_lambda": False}, ("bd.w_c.", "bd.w_d.")),
         (
             {"fcm": True, "bcm": False, "tsc": False, "bd": False, "glca": False},
             {"fcm": False},
             ("cls_1.", "psi.", "encoders.fg."),
         ),
     ],
-    ids=["fcm", "bcm", "tsc", "bd", "glca", "lambda", "fcm_alone"],
+    ids=["fcm", "bcm", "tsc", "glca", "fcm_alone"],  # BD and its λ: the explicit-sum tests below
 )
 def test_switching_a_module_off_removes_its_parameters_and_changes_the_output(base, off, removed):
     on, batch = _setup(**base)
@@ -146,12 +143,49 @@ def test_switching_a_module_off_removes_its_parameters_and_changes_the_output(ba
         assert not torch.allclose(on(batch), reduced(batch))
 
 
+@pytest.mark.parametrize(
+    "opts, form",
+    [({}, "full"), ({"use_lambda": False}, "no_lambda"), ({"use_prior": False}, "no_prior")],
+    ids=["eq7", "w/o lambda", "w/o prior"],
+)
+def test_s1_reads_eq6_with_eq7_or_a_table4_row_by_explicit_sums(opts, form):
+    """S1's input is W_a J + W_b E_z (Eq. 6) with E_z = Σ_i λ_i P(z_i) z_i (Eq. 7); Table 4's rows remove one
+    factor (set it to 1): w/o λ gives Σ_i P(z_i) z_i, the same vector for every video; w/o P(z_i) Σ_i λ_i z_i.
+    Each against a loop over the samples and entries; and W_b's term is not negligible beside W_a's."""
+    head, batch = _setup(bd_attention="dot", glca=False, **opts)
+    into_bd, into_cls = _capture(head.bd), _capture(head.cls_1)
+    head(batch)
+    j = into_bd["args"][0]  # J (B, D)
+    z, p = batch.dictionaries["confounder"]
+    bd, d = head.bd, 16
+    e_z = []
+    for b in range(B):
+        if form == "no_lambda":
+            lam = [1.0] * KZ
+        else:
+            lam = torch.softmax(torch.stack([(bd.w_c(j[b]) @ bd.w_d(z[i])) / d**0.5 for i in range(KZ)]), 0)
+        prior = [1.0] * KZ if form == "no_prior" else p
+        e_z.append(sum(lam[i] * prior[i] * z[i] for i in range(KZ)))
+    e_z = torch.stack(e_z)  # (B, Dz)
+    assert torch.allclose(into_bd["out"], e_z, atol=1e-6)
+    if form == "no_lambda":
+        assert torch.allclose(e_z, (p[:, None] * z).sum(0).expand(B, -1), atol=1e-6)  # one vector for all videos
+    total = head.w_a(j) + head.w_b(e_z)
+    assert torch.allclose(into_cls["args"][0], total, atol=1e-6)  # Eq. 6, what cls_1 reads
+    bias_free = head.w_b(e_z) - head.w_b.bias  # W_b E_z without its bias
+    assert bias_free.norm() > 0.01 * head.w_a(j).norm()  # the confounder term is there at init, not ~0
+
+
 def test_required_dictionaries_and_option_checks():
     assert Ecrl.required_dictionaries(EcrlOptions()) == ("confounder", "global")
     assert Ecrl.required_dictionaries(EcrlOptions(bd=False, confounder_dictionary="x")) == ("global",)
     assert Ecrl.required_dictionaries(EcrlOptions(glca=False, confounder_dictionary="x")) == ("x",)
     with pytest.raises(ValueError, match="turn on fcm or bcm"):
         EcrlOptions(fcm=False, bcm=False)
+    # FCM / BCM rows are "without cross-frame modeling": stream self-attention there is refused, not slipped in
+    with pytest.raises(ValueError, match="stream_layers = 1 gives the foreground/background streams"):
+        EcrlOptions(tsc=False, bd=False, stream_layers=1)
+    assert EcrlOptions(stream_layers=1).tsc  # with TSC the streams model across frames anyway
 
 
 def test_eq15_scores_and_values_equal_an_explicit_loop():
@@ -250,6 +284,7 @@ def test_each_table_row_switches_what_its_caption_says():
         assert ("cfm.fg" in params or "cfm.bg" in params) == ("tsc" in on), name
         assert ("bd" in params) == ("bd" in on) and "glca" not in params and "cfm.frame" in params, name
         head(batch)
+    assert VARIANTS["bd_prior_off"]["use_prior"] is False and "prior" not in VARIANTS["bd_prior_off"]  # removed
     for name in ("bd_lambda_off", "bd_prior_off", "bd_additive", "bd_normalised", "dict_random", "dict_average"):
         assert VARIANTS[name]["glca"] is False and VARIANTS[name]["bd"] is True, name  # Tables 4-5: without GLCA
     assert VARIANTS["dict_average"]["confounder_dictionary"] == "confounder_average_frame"
@@ -278,15 +313,31 @@ def test_two_step_training_trains_the_frame_stream_alone_first():
     assert not one_stage.frame_only  # frame_epochs 0: one stage, the default
 
 
-def test_table5_paper_dictionary_is_built_as_section_3_2_states():
-    """`dict_paper` reads `confounder_paper`: k-means++ and PCA over backgrounds, entries at natural scale."""
-    from extract.config import load_config
+@pytest.mark.parametrize(
+    "variant, reads",
+    [("dict_random", "confounder_noise"), ("dict_sampled", "confounder_random"), ("dict_paper", "confounder_paper")],
+)
+def test_table5_rows_read_their_own_dictionary_and_no_other(variant, reads):
+    """Each Table 5 row's BD reads its dictionary: replacing that one changes the logits, replacing the default
+    Z (`confounder`) does not; the rest of the row is the +TSC+BD model without GLCA."""
+    from extract.config import from_dict
+    from train.heads import head_options
 
-    assert VARIANTS["dict_paper"] == {**VARIANTS["modules_fcm_bcm_tsc_bd"], "confounder_dictionary": "confounder_paper"}
-    cfg = load_config(Path(__file__).resolve().parents[1] / "pipeline.yaml")
-    spec = cfg.dictionaries["confounder_paper"]
-    assert (spec.source, spec.variant, spec.init, spec.spherical) == ("clip/bg", "kmeans", "kmeans++", False)
-    assert spec.pca is not None and "ecrl:dict_paper" in cfg.ablations["ecrl_dictionary"].rows
+    opts = head_options(from_dict({}), "ecrl", variant)
+    assert not opts.glca and opts.bd and opts.tsc and opts.confounder_dictionary == reads
+    _, batch = _setup()
+    z, p = batch.dictionaries["confounder"]
+    g = torch.Generator().manual_seed(9)
+    own = torch.nn.functional.normalize(torch.randn(KZ, DC, generator=g), dim=-1)
+    batch = dataclasses.replace(batch, dictionaries={**batch.dictionaries, reads: (own, p)})
+    ctx = dataclasses.replace(_ctx_of(batch), num_frames=L)
+    head = Ecrl(dataclasses.replace(opts, dim=16, layers=1, attention_heads=2), ctx).eval()
+    with torch.no_grad():
+        out = head(batch)
+        other_default = {**batch.dictionaries, "confounder": (-z, p)}
+        assert torch.equal(head(dataclasses.replace(batch, dictionaries=other_default)), out)
+        other_own = {**batch.dictionaries, reads: (-own, p)}
+        assert (head(dataclasses.replace(batch, dictionaries=other_own)) - out).abs().max() > 1e-5
 
 
 def test_ivrd_variant_is_an_intervention_over_class_prototypes_with_a_uniform_prior():
@@ -309,3 +360,82 @@ def test_ivrd_variant_is_an_intervention_over_class_prototypes_with_a_uniform_pr
     head(batch)
     lam = head.bd.weights(seen["args"][0], protos)  # λ (B, C) from the video's J
     assert torch.allclose(seen["out"], lam @ protos / C, atol=1e-6)  # Σ_z λ_z z P(z), P(z) = 1/K
+
+
+def test_eq2_scores_each_frame_by_its_inner_product_with_the_context_generators_vector():
+    """w_l = softmax_l(⟨T_c(F̄), h_l⟩ / √D) over the real frames, F̄ their mean; F = LN(W_o [Σ w h, F̄]); by loops."""
+    head, batch = _setup()
+    cfm = head.cfm["fg"]
+    h = torch.randn(B, L, 16)
+    w, c = cfm.weights(h, batch.mask)
+    for b in range(B):
+        real = [i for i in range(L) if batch.mask[b, i]]
+        ctx = sum(h[b, i] for i in real) / len(real)
+        scores = torch.stack([cfm.t_c(ctx) @ h[b, i] / 4.0 for i in real])  # √D = 4
+        assert torch.allclose(w[b, real], torch.softmax(scores, 0), atol=1e-6)
+        pooled = sum(w[b, i] * h[b, i] for i in real)
+        assert torch.allclose(cfm(h, batch.mask)[b], cfm.norm(cfm.w_o(torch.cat([pooled, ctx]))), atol=1e-5)
+    additive = _setup(cfm_score="additive")[0].cfm["fg"]  # ours, the earlier form, kept as a variant
+    assert not hasattr(additive, "t_c") and hasattr(additive, "w_s")
+
+
+def test_glca_combines_the_local_features_with_both_attentions_as_the_paper_says():
+    """F_VG = LN(W_o [F_L, F_LL, F_LG]) (F_LL "combined with F_L and F_LG"); `glca_ll_lg`: [F_LL, F_LG]."""
+    for combine, parts in (("paper", 3), ("ll_lg", 2)):
+        head, batch = _setup(glca_combine=combine)
+        glca = head.glca
+        seen_ll, seen_lg, seen_o = _capture(glca.local_local), _capture(glca.local_global), _capture(glca.w_o)
+        head(batch)
+        f_l = seen_ll["args"][0]
+        expected = [f_l, seen_ll["out"], seen_lg["out"]][3 - parts :]
+        assert torch.equal(seen_o["args"][0], torch.cat(expected, -1)), combine
+
+
+@pytest.mark.parametrize("multi_label", [False, True], ids=["activity", "atomic"])
+def test_stratified_bd_is_eq4_summed_over_every_stratum(multi_label):
+    """S1 = log Σ_i P(z_i) softmax(cls_1(Ψ([s, W_z z_i]))) (single label; multi-label: the logit of Σ_i P(z_i) σ(·)),
+    against a loop over the strata; the video's own background does not reach S1; and knocking Z out (every
+    stratum replaced by the prior-weighted mean of Z) moves S1 by Eq. 4's Jensen gap (floors below)."""
+    head, batch = _setup(bd_form="stratified", glca=False)
+    if multi_label:
+        ctx = dataclasses.replace(_ctx_of(batch), multi_label=True)
+        torch.manual_seed(0)
+        head = Ecrl(EcrlOptions(dim=16, layers=1, attention_heads=2, bd_form="stratified", glca=False), ctx).eval()
+    s1_seen = _capture(head.strata_term)
+    feats_seen = _capture(head.psi)
+    head(batch)
+    s1 = s1_seen["out"]  # (B, C)
+    assert feats_seen["args"][0].shape == (B, KZ, 32)  # every stratum in one call: Ψ over (B, K, 2D)
+    z, p = batch.dictionaries["confounder"]
+    fg_seen = {}
+    head.cfm["fg"].register_forward_hook(lambda m, a, o: fg_seen.update(out=o))
+    head(batch)
+    s = fg_seen["out"]  # the foreground stream's feature, (B, D)
+    expected = []
+    for b in range(B):
+        probs = []
+        for i in range(KZ):
+            logits = head.cls_1(head.psi(torch.cat([s[b], head.bd.w_z(z[i])])))  # P(Y | s, z_i), (C,)
+            probs.append(p[i] * (torch.sigmoid(logits) if multi_label else torch.softmax(logits, 0)))
+        mix = sum(probs)
+        expected.append(torch.log(mix / (1 - mix)) if multi_label else torch.log(mix))
+    assert torch.allclose(s1, torch.stack(expected), atol=1e-5)
+    other_bg = dataclasses.replace(batch, bg=torch.randn_like(batch.bg.float()).half())
+    out = head(batch)
+    assert torch.equal(head(other_bg), out)  # the background stream is what is intervened on
+    # Z knocked out: every stratum the prior-weighted mean z̄. Ψ, cls_1 and W_z are affine, so this is Eq. 7's
+    # NWGM (softmax of the mean logit), and S1 moves by Eq. 4's Jensen gap over the strata's predictions: small
+    # while they barely differ (2e-4 / 6e-5 here at initialisation), large once they do (W_z scaled by 20)
+    flat = (p[:, None] * z).sum(0, keepdim=True).expand_as(z)
+    knocked = dataclasses.replace(batch, dictionaries={**batch.dictionaries, "confounder": (flat, p)})
+    assert (head(knocked) - out).abs().max().item() > 1e-5
+    with torch.no_grad():
+        head.bd.w_z.weight.mul_(20)
+    change = (head(knocked) - head(batch)).abs().max().item()
+    assert change > 0.02, change  # measured 0.11 (activity), 0.037 (atomic)
+
+
+def _ctx_of(batch: Batch) -> HeadContext:
+    g = torch.Generator().manual_seed(0)
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
+    return HeadContext(DC, DV, L, C, False, unit(C, DC), batch.dictionaries)

@@ -45,11 +45,24 @@ def _cosines(ctx: HeadContext, batch: Batch) -> torch.Tensor:
     return torch.einsum("cd,bld->bcl", F.normalize(ctx.t0, dim=-1), F.normalize(batch.vp.float(), dim=-1))
 
 
+def test_an_unconverged_plan_is_logged_once_per_run(caplog):
+    ctx = _context()
+    batch = _batch(ctx)
+    with caplog.at_level("WARNING", logger="train.heads.pcmci"):
+        head = _head(sinkhorn_iters=2, sinkhorn_tol=1e-12, sinkhorn_eps=0.01)
+        head(batch), head(batch)
+        assert [r.message.count("not the OT plan") for r in caplog.records] == [1]  # two steps, one warning
+        assert "budget of 2 iterations" in caplog.records[0].message
+        caplog.clear()
+        _head()(batch)  # the default budget converges: nothing to say
+        assert not caplog.records
+
+
 def test_ich_plan_is_converged_sinkhorn_of_the_scaled_clip_cost_with_the_frame_mask(monkeypatch):
     calls, sinkhorn = [], pcmci.sinkhorn
 
-    def spy(cost, eps, iters, mask=None, tol=None):
-        plan = sinkhorn(cost, eps, iters, mask, tol)
+    def spy(cost, eps, iters, mask=None, tol=None, unconverged=None):
+        plan = sinkhorn(cost, eps, iters, mask, tol, unconverged)
         calls.append((cost.detach(), eps, mask, plan.detach()))
         return plan
 
@@ -129,20 +142,53 @@ def test_a_frame_aligned_with_one_class_dominates_that_class_plan_row():
     assert report["marginal_error"] < 1e-5
 
 
-def test_paper_ich_adds_the_frame_mean_of_vp_to_every_class_whatever_the_plan():
-    """Σ_c P(h_c) h_c with P(h_c) = 1/C = Σ_c Σ_l π_cl VP_l = mean_l VP_l: the plan cancels (docstring)."""
+def test_mean_vp_ich_adds_the_frame_mean_of_vp_to_every_class_without_a_plan(monkeypatch):
+    """Σ_c P(h_c) h_c with P(h_c) = 1/C = Σ_c Σ_l π_cl VP_l = mean_l VP_l: the plan cancels (docstring), so
+    `mean_vp` computes the mean and never runs Sinkhorn; the converged plan's proxies give the same term."""
     ctx = _context()
-    head = _head()
+    head = _head(ich_form="mean_vp")
     batch = _batch(ctx)
     vp = batch.vp.float()
     t = ctx.t0.expand(B, -1, -1)
+    _, h = head.ich.hallucinate(t, vp, batch.mask)  # the converged plan's proxies h_c = C Σ_l π_cl VP_l
+    plans = []
+    monkeypatch.setattr(pcmci, "sinkhorn", lambda *a, **k: plans.append(1))
     out = head.ich(t, vp, batch.mask)  # T' (B, C, Dc)
+    assert plans == []  # no transport computed
     mean_vp = masked_mean(vp, batch.mask)  # (B, Dc)
     assert torch.allclose(out, t + head.ich.w_h(mean_vp)[:, None], atol=1e-5)
-    # it varies across videos but not across classes
-    term = out - t
+    assert torch.allclose(h.mean(1), mean_vp, atol=1e-5)  # Σ_c (1/C) h_c: the same vector
+    term = out - t  # it varies across videos but not across classes
     assert torch.allclose(term, term[:, :1].expand_as(term), atol=1e-6)
     assert not torch.allclose(term[0], term[1], atol=1e-3)
+
+
+def test_the_default_ich_changes_with_the_plan_not_only_its_column_sums():
+    """The default (`memory`): replace π by another plan with the same row and column sums (π + ε·D, D with zero
+    row and column sums on real frames): T' changes, where P(h) = 1/C's term could not (it reads column sums).
+    The term is the explicit λ·P sum over the strata H̄ with λ from each class's proxy."""
+    ctx = _context()
+    head = _head()
+    assert head.opts.ich_form == "memory"
+    batch = _batch(ctx)
+    vp, mask = batch.vp.float(), batch.mask
+    t = ctx.t0.expand(B, -1, -1)
+    plan, h = head.ich.hallucinate(t, vp, mask)
+    n = int(mask[0].sum())
+    d = torch.zeros(C, L)
+    d[0, 0], d[0, 1], d[1, 0], d[1, 1] = 1, -1, -1, 1  # zero row and column sums
+    other = plan.clone()
+    other[0] += 0.5 * plan[0, :2, :2].min() * d  # still non-negative, the same marginals
+    assert torch.allclose(other.sum(1), plan.sum(1)) and torch.allclose(other.sum(2), plan.sum(2)) and n >= 2
+    h_other = torch.einsum("bcl,bld->bcd", other * C, vp)
+    with torch.no_grad():
+        a, b = head.ich.backdoor(t, h), head.ich.backdoor(t, h_other)
+        assert (a - b)[0].abs().max() > 1e-6 and torch.equal(a[1:], b[1:])
+        ich = head.ich  # the explicit sum for video 0, class 2
+        memory = ich.memory
+        lam = torch.stack([ich.w_q(h[0, 2]) @ ich.w_k(memory[j]) * ich.scale for j in range(C)])
+        w = torch.softmax(lam + ich.prior_logits.log_softmax(0), 0)
+        assert torch.allclose(a[0, 2], t[0, 2] + ich.w_h(sum(w[j] * memory[j] for j in range(C))), atol=1e-5)
 
 
 def test_ich_attention_is_the_explicit_renormalised_sum_over_the_video_proxies():
@@ -176,9 +222,9 @@ def test_ich_memory_nwgm_with_a_one_hot_prior_is_the_single_entry_term():
     assert head.ich.prior_logits.requires_grad  # a learned class prior
 
 
-def test_ich_memory_is_a_training_set_running_mean_and_only_in_its_variant():
+def test_ich_memory_is_a_training_set_running_mean_and_only_in_its_form():
     ctx = _context()
-    assert not hasattr(_head().ich, "memory")  # the paper's form has no memory
+    assert not hasattr(_head(ich_form="mean_vp").ich, "memory")  # P(h) = 1/C: no strata
     head = _head(ich_form="memory", memory_momentum=0.75)
     batch = _batch(ctx)
     before = head.ich.memory.clone()
@@ -259,12 +305,24 @@ def test_multiscale_mediator_attends_within_each_window_and_over_real_frames():
     assert torch.allclose(out[0, frame], expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["mediator_memory", "mediator_multiscale", "alignment_off"])
-def test_mediator_rows_change_the_computation(variant):
-    overrides = head_entry("pcmci").builtin_variants[variant]
-    batch = _batch(_context())
+@pytest.mark.parametrize("variant", ["mediator_memory", "mediator_multiscale", "alignment_off", None])
+def test_the_text_reaches_v_star_only_where_the_row_says(variant):
+    """IVC with T* perturbed alone (its CLIP-space T and its projection t, everything else fixed): V* must not
+    move in the memory and multi-scale mediator rows (T* is neither their mediator nor, without the alignment,
+    their frame relations' source), and must move with T* as the mediator and in the aligned full head."""
+    overrides = head_entry("pcmci").builtin_variants[variant] if variant else {}
+    head, batch = _head(**overrides), _batch(_context())
+    seen = {}
+    head.ivc.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
     with torch.no_grad():
-        assert not torch.allclose(_head()(batch), _head(**overrides)(batch), atol=1e-4)
+        head(batch)
+        (v, t_clip, t, *rest), before = seen["args"], seen["out"]
+        moved = head.ivc(v, t_clip + 0.5 * torch.randn_like(t_clip), t + 0.5 * torch.randn_like(t), *rest)
+    change = (moved - before).abs().max().item()
+    if variant in ("mediator_memory", "mediator_multiscale"):
+        assert change == 0.0
+    else:
+        assert change > 1e-3
 
 
 def test_one_relation_basis_is_single_head_attention():
@@ -419,13 +477,17 @@ def test_diagnosed_ici_term_is_the_intervention_alone_not_t_star():
     assert (seen["t_prime"] - seen["t_prime"][:1]).abs().amax() > 1e-3  # T' varies: ICH is on
 
 
-def test_builtin_variants_are_the_papers_tables():
+def test_each_table_row_builds_the_stages_and_bases_its_caption_names():
+    """The built models, not the variant dicts: Table V1-V5 hold exactly their stages, the bases rows K bases in
+    ICI and in IVC's frame relations, and the full head runs ICH -> ICI -> IVC with K = 8."""
+    present = lambda h: tuple(s for s in ("ich", "ici", "ivc") if getattr(h, s) is not None)  # noqa: E731
     variants = head_entry("pcmci").builtin_variants
-    stages = lambda v: tuple(s for s in ("ich", "ici", "ivc") if variants[v].get(s, True))  # noqa: E731
-    assert stages("stages_v1") == () and stages("stages_v2") == ("ich",)
-    assert stages("stages_v3") == ("ici",) and stages("stages_v4") == ("ich", "ici")
-    assert stages("stages_v5") == ("ivc",)
-    for overrides in variants.values():
-        PCMCIOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})  # all valid
-    assert [variants[f"bases{k}"]["relation_bases"] for k in (1, 4, 8, 16)] == [1, 4, 8, 16]
-    assert PCMCIOptions().relation_bases == 8 and PCMCIOptions().order == ("ich", "ici", "ivc")
+    expected = {"stages_v1": (), "stages_v2": ("ich",), "stages_v3": ("ici",), "stages_v4": ("ich", "ici")}
+    for name, stages in {**expected, "stages_v5": ("ivc",)}.items():
+        assert present(_head(**variants[name])) == stages, name
+    full = _head()
+    assert present(full) == ("ich", "ici", "ivc") and full.opts.order == ("ich", "ici", "ivc")
+    assert full.ici.w_q.shape[0] == 8
+    for k in (1, 4, 8, 16):
+        head = _head(**variants[f"bases{k}"])
+        assert head.ici.w_q.shape[0] == k and head.ivc.w_v.shape[0] == k, k

@@ -81,6 +81,72 @@ def _all_variants():
     return [(h, v) for h in head_names() for v in [None, *variant_names(cfg, h)]]
 
 
+def _table_row_pairs() -> list[tuple[str, str]]:
+    """Every pair of rows of one head that some table of pipeline.yaml compares (the oracle row aside)."""
+    from itertools import combinations
+
+    from extract.config import load_config
+    from train.heads import ORACLE_ROW, parse_row
+
+    cfg = load_config(REPO / "pipeline.yaml", [])
+    pairs = set()
+    for table in cfg.ablations.values():
+        rows = [r for r in table.rows if r != ORACLE_ROW]
+        pairs |= {tuple(sorted(p)) for p in combinations(rows, 2) if parse_row(p[0])[0] == parse_row(p[1])[0]}
+    return sorted(pairs)
+
+
+def test_two_rows_of_a_table_start_from_the_same_weights_in_every_module_they_share():
+    """At one seed, every module two compared rows both hold (same qualified name, same parameter shapes) starts
+    from identical parameters and buffers: a paired Δ measures the mechanism, not an initialisation. Without
+    `initialise` (one global stream, modules built only when switched on) 135 parameter names differ over these
+    pairs, ECRL's `w_a` between `ecrl` and `ecrl:bd_lambda_off` among them."""
+    from extract.config import load_config
+    from train.engine import new_model
+    from train.heads import parse_row, required_dictionaries
+
+    cfg = load_config(REPO / "pipeline.yaml", [])
+    g = torch.Generator().manual_seed(0)
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
+    pairs = _table_row_pairs()
+    needed = {d for p in pairs for r in p for d in required_dictionaries(cfg, *parse_row(r)[:2])}
+    dicts = {n: (unit(6, DC), torch.full((6,), 1 / 6)) for n in needed | {"confounder", "global"}}
+    ctx = HeadContext(DC, DV, 16, C, False, unit(C, DC), dicts)  # 16 frames: STR keeps 8
+    built: dict[str, torch.nn.Module] = {}
+
+    def model(row: str) -> torch.nn.Module:
+        if row not in built:
+            head, variant, grounding = parse_row(row)
+            c = dataclasses.replace(
+                cfg, train=dataclasses.replace(cfg.train, head=head, variant=variant, grounding=grounding)
+            )
+            built[row] = new_model(c, ctx, seed=0)
+        return built[row]
+
+    def state(m: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:  # module name -> its own tensors
+        return {
+            name: {**dict(mod.named_parameters(recurse=False)), **dict(mod.named_buffers(recurse=False))}
+            for name, mod in m.named_modules()
+        }
+
+    assert len(pairs) > 150  # every paper table's rows, the grounding tables' and the cross-head tables'
+    compared = 0
+    for a, b in pairs:
+        sa, sb = state(model(a)), state(model(b))
+        for name in sa.keys() & sb.keys():
+            ta, tb = sa[name], sb[name]
+            if ta.keys() != tb.keys() or any(ta[k].shape != tb[k].shape for k in ta):
+                continue  # not the same module: another input width, another form
+            for k in ta:
+                assert torch.equal(ta[k], tb[k]), f"{a} vs {b}: {name}.{k} starts from other weights"
+                compared += 1
+    assert compared > 5_000
+    # the parent's init keeps the last word: attention's output bias starts at 0, as nn.MultiheadAttention sets it
+    baseline = model("baseline")
+    attn = [m for m in baseline.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert attn and all(torch.equal(m.out_proj.bias, torch.zeros_like(m.out_proj.bias)) for m in attn)
+
+
 @pytest.mark.parametrize("multi_label", [False, True], ids=["activity", "atomic"])
 @pytest.mark.parametrize("head_name,variant", _all_variants())
 def test_every_head_and_variant(head_name, variant, multi_label):
@@ -305,6 +371,16 @@ def test_step_schedule_and_adam_as_the_recipes_ask():
     assert [f(s) for s in (0, 39, 40, 79, 80, 125)] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.125]  # × γ every 4 epochs
     warm = dataclasses.replace(tc, warmup_epochs=1.0)
     assert schedule_lambda(warm, 10)(4) == 0.5  # linear warm-up first (step 5 of 10)
+    # ECRL's two-step training (frame_epochs 4, its recipe's decay 0.1 every 4 epochs): the fine-tune step starts
+    # its own schedule at epoch 4, so epochs 4-7 train at the full rate, 8-11 at 0.1, ... (one schedule over both
+    # steps began the fine-tune at 0.1 and ended at 1e-7; the recipe's 30 epochs are ours, the paper states none)
+    paper = from_dict({"train": {"schedule": "step", "step_epochs": 4, "step_gamma": 0.1, "warmup_epochs": 0.0}}).train
+    two = schedule_lambda(paper, steps_per_epoch=10, restart_epoch=4)
+    epochs = [two(10 * e) for e in (0, 3, 4, 7, 8, 12, 29)]
+    assert epochs == pytest.approx([1.0, 1.0, 1.0, 1.0, 0.1, 0.01, 0.1**6])  # epoch 29: step 2's epoch 25
+    cosine = from_dict({"train": {"schedule": "cosine", "warmup_epochs": 0.0, "epochs": 10}}).train
+    c = schedule_lambda(cosine, steps_per_epoch=10, restart_epoch=4)
+    assert c(39) < 0.01 and c(40) == 1.0 and c(70) == pytest.approx(0.5)  # each step its own cosine
     params = [torch.nn.Parameter(torch.zeros(2))]
     assert type(make_optimizer(tc, params)) is torch.optim.AdamW
     assert type(make_optimizer(dataclasses.replace(tc, optimizer="adam"), params)) is torch.optim.Adam

@@ -38,6 +38,7 @@ from train.data import CacheReader
 from train.diagnose import diagnose as diagnose_run
 from train.diagnose import headline
 from train.engine import (
+    INIT_SCHEME,
     RunError,
     RunResult,
     dictionary_hashes,
@@ -180,6 +181,7 @@ def _finished(run_dir: Path, cfg: Config, reader: CacheReader) -> RunResult | No
         "train": _same(ckpt["config"]["train"], t, ignore=_NOT_RESULTS),
         f"heads.{t.head}": _same(ckpt["options"], options),
     }
+    same["initialisation"] = ckpt.get("init") == INIT_SCHEME  # other initial weights: another run
     if "dictionaries" in ckpt:  # runs from before dictionary hashes were recorded are not checked
         same["dictionaries"] = ckpt["dictionaries"] == dictionary_hashes(cfg, reader)
     if t.grounding:

@@ -33,6 +33,7 @@ from extract.schema import FRAME_MASK, CacheError
 from train.data import CacheReader, SplitTensors, StreamedSplit, iterate_batches
 from train.grounding import GROUND_KEYS, frame_relevance, grounding_options, grounding_scores, wrap
 from train.heads import build_head, head_options, required_dictionaries
+from train.heads.common import initialise
 from train.metrics import compute_metrics, primary_metric
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,23 @@ def run_name(cfg: Config) -> str:
 def build_model(cfg: Config, ctx, head: str, variant: str | None, grounding: str | None) -> torch.nn.Module:
     """The registered head, behind its grounding intervention when one is named."""
     return wrap(build_head(head, cfg, ctx, variant), grounding_options(cfg, grounding), ctx, grounding or "")
+
+
+# how a run's initial weights were drawn, kept in its checkpoint: `ltar ablate` never reuses a run drawn otherwise
+# (before it, every module drew from one global stream in construction order)
+INIT_SCHEME = "by-name"
+
+
+def new_model(cfg: Config, ctx, seed: int) -> torch.nn.Module:
+    """A fresh model of `cfg.train`'s row at `seed`. Every submodule's initial weights are a function of (seed, its
+    qualified name) (train.heads.common.initialise), so two rows of one head at one seed start identical in every
+    parameter they share; the global generator then restarts at `seed`, so their first dropout draws match too."""
+    t = cfg.train
+    seed_everything(seed)
+    model = build_model(cfg, ctx, t.head, t.variant, t.grounding)
+    initialise(model, seed)
+    seed_everything(seed)
+    return model
 
 
 def seed_everything(seed: int) -> None:
@@ -104,14 +122,25 @@ def lr_lambda(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def schedule_lambda(tc, steps_per_epoch: int) -> Any:
+def schedule_lambda(tc, steps_per_epoch: int, restart_epoch: int = 0) -> Any:
     """The learning-rate factor of a step: warm-up, then cosine (`schedule: cosine`) or × step_gamma every
-    step_epochs epochs (`schedule: step`, e.g. ECRL's recipe)."""
-    total = steps_per_epoch * tc.epochs
+    step_epochs epochs (`schedule: step`, e.g. ECRL's recipe).
+
+    `restart_epoch` > 0 (a head's two-step training, ECRL's `frame_epochs`): the second step starts its own
+    schedule there, as a fine-tune from the first step's weights does (ECRL Sec. 4.3 and its recipe, Sec. 5.1.3:
+    "decay 0.1 every 4 epochs" for each step); one schedule over both began the fine-tune already decayed once."""
+    boundary = restart_epoch * steps_per_epoch
     warmup = int(round(tc.warmup_epochs * steps_per_epoch))
-    if tc.schedule == "cosine":
-        return lambda s: lr_lambda(s, total, warmup)
-    return lambda s: (s + 1) / warmup if s < warmup else tc.step_gamma ** ((s // steps_per_epoch) // tc.step_epochs)
+
+    def phase(s: int, total: int) -> float:  # s: the step within its phase of `total` steps
+        if tc.schedule == "cosine":
+            return lr_lambda(s, total, warmup)
+        return (s + 1) / warmup if s < warmup else tc.step_gamma ** ((s // steps_per_epoch) // tc.step_epochs)
+
+    total = steps_per_epoch * tc.epochs
+    if boundary <= 0:
+        return lambda s: phase(s, total)
+    return lambda s: phase(s, boundary) if s < boundary else phase(s - boundary, total - boundary)
 
 
 def make_optimizer(tc, params: list) -> torch.optim.Optimizer:
@@ -301,8 +330,7 @@ def _train(
             f"heads.{tc.head}.frame_epochs = {frame_epochs} leaves no epoch of the second training step "
             f"(train.epochs = {tc.epochs}): lower it or raise train.epochs"
         )
-    seed_everything(tc.seed)
-    head = build_model(cfg, ctx, tc.head, tc.variant, tc.grounding).to(device)
+    head = new_model(cfg, ctx, tc.seed).to(device)
     if tc.train_split not in reader.info.splits:
         raise ConfigError(
             f"train.train_split: the cache {store} has no split {tc.train_split!r} (it holds "
@@ -315,7 +343,7 @@ def _train(
     total = steps_per_epoch * tc.epochs
     params = [p for p in head.parameters() if p.requires_grad]
     opt = make_optimizer(tc, params)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule_lambda(tc, steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule_lambda(tc, steps_per_epoch, frame_epochs))
     use_amp = tc.amp and device.startswith("cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start_epoch, best, history, step = 0, -math.inf, [], 0
@@ -437,6 +465,7 @@ def end_epoch(
         "best": max(best, score),
         "history": history,
         "fingerprint": reader.fingerprint,
+        "init": INIT_SCHEME,
         "dictionaries": dictionary_hashes(cfg, reader),
         "store": str(store),
         "class_names": reader.class_names,

@@ -496,6 +496,14 @@ class Grounded(nn.Module):
         self.mix_lambdas: tuple[float, float] | None = None  # EIGV: fixed (λ1, λ2) instead of sampling (tests)
         self.mix_record: dict[str, torch.Tensor] | None = None  # EIGV: the last step's λ1, λ2, perm, soft target
 
+    @staticmethod
+    def init_key(name: str) -> str:
+        """The head's modules are seeded by their names in the head alone, so `x` and `x+igv` start alike
+        (train.heads.common.initialise); the wrapper's own modules by names no head uses."""
+        if name == "head":
+            return ""
+        return name.removeprefix("head.") if name.startswith("head.") else f"grounding/{name}"
+
     def select(self, batch: Batch) -> tuple[Batch, torch.Tensor]:
         """STR's rationale frames: -> the head's batch and the frame indices (B, K) (or (B, L): every frame)."""
         B, L = batch.mask.shape

@@ -56,15 +56,14 @@ from train.engine import (
     RunResult,
     _eval_splits,
     _load,
-    build_model,
     end_epoch,
     find_store,
     loss_fn,
     make_optimizer,
+    new_model,
     resolve_device,
     run_name,
     schedule_lambda,
-    seed_everything,
 )
 from train.heads import Batch, head_options
 
@@ -157,7 +156,8 @@ def _train_stacked(
     store = find_store(cfg, store)
     reader = CacheReader(store, tc.task, num_frames=tc.num_frames)
     ctx = reader.context()
-    if getattr(head_options(cfg, tc.head, tc.variant), "frame_epochs", 0) >= tc.epochs:
+    frame_epochs = getattr(head_options(cfg, tc.head, tc.variant), "frame_epochs", 0)
+    if frame_epochs >= tc.epochs:
         raise ConfigError(
             f"heads.{tc.head}.frame_epochs leaves no epoch of the second training step (train.epochs = {tc.epochs}): "
             "lower it or raise train.epochs"
@@ -174,8 +174,7 @@ def _train_stacked(
             raise RunError(f"{run_dirs[0]}: a checkpoint of these runs was trained on another cache")
     models = []
     for seed in seeds:  # each seed's initialisation exactly as the sequential path draws it
-        seed_everything(seed)
-        models.append(build_model(cfg, ctx, tc.head, tc.variant, tc.grounding).to(device))
+        models.append(new_model(cfg, ctx, seed).to(device))
     reason = stack_reason(cfg, models[0], device)
     if reason is not None:
         raise NotStackable(f"{run_name(cfg)}: {reason}")
@@ -201,7 +200,7 @@ def _train_stacked(
     for n, p in models[0].named_parameters():
         params[n].requires_grad_(p.requires_grad)
     opt = make_optimizer(tc, [params[n] for n in trainable])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule_lambda(tc, steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule_lambda(tc, steps_per_epoch, frame_epochs))
     if ckpts[0] is not None:
         opt.load_state_dict(_stack_optimizer([c["optimizer"] for c in ckpts]))
         sched.load_state_dict(ckpts[0]["scheduler"])

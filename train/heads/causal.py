@@ -13,6 +13,7 @@ from the mediator (cross-sample attention), with P(x') as the bank's prior.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -34,8 +35,11 @@ class BackdoorAttention(nn.Module):
     """E_z[g(z)] = Σ_i λ_i z_i p(z_i) (ECRL Eq. 6): λ over the confounder set from the sample's query.
 
     `dot`: λ = softmax_i((W_c q) · (W_d z_i) / √d); `additive`: λ = softmax_i(w · tanh(W_c q + W_d z_i)).
-    `use_lambda=False` drops λ (uniform 1/K), `use_prior=False` drops p(z_i) (uniform 1/K): the
-    paper's Table 4 rows. The prior is the dictionary's p(z_i) = N_i / N or a uniform one.
+    `use_lambda=False` removes the factor λ (λ_i = 1), `use_prior=False` removes p(z_i) (p(z_i) = 1): ECRL's
+    Table 4 rows "w/o λ" and "w/o P(z_i)". Removing a factor of Eq. 7's product sets it to 1, so the factor left
+    is a distribution and E_z a proper expectation (Σ_i p(z_i) z_i, or Σ_i λ_i z_i); setting it to 1/K instead
+    would keep the full form's ~1/K scale twice over (1/K²) and make "w/o λ" a constant shrunk K-fold. The prior
+    passed in is the dictionary's p(z_i) = N_i / N, or a uniform one (a head's `prior: uniform`).
     """
 
     def __init__(
@@ -57,10 +61,10 @@ class BackdoorAttention(nn.Module):
         self.scale = dim**-0.5
 
     def weights(self, query: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """λ: query (..., Dq), z (K, Dz) -> (..., K), each row summing to 1."""
+        """λ: query (..., Dq), z (K, Dz) -> (..., K), each row summing to 1 (all ones without λ)."""
         K = z.shape[0]
-        if not self.use_lambda:
-            return query.new_full((*query.shape[:-1], K), 1.0 / K)
+        if not self.use_lambda:  # the factor removed: λ_i = 1
+            return query.new_ones((*query.shape[:-1], K))
         q, k = self.w_c(query), self.w_d(z)  # (..., d), (K, d)
         if self.mode == "dot":
             scores = torch.einsum("...d,kd->...k", q, k) * self.scale  # (..., K)
@@ -71,7 +75,7 @@ class BackdoorAttention(nn.Module):
     def forward(self, query: torch.Tensor, z: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         """query (..., Dq), z (K, Dz), prior (K,) -> E_z (..., Dz)."""
         lam = self.weights(query, z)  # λ (..., K)
-        p = dictionary_prior(prior, "empirical" if self.use_prior else "uniform")
+        p = prior if self.use_prior else torch.ones_like(prior)  # without P(z_i): the factor removed
         return torch.einsum("...k,k,kd->...d", lam, p.to(lam.dtype), z.to(lam.dtype))  # Σ_i λ_i p(z_i) z_i
 
 
@@ -109,7 +113,12 @@ class SampleBankAttention(nn.Module):
 
 
 def sinkhorn(
-    cost: torch.Tensor, eps: float, iters: int, mask: torch.Tensor | None = None, tol: float | None = None
+    cost: torch.Tensor,
+    eps: float,
+    iters: int,
+    mask: torch.Tensor | None = None,
+    tol: float | None = None,
+    unconverged: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """Entropic optimal transport plan with uniform marginals, log domain.
 
@@ -122,6 +131,7 @@ def sinkhorn(
     `iters` iterations have run, then one differentiable iteration from the converged (detached)
     potentials: the plan is the converged one, and its gradient is that of the last Sinkhorn step
     (the usual cheap stand-in for implicit differentiation; exact where the cost has no gradient).
+    `unconverged(error)` is called when the budget ran out with the marginal error still above `tol`.
     """
     B, C, L = cost.shape
     neg = -1e9  # "log 0" kept finite: -inf would turn the gradients of fully masked columns into NaN
@@ -146,13 +156,17 @@ def sinkhorn(
     else:
         with torch.no_grad():
             fixed = logk.detach()
+            plan = lambda: (log_u.unsqueeze(2) + fixed + log_v.unsqueeze(1)).exp()  # noqa: E731
+            converged = False
             for i in range(iters - 1):
                 log_u, log_v = step(log_u, log_v, fixed)
-                if (
-                    i % 10 == 9
-                    and _largest(_marginal_errors((log_u.unsqueeze(2) + fixed + log_v.unsqueeze(1)).exp(), mask)) < tol
-                ):
+                if i % 10 == 9 and _largest(_marginal_errors(plan(), mask)) < tol:
+                    converged = True
                     break
+            if not converged and unconverged is not None:
+                error = _largest(_marginal_errors(plan(), mask))
+                if error >= tol:
+                    unconverged(error)
         log_u, log_v = step(log_u, log_v, logk)  # the differentiable last iteration
     return (log_u.unsqueeze(2) + logk + log_v.unsqueeze(1)).exp()  # π = diag(u) K diag(v), (B, C, L)
 

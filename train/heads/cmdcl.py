@@ -5,14 +5,20 @@ VP (B, L, Dc) CLIP frames, V (B, L, Dv) TimeSformer frames, τ one temperature f
 
 - Eq. 2, bias-aware scores `S = softmax_l(v^P_l · t_c / τ)` (B, C, L): `TextualIntervention.scores`;
   bias embeddings `b_c = Σ_l S_cl v^P_l` (B, C, Dc), per video, with gradients: `TextualIntervention.bias`.
-- Eq. 3, NWGM back-door: P(B) is fitted by the learnable approximator h, `t'_c = h([t_c, b_c])` per video,
-  T' (B, C, dim): `TextualIntervention.forward`. No bias memory, no learned prior, no dictionary in TCI.
+- Eq. 3, NWGM back-door as printed: `t'_c = h([t_c, b_c])` per video, T' (B, C, dim):
+  `TextualIntervention.forward`. With h one linear map this is `t'_c = W_t t_c + W_b b_c(V)`: a function of the
+  video's own bias embedding, with no expectation over a bias distribution, so nothing in it adjusts for P(B)
+  (the paper calls h the approximator of P(B); no term of the printed form realises that). The form that does
+  take an expectation over strata other than the sample is ours, `tci_form: memory` (below).
 - Eq. 4-5 (and the V̂ of Eq. 5-6), H self-attention layers + LN over V: `VisualIntervention.encoder`
-  (`TemporalEncoder`, `vci_layers` = H, Fig. 7a: 2, 4, 6, 8); per-dimension scores
-  `s_cld = softmax_l(v_ld t'_cd / τ)` (B, C, L, D) from each video's own t'_c: `VisualIntervention.scores`;
+  (`TemporalEncoder`, `vci_layers` = H, Fig. 7a: 0, 2, 4, 6, 8, 10; H = 0 is projection, positions and LN);
+  per-dimension scores `s_cld = softmax_l(v_ld t'_cd / τ)` (B, C, L, D) from each video's own t'_c:
+  `VisualIntervention.scores`;
   `v̂_c = Σ_l s_cld v_ld` (B, C, D): `VisualIntervention.attend`.
-- Eq. 6-8, front-door by NWGM: g, the learned approximator of P(M = t'_c | V) and P(V = v̂_c),
-  `v'_c = g([t'_c, v̂_c])` (B, C, dim): `VisualIntervention.forward`.
+- Eq. 6-8, front-door by NWGM as printed: `v'_c = g([t'_c, v̂_c])` (B, C, dim): `VisualIntervention.forward`.
+  With g one linear map this is `v'_c = W_1 t'_c + W_2 v̂_c`: no P(M = t'_c | V) and no sum over other samples'
+  V, so it is the video's own attended feature plus its text state (the paper calls g the approximator of
+  P(M | V) and P(V = v̂); the printed form has neither). Ours, `vci_form: bank`, adds both explicitly.
 - Eq. 9, classifier `Σ_d w_cd f(T', V')_cd + b_c`: `CMDCL.forward` with `ClassCrossAttention` (f; per-video
   queries T' (B, C, dim)) and `ClassReadout` (w, b).
 - `frame_entropy_ratio`: entropy of S or s over the frames divided by log L (1 = uniform, 0 = one frame),
@@ -43,8 +49,9 @@ Deviations from the paper, each with its reason:
     video and VP enters only through the memory update. Needs the `confounder` dictionary (memory_init
     confounder). `memory_*`, `tci_attention` and `prior` act on it.
   - `vci_form: bank` (variant `vci_bank`): an explicit `P(M = t'_c | V)` softmax over classes from the
-    frame mean and a cross-sample bank term `Σ_g P(g | v̂_c) g` over the global dictionary G (with its
-    prior), `v'_c = LN(g([C·P(M = t'_c | V) t'_c, v̂_c, x̂_c]))`. Needs the `global` dictionary.
+    frame mean and a cross-sample bank term `Σ_g P(g | v̂_c) g` over a dictionary G of VCI's own input V (with
+    its prior), `v'_c = LN(g([C·P(M = t'_c | V) t'_c, v̂_c, x̂_c]))`. Needs `global_video` (TimeSformer V; `global`,
+    CLIP frames, with `visual: clip`): a CLIP dictionary would re-open the VLM path VCI does not read.
   - `memory_bank` = both (the head before it was held to the paper); `prior_uniform` = both with every
     dictionary prior 1/K (IVRD-style; `prior` has no effect on the paper forms).
   - `visual: clip` (variant `clip_only`) feeds VP instead of TimeSformer's V.
@@ -73,7 +80,7 @@ class CMDCLOptions:
     visual: Literal["timesformer", "clip"] = "timesformer"  # V: TimeSformer features, or CLIP's VP (`clip_only`)
     tci: bool = True  # textual causal intervention (back-door, Eq. 2-3)
     vci: bool = True  # visual causal intervention (front-door, mediator T', Eq. 4-8)
-    vci_layers: int = field(default=6, metadata=bounds(1, 24))  # H: self-attention layers over V (also without VCI)
+    vci_layers: int = field(default=6, metadata=bounds(0, 24))  # H: self-attention layers over V (also without VCI)
     tau: float = field(default=0.1, metadata=bounds(1e-3))  # τ of S (cosine / τ) and of s (v_ld t'_cd / τ)
     tci_form: Literal["paper", "memory"] = "paper"  # paper: t'_c = h([t_c, b_c]) per video | memory: ours
     vci_form: Literal["paper", "bank"] = "paper"  # paper: v'_c = g([t'_c, v̂_c]) | bank: ours (P(M|V), G)
@@ -89,6 +96,12 @@ class CMDCLOptions:
 def visual_dim(opts: CMDCLOptions, ctx: HeadContext) -> int:
     """Width of the visual input V: Dv (TimeSformer) or Dc (CLIP frames)."""
     return ctx.video_dim if opts.visual == "timesformer" else ctx.clip_dim
+
+
+def bank_dictionary(opts: CMDCLOptions) -> str:
+    """The cache dictionary of `vci_form: bank`'s sample bank: samples of VCI's own input V (TimeSformer's
+    `global_video`, or CLIP's `global` for `visual: clip`), so VCI never re-opens the CLIP path it does not read."""
+    return "global_video" if opts.visual == "timesformer" else "global"
 
 
 def frame_entropy_ratio(p: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -107,8 +120,8 @@ def frame_entropy_ratio(p: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> t
 class TextualIntervention(nn.Module):
     """TCI (Eq. 2-3), the paper's form: T (C, Dc), VP (B, L, Dc) -> T' (B, C, dim), per video.
 
-    `t'_c = h([t_c, b_c])` with `b_c = Σ_l S_cl v^P_l` of the same video, computed with gradients: h is
-    the learnable approximator that fits P(B) under NWGM (Eq. 3). No memory, no prior, no dictionary.
+    `t'_c = h([t_c, b_c])` with `b_c = Σ_l S_cl v^P_l` of the same video, computed with gradients; h linear, so
+    `t'_c = W_t t_c + W_b b_c(V)` (no expectation over P(B): see the paper map). No memory, prior or dictionary.
     """
 
     def __init__(self, opts: CMDCLOptions, ctx: HeadContext):
@@ -163,10 +176,16 @@ class MemoryTextualIntervention(TextualIntervention):
             M = opts.memory_size or 32
             memory, prior_logits = F.normalize(torch.randn(M, Dc), dim=-1), torch.zeros(M)
         self.register_buffer("memory", memory)  # B_mem (M, Dc): bias prototypes, EMA-updated
+        self.random_memory = opts.memory_init != "confounder"  # drawn, not read from the cache: reset redraws it
         # π: P(b) = softmax(π); with `prior: uniform` fixed at 1/M (IVRD-style)
         self.prior_logits = nn.Parameter(prior_logits, requires_grad=opts.prior == "empirical")
         self.attn = BackdoorAttention(Dc, Dc, opts.dim) if opts.tci_attention else None  # λ from t_c
         self.memory_updates = True  # False while auxiliary views pass through the head (train.grounding)
+
+    def reset_parameters(self) -> None:
+        """A randomly initialised memory is redrawn (`initialise`); one read from the cache stays."""
+        if self.random_memory:
+            self.memory.copy_(F.normalize(torch.randn_like(self.memory), dim=-1))
 
     def prior(self) -> torch.Tensor:
         """P(b) over the memory entries -> (M,)."""
@@ -224,12 +243,12 @@ class VisualIntervention(nn.Module):
         self.mediator = nn.Linear(dim, dim)  # t' projected to V's coordinates (ours) before s_cld
         if self.form == "bank":
             self.p_m = nn.Linear(dim, dim)  # P(M = t'_c | V): softmax_c(<W v̄, t'_c> / √d)
-            bank_dim = ctx.dictionaries["global"][0].shape[1]
+            bank_dim = ctx.dictionaries[bank_dictionary(opts)][0].shape[1]
             self.bank = SampleBankAttention(dim, bank_dim, dim)  # Σ_g P(g | v̂) g over G
             self.g = nn.Linear(3 * dim, dim)
             self.norm = nn.LayerNorm(dim)
         else:
-            self.g = nn.Linear(2 * dim, dim)  # g in Eq. 8: approximator of P(M = t'_c | V), P(V = v̂_c)
+            self.g = nn.Linear(2 * dim, dim)  # g in Eq. 8: v'_c = W_1 t'_c + W_2 v̂_c (see the paper map)
 
     def scores(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """s_cld = softmax_l(v_ld t'_cd / τ) (Eq. 5): x (B, L, D), t (B, C, D), mask (B, L) -> (B, C, L, D)."""
@@ -294,7 +313,7 @@ TERMS = (
         "variant1": {"tci": False, "vci": False},
         "variant2": {"tci": True, "vci": False},
         "variant3": {"tci": False, "vci": True},
-        **{f"vci_layers{h}": {"vci_layers": h} for h in (2, 4, 6, 8)},
+        **{f"vci_layers{h}": {"vci_layers": h} for h in (0, 2, 4, 6, 8, 10)},  # Fig. 7a's sweep
         "tci_memory": {"tci_form": "memory"},  # ours: the dataset-level bias memory in TCI
         "vci_bank": {"vci_form": "bank"},  # ours: P(M|V) softmax and the sample bank G in VCI
         "memory_bank": {"tci_form": "memory", "vci_form": "bank"},  # both of ours (the head before the paper form)
@@ -329,7 +348,7 @@ class CMDCL(nn.Module):
     def required_dictionaries(opts: CMDCLOptions) -> tuple[str, ...]:
         memory = opts.tci and opts.tci_form == "memory" and opts.memory_init == "confounder"
         needs = ("confounder",) if memory else ()
-        return needs + (("global",) if opts.vci and opts.vci_form == "bank" else ())
+        return needs + ((bank_dictionary(opts),) if opts.vci and opts.vci_form == "bank" else ())
 
     def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """-> logits (B, C), TCI's S (B, C, L) or None, VCI's s (B, C, L, D) or None."""
@@ -346,7 +365,7 @@ class CMDCL(nn.Module):
         if self.opts.vci:
             bank = bank_prior = None
             if self.opts.vci_form == "bank":
-                bank, bank_prior = batch.dictionaries["global"]  # G (K, Dg), P(g) (K,)
+                bank, bank_prior = batch.dictionaries[bank_dictionary(self.opts)]  # G (K, Dg), P(g) (K,)
                 bank_prior = dictionary_prior(bank_prior, self.opts.prior)
             v_prime, s = self.vci(v, mask, t, bank, bank_prior)  # V' (B, C, dim)
             f = self.interact(t, v_prime, torch.ones(v_prime.shape[:2], dtype=torch.bool, device=v.device))

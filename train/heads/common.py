@@ -1,9 +1,35 @@
-"""Building blocks every head shares: the temporal encoder, text class queries, per-class readout."""
+"""Building blocks every head shares: the temporal encoder, text class queries, per-class readout, and the
+initialisation that makes two rows of one head start from the same weights."""
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import nn
+
+
+def initialise(model: nn.Module, seed: int) -> None:
+    """Draw every submodule's initial weights from a generator seeded by (seed, its qualified name).
+
+    Modules are built only when their switch is on, so with one global stream a row that adds a module shifts
+    the draws of every module built after it: at one seed, the parameters two rows share would start from
+    different weights, and their paired Δ would mix the mechanism with an initialisation effect. Here each
+    module's `reset_parameters` (torch's layers; ours for the parameters they draw themselves) runs under its own
+    seed, so a module's initial weights depend on the seed, its name and its shape only. Descendants are reset
+    before their parents, so a parent that overrides a child's init (nn.MultiheadAttention zeroes its output
+    bias) keeps the last word. `model.init_key(name)`, where defined, maps a name to the key it is seeded by
+    (a grounding wrapper strips its `head.` prefix, so a head inside it starts as it does alone)."""
+    key = getattr(model, "init_key", lambda name: name)
+    modules = list(model.named_modules())
+    for name, module in reversed(modules):  # every descendant before its ancestors
+        reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
+        if reset is None:
+            continue
+        digest = hashlib.blake2b(f"{seed}/{key(name)}".encode(), digest_size=8).digest()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+            reset()
 
 
 class TemporalEncoder(nn.Module):
@@ -13,10 +39,14 @@ class TemporalEncoder(nn.Module):
         super().__init__()
         self.proj = nn.Linear(in_dim, dim)
         self.pos = nn.Parameter(torch.zeros(max_frames, dim))
-        nn.init.trunc_normal_(self.pos, std=0.02)
+        self.reset_parameters()  # drawn here, before the layers, as a head built alone always drew it
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False) if layers else None
         self.norm = nn.LayerNorm(dim)
+
+    def reset_parameters(self) -> None:
+        """The temporal positions only (the layers reset themselves, `initialise`)."""
+        nn.init.trunc_normal_(self.pos, std=0.02)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x: (B, L, in_dim), mask: (B, L) True = real frame -> (B, L, dim)."""
@@ -73,8 +103,12 @@ class ClassReadout(nn.Module):
     def __init__(self, num_classes: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_classes, dim))
-        nn.init.trunc_normal_(self.weight, std=dim**-0.5)
         self.bias = nn.Parameter(torch.zeros(num_classes))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.weight, std=self.weight.shape[1] ** -0.5)
+        nn.init.zeros_(self.bias)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         """f: (B, C, dim) -> logits (B, C)."""

@@ -13,8 +13,10 @@ The visual state V (B, L, d) is the temporal encoder's output over TimeSformer's
   `S = <T, VP>` (B, C, L), cosines in CLIP space, and the entropic OT plan π (B, C, L) with uniform
   marginals on the cost 1 - S: `HallucinationIntervention.plan`; the proxies `H = C·π·VP` (B, C, Dc),
   one per class, the frames its text is (overly) aligned with: `HallucinationIntervention.hallucinate`;
-  `P(Y | V, do(T)) ≈ Σ_h P(Y | V, do(T), h) P(h)` by NWGM, `T' = T + W_H Σ_h P(h) h` with the fixed
-  P(h_c) = 1/C (the plan's own row mass): `HallucinationIntervention.backdoor`.
+  `P(Y | V, do(T)) ≈ Σ_h P(Y | V, do(T), h) P(h)` by NWGM, `T' = T + W_H Σ_h P(h) h`:
+  `HallucinationIntervention.backdoor`. The summary leaves P(h) open; the default is a choice under which the
+  plan can act (`ich_form: memory`, below); the reading P(h_c) = 1/C is `ich_form: mean_vp`, because that is
+  what it computes.
 - Key design 2, **ICI**, the intervention on the codependency *Illusion* I (back-door on T): the
   relation-aware transformer R with K relation bases `G_k = softmax(T W_q^k (T W_k^k)^T / √d_k)`
   (B, K, C, C), the proxies of I, and `T* = T' + Σ_k p_k G_k T' W_v^k` by NWGM with p = softmax(φ) over the
@@ -31,17 +33,23 @@ The visual state V (B, L, d) is the temporal encoder's output over TimeSformer's
 - The progressive order ICH -> ICI -> IVC is `order`; switched-off stages are not built (no parameters).
 
 Deviations, each with its reason:
-- **The paper's ICH is inert with respect to the plan.** With uniform marginals, Σ_c (1/C) h_c =
+- **ICH with P(h) = 1/C is inert with respect to the plan.** With uniform marginals, Σ_c (1/C) h_c =
   Σ_c Σ_l π_cl VP_l = Σ_l (1/L) VP_l: the expectation over the proxies is the frame mean of VP, whatever π
-  (exactly, at convergence; `tests/test_heads_pcmci.py` checks it). The term still varies across videos
-  (it is the video's mean CLIP frame) but is the same for every class and ignores the transport. We keep
-  this form as the default (`ich_form: paper`) and add ours beside it:
-  - `ich_form: attention` (variant `ich_attention`): each class attends over the video's proxies,
-    `T'_c = T_c + W_H Σ_j w_cj h_j`, `w_cj = softmax_j(q(t_c) · k(h_j) / √d_k + log P(h_j))`, P(h_j) = 1/C
-    fixed (the normalised λ·P form of ECRL's Eq. 6-7): the structure kept, the term varies per class.
-  - `ich_form: memory` (variant `ich_memory`, the head before it was held to the paper): a dataset-level
-    memory H̄ (C, Dc) of each class's proxy (EMA over training batches, initialised to T0), a learned class
-    prior P(h̄) = softmax(θ), and λ from the sample's proxy h_bc over the memory.
+  (exactly, at convergence: a column sum of the plan, which the last Sinkhorn update makes exact). The term
+  varies across videos (it is the video's mean CLIP frame, re-injecting the VLM's features) but is the same
+  for every class, ignores the transport, and takes no expectation over anything but the sample itself. That
+  reading is kept as `ich_form: mean_vp` (variant `ich_mean_vp`), computed as what it is, the masked mean of
+  VP, without running Sinkhorn. The default is a form in which π matters and the expectation runs over strata
+  other than the sample:
+  - `ich_form: memory` (default): a dataset-level set of hallucination strata H̄ (C, Dc), row j the running
+    mean of class j's proxy over training batches (EMA, initialised to T0), a learned prior P(h̄_j) =
+    softmax(θ)_j, and λ from the video's proxy of each class over the strata:
+    `T'_c = T_c + W_H Σ_j w_cj h̄_j`, `w_cj ∝ λ_cj P(h̄_j)`, `log λ_cj = q(h_c) · k(h̄_j) / √d_k` (the
+    λ·P form of ECRL's Eq. 6-7, renormalised). π enters through h_c = C Σ_l π_cl VP_l, which a different
+    plan with the same column sums changes (tested).
+  - `ich_form: attention` (variant `ich_attention`, ours): each class attends over the video's own proxies,
+    `T'_c = T_c + W_H Σ_j w_cj h_j`, `w_cj = softmax_j(q(t_c) · k(h_j) / √d_k + log P(h_j))`, P(h_j) = 1/C:
+    the plan acts, but the expectation stays within the sample.
 - H: the summary writes `H = S VP` after solving OT on S; we read S there as the plan (the OT step is what
   exposes the "overly aligned" features) and scale by C so each h_c is a convex combination of frames.
   We do not renormalise π's rows: at convergence they sum to 1/C (the marginal error is reported).
@@ -55,12 +63,13 @@ Deviations, each with its reason:
   frames per class is the hard-assignment bound), ε = 1 spreads a class over 12.3 frames, 0.5 over 9.0,
   0.25 over 6.1 (min 2.2) with marginal error 4e-6, 0.1 over 3.9 but Sinkhorn has not converged after 1000
   iterations (error 2e-4). ε was chosen on these diagnostics of the mechanism, never on accuracy. In the
-  paper's form the plan cancels anyway (above); ε matters for `ich_attention` and `ich_memory`.
+  `mean_vp` form there is no plan (above); ε matters for `memory` and `attention`.
   `PCMCI.transport_report(batch)` gives the effective frames per class (exp of the entropy of C·π's rows)
   and the marginal error.
 - Sinkhorn converges (`sinkhorn_tol` on the L1 marginal error, at most `sinkhorn_iters` iterations) without
   a graph, then one differentiable step: in the default order S has no gradient at all (frozen T0, cached
-  VP); after ICI (order ICI -> ICH) the gradient is that of the last Sinkhorn step.
+  VP); after ICI (order ICI -> ICH) the gradient is that of the last Sinkhorn step. A plan returned at the
+  iteration budget above `sinkhorn_tol` is logged once per run, with its marginal error.
 - ICI's and ICH's maps act in CLIP's text space (width Dc) so that S = <T, VP> is the CLIP cosine whatever
   stage ran before; the paper's √d in G_k is our √d_k (`relation_dim`, the width of queries and keys).
 - **Structural alignment** (`ivc_alignment: true`, our reading; the summary says F aligns visual relation
@@ -101,6 +110,7 @@ IVRD-style) weights IVC's bank uniformly; `learn_text: true` (variant `learn_tex
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -118,7 +128,9 @@ from train.heads.causal import (
     nwgm_expectation,
     sinkhorn,
 )
-from train.heads.common import ClassCrossAttention, ClassReadout, TemporalEncoder, TextQueries
+from train.heads.common import ClassCrossAttention, ClassReadout, TemporalEncoder, TextQueries, masked_mean
+
+log = logging.getLogger(__name__)
 
 Stage = Literal["ich", "ici", "ivc"]
 SCALES = (1, 2, 4)  # the multi-scale mediator's temporal windows ±r (frames)
@@ -136,7 +148,8 @@ class PCMCIOptions:
     ici: bool = True  # ICI: relation-aware layer over the C label embeddings
     ivc: bool = True  # IVC: frame relations + front-door with the text as mediator (needs `ivc_dictionary`)
     order: tuple[Stage, ...] = ("ich", "ici", "ivc")  # run order: a permutation of the enabled stages
-    ich_form: Literal["paper", "attention", "memory"] = "paper"  # Σ_h P(h) h | class attention (ours) | memory (ours)
+    # memory: λ·P over dataset-level strata H̄ | mean_vp: P(h) = 1/C, i.e. the mean CLIP frame | attention (ours)
+    ich_form: Literal["memory", "mean_vp", "attention"] = "memory"
     ici_form: Literal["paper", "video"] = "paper"  # strata weights p_k | ∝ λ_bk p_k from the video (ours)
     # OT cost 1 - S divided by the spread of its interaction part (what the plan sees) | min-max to [0, 1] | as is
     cost_scale: Literal["interaction", "minmax", "none"] = "interaction"
@@ -191,6 +204,13 @@ class RelationBases(nn.Module):
         # out (the module's output x + ... also carries x, e.g. ICH's variation in T')
         self.term = nn.Identity()
 
+    def reset_parameters(self) -> None:
+        """The same draws as construction, for `initialise` (seeded by this module's name)."""
+        d = self.w_q.shape[1]
+        for w in (self.w_q, self.w_k, self.w_v):
+            nn.init.normal_(w, std=d**-0.5)
+        nn.init.zeros_(self.prior_logits)
+
     def prior(self) -> torch.Tensor:
         """p: (K,), sums to 1."""
         return self.prior_logits.softmax(0)
@@ -244,6 +264,7 @@ class HallucinationIntervention(nn.Module):
         C, Dc = t0.shape
         self.opts = opts
         self.w_h = nn.Linear(Dc, Dc)  # W_H: the hallucination term into T's (CLIP text) space
+        self.warned_unconverged = False  # `_unconverged` has logged
         self.scale = opts.relation_dim**-0.5
         if opts.ich_form in ("attention", "memory"):
             self.w_q = nn.Linear(Dc, opts.relation_dim)  # λ's query: t_c (attention) | the proxy h_bc (memory)
@@ -280,7 +301,23 @@ class HallucinationIntervention(nn.Module):
     def plan(self, t: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """π: t (B, C, Dc), vp (B, L, Dc), mask (B, L) -> (B, C, L), rows 1/C, real columns 1/L_valid."""
         o = self.opts
-        return sinkhorn(self.cost(t, vp, mask), o.sinkhorn_eps, o.sinkhorn_iters, mask, tol=o.sinkhorn_tol)
+        cost = self.cost(t, vp, mask)
+        return sinkhorn(cost, o.sinkhorn_eps, o.sinkhorn_iters, mask, tol=o.sinkhorn_tol, unconverged=self._unconverged)
+
+    def _unconverged(self, error: float) -> None:
+        """Once per model (so once per run): the plan came back at the iteration budget, not converged."""
+        if not self.warned_unconverged:
+            self.warned_unconverged = True
+            o = self.opts
+            log.warning(
+                "pcmci: Sinkhorn stopped at its budget of %d iterations with the plan's marginal error %.2g above "
+                "sinkhorn_tol %.2g (ε = %g): π is not the OT plan; raise heads.pcmci.sinkhorn_iters or "
+                "sinkhorn_eps (warned once per run)",
+                o.sinkhorn_iters,
+                error,
+                o.sinkhorn_tol,
+                o.sinkhorn_eps,
+            )
 
     def hallucinate(self, t: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t (B, C, Dc), vp (B, L, Dc), mask (B, L) -> π (B, C, L), H = C·π·VP (B, C, Dc)."""
@@ -291,9 +328,6 @@ class HallucinationIntervention(nn.Module):
     def backdoor(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """T' = T + W_H E_h[h] (NWGM): t (B, C, Dc), h (B, C, Dc) the video's proxies -> (B, C, Dc)."""
         B, C, _ = h.shape
-        if self.opts.ich_form == "paper":
-            p_h = h.new_full((C,), 1.0 / C)  # P(h_c) = 1/C: fixed, the plan's own row mass
-            return t + self.w_h(nwgm_expectation(h, p_h)).unsqueeze(1)  # the same term for every class
         if self.opts.ich_form == "attention":  # ours: w_cj ∝ λ_cj P(h_j), λ from t_c over the video's proxies
             scores = torch.einsum("bce,bje->bcj", self.w_q(t), self.w_k(h)) * self.scale  # log λ, (B, C, C)
             w = (scores - torch.log(torch.tensor(float(C)))).softmax(-1)  # + log P(h_j) = log 1/C, (B, C, C)
@@ -310,6 +344,8 @@ class HallucinationIntervention(nn.Module):
 
     def forward(self, t: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """t (B, C, Dc), vp (B, L, Dc), mask (B, L) -> T' (B, C, Dc)."""
+        if self.opts.ich_form == "mean_vp":  # Σ_c (1/C) h_c = the frame mean of VP for any plan: no Sinkhorn
+            return t + self.w_h(masked_mean(vp.float(), mask)).unsqueeze(1)  # the same term for every class
         _, h = self.hallucinate(t, vp, mask)
         t_new = self.backdoor(t, h)
         if self.opts.ich_form == "memory" and self.training and self.memory_updates:
@@ -345,7 +381,7 @@ class VisualConfounderIntervention(nn.Module):
         d, K = opts.dim, opts.relation_bases
         self.mediator_form = opts.ivc_mediator
         if aligned:  # relations from ICI's bases over the frames' text counterparts; F keeps its own W_v^k
-            self.w_v = nn.Parameter(torch.randn(K, d, d) * d**-0.5)  # W_v^k (K, d, d)
+            self.w_v = nn.Parameter(torch.randn(K, d, d) * d**-0.5)  # W_v^k (K, d, d), redrawn by reset_parameters
         else:
             self.frame_relations = RelationBases(d, K, opts.relation_dim)  # F, level 1: relations among frames
         if opts.ivc_mediator == "memory":
@@ -355,6 +391,11 @@ class VisualConfounderIntervention(nn.Module):
         self.bank = SampleBankAttention(d, bank_dim, d, opts.ivc_bank_score)  # Σ_v' P(v') over the V dictionary
         self.norm = nn.LayerNorm(d)
         self.scale = d**-0.5
+
+    def reset_parameters(self) -> None:
+        """F's own W_v^k when the relations are aligned (every submodule resets itself, `initialise`)."""
+        if hasattr(self, "w_v"):
+            nn.init.normal_(self.w_v, std=self.w_v.shape[1] ** -0.5)
 
     def mediator(self, v_r: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """m: v_r (B, L, d), t (B, C, d), mask (B, L), bank (Kg, Dg) -> (B, L, d)."""
@@ -393,9 +434,13 @@ class VisualConfounderIntervention(nn.Module):
 
 
 def _plan_rows(m: HallucinationIntervention, a: tuple, k: dict, o) -> tuple[torch.Tensor, torch.Tensor]:
-    """ICH's plan π over the frames for each class: (B, C, L), real frames per video (B, 1)."""
+    """ICH's plan π over the frames for each class: (B, C, L), real frames per video (B, 1); `mean_vp` weighs
+    every real frame alike (its term is the frame mean), so its rows are uniform over the real frames."""
     t, vp, mask = a
-    return m.plan(t, vp, mask), mask.sum(1, keepdim=True)
+    n = mask.sum(1, keepdim=True)  # (B, 1)
+    if m.opts.ich_form == "mean_vp":
+        return (mask / n.clamp_min(1)).unsqueeze(1).expand(-1, t.shape[1], -1).to(t.dtype), n
+    return m.plan(t, vp, mask), n
 
 
 TERMS = (
@@ -429,12 +474,14 @@ TERMS = (
         "bases16": {"relation_bases": 16},
         # the paper's mediator choice: T* (the full head) vs a visual memory bank vs multi-scale attention,
         # and without the structural alignment of frame relations to text relations
-        "mediator_memory": {"ivc_mediator": "memory"},
-        "mediator_multiscale": {"ivc_mediator": "multiscale"},
+        # the mediator rows read against `alignment_off`: with the alignment on, T* would still reach V* through
+        # the aligned frame relations, and the row would not isolate the mediator
+        "mediator_memory": {"ivc_mediator": "memory", "ivc_alignment": False},
+        "mediator_multiscale": {"ivc_mediator": "multiscale", "ivc_alignment": False},
         "alignment_off": {"ivc_alignment": False},
         # ours, beside the paper's forms
         "ich_attention": {"ich_form": "attention"},  # each class attends over the video's proxies
-        "ich_memory": {"ich_form": "memory"},  # dataset-level EMA memory + learned class prior
+        "ich_mean_vp": {"ich_form": "mean_vp"},  # P(h) = 1/C: T' = T + W_H mean_l VP_l, no plan
         "ici_video": {"ici_form": "video"},  # ICI's strata weighed per video (∝ λ_bk p_k): varies over frozen T0
         "ivc_bank_cosine": {"ivc_bank_score": "cosine"},  # IVC's bank by cosine / learned τ: its dot scores stay flat
         "ivc_bank_clip": {"ivc_dictionary": "global"},  # IVC's bank over CLIP frames (reopens the VLM path)
