@@ -169,18 +169,15 @@ def test_vci_per_dimension_scores_and_v_hat_are_the_explicit_sums():
             for d in range(16):
                 explicit[b, c, d] = sum(s[b, c, j, d] * x[b, j, d] for j in range(L))
     assert torch.allclose(v_hat, explicit, atol=1e-5)
-    v = torch.randn(B, L, DV)
-    vci.eval()  # no dropout in the encoder: the two passes below see the same V^(H)
-    v_prime, s = vci(v, mask, t)  # the paper's form: v'_c = g([t'_c, v̂_c])
-    enc = vci.encoder(v, mask)
-    v_hat = vci.attend(vci.scores(enc, vci.mediator(t), mask), enc)
+    v_prime, s = vci(x, mask, t)  # the paper's form on V^(H): v'_c = g([t'_c, v̂_c])
+    v_hat = vci.attend(vci.scores(x, vci.mediator(t), mask), x)
     assert v_prime.shape == (B, C, 16)
     assert torch.allclose(v_prime, vci.g(torch.cat([t, v_hat], -1)), atol=1e-6)
     bank = VisualIntervention(_opts(vci_form="bank"), ctx)
     p = bank.mediator_prob(x, t, mask)
     assert torch.allclose(p.sum(-1), torch.ones(B))
     G, pg = ctx.dictionaries["global_video"]
-    assert bank(v, mask, t, G, pg)[0].shape == (B, C, 16)
+    assert bank(x, mask, t, G, pg)[0].shape == (B, C, 16)
 
 
 def test_vci_bank_never_reads_the_clip_dictionary():
@@ -220,20 +217,69 @@ def test_vp_changes_t_prime_and_the_logits():
         assert torch.equal(memory(batch), memory(other))
 
 
-def test_table3_switches_remove_exactly_their_modules():
+def test_table3_switches_remove_exactly_their_modules_and_share_encoder_and_classifier():
     heads = {k: _head(v) for k, v in (("full", None), ("v1", "variant1"), ("v2", "variant2"), ("v3", "variant3"))}
     names = {k: set(m.state_dict()) for k, m in heads.items()}
     has = lambda k, p: any(n.startswith(p) for n in names[k])  # noqa: E731
     assert has("full", "tci.h.") and has("full", "vci.g.") and not has("full", "text_proj.")
-    assert not has("full", "visual.")
-    assert not has("v1", "tci.") and not has("v1", "vci.") and has("v1", "text_proj.") and has("v1", "visual.")
-    assert has("v2", "tci.h.") and not has("v2", "vci.") and has("v2", "visual.")
-    assert not has("v3", "tci.") and has("v3", "vci.") and has("v3", "text_proj.") and not has("v3", "visual.")
+    assert not has("v1", "tci.") and not has("v1", "vci.") and has("v1", "text_proj.") and has("v1", "frame_token.")
+    assert has("v2", "tci.h.") and not has("v2", "vci.") and has("v2", "frame_token.")
+    assert not has("v3", "tci.") and has("v3", "vci.") and has("v3", "text_proj.") and not has("v3", "frame_token.")
     for k in names:  # the paper's forms: no memory, no prior, no bank, no P(M|V) layer
         assert not any(w in n for n in names[k] for w in ("memory", "prior_logits", "bank", "p_m", "attn.w"))
-    # without VCI the frames pass the same H self-attention layers: the rows isolate the modules, not depth
-    assert len(heads["v1"].visual.layers.layers) == len(heads["full"].vci.encoder.layers.layers) == 2
-    assert len(heads["v2"].visual.layers.layers) == 2
+    # every row: the same H-layer encoder and the same classifier, under the same names
+    shared = ("visual.", "interact.", "readout.")
+    for k in names:
+        assert {n for n in names[k] if n.startswith(shared)} == {n for n in names["full"] if n.startswith(shared)}
+    assert all(len(m.visual.layers.layers) == 2 for m in heads.values())
+
+
+def test_without_vci_each_class_reads_the_frame_mean_token_through_the_same_classifier():
+    """Variant 2 (no VCI): V' = W x̄ for every class, x̄ the masked mean of V^(H); the logits are the shared
+    classifier's on (T', V'), by hand."""
+    head = _head("variant2").eval()
+    batch = _batch(_context())
+    seen = {}
+    head.visual.register_forward_hook(lambda m, a, o: seen.update(x=o))
+    head.tci.register_forward_hook(lambda m, a, o: seen.update(t=o[0]))
+    with torch.no_grad():
+        out = head(batch)
+        x, t = seen["x"], seen["t"]
+        real = batch.mask.unsqueeze(-1).float()
+        token = head.frame_token((x * real).sum(1) / real.sum(1))  # (B, dim)
+        v_prime = token[:, None].expand(-1, C, -1)
+        f = head.interact(t, v_prime, torch.ones(B, C, dtype=torch.bool)) + v_prime
+        assert torch.allclose(out, head.readout(f), atol=1e-6)
+
+
+@pytest.mark.parametrize("control, module", [("tci_uniform", "tci"), ("vci_uniform", "vci")])
+def test_the_controls_make_one_attention_uniform_and_change_nothing_else(control, module):
+    """tci_uniform: S_cl = 1/L_real, so b_c is the frame mean of VP for every class; vci_uniform: s_cld = 1/L_real,
+    so v̂_c is the frame mean of V^(H). Same parameters as the full head; by hand against the masked mean."""
+    from train.heads.common import initialise
+
+    ctx, batch = _context(), _batch(_context())
+    full, uniform = _head().eval(), _head(control).eval()
+    initialise(full, 0), initialise(uniform, 0)
+    assert {k: v.shape for k, v in full.state_dict().items()} == {k: v.shape for k, v in uniform.state_dict().items()}
+    assert all(torch.equal(v, uniform.state_dict()[k]) for k, v in full.state_dict().items())
+    real = batch.mask.float()  # (B, L)
+    with torch.no_grad():
+        if module == "tci":
+            s = uniform.tci.scores(ctx.t0, batch.vp.float(), batch.mask)  # (B, C, L)
+            assert torch.allclose(s, (real / real.sum(1, keepdim=True))[:, None].expand(-1, C, -1), atol=1e-6)
+            b = uniform.tci.bias(s, batch.vp.float())
+            mean_vp = (batch.vp.float() * real[..., None]).sum(1) / real.sum(1, keepdim=True)
+            assert torch.allclose(b, mean_vp[:, None].expand(-1, C, -1), atol=1e-5)
+        else:
+            x = torch.randn(B, L, 16)
+            t = torch.randn(B, C, 16)
+            v_prime, _ = uniform.vci(x, batch.mask, t)
+            x_bar = (x * real[..., None]).sum(1) / real.sum(1, keepdim=True)
+            assert torch.allclose(
+                v_prime, uniform.vci.g(torch.cat([t, x_bar[:, None].expand(-1, C, -1)], -1)), atol=1e-5
+            )
+        assert (full(batch) - uniform(batch)).abs().max() > 1e-5  # the attention was doing something
 
 
 @pytest.mark.parametrize("without, with_tci", [("variant1", "variant2"), ("variant3", None)], ids=["v1-v2", "v3-full"])
@@ -283,11 +329,11 @@ def test_our_variants_build_and_run(variant):
 def test_vci_layers_sets_the_number_of_self_attention_layers():
     for h in (2, 4, 6, 8, 10):
         head = _head(f"vci_layers{h}")
-        assert len(head.vci.encoder.layers.layers) == h
+        assert len(head.visual.layers.layers) == h
     flat = _head("vci_layers0")  # Fig. 7a's H = 0: no self-attention over V, the rest of VCI unchanged
-    assert flat.vci.encoder.layers is None and flat(_batch(_context())).shape == (B, C)
+    assert flat.visual.layers is None and flat(_batch(_context())).shape == (B, C)
     torch.manual_seed(0)
-    assert len(build_head("cmdcl", from_dict({}), _context()).vci.encoder.layers.layers) == 6  # the paper's default
+    assert len(build_head("cmdcl", from_dict({}), _context()).visual.layers.layers) == 6  # the paper's default
 
 
 def test_frame_entropy_ratio_on_constructed_scores():

@@ -39,9 +39,17 @@ Deviations from the paper, each with its reason:
 - The Q-Former of the paper's classifier is replaced by one cross-attention layer of T' over V'
   (`ClassCrossAttention`), and f also adds v'_c itself (each class reads its own intervened feature).
 - The input widths are projected to `dim` (T' = h(...) in R^dim; V through the encoder's projection).
-- Without VCI (Table 3 variant1/variant2) the frames still pass a temporal encoder with the same H
-  self-attention layers, and the classifier attends over them: the rows isolate the modules, not depth.
-- Without TCI (variant1/variant3) T' = W T (a linear map), the same for every video.
+- **One classifier in every Table 3 row.** Every row encodes V with the same H self-attention layers (one
+  module, `visual`, so rows start from the same weights) and classifies with the same f: T' attends over the
+  C tokens of V' and each class adds its own token. Without VCI (variant1/variant2) V' is one frame-mean token
+  for every class, `v'_c = W x̄`; without TCI (variant1/variant3) T' = W T (a linear map), the same for every
+  video. A row switched from its reference therefore changes its module and nothing else (before, VCI also
+  changed the classifier from attending over L frames to attending over C tokens plus the `+ v'` skip).
+- **Controls** (rows of table `cmdcl`): `tci_uniform` keeps TCI with S uniform over the real frames (b_c is the
+  frame mean of VP for every class: VP enters, but not by class-conditioned attention); `vci_uniform` keeps
+  VCI with s uniform (v̂_c is the frame mean: t'_c enters g, but the attention is not class-conditioned).
+  TCI against `tci_uniform` measures the class-conditioned attention over VP; `tci_uniform` against Variant 3
+  the extra input VP; likewise for VCI.
 - Ours, not the paper's, as labelled variants:
   - `tci_form: memory` (variant `tci_memory`): a dataset-level bias memory of M prototypes (EMA / online
     k-means of the batch b_c, initialised from the confounder dictionary Z or randomly), a learned prior
@@ -80,6 +88,10 @@ class CMDCLOptions:
     visual: Literal["timesformer", "clip"] = "timesformer"  # V: TimeSformer features, or CLIP's VP (`clip_only`)
     tci: bool = True  # textual causal intervention (back-door, Eq. 2-3)
     vci: bool = True  # visual causal intervention (front-door, mediator T', Eq. 4-8)
+    # controls (Table 3's rows read against them): the same module with its class-conditioned attention replaced
+    # by a uniform one over the real frames: TCI's S (b_c = the frame mean of VP), VCI's s (v̂_c = the frame mean)
+    tci_attention_uniform: bool = False
+    vci_attention_uniform: bool = False
     vci_layers: int = field(default=6, metadata=bounds(0, 24))  # H: self-attention layers over V (also without VCI)
     tau: float = field(default=0.1, metadata=bounds(1e-3))  # τ of S (cosine / τ) and of s (v_ld t'_cd / τ)
     tci_form: Literal["paper", "memory"] = "paper"  # paper: t'_c = h([t_c, b_c]) per video | memory: ours
@@ -127,12 +139,15 @@ class TextualIntervention(nn.Module):
     def __init__(self, opts: CMDCLOptions, ctx: HeadContext):
         super().__init__()
         Dc = ctx.clip_dim
-        self.tau = opts.tau
+        self.tau, self.uniform = opts.tau, opts.tci_attention_uniform
         self.h = nn.Linear(2 * Dc, opts.dim)  # h in Eq. 3
 
     def scores(self, t: torch.Tensor, vp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """S = softmax_l(v^P_l · t_c / τ) (Eq. 2), cosine: t (C, Dc), vp (B, L, Dc), mask (B, L) -> (B, C, L)."""
+        """S = softmax_l(v^P_l · t_c / τ) (Eq. 2), cosine: t (C, Dc), vp (B, L, Dc), mask (B, L) -> (B, C, L);
+        `tci_attention_uniform` (the control): S_cl = 1 / L_real, so b_c is the frame mean of VP for every c."""
         sim = torch.einsum("bld,cd->bcl", F.normalize(vp, dim=-1), F.normalize(t, dim=-1))  # (B, C, L)
+        if self.uniform:
+            sim = torch.zeros_like(sim)
         return masked_softmax(sim / self.tau, mask.unsqueeze(1))  # masked frames get 0
 
     @staticmethod
@@ -236,10 +251,7 @@ class VisualIntervention(nn.Module):
     def __init__(self, opts: CMDCLOptions, ctx: HeadContext):
         super().__init__()
         dim = opts.dim
-        self.tau, self.form = opts.tau, opts.vci_form
-        self.encoder = TemporalEncoder(  # H self-attention layers + layer norm (Eq. 5's V^(H))
-            visual_dim(opts, ctx), dim, opts.vci_layers, opts.attention_heads, ctx.num_frames, opts.dropout
-        )
+        self.tau, self.form, self.uniform = opts.tau, opts.vci_form, opts.vci_attention_uniform
         self.mediator = nn.Linear(dim, dim)  # t' projected to V's coordinates (ours) before s_cld
         if self.form == "bank":
             self.p_m = nn.Linear(dim, dim)  # P(M = t'_c | V): softmax_c(<W v̄, t'_c> / √d)
@@ -253,6 +265,8 @@ class VisualIntervention(nn.Module):
     def scores(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """s_cld = softmax_l(v_ld t'_cd / τ) (Eq. 5): x (B, L, D), t (B, C, D), mask (B, L) -> (B, C, L, D)."""
         logits = torch.einsum("bld,bcd->bcld", x, t) / self.tau  # (B, C, L, D)
+        if self.uniform:  # the control: s_cld = 1 / L_real, so v̂_c is the frame mean for every c
+            logits = torch.zeros_like(logits)
         # a finite fill instead of masked_softmax's -inf + nan_to_num: two fewer passes over (B, C, L, D);
         # a video without a real frame then gets uniform weights instead of zeros (it has no evidence anyway)
         return logits.masked_fill(~mask[:, None, :, None], torch.finfo(logits.dtype).min).softmax(2)
@@ -269,14 +283,14 @@ class VisualIntervention(nn.Module):
 
     def forward(
         self,
-        v: torch.Tensor,
+        x: torch.Tensor,
         mask: torch.Tensor,
         t: torch.Tensor,
         bank: torch.Tensor | None = None,
         bank_prior: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """v (B, L, Dv), mask (B, L), t = T' (B, C, dim) [, G (K, Dg), P(g) (K,)] -> V' (B, C, dim), s (B, C, L, D)."""
-        x = self.encoder(v, mask)  # V^(H), (B, L, dim)
+        """x = V^(H) (B, L, dim) (the head's H self-attention layers over V), mask (B, L), t = T' (B, C, dim)
+        [, G (K, Dg), P(g) (K,)] -> V' (B, C, dim), s (B, C, L, D)."""
         tm = self.mediator(t)  # t' at V's coordinates, (B, C, dim)
         s = self.scores(x, tm, mask)  # s_cld, (B, C, L, dim)
         v_hat = self.attend(s, x)  # v̂_c, (B, C, dim)
@@ -313,6 +327,9 @@ TERMS = (
         "variant1": {"tci": False, "vci": False},
         "variant2": {"tci": True, "vci": False},
         "variant3": {"tci": False, "vci": True},
+        # Table 3's controls: the module kept, its class-conditioned attention made uniform over the real frames
+        "tci_uniform": {"tci_attention_uniform": True},  # b_c = the frame mean of VP: VP as an extra input only
+        "vci_uniform": {"vci_attention_uniform": True},  # v̂_c = the frame mean: t' as g's extra input only
         **{f"vci_layers{h}": {"vci_layers": h} for h in (0, 2, 4, 6, 8, 10)},  # Fig. 7a's sweep
         "tci_memory": {"tci_form": "memory"},  # ours: the dataset-level bias memory in TCI
         "vci_bank": {"vci_form": "bank"},  # ours: P(M|V) softmax and the sample bank G in VCI
@@ -335,12 +352,15 @@ class CMDCL(nn.Module):
             self.tci = tci(opts, ctx)
         else:
             self.text_proj = nn.Linear(ctx.clip_dim, dim)  # T' = W T without TCI
+        # H self-attention layers + LN over V (Eq. 5's V^(H)), in every row under one name: Table 3's rows isolate
+        # the modules, not depth, and start from the same encoder weights
+        self.visual = TemporalEncoder(
+            visual_dim(opts, ctx), dim, opts.vci_layers, opts.attention_heads, ctx.num_frames, opts.dropout
+        )
         if opts.vci:
             self.vci = VisualIntervention(opts, ctx)
-        else:  # the same H self-attention layers without VCI: Table 3's rows isolate the modules, not depth
-            self.visual = TemporalEncoder(
-                visual_dim(opts, ctx), dim, opts.vci_layers, opts.attention_heads, ctx.num_frames, opts.dropout
-            )
+        else:  # V' without VCI: each class reads the same frame-mean token, v'_c = W x̄ (no t', no attention)
+            self.frame_token = nn.Linear(dim, dim)
         self.interact = ClassCrossAttention(dim, opts.attention_heads, opts.dropout)  # f(T', V') (Eq. 9)
         self.readout = ClassReadout(ctx.num_classes, dim)  # Σ_d w_cd f_cd + b_c (Eq. 9)
 
@@ -362,17 +382,18 @@ class CMDCL(nn.Module):
             t = self.text_proj(self.text)  # T' = W T, (C, dim)
         if t.dim() == 2:
             t = t.unsqueeze(0).expand(B, -1, -1)  # the same T' for every video, (B, C, dim)
+        x = self.visual(v, mask)  # V^(H), (B, L, dim)
         if self.opts.vci:
             bank = bank_prior = None
             if self.opts.vci_form == "bank":
                 bank, bank_prior = batch.dictionaries[bank_dictionary(self.opts)]  # G (K, Dg), P(g) (K,)
                 bank_prior = dictionary_prior(bank_prior, self.opts.prior)
-            v_prime, s = self.vci(v, mask, t, bank, bank_prior)  # V' (B, C, dim)
-            f = self.interact(t, v_prime, torch.ones(v_prime.shape[:2], dtype=torch.bool, device=v.device))
-            f = f + v_prime  # each class also reads its own intervened feature, (B, C, dim)
+            v_prime, s = self.vci(x, mask, t, bank, bank_prior)  # V' (B, C, dim)
         else:
-            frames = self.visual(v, mask)  # H self-attention layers, (B, L, dim)
-            f = self.interact(t, frames, mask)  # (B, C, dim)
+            v_prime = self.frame_token(masked_mean(x, mask)).unsqueeze(1).expand(-1, t.shape[1], -1)  # (B, C, dim)
+        # f(T', V') (Eq. 9), the same classifier in every row: T' attends over the C tokens of V', and each class
+        # also reads its own token
+        f = self.interact(t, v_prime, torch.ones(v_prime.shape[:2], dtype=torch.bool, device=v.device)) + v_prime
         return self.readout(f), S, s  # (B, C)
 
     def forward(self, batch: Batch) -> torch.Tensor:
