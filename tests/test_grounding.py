@@ -600,6 +600,20 @@ def test_grounding_table_end_to_end_and_stale_runs_refused(tiny_cache, tmp_path,
     monkeypatch.setattr("train.ablate.INIT_SCHEME", "drawn-otherwise")  # a run from before `initialise`
     with pytest.raises(RunError, match="other `initialisation` settings"):
         run_table(cfg, "g", seeds=1, store=store, progress=False)
+    monkeypatch.undo()
+    run_table(cfg, "g", seeds=1, store=store, progress=False)  # the same form: reused
+    # the head's form changed since (a module added): its saved predictions must not be read as this row's
+    from train.heads.baseline import Baseline
+
+    real_init = Baseline.__init__
+
+    def grown(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.extra = torch.nn.Linear(2, 2)
+
+    monkeypatch.setattr(Baseline, "__init__", grown)
+    with pytest.raises(RunError, match="other `architecture` settings"):
+        run_table(cfg, "g", seeds=1, store=store, progress=False)
     assert set(GROUND_KEYS) <= _last_metrics(tmp_path)  # every grounding score in the run history
 
 

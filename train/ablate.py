@@ -19,6 +19,7 @@ time); off by default, because on this 2-core CPU it is no faster (bench/train.p
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import multiprocessing
@@ -41,8 +42,10 @@ from train.engine import (
     INIT_SCHEME,
     RunError,
     RunResult,
+    architecture,
     dictionary_hashes,
     find_store,
+    new_model,
     run_name,
     run_predictions,
     shared_splits,
@@ -169,6 +172,17 @@ def _same(saved: dict, now: Any, ignore: tuple[str, ...] = ()) -> bool:
     return set(saved) <= set(current) and all(saved.get(k, defaults[k]) == current[k] for k in keys)
 
 
+@functools.lru_cache(maxsize=256)
+def _context(store: Path, task: str, num_frames: int | None) -> Any:
+    return CacheReader(store, task, allow_partial=True, num_frames=num_frames).context()
+
+
+def _architecture(cfg: Config, store: Path) -> str:
+    """The module layout a run of this row would have now (the digest `end_epoch` records)."""
+    t = cfg.train
+    return architecture(new_model(cfg, _context(store, t.task, t.num_frames), t.seed))
+
+
 def _finished(run_dir: Path, cfg: Config, reader: CacheReader) -> RunResult | None:
     """The finished run in run_dir, None if it has not finished; a run of other settings is an error."""
     last = run_dir / "last.pt"
@@ -182,6 +196,8 @@ def _finished(run_dir: Path, cfg: Config, reader: CacheReader) -> RunResult | No
         f"heads.{t.head}": _same(ckpt["options"], options),
     }
     same["initialisation"] = ckpt.get("init") == INIT_SCHEME  # other initial weights: another run
+    # another module layout: the head's form changed since (its saved predictions would be read as this row's)
+    same["architecture"] = ckpt.get("architecture") == _architecture(cfg, reader.path)
     if "dictionaries" in ckpt:  # runs from before dictionary hashes were recorded are not checked
         same["dictionaries"] = ckpt["dictionaries"] == dictionary_hashes(cfg, reader)
     if t.grounding:

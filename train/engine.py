@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -66,6 +67,13 @@ def build_model(cfg: Config, ctx, head: str, variant: str | None, grounding: str
 # how a run's initial weights were drawn, kept in its checkpoint: `ltar ablate` never reuses a run drawn otherwise
 # (before it, every module drew from one global stream in construction order)
 INIT_SCHEME = "by-name"
+
+
+def architecture(model: torch.nn.Module) -> str:
+    """A digest of the model's parameter and buffer names and shapes: a run whose checkpoint holds another one was
+    trained by another form of its head (a module added, moved or resized), and `ltar ablate` never reuses it."""
+    layout = [(name, list(t.shape)) for name, t in model.state_dict().items()]
+    return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
 
 
 def new_model(cfg: Config, ctx, seed: int) -> torch.nn.Module:
@@ -466,6 +474,7 @@ def end_epoch(
         "history": history,
         "fingerprint": reader.fingerprint,
         "init": INIT_SCHEME,
+        "architecture": architecture(head),
         "dictionaries": dictionary_hashes(cfg, reader),
         "store": str(store),
         "class_names": reader.class_names,
