@@ -311,8 +311,8 @@ class HallucinationIntervention(nn.Module):
             o = self.opts
             log.warning(
                 "pcmci: Sinkhorn stopped at its budget of %d iterations with the plan's marginal error %.2g above "
-                "sinkhorn_tol %.2g (ε = %g): π is not the OT plan; raise heads.pcmci.sinkhorn_iters or "
-                "sinkhorn_eps (warned once per run)",
+                "sinkhorn_tol %.2g (ε = %g): π has not reached the tolerance; raise heads.pcmci.sinkhorn_iters or "
+                "sinkhorn_eps if that error matters (warned once per run)",
                 o.sinkhorn_iters,
                 error,
                 o.sinkhorn_tol,
