@@ -208,7 +208,7 @@ def test_the_order_confusion_against_a_hand_count():
 def test_a_seed_dominated_null_is_starred_at_most_7_percent_of_the_time(metric, sigma):
     """Two rows equal in distribution (true Δ = 0), 3 seeds each, 256 videos. With these designs and draws the
     crossed bootstrap this replaced starred 13 % (acc1, σ = 0.07) and 22 % (map, σ = 0.35) of such tables; the
-    seed-aware interval must hold its 5 % (measured 4.3 % and 5 %; σ = 0: the video-dominated null)."""
+    seed-aware interval must hold its 5 % (here 3.7 % and 5.7 %; σ = 0, the video-dominated null: 1.3 %)."""
     from bench.intervals import simulate
 
     rng = np.random.default_rng(10)

@@ -159,11 +159,6 @@ def replicates(scores: np.ndarray, labels: np.ndarray, metric: str, partner: np.
     return Replicates(full.mean(1), loo)
 
 
-def point(scores: np.ndarray, labels: np.ndarray, metric: str, partner: np.ndarray | None = None) -> float:
-    """The metric averaged over the S seeds on all videos: scores (S, N, C)."""
-    return replicates(scores, labels, metric, partner).estimate
-
-
 def interval(scores: np.ndarray, labels: np.ndarray, metric: str, partner: np.ndarray | None = None) -> Interval:
     """Mean over seeds with its 95 % interval counting video and seed noise: scores (S, N, C)."""
     return replicates(scores, labels, metric, partner).interval()
