@@ -29,6 +29,13 @@ def _range(lo: float | None = None, hi: float | None = None, *, doc: str = "") -
 bounds = _range  # field(metadata=bounds(0, 1)): accepted range of a number, for sections typed elsewhere
 
 
+def predating(value: Any) -> dict:
+    """field(default=new, metadata=predating(old)): an option added with a default that changes what runs compute;
+    a saved run from before the option existed was computed as `old`, and is read back as that
+    (train.ablate's reuse check), not as today's default."""
+    return {"predates": value}
+
+
 # ---------------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------------

@@ -51,6 +51,8 @@ def tiny_config(root: Path, cache_root: Path, **sections):
         "cache": {"root": str(cache_root)},
         "dictionaries": {
             "confounder": {"source": "clip/bg", "size": 4},
+            # ECRL's default Z (Sec. 4.2.1: k-means++ and PCA, cluster means at their natural scale)
+            "confounder_paper": {"source": "clip/bg", "size": 4, "pca": 8, "spherical": False, "init": "kmeans++"},
             "global": {"source": "clip/frame", "size": 6},
         },
         "train": {"epochs": 2, "batch_size": 4, "runs_root": str(cache_root / "runs")},
@@ -78,3 +80,43 @@ def tiny_cache(world, tmp_path_factory):
     cfg = tiny_config(world, tmp_path_factory.mktemp("cache"))
     summary = extract(cfg, progress=False)
     return cfg, summary.store
+
+
+def explicit_class_attention(pool, queries: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`ClassCrossAttention` one video, class, head and frame at a time: f_c = LN(q_c + W_o [Σ_l a^h_cl W_v^h x_l]_h),
+    q = LN(queries), a^h_cl = softmax over real frames of (W_q^h q_c) · (W_k^h x_l) / √(d / heads).
+    queries (B, C, d), frames (B, L, d), mask (B, L) -> (B, C, d)."""
+    import math
+
+    attn = pool.attn
+    B, C, d = queries.shape
+    H = attn.num_heads
+    dh = d // H
+    w_q, w_k, w_v = attn.in_proj_weight.split(d)
+    b_q, b_k, b_v = attn.in_proj_bias.split(d)
+
+    def norm(x, ln):
+        mean, var = x.mean(), ((x - x.mean()) ** 2).mean()
+        return (x - mean) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+    out = torch.zeros(B, C, d)
+    for b in range(B):
+        real = [j for j in range(frames.shape[1]) if mask[b, j]]
+        for c in range(C):
+            q = norm(queries[b, c], pool.norm_q)
+            mixed = torch.zeros(d)
+            for h in range(H):
+                rows = slice(h * dh, (h + 1) * dh)
+                qh = w_q[rows] @ q + b_q[rows]
+                scores = torch.stack([qh @ (w_k[rows] @ frames[b, j] + b_k[rows]) / math.sqrt(dh) for j in real])
+                a = torch.softmax(scores, 0)
+                mixed[rows] = sum(a[i] * (w_v[rows] @ frames[b, j] + b_v[rows]) for i, j in enumerate(real))
+            out[b, c] = norm(q + attn.out_proj.weight @ mixed + attn.out_proj.bias, pool.norm_out)
+    return out
+
+
+def explicit_readout(readout, f: torch.Tensor) -> torch.Tensor:
+    """`ClassReadout` by hand: logit_bc = Σ_d w_cd f_bcd + b_c, f (B, C, d) -> (B, C)."""
+    B, C, _ = f.shape
+    rows = [torch.stack([readout.weight[c] @ f[b, c] + readout.bias[c] for c in range(C)]) for b in range(B)]
+    return torch.stack(rows)

@@ -131,3 +131,27 @@ def test_sinkhorn_reports_a_plan_returned_at_its_budget_unconverged():
     converged = []
     sinkhorn(cost, eps=0.5, iters=100000, tol=1e-8, unconverged=converged.append)
     assert converged == []  # within its budget: nothing to report
+
+
+@pytest.mark.parametrize("eps", [0.25, 0.1, 0.05])
+def test_implicit_sinkhorn_gradient_equals_the_gradient_unrolled_through_every_iteration(eps):
+    """∂(Σ W ⊙ π)/∂cost at the converged plan, with padded frames: the implicit gradient against autograd
+    through 5000 unrolled iterations (float64); the one-step stand-in is measurably off at small ε."""
+    g = torch.Generator().manual_seed(3)
+    cost0 = torch.rand(3, 6, 9, generator=g, dtype=torch.float64)
+    weight = torch.randn(3, 6, 9, generator=g, dtype=torch.float64)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, 6:], mask[2, 8:] = False, False
+
+    def grad(**kw) -> torch.Tensor:
+        cost = cost0.clone().requires_grad_()
+        (sinkhorn(cost, eps, 5000, mask, **kw) * weight).sum().backward()
+        return cost.grad
+
+    unrolled = grad()
+    implicit = grad(tol=1e-13)
+    last = grad(tol=1e-13, grad="last_step")
+    assert torch.allclose(implicit, unrolled, atol=1e-10 * unrolled.abs().max().item())
+    assert (implicit[1, :, 6:] == 0).all()  # padded frames carry no mass and no gradient
+    cosine = (last * unrolled).sum() / last.norm() / unrolled.norm()
+    assert cosine < (0.995 if eps == 0.25 else 0.96)  # measured 0.986, 0.948, 0.848

@@ -93,7 +93,7 @@ def test_every_declared_term_names_a_module_of_the_full_head(name):
     from tests.test_train import _context
 
     entry = head_entry(name)
-    ctx = _context(False, ("confounder", "global", "global_video"))
+    ctx = _context(False, ("confounder", "confounder_paper", "global", "global_video"))
     ctx = dataclasses.replace(
         ctx,
         dictionaries={

@@ -48,7 +48,8 @@ def _context(multi_label: bool) -> HeadContext:
     g = torch.Generator().manual_seed(0)
     unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
     dicts = {}
-    for name, k, dim in (("confounder", 6, DC), ("global", 7, DC), ("global_video", 7, DV)):
+    names = (("confounder", 6, DC), ("confounder_paper", 6, DC), ("global", 7, DC), ("global_video", 7, DV))
+    for name, k, dim in names:
         prior = torch.arange(1, k + 1, dtype=torch.float32)
         dicts[name] = (unit(k, dim), prior / prior.sum())
     return HeadContext(DC, DV, L, C, multi_label, unit(C, DC), dicts)

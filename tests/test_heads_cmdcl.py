@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from extract.config import from_dict
-from tests.conftest import random_batch
+from tests.conftest import explicit_class_attention, explicit_readout, random_batch
 from train.heads import Batch, HeadContext, build_head, required_dictionaries
 from train.heads.cmdcl import (
     CMDCLOptions,
@@ -349,3 +349,23 @@ def test_frame_entropy_ratio_on_constructed_scores():
     assert torch.allclose(frame_entropy_ratio(per_dim, mask, 2), torch.ones(2, 1, 3))
     ent = _head().frame_entropies(_batch(_context()))
     assert set(ent) == {"tci", "vci"} and all(0.0 <= e <= 1.0 + 1e-6 for e in ent.values())
+
+
+@pytest.mark.parametrize("variant", [None, "variant2"])
+def test_eq9_classifier_is_the_explicit_sum_over_t_prime_and_v_prime(variant):
+    """Eq. 9 on the full head (and on Variant 2, whose V' is the frame-mean token): logit_c = Σ_d w_cd f_cd + b_c,
+    f_c = LN(q_c + W_o Σ_k a_ck W_v v'_k) + v'_c with q = LN(t'_c), a attention over the C tokens of V', one
+    class, head and token at a time (tests/conftest.py)."""
+    head = _head(variant).eval()
+    batch = _batch(_context())
+    seen = {}
+    head.tci.register_forward_hook(lambda m, a, o: seen.update(t=o[0]))
+    if variant is None:
+        head.vci.register_forward_hook(lambda m, a, o: seen.update(v=o[0]))
+    else:
+        head.frame_token.register_forward_hook(lambda m, a, o: seen.update(v=o.unsqueeze(1).expand(-1, C, -1)))
+    with torch.no_grad():
+        out = head(batch)
+        t, v = seen["t"], seen["v"]
+        f = explicit_class_attention(head.interact, t, v, torch.ones(B, C, dtype=torch.bool)) + v
+        assert torch.allclose(out, explicit_readout(head.readout, f), atol=1e-5)

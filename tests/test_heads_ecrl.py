@@ -21,6 +21,7 @@ def _setup(seed: int = 0, **opts) -> tuple[Ecrl, Batch]:
     ctx = HeadContext(DC, DV, L, C, False, unit(C, DC), dicts)
     batch = random_batch(ctx, B, seed=seed + 1)
     torch.manual_seed(seed)
+    opts = {"confounder_dictionary": "confounder", **opts}  # Z under one name in these tests
     head = Ecrl(EcrlOptions(dim=16, layers=1, attention_heads=2, **opts), ctx)
     return head.eval(), batch
 
@@ -177,7 +178,7 @@ def test_s1_reads_eq6_with_eq7_or_a_table4_row_by_explicit_sums(opts, form):
 
 
 def test_required_dictionaries_and_option_checks():
-    assert Ecrl.required_dictionaries(EcrlOptions()) == ("confounder", "global")
+    assert Ecrl.required_dictionaries(EcrlOptions()) == ("confounder_paper", "global")  # Sec. 4.2.1's Z
     assert Ecrl.required_dictionaries(EcrlOptions(bd=False, confounder_dictionary="x")) == ("global",)
     assert Ecrl.required_dictionaries(EcrlOptions(glca=False, confounder_dictionary="x")) == ("x",)
     with pytest.raises(ValueError, match="turn on fcm or bcm"):
@@ -315,11 +316,16 @@ def test_two_step_training_trains_the_frame_stream_alone_first():
 
 @pytest.mark.parametrize(
     "variant, reads",
-    [("dict_random", "confounder_noise"), ("dict_sampled", "confounder_random"), ("dict_paper", "confounder_paper")],
+    [
+        ("dict_random", "confounder_noise"),
+        ("dict_sampled", "confounder_random"),
+        ("dict_spherical", "confounder"),
+        ("modules_fcm_bcm_tsc_bd", "confounder_paper"),  # the reference: the default Z, Sec. 4.2.1's
+    ],
 )
 def test_table5_rows_read_their_own_dictionary_and_no_other(variant, reads):
-    """Each Table 5 row's BD reads its dictionary: replacing that one changes the logits, replacing the default
-    Z (`confounder`) does not; the rest of the row is the +TSC+BD model without GLCA."""
+    """Each Table 5 row's BD reads its dictionary: replacing that one changes the logits, replacing another
+    row's Z does not; the rest of the row is the +TSC+BD model without GLCA."""
     from extract.config import from_dict
     from train.heads import head_options
 
@@ -329,13 +335,14 @@ def test_table5_rows_read_their_own_dictionary_and_no_other(variant, reads):
     z, p = batch.dictionaries["confounder"]
     g = torch.Generator().manual_seed(9)
     own = torch.nn.functional.normalize(torch.randn(KZ, DC, generator=g), dim=-1)
-    batch = dataclasses.replace(batch, dictionaries={**batch.dictionaries, reads: (own, p)})
+    other = "confounder_noise" if reads != "confounder_noise" else "confounder"  # another row's Z
+    batch = dataclasses.replace(batch, dictionaries={**batch.dictionaries, reads: (own, p), other: (z, p)})
     ctx = dataclasses.replace(_ctx_of(batch), num_frames=L)
     head = Ecrl(dataclasses.replace(opts, dim=16, layers=1, attention_heads=2), ctx).eval()
     with torch.no_grad():
         out = head(batch)
-        other_default = {**batch.dictionaries, "confounder": (-z, p)}
-        assert torch.equal(head(dataclasses.replace(batch, dictionaries=other_default)), out)
+        other_row = {**batch.dictionaries, other: (-z, p)}
+        assert torch.equal(head(dataclasses.replace(batch, dictionaries=other_row)), out)
         other_own = {**batch.dictionaries, reads: (-own, p)}
         assert (head(dataclasses.replace(batch, dictionaries=other_own)) - out).abs().max() > 1e-5
 
@@ -400,7 +407,8 @@ def test_stratified_bd_is_eq4_summed_over_every_stratum(multi_label):
     if multi_label:
         ctx = dataclasses.replace(_ctx_of(batch), multi_label=True)
         torch.manual_seed(0)
-        head = Ecrl(EcrlOptions(dim=16, layers=1, attention_heads=2, bd_form="stratified", glca=False), ctx).eval()
+        opts = EcrlOptions(dim=16, layers=1, attention_heads=2, bd_form="stratified", glca=False)
+        head = Ecrl(dataclasses.replace(opts, confounder_dictionary="confounder"), ctx).eval()
     s1_seen = _capture(head.strata_term)
     feats_seen = _capture(head.psi)
     head(batch)

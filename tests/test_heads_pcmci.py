@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import train.heads.pcmci as pcmci
 from extract.config import ConfigError
-from tests.conftest import random_batch
+from tests.conftest import explicit_class_attention, explicit_readout, random_batch
 from train.heads import Batch, HeadContext, head_entry
 from train.heads.causal import marginal_error
 from train.heads.common import masked_mean
@@ -61,8 +61,8 @@ def test_an_unconverged_plan_is_logged_once_per_run(caplog):
 def test_ich_plan_is_converged_sinkhorn_of_the_scaled_clip_cost_with_the_frame_mask(monkeypatch):
     calls, sinkhorn = [], pcmci.sinkhorn
 
-    def spy(cost, eps, iters, mask=None, tol=None, unconverged=None):
-        plan = sinkhorn(cost, eps, iters, mask, tol, unconverged)
+    def spy(cost, eps, iters, mask=None, tol=None, unconverged=None, grad="implicit"):
+        plan = sinkhorn(cost, eps, iters, mask, tol, unconverged, grad)
         calls.append((cost.detach(), eps, mask, plan.detach()))
         return plan
 
@@ -491,3 +491,115 @@ def test_each_table_row_builds_the_stages_and_bases_its_caption_names():
     for k in (1, 4, 8, 16):
         head = _head(**variants[f"bases{k}"])
         assert head.ici.w_q.shape[0] == k and head.ivc.w_v.shape[0] == k, k
+
+
+def _layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    mean, var = x.mean(), ((x - x.mean()) ** 2).mean()
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("form", ["front_door", "residual"])
+def test_ivc_is_the_explicit_sum_of_relations_mediator_and_sample_bank(form, aligned):
+    """V* of IVC one frame, class, basis and bank entry at a time: v_r = v + Σ_k p_k Σ_m G_k[l, m] v_m W_v^k
+    (G from ICI's bases over each frame's text counterpart when aligned, else F's own bases over the frames),
+    m_l = Σ_c P(t*_c | v_r,l) t*_c, x̂_l = Σ_i P(v'_i | m_l) W_v v'_i with P ∝ exp(q·k/√d) P(v'_i);
+    front_door: V* = LN(m + x̂), residual: LN(v_r + m + x̂)."""
+    head, batch = _head(ivc_form=form, ivc_alignment=aligned), _batch(_context())
+    seen = {}
+    head.ivc.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
+    with torch.no_grad():
+        head(batch)
+    v, t_clip, t, mask, bank, prior, bases, vp = seen["args"]
+    ivc, d = head.ivc, v.shape[-1]
+    rel = bases if aligned else ivc.frame_relations
+    w_v = ivc.w_v if aligned else ivc.frame_relations.w_v
+    p = rel.prior()  # the paper's strata weights (K,)
+    K = p.shape[0]
+    expected = torch.zeros_like(v)
+    with torch.no_grad():
+        for b in range(B):
+            frames = [m for m in range(L) if mask[b, m]]
+            if aligned:  # each frame's text counterpart in CLIP space, Σ_c P(t_c | v_l) t_c
+                src = []
+                for f in range(L):
+                    w = torch.softmax(torch.stack([v[b, f] @ t[b, c] / math.sqrt(d) for c in range(C)]), 0)
+                    src.append(sum(w[c] * t_clip[b, c] for c in range(C)))
+            else:
+                src = [v[b, f] for f in range(L)]
+            for f in range(L):
+                v_r = v[b, f].clone()
+                for k in range(K):
+                    q = src[f] @ rel.w_q[k]
+                    s = torch.stack([q @ (src[m] @ rel.w_k[k]) * rel.scale for m in frames])
+                    g = torch.softmax(s, 0)
+                    v_r += p[k] * sum(g[i] * (v[b, m] @ w_v[k]) for i, m in enumerate(frames))
+                pm = torch.softmax(torch.stack([v_r @ t[b, c] / math.sqrt(d) for c in range(C)]), 0)
+                med = sum(pm[c] * t[b, c] for c in range(C))
+                q = ivc.bank.w_q(med)
+                s = torch.stack([q @ ivc.bank.w_k(bank[i]) / math.sqrt(d) + prior[i].log() for i in range(len(bank))])
+                w = torch.softmax(s, 0)
+                x_hat = sum(w[i] * ivc.bank.w_v(bank[i]) for i in range(len(bank)))
+                inner = med + x_hat if form == "front_door" else v_r + med + x_hat
+                expected[b, f] = _layer_norm(inner, ivc.norm)
+    assert torch.allclose(seen["out"], expected, atol=1e-5)
+
+
+def test_front_door_v_reaches_v_star_only_through_the_mediator():
+    """F's relation term zeroed (v_r = v), v moved along a direction orthogonal to every t*_c: P(M | v) and so
+    the mediator are unchanged. The front-door V* does not move; the residual form (v_r added) does."""
+    outs = {}
+    for form in ("front_door", "residual"):
+        head, batch = _head(ivc_form=form, ivc_alignment=False), _batch(_context())
+        torch.nn.init.zeros_(head.ivc.frame_relations.w_v)  # v_r = v exactly
+        seen = {}
+        head.ivc.register_forward_hook(lambda m, args, out, seen=seen: seen.update(args=args, out=out))
+        with torch.no_grad():
+            head(batch)
+            (v, t_clip, t, *rest), before = seen["args"], seen["out"]
+            null = torch.linalg.svd(t, full_matrices=True).Vh[:, C:]  # (B, d - C, d): rows orthogonal to every t_c
+            u = 3.0 * null[:, :1]  # (B, 1, d), one direction per video, every frame
+            assert (torch.einsum("bld,bcd->blc", u, t)).abs().max() < 1e-5
+            outs[form] = (head.ivc(v + u, t_clip, t, *rest) - before).abs().max().item()
+    assert outs["front_door"] < 1e-5 and outs["residual"] > 1e-2
+
+
+def test_a_trainable_ot_cost_gets_the_gradient_unrolled_through_every_sinkhorn_iteration(monkeypatch):
+    """Where T carries a gradient (order ICI -> ICH, learn_text), ICH's cost does: the gradient of the proxies
+    H = C·π·VP with respect to T (through the head's scaled cost and its plan; the default, implicit) equals the
+    one with Sinkhorn unrolled for 3000 differentiable iterations; the one-step stand-in does not."""
+    ctx, batch = _context(), _batch(_context())
+    vp, mask = batch.vp.float(), batch.mask
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(B, C, DC, generator=g)
+
+    def grad(unrolled: bool = False, **options) -> torch.Tensor:
+        head = _head(sinkhorn_eps=0.1, sinkhorn_tol=1e-6, sinkhorn_iters=5000, **options)
+        if unrolled:
+            real = pcmci.sinkhorn
+            monkeypatch.setattr(pcmci, "sinkhorn", lambda c, e, i, m, **k: real(c.double(), e, 3000, m).float())
+        t = ctx.t0.expand(B, -1, -1).clone().requires_grad_()  # T (B, C, Dc), trainable
+        _, h = head.ich.hallucinate(t, vp, mask)
+        (h * weight).sum().backward()
+        monkeypatch.undo()
+        return t.grad
+
+    implicit, unrolled, last = grad(), grad(unrolled=True), grad(sinkhorn_grad="last_step")
+    scale = unrolled.abs().max().item()
+    assert scale > 0
+    assert torch.allclose(implicit, unrolled, atol=1e-3 * scale)
+    assert (last - unrolled).abs().max() > 0.05 * scale
+
+
+def test_the_full_forward_is_the_readout_of_t_star_attending_over_v_star_by_explicit_sums():
+    """logit_c = w_c · f_c + b_c with f_c = LN(q_c + Σ_h W_o^h Σ_l a^h_cl W_v^h V*_l), q = LN(proj(T*)),
+    a^h_cl = softmax over real frames of (W_q^h q_c) · (W_k^h V*_l) / √(d / heads): the inference operator
+    (T* as queries, V* as keys and values) and the per-class readout, one class, head and frame at a time."""
+    head, batch = _head(), _batch(_context())
+    seen = {}
+    head.ivc.register_forward_hook(lambda m, a, o: seen.update(v_star=o))
+    head.ici.register_forward_hook(lambda m, a, o: seen.update(t_star=o))
+    with torch.no_grad():
+        out = head(batch)
+        f = explicit_class_attention(head.pool, head.text.proj(seen["t_star"]), seen["v_star"], batch.mask)
+        assert torch.allclose(out, explicit_readout(head.readout, f), atol=1e-5)

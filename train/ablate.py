@@ -19,6 +19,7 @@ time); off by default, because on this 2-core CPU it is no faster (bench/train.p
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import logging
@@ -166,10 +167,13 @@ _NOT_RESULTS = ("runs_root", "memory_budget_mb", "eval_every", "stack_seeds", "w
 
 
 def _same(saved: dict, now: Any, ignore: tuple[str, ...] = ()) -> bool:
-    """A saved options dict equals the dataclass `now`; a key the saved run predates counts as its default."""
+    """A saved options dict equals the dataclass `now`; a key the saved run predates counts as what runs computed
+    before it existed: its `predating` value where it has one (a new default that changes the result), else its
+    default."""
     current, defaults = to_dict(now), to_dict(type(now)())
+    before = {f.name: to_dict(f.metadata.get("predates", defaults[f.name])) for f in dataclasses.fields(now)}
     keys = set(current) - set(ignore)
-    return set(saved) <= set(current) and all(saved.get(k, defaults[k]) == current[k] for k in keys)
+    return set(saved) <= set(current) and all(saved.get(k, before[k]) == current[k] for k in keys)
 
 
 @functools.lru_cache(maxsize=256)

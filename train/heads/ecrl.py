@@ -26,14 +26,15 @@ Paper map (Sec. 4, Eq. 1-15, Tables 3-5); the output is `S = S1 + S2` (Sec. 4.3)
   Table 5 (without GLCA): `dict_random` (random features, no data: the cache dictionary `confounder_noise`;
   `dict_sampled`, ours, samples real backgrounds), `dict_average` (class means of *frame*
   features, the cache dictionary `confounder_average_frame`), `dict_background` (class-average backgrounds,
-  `confounder_average`, what the public code ships), `dict_paper` (Sec. 4.2.1's construction of Z: k-means++
-  and PCA over the background pool, each z_i its cluster's mean at the features' natural scale, the cache
-  dictionary `confounder_paper`; deviations: the pool is every real frame's background, not one feature per
-  training video; the paper states no PCA width (ours: `dictionaries.confounder_paper.pca`); the clusters
-  are found in the PCA space and each z_i is its cluster's mean feature in Dc, as Sec. 4.2.1 defines it),
-  the table's reference: Table 5's Background row scores what Table 3's +TSC+BD does, so it is the main model's
-  Z, i.e. this construction. Our k-means `confounder` (spherical, random seeding, no PCA: the features are
-  L2-normalised), the head's default Z, is a labelled row (`modules_fcm_bcm_tsc_bd`).
+  `confounder_average`, what the public code ships), and the reference: Sec. 4.2.1's construction of Z
+  (k-means++ and PCA over the background pool, each z_i its cluster's mean at the features' natural scale, the
+  cache dictionary `confounder_paper`; deviations: the pool is every real frame's background, not one feature
+  per training video; the paper states no PCA width (ours: `dictionaries.confounder_paper.pca`); the clusters
+  are found in the PCA space and each z_i is its cluster's mean feature in Dc, as Sec. 4.2.1 defines it).
+  Table 5's Background row scores what Table 3's +TSC+BD does, so it is the main model's Z: this construction
+  is the head's default (`confounder_dictionary: confounder_paper`) and the reference row is
+  `modules_fcm_bcm_tsc_bd`. Our k-means `confounder` (spherical, random seeding, no PCA: the features are
+  L2-normalised), the head's Z before, is a labelled row (`dict_spherical`).
 - GLCA (Eq. 8-15, `GlobalLocalCausalAttention`): local features `F_L` (the frame stream before pooling), global
   features `F_G` = a k-means-initialised, **trainable** dictionary G. Fusion `h = [W_v F_G, W_q F_L ⊙ W_k F_G]`
   and Eq. 15 `F_LG = φ(ReLU(W_h h + b_h) W_a + b_a) ⊙ F_G` (`GlcaAttention`, `scorer: mlp`): φ a softmax over
@@ -109,7 +110,8 @@ class EcrlOptions:
     use_lambda: bool = True  # λ from J (False: the factor removed, λ_i = 1), Table 4's "w/o λ"
     use_prior: bool = True  # Eq. 7's P(z_i) (False: the factor removed, P(z_i) = 1), Table 4's "w/o P(z_i)"
     prior: Literal["empirical", "uniform"] = "empirical"  # P(z_i): the dictionary's N_i/N or uniform 1/K (IVRD-style)
-    confounder_dictionary: str = "confounder"  # cache dictionary Z of BD (Table 5: confounder_noise, ...)
+    # cache dictionary Z of BD: Sec. 4.2.1's (k-means++ and PCA, cluster means; Table 5: confounder_noise, ...)
+    confounder_dictionary: str = "confounder_paper"
     glca_scorer: Literal["mlp", "linear"] = "mlp"  # Eq. 15's φ(ReLU(W_h h + b_h) W_a + b_a) | ours: w_h · h
     glca_chunk: int | None = field(default=None, metadata=bounds(1))  # Eq. 15 over this many G entries at a time
     global_prior: bool = False  # ours: GLCA's global weights also × G's prior p(g_k) (not in Eq. 15)
@@ -386,12 +388,12 @@ VARIANTS = {
     "bd_additive": {**_NO_GLCA, "bd_attention": "additive"},
     "bd_normalised": {**_NO_GLCA, "bd_form": "normalised"},
     "bd_stratified": {**_NO_GLCA, "bd_form": "stratified"},  # ours: Eq. 4 exactly over the strata
-    # Table 5 (without GLCA): the confounder dictionary (reference: our k-means `confounder`)
+    # Table 5 (without GLCA): the confounder dictionary (reference: modules_fcm_bcm_tsc_bd, with the default Z)
     "dict_random": {**_NO_GLCA, "confounder_dictionary": "confounder_noise"},  # Table 5: random features
     "dict_sampled": {**_NO_GLCA, "confounder_dictionary": "confounder_random"},  # ours: sampled real backgrounds
     "dict_average": {**_NO_GLCA, "confounder_dictionary": "confounder_average_frame"},
     "dict_background": {**_NO_GLCA, "confounder_dictionary": "confounder_average"},
-    "dict_paper": {**_NO_GLCA, "confounder_dictionary": "confounder_paper"},  # k-means++ + PCA, natural scale
+    "dict_spherical": {**_NO_GLCA, "confounder_dictionary": "confounder"},  # ours: spherical k-means (earlier Z)
     # ours on the full head
     "bd_normalised_full": {"bd_form": "normalised"},
     "bd_stratified_full": {"bd_form": "stratified"},

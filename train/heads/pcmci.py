@@ -26,8 +26,9 @@ The visual state V (B, L, d) is the temporal encoder's output over TimeSformer's
   to R): frame relations, structurally aligned with the text's relations (below), `V_r = V + Σ_k p_k G^V_k V
   W_v^k`; `P(M = t*_c | v_l) = softmax_c(v_rl · t*_c / √d)` and the mediator `m_l = Σ_c P(t*_c | v_l) t*_c`
   (B, L, d); the sample term Σ_v' P(v') by attention from m over a dictionary of **V** (the VLM-independent
-  features: `dictionaries.global_video`, source `timesformer/frame`) with its prior; `V* = LN(V_r + m + x̂)`:
-  `VisualConfounderIntervention`.
+  features: `dictionaries.global_video`, source `timesformer/frame`) with its prior, x̂ = Σ_v' P(v' | m) v';
+  by NWGM `V* = LN(m + x̂)` (`ivc_form: front_door`): the video's own V reaches Y only through the mediator,
+  P(M | V), as the front-door formula has it: `VisualConfounderIntervention`.
 - Loss & training, the cross-modal inference operator: attention with T* as queries and V* as keys/values,
   then a per-class readout (`ClassCrossAttention`, `ClassReadout`); the engine adds CE / BCE.
 - The progressive order ICH -> ICI -> IVC is `order`; switched-off stages are not built (no parameters).
@@ -67,9 +68,13 @@ Deviations, each with its reason:
   `PCMCI.transport_report(batch)` gives the effective frames per class (exp of the entropy of C·π's rows)
   and the marginal error.
 - Sinkhorn converges (`sinkhorn_tol` on the L1 marginal error, at most `sinkhorn_iters` iterations) without
-  a graph, then one differentiable step: in the default order S has no gradient at all (frozen T0, cached
-  VP); after ICI (order ICI -> ICH) the gradient is that of the last Sinkhorn step. A plan returned at the
-  iteration budget above `sinkhorn_tol` is logged once per run, with its marginal error.
+  a graph. In the default order S has no gradient at all (frozen T0, cached VP). Where the cost is trainable
+  (after ICI, order ICI -> ICH, or `learn_text`) π is differentiated implicitly through its marginal
+  constraints (`sinkhorn_grad: implicit`, `train.heads.causal.implicit_plan_grad`; equal to the gradient
+  unrolled through every iteration, tested); `last_step` keeps the gradient of one Sinkhorn step from the
+  converged potentials, the earlier form (cosine 0.85 to the converged gradient at ε = 0.05, 0.95 at 0.1 on
+  a random cost, tests/test_causal.py). A plan returned at the iteration budget above `sinkhorn_tol` is
+  logged once per run, with its marginal error.
 - ICI's and ICH's maps act in CLIP's text space (width Dc) so that S = <T, VP> is the CLIP cosine whatever
   stage ran before; the paper's √d in G_k is our √d_k (`relation_dim`, the width of queries and keys).
 - **Structural alignment** (`ivc_alignment: true`, our reading; the summary says F aligns visual relation
@@ -78,6 +83,12 @@ Deviations, each with its reason:
   text counterpart `Σ_c P(t_c | v_l) t_c` in CLIP space, so two frames relate as their texts relate under
   R; F keeps its own W_v^k. Without ICI in the head (V5) or with `ivc_alignment: false` F's relations come
   from the frames alone with F's own bases.
+- **IVC's V* without the sample's own V** (`ivc_form: front_door`, the default): the front-door estimate
+  `Σ_m P(m | V) Σ_v' P(v') P(Y | v', m)` lets the sample's V act on Y only by choosing the mediator; the
+  NWGM form is `V* = LN(m + x̂(m))`, m = E_{m|v}[m] per frame, x̂ the bank's expectation queried by m (the
+  summary prints the formula, not V*'s form). Our earlier reading `V* = LN(V_r + m + x̂)` (`ivc_form: residual`,
+  variant `ivc_residual`) also gives Y the sample's V_r directly, a path the adjustment is meant to close;
+  a run saved before the option existed is read back as `residual`.
 - **Mediator choice** (the paper's ablation, `ivc_mediator`): `text` (T*, the paper's), `memory` (a visual
   memory bank: the frames attend over the V dictionary's entries), `multiscale` (multi-scale temporal
   attention: frames attend within windows of ±1, ±2, ±4 frames, averaged over scales). The summary names
@@ -118,7 +129,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extract.config import ConfigError, bounds
+from extract.config import ConfigError, bounds, predating
 from train.heads import Batch, CausalTerm, HeadContext, register_head
 from train.heads.causal import (
     SampleBankAttention,
@@ -156,11 +167,15 @@ class PCMCIOptions:
     sinkhorn_eps: float = field(default=0.25, metadata=bounds(1e-3))  # ε of the entropic OT plan π (cost units)
     sinkhorn_tol: float = field(default=1e-5, metadata=bounds(0.0))  # stop at this L1 marginal error
     sinkhorn_iters: int = field(default=1000, metadata=bounds(1, 100000))  # at most this many iterations
+    # π's gradient where the cost is trainable: implicit (the converged plan's) | last_step (one Sinkhorn step's)
+    sinkhorn_grad: Literal["implicit", "last_step"] = field(default="implicit", metadata=predating("last_step"))
     memory_momentum: float = field(default=0.9, metadata=bounds(0.0, 1.0))  # ich_form memory: EMA of H̄
     relation_bases: int = field(default=8, metadata=bounds(1, 64))  # K relation bases of ICI and of IVC's F
     relation_dim: int = field(default=32, metadata=bounds(1))  # d_k: width of each basis's queries and keys
     ivc_dictionary: str = "global_video"  # IVC's bank P(v'): a cache dictionary of V (timesformer/frame)
     ivc_mediator: Literal["text", "memory", "multiscale"] = "text"  # M: T* | visual memory bank | multi-scale
+    # V* = LN(m + x̂(m)): V reaches Y only through M (front-door) | LN(v_r + m + x̂): also directly (ours, earlier)
+    ivc_form: Literal["front_door", "residual"] = field(default="front_door", metadata=predating("residual"))
     ivc_alignment: bool = True  # F's frame relations through ICI's bases (structural alignment; needs ICI)
     prior: Literal["empirical", "uniform"] = "empirical"  # IVC's P(v') over its bank: N_i/N | 1/K (IVRD-style)
     ivc_bank_score: Literal["dot", "cosine"] = "dot"  # IVC's bank attention: q·k/√d | cos/τ, learned τ (ours)
@@ -302,7 +317,15 @@ class HallucinationIntervention(nn.Module):
         """π: t (B, C, Dc), vp (B, L, Dc), mask (B, L) -> (B, C, L), rows 1/C, real columns 1/L_valid."""
         o = self.opts
         cost = self.cost(t, vp, mask)
-        return sinkhorn(cost, o.sinkhorn_eps, o.sinkhorn_iters, mask, tol=o.sinkhorn_tol, unconverged=self._unconverged)
+        return sinkhorn(
+            cost,
+            o.sinkhorn_eps,
+            o.sinkhorn_iters,
+            mask,
+            tol=o.sinkhorn_tol,
+            unconverged=self._unconverged,
+            grad=o.sinkhorn_grad,
+        )
 
     def _unconverged(self, error: float) -> None:
         """Once per model (so once per run): the plan came back at the iteration budget, not converged."""
@@ -380,6 +403,7 @@ class VisualConfounderIntervention(nn.Module):
         super().__init__()
         d, K = opts.dim, opts.relation_bases
         self.mediator_form = opts.ivc_mediator
+        self.form = opts.ivc_form
         if aligned:  # relations from ICI's bases over the frames' text counterparts; F keeps its own W_v^k
             self.w_v = nn.Parameter(torch.randn(K, d, d) * d**-0.5)  # W_v^k (K, d, d), redrawn by reset_parameters
         else:
@@ -430,7 +454,9 @@ class VisualConfounderIntervention(nn.Module):
             v_r = self.frame_relations(v, mask)  # F level 1 from the frames alone, (B, L, d)
         m = self.mediator(v_r, t, mask, bank)  # F level 2: E_{m|v}[m], (B, L, d)
         x_hat = self.bank(m, bank, bank_prior)  # Σ_v' P(v' | m) v', cross-sample, (B, L, d)
-        return self.norm(v_r + m + x_hat)  # V* (NWGM: in-sample + cross-sample expectations), (B, L, d)
+        if self.form == "front_door":  # Σ_m P(m | V) Σ_v' P(v') P(Y | v', m) by NWGM: V enters only through m
+            return self.norm(m + x_hat)  # V* (B, L, d)
+        return self.norm(v_r + m + x_hat)  # residual (ours): the sample's own v_r reaches Y directly, (B, L, d)
 
 
 def _plan_rows(m: HallucinationIntervention, a: tuple, k: dict, o) -> tuple[torch.Tensor, torch.Tensor]:
@@ -488,6 +514,7 @@ TERMS = (
         "learn_text": {"learn_text": True},  # T learnable from T0
         "clip_only": {"visual": "clip"},  # VP as V, as the baseline's variant of that name
         "prior_uniform": {"prior": "uniform"},  # IVC's bank prior 1/K (IVRD-style, the grounding table)
+        "ivc_residual": {"ivc_form": "residual"},  # V* = LN(v_r + m + x̂): the sample's V also reaches Y directly
     },
 )
 class PCMCI(nn.Module):
