@@ -364,6 +364,35 @@ def test_fewer_frames_from_one_cache_are_its_uniformly_spaced_slots(tiny_cache, 
     assert result.steps > 0 and np.isfinite(result.history[-1]["loss"])
 
 
+def test_a_frames_row_trains_on_its_frames_of_the_same_cache(tiny_cache, tmp_path):
+    """A row `<row>/f<L'>` (Fig. 7b's frames on one cache): its runs see L' uniformly spaced slots of the cache's
+    L, as train.num_frames does, and keep their own run folders; a malformed suffix is a sentence naming it."""
+    from extract.config import AblationTable, from_dict
+    from train.ablate import run_table
+    from train.heads import parse_row, row_frames
+
+    row = "cmdcl:variant2+igv/f8"
+    assert parse_row(row) == ("cmdcl", "variant2", "igv") and row_frames(row) == 8
+    assert row_frames("cmdcl") is None
+    with pytest.raises(ValueError, match="'cmdcl/8': the frames suffix is /f<L'>"):
+        row_frames("cmdcl/8")
+    with pytest.raises(ConfigError, match=r"ablations.t.rows\[1\]: row 'baseline/f0'"):
+        from_dict({"ablations": {"t": {"rows": ["baseline", "baseline/f0"]}}})
+    cfg, store = tiny_cache  # L = 8
+    table = AblationTable(rows=("baseline/f4", "baseline"), tasks=("activity",), seeds=1, reference="baseline")
+    cfg = dataclasses.replace(
+        cfg, ablations={"frames": table}, train=dataclasses.replace(cfg.train, epochs=1, runs_root=str(tmp_path))
+    )
+    result = run_table(cfg, "frames", store=store, progress=False)
+    runs = {p.parent.name: p for p in (tmp_path / "ablations").rglob("last.pt")}
+    assert set(runs) == {"baseline-f4-activity-s0", "baseline-activity-s0"}
+    saved = torch.load(runs["baseline-f4-activity-s0"], map_location="cpu", weights_only=False)
+    assert saved["config"]["train"]["num_frames"] == 4
+    full = torch.load(runs["baseline-activity-s0"], map_location="cpu", weights_only=False)
+    assert full["config"]["train"]["num_frames"] is None
+    assert {c.row for c in result.cells} == {"baseline/f4", "baseline"}
+
+
 def test_step_schedule_and_adam_as_the_recipes_ask():
     from extract.config import from_dict
     from train.engine import make_optimizer, schedule_lambda

@@ -54,7 +54,7 @@ from train.engine import (
 )
 from train.ground_check import mask_objectives, write_table_check
 from train.grounding import grounding_options
-from train.heads import ORACLE_ROW, head_options, parse_row
+from train.heads import ORACLE_ROW, head_options, parse_row, row_frames
 from train.stacked import NotStackable, train_stacked
 from train.stats import LEVEL, GapClosed, Interval, Replicates, chance_level, fieller_ratio, holm, replicates
 
@@ -123,7 +123,9 @@ def _run_cfg(cfg: Config, row: str, task: str, seed: int) -> Config:
         train = replace(cfg.train, head="baseline", variant=None, grounding=None, train_split="train_oracle")
         return replace(cfg, train=replace(train, task=task, seed=seed))
     head, variant, grounding = parse_row(row)
-    return replace(cfg, train=replace(cfg.train, head=head, variant=variant, grounding=grounding, task=task, seed=seed))
+    frames = row_frames(row)  # `<row>/f<L'>`: this row on L' of the cache's frames (a frames ablation)
+    train = replace(cfg.train, num_frames=frames) if frames is not None else cfg.train
+    return replace(cfg, train=replace(train, head=head, variant=variant, grounding=grounding, task=task, seed=seed))
 
 
 def gap_closed(cells: list[Cell], split: str = "test_ood") -> dict[tuple[str, str], GapClosed]:

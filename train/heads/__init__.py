@@ -111,10 +111,22 @@ def variant_names(cfg: Config, name: str) -> list[str]:
 
 
 def parse_row(row: str) -> tuple[str, str | None, str | None]:
-    """`head[:variant][+grounding]` -> (head, variant or None, grounding or None)."""
-    row, _, grounding = row.partition("+")
+    """`head[:variant][+grounding][/f<L'>]` -> (head, variant or None, grounding or None); frames: `row_frames`."""
+    row, _, grounding = row.split("/", 1)[0].partition("+")
     head, _, variant = row.partition(":")
     return head, (variant or None), (grounding or None)
+
+
+def row_frames(row: str) -> int | None:
+    """The L' of a row `<row>/f<L'>` (the head sees L' frames uniformly subsampled from the cache's L, as
+    `train.num_frames` does: a frames ablation on one cache), None without the suffix. A suffix that is not
+    /f and a positive whole number is a ValueError naming the row."""
+    _, slash, suffix = row.partition("/")
+    if not slash:
+        return None
+    if not (suffix.startswith("f") and suffix[1:].isdigit() and int(suffix[1:]) > 0):
+        raise ValueError(f"row {row!r}: the frames suffix is /f<L'> with L' a positive whole number, e.g. 'cmdcl/f8'")
+    return int(suffix[1:])
 
 
 def _validate(cfg: Config) -> list[str]:
@@ -147,6 +159,10 @@ def _validate(cfg: Config) -> list[str]:
         if row == ORACLE_ROW and key.startswith("ablations."):
             continue  # a bound row (train.ablate): the baseline trained on train_oracle
         head, variant, ground = parse_row(row)
+        try:
+            row_frames(row)
+        except ValueError as e:
+            errors.append(f"{key}: {e}")
         if head not in names:
             errors.append(f"{key}: unknown head {head!r}; choose from {names}")
         elif variant is not None and variant not in variant_names(cfg, head):
