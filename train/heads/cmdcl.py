@@ -1,6 +1,9 @@
-"""cmdcl: Cross-Modal Dual-Causal Learning for long-term action recognition (seed paper 000, CMDCL).
+"""cmdcl: Cross-Modal Dual-Causal Learning (CMDCL) for long-term action recognition.
 
-Paper map (/work/shared/papers/cmdcl.txt, Sec. 3.2). Symbols: T (C, Dc) learnable class texts from T0,
+Xu, Jia, Gao, Sun, Chang, Fan, "Cross-Modal Dual-Causal Learning for Long-Term Action Recognition",
+arXiv:2507.06603 (2025), https://arxiv.org/abs/2507.06603; code https://github.com/xushaowu/CMDCL.
+
+Paper map (Sec. 3.2). Symbols: T (C, Dc) learnable class texts from T0,
 VP (B, L, Dc) CLIP frames, V (B, L, Dv) TimeSformer frames, τ one temperature for TCI and VCI.
 
 - Eq. 2, bias-aware scores `S = softmax_l(v^P_l · t_c / τ)` (B, C, L): `TextualIntervention.scores`;

@@ -1,4 +1,7 @@
-"""ecrl: Event-level Causal Representation Learning (`../shared/papers/ecrl.txt`), on cached features.
+"""ecrl: Event-level Causal Representation Learning (ECRL), on cached features.
+
+"Modeling Event-level Causal Representation for Video Classification", ACM Multimedia 2024,
+https://doi.org/10.1145/3664647.3681547; code https://github.com/wyqcrystal/ECRL.
 
 Paper map (Sec. 4, Eq. 1-15, Tables 3-5); the output is `S = S1 + S2` (Sec. 4.3):
 
@@ -56,8 +59,8 @@ Variants of ours, beside the paper's form (never in place of it):
   `ivrd`: IVRD's intervention over class prototypes (the class means of the frame features) with a uniform
   P(z), attended from the video, in BD's place (the grounding table's IVRD row).
 
-Deviations, on purpose: the frozen encoder (above); our saliency (CLIP attention, DESIGN.md); GLCA's
-combination `W_o [F_LL, F_LG]` (the paper says only that F_LL is "combined with" F_L and F_LG); `glca_chunk`
+Deviations, on purpose: the frozen encoder (above); our saliency (CLIP attention, README "The cache");
+GLCA's combination `W_o [F_L, F_LL, F_LG]` is our reading of F_LL "combined with" F_L and F_LG; `glca_chunk`
 computes Eq. 15's scores over chunks of G's entries (recomputed in the backward pass) so the `(B, L, Kg, D)`
 hidden tensor stays bounded at COIN scale; the result equals the unchunked one.
 Two-step training (Sec. 4.3, "pre-train on raw video frames ..., then fine-tune the causal intervention

@@ -1,8 +1,10 @@
-"""pcmci: Progressive Cross-Modal Causal Intervention (seed paper 001, PCMCI).
+"""pcmci: Progressive Cross-Modal Causal Intervention (PCMCI) for long-term action recognition.
 
-Paper map (/work/shared/papers/pcmci.txt, a detailed summary: its displayed equations were lost, so the
-map names sections and symbols). Symbols: T0 (C, Dc) frozen CLIP class text, VP (B, L, Dc) CLIP frames
-(the visual prompts), V (B, L, Dv) TimeSformer frames (the VLM-independent encoder), d the head width.
+"Progressive Cross-Modal Causal Intervention for Long-Term Action Recognition", CVPR 2026 (CVF Open
+Access); code https://github.com/xushaowu/PCMCI. Paper map (we worked from a detailed summary whose displayed
+equations were lost, so the map names sections and symbols). Symbols: T0 (C, Dc) frozen CLIP class text,
+VP (B, L, Dc) CLIP frames (the visual prompts), V (B, L, Dv) TimeSformer frames (the VLM-independent
+encoder), d the head width.
 
 The text state T (B, C, Dc) lives in CLIP's text space through the two text stages and starts as T0
 (frozen: `learn_text: false`, the paper trains only the video side and the three modules); it is
@@ -93,7 +95,7 @@ Deviations, each with its reason:
   memory bank: the frames attend over the V dictionary's entries), `multiscale` (multi-scale temporal
   attention: frames attend within windows of ±1, ±2, ±4 frames, averaged over scales). The summary names
   these alternatives without their form; ours are the plainest instances.
-- The paper trains TimeSformer with the stages; the cache freezes it (DESIGN, "Where we differ"). Our
+- The paper trains TimeSformer with the stages; the cache freezes it (stage 2 never runs an encoder). Our
   trunk has one temporal layer by default (baseline: two): IVC's frame relations add a second.
 - The same K (`relation_bases`) is used for ICI and F; the paper's K ablation may concern ICI only.
 - **The paper's ICI is inert on frozen text where it runs first.** ICI reads only T: over the frozen T0 (V3, or
