@@ -32,7 +32,7 @@ def measure(cfg, store, epochs: int, runs: Path) -> dict[str, list]:
     """Train each paper head (activity, seed 0) and diagnose its declared terms on every evaluation split."""
     from train.data import CacheReader
     from train.diagnose import diagnose_model
-    from train.engine import build_model, train
+    from train.engine import build_model, read_checkpoint, train
 
     reader = CacheReader(store, "activity")
     ctx = reader.context()
@@ -45,7 +45,7 @@ def measure(cfg, store, epochs: int, runs: Path) -> dict[str, list]:
         run_cfg = replace(run_cfg, train=replace(run_cfg.train, epochs=epochs, runs_root=str(runs)))
         result = train(run_cfg, store=store, progress=False)
         model = build_model(run_cfg, ctx, head, None, None)
-        model.load_state_dict(torch.load(result.run_dir / "last.pt", weights_only=False)["state_dict"])
+        model.load_state_dict(read_checkpoint(result.run_dir / "last.pt")["state_dict"])
         for split, data in splits.items():
             out[f"{head}/{split}"] = diagnose_model(model, head, data, ctx, "cpu", 64)
     return out

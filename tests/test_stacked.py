@@ -51,8 +51,8 @@ def test_stacked_seeds_equal_one_at_a_time_without_dropout(dict_cache, tmp_path,
     stacked = train_stacked(cfgs, store, [tmp_path / f"st{c.train.seed}" for c in cfgs])
     for a, b in zip(seq, stacked, strict=True):
         assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in b.history], rel=1e-4)
-        ka = torch.load(a.run_dir / "last.pt", weights_only=False)
-        kb = torch.load(b.run_dir / "last.pt", weights_only=False)
+        ka = torch.load(a.run_dir / "last.pt", weights_only=True)
+        kb = torch.load(b.run_dir / "last.pt", weights_only=True)
         assert kb["stacked_seeds"] == [0, 1] and "stacked_seeds" not in ka
         for name, w in ka["state_dict"].items():
             torch.testing.assert_close(kb["state_dict"][name], w, atol=2e-3, rtol=1e-3, msg=name)
@@ -91,11 +91,11 @@ def test_stacked_seeds_differ_in_dropout_and_resume_to_the_same_bytes(dict_cache
     monkeypatch.setattr(stacked_mod, "end_epoch", real)
     resumed = train_stacked(cfgs, store, dirs)
     for a, b in zip(full, resumed, strict=True):
-        ka = torch.load(a.run_dir / "last.pt", weights_only=False)["state_dict"]
-        kb = torch.load(b.run_dir / "last.pt", weights_only=False)["state_dict"]
+        ka = torch.load(a.run_dir / "last.pt", weights_only=True)["state_dict"]
+        kb = torch.load(b.run_dir / "last.pt", weights_only=True)["state_dict"]
         assert all(torch.equal(ka[n], kb[n]) for n in ka)
-    one = torch.load(full[0].run_dir / "last.pt", weights_only=False)["state_dict"]
-    two = torch.load(full[1].run_dir / "last.pt", weights_only=False)["state_dict"]
+    one = torch.load(full[0].run_dir / "last.pt", weights_only=True)["state_dict"]
+    two = torch.load(full[1].run_dir / "last.pt", weights_only=True)["state_dict"]
     assert not all(torch.equal(one[n], two[n]) for n in one)  # two seeds, two models
 
 
@@ -150,7 +150,7 @@ def test_ablate_stacks_the_seeds_of_a_row_and_falls_back_for_the_rest(dict_cache
     data["ablations"] = {"t": {"rows": ["cmdcl", "cmdcl:tci_memory"], "tasks": ["activity"], "seeds": 2}}
     res = run_table(from_dict(data), "t", store=store, progress=False)
     assert res.runs == 4 and res.files[0].exists()
-    ckpts = {p.parent.name: torch.load(p, weights_only=False) for p in (tmp_path / "runs").rglob("last.pt")}
+    ckpts = {p.parent.name: torch.load(p, weights_only=True) for p in (tmp_path / "runs").rglob("last.pt")}
     assert len(ckpts) == 4
     assert all(("stacked_seeds" in c) == ("tci_memory" not in name) for name, c in ckpts.items())
 
@@ -168,8 +168,8 @@ def test_sequential_switch_keeps_one_run_at_a_time(dict_cache, tmp_path):
     plain = replace(from_dict(data), train=replace(from_dict(data).train, seed=1))
     ref = train(plain, store=store, progress=False, run_dir=tmp_path / "plain")
     got = next((tmp_path / "runs").rglob("baseline-activity-s1/last.pt"))
-    a = torch.load(got, weights_only=False)
-    b = torch.load(ref.run_dir / "last.pt", weights_only=False)
+    a = torch.load(got, weights_only=True)
+    b = torch.load(ref.run_dir / "last.pt", weights_only=True)
     assert "stacked_seeds" not in a
     assert all(torch.equal(a["state_dict"][n], b["state_dict"][n]) for n in b["state_dict"])
 
@@ -193,8 +193,8 @@ def test_worker_processes_train_the_runs_of_one_at_a_time_at_their_thread_count(
         for head in ("baseline", "cmdcl"):
             plain = replace(table, train=replace(table.train, head=head, seed=1, workers=1))
             ref = train(plain, store=store, progress=False, run_dir=tmp_path / f"plain-{head}")
-            a = torch.load(next((tmp_path / "runs").rglob(f"{head}-activity-s1/last.pt")), weights_only=False)
-            b = torch.load(ref.run_dir / "last.pt", weights_only=False)
+            a = torch.load(next((tmp_path / "runs").rglob(f"{head}-activity-s1/last.pt")), weights_only=True)
+            b = torch.load(ref.run_dir / "last.pt", weights_only=True)
             assert a["history"] == b["history"]
             assert all(torch.equal(a["state_dict"][n], b["state_dict"][n]) for n in b["state_dict"])
     finally:
@@ -206,7 +206,7 @@ def test_worker_processes_train_the_runs_of_one_at_a_time_at_their_thread_count(
 
     data["train"].update(runs_root=str(tmp_path / "stacked"), stack_seeds=True)
     run_table(from_dict(data), "t", store=store, progress=False)
-    ckpts = [torch.load(p, weights_only=False) for p in (tmp_path / "stacked").rglob("last.pt")]
+    ckpts = [torch.load(p, weights_only=True) for p in (tmp_path / "stacked").rglob("last.pt")]
     assert len(ckpts) == 4 and all(c["stacked_seeds"] == [0, 1] for c in ckpts)
 
 

@@ -250,7 +250,7 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_old_one(tiny_cache, tmp_pa
 
     cfg, store = tiny_cache
     train(cfg, store=store, progress=False, run_dir=tmp_path)
-    good = torch.load(tmp_path / "last.pt", weights_only=False)
+    good = torch.load(tmp_path / "last.pt", weights_only=True)
     real_save = torch.save
 
     def dies_half_way(obj, f):
@@ -262,7 +262,7 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_old_one(tiny_cache, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         engine.atomic_save({"x": 1}, tmp_path / "last.pt")
     monkeypatch.setattr(engine.torch, "save", real_save)
-    again = torch.load(tmp_path / "last.pt", weights_only=False)
+    again = torch.load(tmp_path / "last.pt", weights_only=True)
     assert again["epoch"] == good["epoch"] and again["step"] == good["step"]
 
 
@@ -272,7 +272,7 @@ def test_evaluate_refuses_a_checkpoint_from_another_cache(tiny_cache, tmp_path):
     ev = evaluate(tmp_path / "run" / "best.pt", "test_ood", store=store)
     assert ev.metrics == pytest.approx(result.metrics["test_ood"])
     assert ev.confusion_png.read_bytes()[:4] == b"\x89PNG"
-    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     ckpt["fingerprint"] = "0" * 16
     torch.save(ckpt, tmp_path / "other.pt")
     with pytest.raises(CacheError, match="was trained on cache 0000000000000000, but"):
@@ -346,6 +346,48 @@ def test_cli_train_evaluate_ablate(tiny_cache, tmp_path):
     assert res.exit_code == 2 and "train.head: unknown head 'nope'" in res.output
 
 
+def test_a_checkpoint_is_read_as_data_and_a_bad_one_is_a_sentence(tiny_cache, tmp_path):
+    """Every checkpoint is read with torch.load(weights_only=True): a file whose pickle would create a file when
+    read is refused with exit 2 and the file never appears; an empty, truncated or garbage file is a sentence
+    with exit 2; a checkpoint holding a harmless object beyond plain data needs --trust-checkpoint."""
+    import fractions
+
+    class Planted:
+        def __reduce__(self):  # what a shared checkpoint could carry: unpickling it opens (creates) a file
+            return (open, (str(tmp_path / "planted"), "w"))
+
+    cfg, store = tiny_cache
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1))
+    run = train(cfg, store=store, progress=False, run_dir=tmp_path / "run").run_dir
+    good = torch.load(run / "last.pt", weights_only=True)  # what ltar writes reads as plain data
+    torch.save({**good, "extra": Planted()}, tmp_path / "planted.pt")
+    torch.save({**good, "extra": fractions.Fraction(1, 3)}, tmp_path / "fraction.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint" * 8)
+    whole = (run / "last.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(whole[: len(whole) // 2])
+    common = ["--split", "test_iid", "--store", str(store), "--config", str(REPO / "pipeline.yaml")]
+    common += ["--set", f"cache.root={cfg.cache.root}", "--set", f"dataset.root={cfg.dataset.root}"]
+    runner = CliRunner()
+
+    def evaluate(path, *extra):
+        return runner.invoke(app, ["-q", "evaluate", str(path), *common, *extra])
+
+    res = evaluate(tmp_path / "planted.pt")
+    assert res.exit_code == 2 and "planted.pt holds Python objects beyond tensors" in res.output, res.output
+    assert "--trust-checkpoint" in res.output and not (tmp_path / "planted").exists()
+    for name in ("empty", "garbage", "truncated"):
+        res = evaluate(tmp_path / f"{name}.pt")
+        assert res.exit_code == 2 and f"{name}.pt is not a readable checkpoint" in res.output, (name, res.output)
+        assert "Traceback" not in res.output
+    res = evaluate(tmp_path / "fraction.pt")
+    assert res.exit_code == 2 and "holds Python objects beyond tensors" in res.output
+    res = evaluate(tmp_path / "fraction.pt", "--trust-checkpoint")
+    assert res.exit_code == 0 and "test_iid: acc1=" in res.output, res.output
+    res = evaluate(run)  # a run folder reads its last.pt, as diagnose does
+    assert res.exit_code == 0 and "test_iid: acc1=" in res.output, res.output
+
+
 def test_fewer_frames_from_one_cache_are_its_uniformly_spaced_slots(tiny_cache, tmp_path):
     from train.engine import run_name
 
@@ -386,9 +428,9 @@ def test_a_frames_row_trains_on_its_frames_of_the_same_cache(tiny_cache, tmp_pat
     result = run_table(cfg, "frames", store=store, progress=False)
     runs = {p.parent.name: p for p in (tmp_path / "ablations").rglob("last.pt")}
     assert set(runs) == {"baseline-f4-activity-s0", "baseline-activity-s0"}
-    saved = torch.load(runs["baseline-f4-activity-s0"], map_location="cpu", weights_only=False)
+    saved = torch.load(runs["baseline-f4-activity-s0"], map_location="cpu", weights_only=True)
     assert saved["config"]["train"]["num_frames"] == 4
-    full = torch.load(runs["baseline-activity-s0"], map_location="cpu", weights_only=False)
+    full = torch.load(runs["baseline-activity-s0"], map_location="cpu", weights_only=True)
     assert full["config"]["train"]["num_frames"] is None
     assert {c.row for c in result.cells} == {"baseline/f4", "baseline"}
 
@@ -495,7 +537,7 @@ def test_the_oracle_row_trains_on_the_unconfounded_split_and_gives_the_gap_close
     assert cell.diff is not None and cell.diff.estimate == 0.0  # the reference row against itself
     assert "activity order confusion test_ood" in result.files[0].read_text()
     oracle_run = next((tmp_path / "ablations").rglob("baseline-train_oracle-activity-s0"))
-    saved = torch.load(oracle_run / "last.pt", weights_only=False)
+    saved = torch.load(oracle_run / "last.pt", weights_only=True)
     assert saved["config"]["train"]["train_split"] == "train_oracle"
     assert not (oracle_run / "predictions-train_oracle.npz").exists()  # a training split is never evaluated
     md = result.files[0].read_text()

@@ -47,6 +47,7 @@ from train.engine import (
     dictionary_hashes,
     find_store,
     new_model,
+    read_checkpoint,
     run_name,
     run_predictions,
     shared_splits,
@@ -194,7 +195,7 @@ def _finished(run_dir: Path, cfg: Config, reader: CacheReader) -> RunResult | No
     last = run_dir / "last.pt"
     if not last.exists():
         return None
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(last)
     t = cfg.train
     options = head_options(cfg, t.head, t.variant)
     same = {

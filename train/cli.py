@@ -17,6 +17,13 @@ from extract.schema import CacheError
 
 StoreOpt = typer.Option(None, "--store", help="A cache store path (default: the store the config names).")
 
+TrustOpt = typer.Option(
+    False,
+    "--trust-checkpoint",
+    help="Read a checkpoint that holds Python objects beyond tensors and plain data (reading it can run code; "
+    "ltar never writes one). Only for a file you made or whose source you trust.",
+)
+
 
 @app.command("train")
 def train_cmd(
@@ -60,6 +67,7 @@ def evaluate_cmd(
     config: Path = ConfigOpt,
     set_: list[str] = SetOpt,
     store: Path = StoreOpt,
+    trust: bool = TrustOpt,
 ) -> None:
     """Metrics of a checkpoint on any split, and a confusion-matrix PNG for activity tasks.
 
@@ -70,7 +78,7 @@ def evaluate_cmd(
     cfg = resolve_config(config, set_)
     try:
         for s in split:
-            result = evaluate(checkpoint, s, store=store, cfg=cfg)
+            result = evaluate(checkpoint, s, store=store, cfg=cfg, trust=trust)
             typer.echo(f"{s}: " + " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
             if result.confusion_png:
                 typer.echo(f"wrote {result.confusion_png}")
@@ -87,6 +95,7 @@ def diagnose_cmd(
     config: Path = ConfigOpt,
     set_: list[str] = SetOpt,
     store: Path = StoreOpt,
+    trust: bool = TrustOpt,
 ) -> None:
     """Does each causal term of a trained head change anything? Its variation over the split's videos, the
     metric with it replaced by its split mean and by zero, and the entropy of its weights; writes
@@ -100,7 +109,7 @@ def diagnose_cmd(
     cfg = resolve_config(config, set_)
     try:
         for s in split:
-            _, files = diagnose(run, s, store=store, cfg=cfg)
+            _, files = diagnose(run, s, store=store, cfg=cfg, trust=trust)
             typer.echo(files[0].read_text())
             typer.echo("wrote " + ", ".join(map(str, files)))
     except (CacheError, RunError, ConfigError) as e:

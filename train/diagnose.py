@@ -167,7 +167,9 @@ def _diagnose_term(model, term, module, weigher, run, labels, own, multi_label, 
     return TermDiagnosis(term, variation, cosine, own, kos[0], kos[1], entropy)
 
 
-def diagnose(checkpoint: Path, split: str, store: Path | None = None, cfg=None, out_dir: Path | None = None):
+def diagnose(
+    checkpoint: Path, split: str, store: Path | None = None, cfg=None, out_dir: Path | None = None, trust: bool = False
+):
     """Diagnose a run (its folder or a checkpoint) on a split; write diagnose-<split>.md/.csv/.png."""
     from train.engine import RunError, _load, load_run
 
@@ -176,7 +178,7 @@ def diagnose(checkpoint: Path, split: str, store: Path | None = None, cfg=None, 
         checkpoint = checkpoint / "last.pt"
     if not checkpoint.exists():
         raise RunError(f"checkpoint {checkpoint} does not exist; pass a run folder or its last.pt / best.pt")
-    run = load_run(checkpoint, store, cfg)
+    run = load_run(checkpoint, store, cfg, trust=trust)
     ckpt, reader, ctx, device, model = run.ckpt, run.reader, run.ctx, run.device, run.model
     if split not in reader.info.splits:
         raise RunError(f"split {split!r} is not in {reader.path}; it holds {sorted(reader.info.splits)}")

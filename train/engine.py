@@ -17,8 +17,11 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
+import re
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -356,7 +359,7 @@ def _train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start_epoch, best, history, step = 0, -math.inf, [], 0
     if resume and last_path.exists():
-        ckpt = torch.load(last_path, map_location=device, weights_only=False)
+        ckpt = read_checkpoint(last_path, map_location=device)
         if ckpt["fingerprint"] != reader.fingerprint:
             raise RunError(f"{last_path} was trained on cache {ckpt['fingerprint']}, not {reader.fingerprint}")
         head.load_state_dict(ckpt["state_dict"])
@@ -516,12 +519,47 @@ class LoadedRun:
     model: torch.nn.Module
 
 
-def load_run(checkpoint: Path, store: Path | None = None, cfg: Config | None = None) -> LoadedRun:
-    """Load a checkpoint and rebuild its model on the store it was trained on; refuses another cache."""
+def read_checkpoint(path: Path, map_location: str = "cpu", trust: bool = False) -> dict:
+    """A run checkpoint read with `torch.load(weights_only=True)`: tensors, numbers, strings, lists and dicts
+    only, so reading a checkpoint someone shared never runs code (ltar writes nothing else). A file that needs
+    more is refused unless `trust` (the CLI's --trust-checkpoint); a file that is not a checkpoint (empty,
+    truncated, another format) is a RunError naming it."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None:  # not a pickle of objects at all: a damaged or foreign file
+            raise RunError(
+                f"{path} is not a readable checkpoint (its contents are not a torch checkpoint); it may have been "
+                "cut short or overwritten: copy it again, or remove its run folder and retrain"
+            ) from None
+        raise RunError(
+            f"{path} holds Python objects beyond tensors, numbers, strings, lists and dicts (first: {found.group(1)}); "
+            "reading it would build them, which can run code. ltar writes no such checkpoint, so this file was made "
+            "elsewhere: load it only if you made it or trust its source, with --trust-checkpoint"
+        ) from None
+    except (EOFError, RuntimeError, KeyError, zipfile.BadZipFile, pickle.PickleError) as e:
+        why = str(e).splitlines()[0] if str(e) else "empty"
+        raise RunError(
+            f"{path} is not a readable checkpoint ({type(e).__name__}: {why}); "
+            "it may have been cut short by an interrupted copy or write: copy it again, or remove its run folder "
+            "and retrain"
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise RunError(f"{path} is not an ltar run checkpoint (no state_dict); pass a run's last.pt or best.pt")
+    return ckpt
+
+
+def load_run(checkpoint: Path, store: Path | None = None, cfg: Config | None = None, trust: bool = False) -> LoadedRun:
+    """Load a checkpoint (or a run folder's last.pt) and rebuild its model on the store it was trained on;
+    refuses another cache."""
     checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "last.pt"
     if not checkpoint.exists():
         raise RunError(f"checkpoint {checkpoint} does not exist; `ltar train` writes runs/<run>/best.pt and last.pt")
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(checkpoint, trust=trust)
     run_cfg = from_dict(ckpt["config"])
     if cfg is not None:  # the caller's cache location wins; everything else is the run's own
         run_cfg = replace(run_cfg, cache=cfg.cache, dataset=cfg.dataset)
@@ -550,7 +588,7 @@ def run_predictions(run_dir: Path, split: str, store: Path | None = None) -> tup
     """Scores (N, C), labels and store rows of a finished run's last checkpoint on a split: read from
     `predictions-<split>.npz` when it belongs to that checkpoint, else computed from `last.pt` and written."""
     path = run_dir / f"predictions-{split}.npz"
-    ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(run_dir / "last.pt")
     if path.exists():
         saved = np.load(path)
         if int(saved["step"]) == ckpt["step"]:
@@ -585,11 +623,16 @@ class EvalResult:
 
 
 def evaluate(
-    checkpoint: Path, split: str, store: Path | None = None, cfg: Config | None = None, out_dir: Path | None = None
+    checkpoint: Path,
+    split: str,
+    store: Path | None = None,
+    cfg: Config | None = None,
+    out_dir: Path | None = None,
+    trust: bool = False,
 ) -> EvalResult:
     """Metrics of a checkpoint on a split; refuses a checkpoint trained on another cache."""
     checkpoint = Path(checkpoint)
-    run = load_run(checkpoint, store, cfg)
+    run = load_run(checkpoint, store, cfg, trust=trust)
     ckpt, run_cfg, reader, ctx, device, head = run.ckpt, run.cfg, run.reader, run.ctx, run.device, run.model
     data = _load(reader, split, run_cfg, device)
     metrics, scores, labels = split_metrics(head, data, ctx, run_cfg, reader, device, {})

@@ -61,6 +61,7 @@ from train.engine import (
     loss_fn,
     make_optimizer,
     new_model,
+    read_checkpoint,
     resolve_device,
     run_name,
     schedule_lambda,
@@ -163,8 +164,7 @@ def _train_stacked(
             "lower it or raise train.epochs"
         )
     ckpts = [
-        torch.load(d / "last.pt", map_location=device, weights_only=False) if (d / "last.pt").exists() else None
-        for d in run_dirs
+        read_checkpoint(d / "last.pt", map_location=device) if (d / "last.pt").exists() else None for d in run_dirs
     ]
     if any(c is not None for c in ckpts):
         epochs = {c["epoch"] if c is not None else None for c in ckpts}
