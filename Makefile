@@ -83,6 +83,7 @@ CONF_ARGS := --config $(CONFIG) $(foreach kv,$(CONF_SET) $(SET),--set $(kv))
 confounders: setup
 	$(call world,$(CONF_ARGS))
 	$(LTAR) ablate --table confounders --diagnose $(CONF_ARGS)
+	$(LTAR) ablate --table confounders_cmdcl --table confounders_pcmci --table confounders_ecrl $(CONF_ARGS)
 
 # IGV's premise test on three worlds (512 videos per test split, activity, 3 seeds), each in its own data and cache
 # folders: the idle-frame shortcut world (a marker only between actions, scene and co-occurrence unconfounded),
