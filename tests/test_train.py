@@ -388,6 +388,25 @@ def test_a_checkpoint_is_read_as_data_and_a_bad_one_is_a_sentence(tiny_cache, tm
     assert res.exit_code == 0 and "test_iid: acc1=" in res.output, res.output
 
 
+def test_a_run_whose_saved_tables_name_a_removed_variant_still_loads(tiny_cache, tmp_path):
+    """A run records the whole config, ablation tables included; a table row naming a variant since removed
+    (ECRL's `dict_paper` became the default Z) must not make the run unreadable for evaluate / diagnose."""
+    from train.engine import load_run
+
+    cfg, store = tiny_cache
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1))
+    run = train(cfg, store=store, progress=False, run_dir=tmp_path / "run").run_dir
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    ckpt["config"]["ablations"]["old"] = {"rows": ["ecrl:no_such_variant"], "tasks": ["activity"]}
+    torch.save(ckpt, run / "last.pt")
+    with pytest.raises(ConfigError, match="no variant 'no_such_variant'"):
+        from extract.config import from_dict
+
+        from_dict(ckpt["config"])  # the saved config as a whole no longer validates
+    loaded = load_run(run / "last.pt", store)
+    assert loaded.cfg.train == cfg.train and loaded.model is not None
+
+
 def test_fewer_frames_from_one_cache_are_its_uniformly_spaced_slots(tiny_cache, tmp_path):
     from train.engine import run_name
 

@@ -519,6 +519,12 @@ class LoadedRun:
     model: torch.nn.Module
 
 
+def run_config(ckpt: dict) -> Config:
+    """The configuration a checkpoint was trained with, less its `ablations` tables: they do not decide what the
+    run computed, and a table row naming a variant since renamed or removed must not make the run unreadable."""
+    return from_dict({k: v for k, v in ckpt["config"].items() if k != "ablations"})
+
+
 def read_checkpoint(path: Path, map_location: str = "cpu", trust: bool = False) -> dict:
     """A run checkpoint read with `torch.load(weights_only=True)`: tensors, numbers, strings, lists and dicts
     only, so reading a checkpoint someone shared never runs code (ltar writes nothing else). A file that needs
@@ -560,7 +566,7 @@ def load_run(checkpoint: Path, store: Path | None = None, cfg: Config | None = N
     if not checkpoint.exists():
         raise RunError(f"checkpoint {checkpoint} does not exist; `ltar train` writes runs/<run>/best.pt and last.pt")
     ckpt = read_checkpoint(checkpoint, trust=trust)
-    run_cfg = from_dict(ckpt["config"])
+    run_cfg = run_config(ckpt)
     if cfg is not None:  # the caller's cache location wins; everything else is the run's own
         run_cfg = replace(run_cfg, cache=cfg.cache, dataset=cfg.dataset)
     store = Path(store) if store else Path(ckpt["store"]) if Path(ckpt["store"]).exists() else find_store(run_cfg, None)
