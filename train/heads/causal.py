@@ -134,7 +134,7 @@ def sinkhorn(
     `tol=t`: iterate without a graph until the plan's marginal error (`marginal_error`, L1) is below t or
     `iters` iterations have run; the plan is the converged one. Its gradient with respect to the cost:
     `grad="implicit"` differentiates the converged plan through its marginal constraints (implicit function
-    theorem, `implicit_plan_grad`: one (C + L)-square solve per video, the limit of the unrolled gradient);
+    theorem, `implicit_plan`: one (C + L)-square solve per video, the limit of the unrolled gradient);
     `grad="last_step"` is the gradient of one Sinkhorn step from the converged (detached) potentials, a cheap
     stand-in that is only approximate where the cost is trainable. Where the cost has no gradient (PCMCI's ICH
     on frozen T0 and cached VP) the two are the same computation.
@@ -174,63 +174,43 @@ def sinkhorn(
                 error = _largest(_marginal_errors(plan(), mask))
                 if error >= tol:
                     unconverged(error)
-        if grad == "implicit" and logk.requires_grad and torch.is_grad_enabled():
+        if grad == "implicit" and _requires_grad(cost) and torch.is_grad_enabled():
             log_u, log_v = step(log_u, log_v, fixed)  # the last column update: columns exact, as below
-            return _ImplicitPlan.apply(cost, log_u, log_v, eps, mask)  # π (B, C, L)
+            return implicit_plan(cost, log_u, log_v, eps, mask)  # π (B, C, L)
         log_u, log_v = step(log_u, log_v, logk)  # the differentiable last iteration
     return (log_u.unsqueeze(2) + logk + log_v.unsqueeze(1)).exp()  # π = diag(u) K diag(v), (B, C, L)
 
 
-class _ImplicitPlan(torch.autograd.Function):
-    """π = exp((f ⊕ g - cost) / ε) from converged potentials, differentiated implicitly (`implicit_plan_grad`).
+def implicit_plan(
+    cost: torch.Tensor, log_u: torch.Tensor, log_v: torch.Tensor, eps: float, mask: torch.Tensor
+) -> torch.Tensor:
+    """The converged plan π = exp((f ⊕ g - cost) / ε), carrying the implicit-function gradient of its marginals.
 
-    forward: cost (B, C, L), log u (B, C), log v (B, L) (converged, no graph), ε, mask (B, L) -> π (B, C, L).
-    """
-
-    generate_vmap_rule = True  # train/stacked.py runs the heads under torch.func.vmap
-
-    @staticmethod
-    def forward(cost, log_u, log_v, eps, mask):
-        logk = (-cost / eps).masked_fill(~mask.unsqueeze(1), _NEG)  # (B, C, L)
-        return (log_u.unsqueeze(2) + logk + log_v.unsqueeze(1)).exp()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, _, _, eps, mask = inputs
-        ctx.save_for_backward(output, mask)
-        ctx.eps = eps
-
-    @staticmethod
-    def backward(ctx, grad_plan):
-        plan, mask = ctx.saved_tensors
-        return implicit_plan_grad(plan, grad_plan, mask, ctx.eps), None, None, None, None
-
-
-def implicit_plan_grad(plan: torch.Tensor, grad_plan: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
-    """∂ℓ/∂cost of an entropic OT plan at its fixed marginals, by the implicit function theorem.
-
-    π_ij = exp((f_i + g_j - c_ij) / ε) with Σ_j π_ij = a_i, Σ_i π_ij = b_j. Differentiating the constraints,
-    H [df; dg] = [(π ⊙ dc) 1; (π ⊙ dc)ᵀ 1] with H = [[diag(a), π], [πᵀ, diag(b)]], so for G = ∂ℓ/∂π:
-    ∂ℓ/∂c_ij = π_ij / ε · (x_i + y_j - G_ij), with [x; y] = H⁻¹ [(π ⊙ G) 1; (π ⊙ G)ᵀ 1].
+    Differentiating Σ_j π_ij = a_i, Σ_i π_ij = b_j gives H [df; dg] = [(π ⊙ dc) 1; (π ⊙ dc)ᵀ 1] with
+    H = [[diag(a), π], [πᵀ, diag(b)]], and d log π_ij = (df_i + dg_j - dc_ij) / ε. We add that first-order
+    correction with dc = cost - cost.detach(): zero in value (the plan is the converged one), and exactly the
+    implicit gradient in the backward pass, with ordinary differentiable ops (so it runs under torch.func.vmap).
     H is singular along s = (1, -1) (a constant moved from f to g); the right side is orthogonal to s, so
-    H + s sᵀ has the same solution. Padded frames (b_j = 0) get an identity row (y_j = 0, π_·j = 0).
-    plan (B, C, L), grad_plan (B, C, L), mask (B, L) -> (B, C, L).
+    H + c s sᵀ has the same solution. Padded frames get an identity row (dg_j = 0; they carry no mass).
+    cost (B, C, L), converged log u (B, C), log v (B, L), mask (B, L) -> π (B, C, L).
     """
-    B, C, L = plan.shape
-    pi, g = plan.double(), grad_plan.double()
+    B, C, L = cost.shape
+    logk = (-cost / eps).masked_fill(~mask.unsqueeze(1), _NEG)  # (B, C, L), with the cost's gradient
+    pi = (log_u.unsqueeze(2) + logk + log_v.unsqueeze(1)).exp().detach().double()  # converged π (B, C, L)
     a, b = pi.sum(2), pi.sum(1)  # the plan's own marginals (B, C), (B, L): H s = 0 exactly
     rows = mask.any(1, keepdim=True).expand(B, C)  # a video without frames has no plan to differentiate
     real = torch.cat([rows, mask], 1)  # (B, C + L)
     s = torch.cat([torch.ones_like(a), -torch.ones_like(b)], 1) * real  # the null direction (B, C + L)
     diagonal = torch.where(real, torch.cat([a, b], 1), torch.ones_like(s))  # (B, C + L)
-    h = torch.zeros(B, C + L, C + L, dtype=pi.dtype, device=pi.device)
-    h[:, :C, C:], h[:, C:, :C] = pi, pi.transpose(1, 2)
-    h = h + torch.diag_embed(diagonal) + a.mean(1)[:, None, None] * s.unsqueeze(2) * s.unsqueeze(1)  # H + c s sᵀ
-    weighted = pi * g  # π ⊙ G (B, C, L)
-    rhs = torch.cat([weighted.sum(2), weighted.sum(1)], 1) * real  # (B, C + L), orthogonal to s
-    xy = torch.linalg.solve(h, rhs.unsqueeze(-1)).squeeze(-1)  # (B, C + L)
-    x, y = xy[:, :C], xy[:, C:]
-    return (pi / eps * (x.unsqueeze(2) + y.unsqueeze(1) - g)).to(plan.dtype)  # (B, C, L)
+    top = torch.cat([torch.zeros_like(pi[:, :, :1]).expand(B, C, C), pi], 2)  # [0, π] (B, C, C + L)
+    bottom = torch.cat([pi.transpose(1, 2), torch.zeros_like(pi[:, :1, :]).expand(B, L, L)], 2)  # [πᵀ, 0]
+    h = torch.cat([top, bottom], 1) + torch.diag_embed(diagonal)  # H (B, C + L, C + L)
+    h = h + a.mean(1)[:, None, None] * s.unsqueeze(2) * s.unsqueeze(1)  # H + c s sᵀ
+    dc = (cost - cost.detach()).double() * pi  # π ⊙ dc: zero in value (B, C, L)
+    rhs = torch.cat([dc.sum(2), dc.sum(1)], 1) * real  # (B, C + L), orthogonal to s
+    dfg = torch.linalg.solve(h, rhs.unsqueeze(-1)).squeeze(-1).to(cost.dtype)  # [df; dg], zero in value
+    df, dg = dfg[:, :C], dfg[:, C:]
+    return (log_u.unsqueeze(2) + logk + log_v.unsqueeze(1) + (df.unsqueeze(2) + dg.unsqueeze(1)) / eps).exp()
 
 
 def marginal_error(plan: torch.Tensor, mask: torch.Tensor | None = None) -> float:
@@ -240,6 +220,16 @@ def marginal_error(plan: torch.Tensor, mask: torch.Tensor | None = None) -> floa
     columns are exact and the error sits in the rows.
     """
     return _largest(_marginal_errors(plan, mask))
+
+
+def _requires_grad(t: torch.Tensor) -> bool:
+    """t.requires_grad, also inside `torch.func.vmap` (whose batched tensors report False): the physical
+    tensor's. The implicit solve runs only where the cost is trainable, never on PCMCI's frozen default."""
+    from torch._C import _functorch
+
+    while _functorch.is_batchedtensor(t):
+        t = _functorch.get_unwrapped(t)
+    return t.requires_grad
 
 
 def _largest(errors: torch.Tensor) -> float:

@@ -72,7 +72,7 @@ Deviations, each with its reason:
 - Sinkhorn converges (`sinkhorn_tol` on the L1 marginal error, at most `sinkhorn_iters` iterations) without
   a graph. In the default order S has no gradient at all (frozen T0, cached VP). Where the cost is trainable
   (after ICI, order ICI -> ICH, or `learn_text`) π is differentiated implicitly through its marginal
-  constraints (`sinkhorn_grad: implicit`, `train.heads.causal.implicit_plan_grad`; equal to the gradient
+  constraints (`sinkhorn_grad: implicit`, `train.heads.causal.implicit_plan`; equal to the gradient
   unrolled through every iteration, tested); `last_step` keeps the gradient of one Sinkhorn step from the
   converged potentials, the earlier form (cosine 0.85 to the converged gradient at ε = 0.05, 0.95 at 0.1 on
   a random cost, tests/test_causal.py). A plan returned at the iteration budget above `sinkhorn_tol` is
