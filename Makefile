@@ -88,7 +88,8 @@ confounders: setup
 # IGV's premise test on three worlds (512 videos per test split, activity, 3 seeds), each in its own data and cache
 # folders: the idle-frame shortcut world (a marker only between actions, scene and co-occurrence unconfounded),
 # today's benchmark world, an unconfounded world; tables grounding_premise / grounding_today / grounding_unconfounded,
-# and grounding_indicator (the indicator's noise and budget, on the unconfounded world).
+# grounding_eigv (EIGV's code to our earlier form, one change per row, on the idle world) and grounding_indicator
+# (the indicator's noise, budget and empty side, on the unconfounded world).
 PREMISE_SET := synthetic.videos.test_iid=512 synthetic.videos.test_ood=512 synthetic.videos.train_oracle=192 \
 	synthetic.videos.test_ood_idle=512 synthetic.idle_marker=true synthetic.idle_rho=0.95 synthetic.rho=0.125 \
 	synthetic.cooccur_high=0.45 synthetic.cooccur_low=0.45 train.eval_every=30 dataset.root=data/synthetic-idle-only
@@ -103,6 +104,7 @@ grounding-premise: setup
 	$(call world,$(BENCH_ARGS))
 	$(call world,$(UNCONF_ARGS))
 	$(LTAR) ablate --table grounding_premise $(PREMISE_ARGS)
+	$(LTAR) ablate --table grounding_eigv $(PREMISE_ARGS)
 	$(LTAR) ablate --table grounding_today $(BENCH_ARGS)
 	$(LTAR) ablate --table grounding_unconfounded $(UNCONF_ARGS)
 	$(LTAR) ablate --table grounding_indicator $(UNCONF_ARGS)

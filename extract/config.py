@@ -272,7 +272,9 @@ class AblationTable:
     tasks: tuple[str, ...] = ("activity",)  # each row is trained and evaluated on every task listed
     seeds: int = field(default=3, metadata=_range(1))  # each cell rests on this many seeds (`--seeds` overrides)
     caption: str = ""  # written above the table
-    reference: str | None = None  # the row every paired difference is taken against (null = the first row)
+    # the row every paired difference is taken against (null = the first row); `previous`: each row against the row
+    # above it (a chain whose rows change one thing at a time)
+    reference: str | None = None
     # single-label tasks: also report the confusion of the same-set activity pairs (they differ only in the
     # order of their actions; the synthetic world's world.json names them), lower is better
     order_confusion: bool = False
@@ -321,9 +323,10 @@ def _cross_checks(cfg: Config) -> list[str]:
         except ConfigError as e:
             errors.append(str(e))
     for name, table in cfg.ablations.items():
-        if table.reference is not None and table.reference not in table.rows:
+        if table.reference not in (None, "previous") and table.reference not in table.rows:
             errors.append(
-                f"ablations.{name}.reference: {table.reference!r} is not one of the table's rows {list(table.rows)}"
+                f"ablations.{name}.reference: {table.reference!r} is not one of the table's rows {list(table.rows)} "
+                "(or `previous`: each row against the row above it)"
             )
     if cfg.train.recipe is not None and cfg.train.recipe not in cfg.recipes:
         errors.append(

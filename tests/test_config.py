@@ -57,7 +57,7 @@ def test_pipeline_yaml_loads_and_names_every_key():
     # every recipe writes every field of Recipe, and every table its reference row
     for name, entry in yaml.safe_load((REPO / "pipeline.yaml").read_text())["recipes"].items():
         assert set(entry) == {f.name for f in dataclasses.fields(Recipe)}, f"recipes.{name}"
-    assert all(t.reference in t.rows for t in cfg.ablations.values())
+    assert all(t.reference in (*t.rows, "previous") for t in cfg.ablations.values())
     assert cfg.dataset.name == "synthetic"
 
 

@@ -35,8 +35,20 @@ B, L, DC, DV, C = 6, 8, 32, 48, 5
 GROUNDINGS = {
     "igv": {"method": "igv"},
     "eigv": {"method": "eigv"},
-    "igv_frame": {"method": "igv", "indicator": "per_frame"},  # IGV's code's indicator
+    "igv_frame": {"method": "igv", "indicator": "per_frame"},  # IGV's code's indicator (empty side: zeros)
+    "igv_frame_whole": {"method": "igv", "indicator": "per_frame", "empty_side": "whole_video"},  # ours, earlier
     "eigv_paper": {"method": "eigv", "indicator": "per_frame", "igv_terms": False, "predict": "video"},
+    "eigv_code": {  # EIGV's code's values and its label-grounded indicator
+        "method": "eigv",
+        "indicator": "per_frame",
+        "indicator_query": "label",
+        "igv_terms": False,
+        "predict": "video",
+        "mix_alpha": 0.1,
+        "env_mix_alpha": 1.0,
+        "contrast_weight": 0.0125,
+        "tau": 0.9,
+    },
     "rationale": {"rationale_frames": 4},
     "rationale_igv": {"method": "igv", "rationale_frames": 6},
     "eigv_video": {"method": "eigv", "mix": "video"},
@@ -73,6 +85,8 @@ CASES = [
     ("igv_frame", False),
     ("eigv_paper", False),
     ("eigv_paper", True),
+    ("eigv_code", False),
+    ("eigv_code", True),
     ("rationale", False),
     ("rationale_igv", True),
 ]
@@ -154,16 +168,20 @@ def test_budget_indicator_grounds_the_frames_that_carry_the_action(shortcut):
     assert float((swapped.argmax(-1) == batch.labels).float().mean()) > 0.75  # the label survives the swap
 
 
-def test_per_frame_indicator_without_a_budget_marks_every_frame_causal():
+@pytest.mark.parametrize("grounding", ["igv_frame", "igv_frame_whole"])
+def test_per_frame_indicator_without_a_budget_marks_every_frame_causal(grounding):
     """IGV's per-frame indicator on our (unbounded) frame scorer reaches the trivial split on the toy batch: every
-    frame causal, where the environment loss falls back to the whole video and sends the mask no gradient. Its
-    objective is then worse than the oracle's (the action frames causal) on the same head and interventions: the
-    optimisation defect the budget variant exists for (ltar ground-check measures the same on a run)."""
+    frame causal. Under our earlier empty side (`whole_video`: the empty environment reads as the whole video and
+    sends the mask no gradient) its objective is then worse than the oracle's (the action frames causal) on the same
+    head and interventions: an optimisation defect. Under IGV's code (`zeros`: the empty environment reads as zeroed
+    frames, gradient live) the collapsed mask's objective is lower than the oracle's: the head maps the zeroed
+    environment to the uniform prediction, so the environment term costs nothing there, and the collapse is the
+    objective's own optimum on this batch, not a missing gradient (measured: learned 1.61 against oracle 2.80)."""
     from train.ground_check import objective_terms, weighted
 
     ctx = _context(False)
     batch, relevant = _toy_grounding_batch(ctx, 0.0)
-    model = _train_toy("igv_frame", batch)
+    model = _train_toy(grounding, batch)
     with torch.no_grad():
         used = model.frames_used(batch)
         assert used.all()  # the trivial solution: no environment frame left
@@ -171,7 +189,73 @@ def test_per_frame_indicator_without_a_budget_marks_every_frame_causal():
         for name, hard in (("learned", used), ("oracle", relevant)):
             terms = objective_terms(model, batch, hard, torch.Generator().manual_seed(0))
             objective[name] = weighted(model, {k: float(v) for k, v in terms.items()})
-    assert objective["learned"] > objective["oracle"], objective
+    if grounding == "igv_frame_whole":
+        assert objective["learned"] > objective["oracle"], objective
+    else:
+        assert objective["learned"] < objective["oracle"], objective
+
+
+def _env_term(model: Grounded, batch, scores: torch.Tensor) -> torch.Tensor:
+    """IGV's environment term of `model` with the indicator's scores given: CE(head(e), uniform)."""
+    o = model.opts
+    hard, g = causal_split(scores, batch.mask, o.causal_share, o.tau, False, o.indicator, 0.0, o.empty_side)
+    from train.grounding import environment_view
+
+    return soft_loss_of(model.head(environment_view(batch, g, hard, o.empty_side)), torch.full((len(hard), C), 1 / C))
+
+
+@pytest.mark.parametrize("grounding", ["igv_frame", "igv_frame_whole"])
+def test_the_environment_term_sends_a_gradient_at_an_empty_environment(grounding):
+    """At the all-causal state (every frame's logit > 0, no environment frame) IGV's code reads the environment as
+    the frames times the straight-through mask 1 - g, zeros in value: the environment term's gradient into the
+    scores is, by the chain rule, ∂L/∂w_l · (-σ'(r_l / τ) / τ) with ∂L/∂w_l the term's gradient in the frame
+    weights at w = 0 (computed here on its own). Our earlier form (`whole_video`) reads the whole video unweighted:
+    exactly no gradient."""
+    torch.manual_seed(0)
+    ctx = _context(False)
+    model = _grounded("baseline", grounding, ctx, variant="clip_only").eval()
+    batch = random_batch(ctx, 4, short=0)
+    scores = (2.0 + torch.rand(4, L)).requires_grad_()  # every logit > 0: all causal
+    _env_term(model, batch, scores).backward()
+    if grounding == "igv_frame_whole":
+        assert torch.equal(scores.grad, torch.zeros_like(scores))
+        return
+    w = torch.zeros(4, L, requires_grad=True)  # the environment's frame weights, 0 in value
+    from train.grounding import masked_view
+
+    view = masked_view(batch, w, batch.mask)
+    soft_loss_of(model.head(view), torch.full((4, C), 1 / C)).backward()
+    s = torch.sigmoid(scores.detach() / model.opts.tau)
+    expected = w.grad * (-s * (1 - s) / model.opts.tau)
+    assert torch.allclose(scores.grad, expected, atol=1e-7), (scores.grad, expected)
+    assert scores.grad.abs().max() > 1e-4  # (the head's gradient at zeros is not itself 0)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_the_swap_loss_trains_the_indicator_only_without_igvs_detach(detach):
+    """IGV's code swaps on the detached mask (`bg_mask.bool()`): its swap loss sends the indicator no gradient.
+    `swap_detach: false` (ours, earlier) reaches it through g: ∂L/∂r_l = (∂L/∂w_l) σ'(r_l / τ) / τ with w the kept
+    frames' weight in v* = w ⊙ v + (1 - w) ⊙ v_π (its gradient taken on its own at the hard value)."""
+    from train.grounding import swap_keep
+
+    torch.manual_seed(0)
+    ctx = _context(False)
+    model = _grounded("baseline", "igv_frame", ctx, variant="clip_only").eval()
+    batch = random_batch(ctx, 4, short=0)
+    scores = torch.randn(4, L).requires_grad_()
+    hard, g = causal_split(scores, batch.mask, 0.5, 1.0, False, "per_frame", 0.0, "zeros")
+    perm = torch.tensor([1, 2, 3, 0])
+    weight, keep = swap_keep(g, hard, batch.mask, detach)
+    y = torch.eye(C)[batch.labels]
+    soft_loss_of(model.head(swapped_view(batch, weight, keep, perm)), y).backward()
+    if detach:
+        assert scores.grad is None or torch.equal(scores.grad, torch.zeros_like(scores))
+        return
+    w = keep.float().requires_grad_()
+    soft_loss_of(model.head(swapped_view(batch, w, keep, perm)), y).backward()
+    sig = torch.sigmoid(scores.detach())
+    assert torch.allclose(scores.grad, w.grad * sig * (1 - sig), atol=1e-7)
+    assert w.grad.abs().max() > 1e-4
 
 
 def test_swap_intervention_mixes_batch_members():
@@ -216,6 +300,8 @@ def test_per_frame_indicator_is_igvs_binary_gumbel_softmax_without_a_budget():
     hard, g = causal_split(scores, mask, 0.5, tau=0.7, noise=False, indicator="per_frame")
     expected = [[True, False, True, False], [True, True, True, False], [True, True, False, False]]
     assert hard.tolist() == expected  # row 1: no logit > 0, every real frame causal; row 2: both real frames
+    zeros = causal_split(scores, mask, 0.5, tau=0.7, noise=False, indicator="per_frame", empty_side="zeros")[0]
+    assert zeros[1].tolist() == [False] * 4 and torch.equal(zeros[[0, 2]], hard[[0, 2]])  # IGV's code: none causal
     assert torch.allclose(g.detach(), hard.float())
     g.sum().backward()
     s = torch.sigmoid(scores.detach() / 0.7)
@@ -229,18 +315,26 @@ def test_per_frame_indicator_is_igvs_binary_gumbel_softmax_without_a_budget():
     assert torch.equal(causal_split(wide + 0.1, m, 0.5, 1.0, True, "per_frame", noise_scale=0.0)[0], m)
 
 
-def test_an_empty_environment_reads_as_the_whole_video():
-    from train.grounding import environment_view
+def test_an_empty_side_reads_as_zeroed_frames_in_igvs_code_and_as_the_whole_video_in_ours():
+    from train.grounding import causal_view, environment_view
 
     ctx = _context(False)
     batch = random_batch(ctx, 3, short=0)
     hard = torch.ones(3, L, dtype=torch.bool)
     hard[0, :3] = False  # video 0 has three environment frames; videos 1 and 2 none
     g = hard.float() * 0.9 + 0.05  # a weight whose complement is not 0 or 1, to see which one is used
-    env = environment_view(batch, g, hard)
+    env = environment_view(batch, g, hard, "whole_video")
     assert env.mask[0].tolist() == [True] * 3 + [False] * (L - 3) and env.mask[1:].all()
     assert torch.allclose(env.vp[0], batch.vp[0].float() * (1 - g[0]).unsqueeze(-1))
-    assert torch.allclose(env.vp[1:], batch.vp[1:].float())  # the whole video, unweighted (IGV's code)
+    assert torch.allclose(env.vp[1:], batch.vp[1:].float())  # ours, earlier: the whole video, unweighted
+    env = environment_view(batch, g, hard, "zeros")  # IGV's code: every real frame, times 1 - g
+    assert env.mask[0].tolist() == [True] * 3 + [False] * (L - 3) and env.mask[1:].all()
+    assert torch.allclose(env.vp, batch.vp.float() * (1 - g).unsqueeze(-1))
+    none = torch.zeros(3, L, dtype=torch.bool)
+    none[0, 2] = True  # video 0 has one causal frame; videos 1 and 2 none
+    causal = causal_view(batch, none.float(), none)
+    assert causal.mask[0].tolist() == none[0].tolist() and causal.mask[1:].all()  # every real frame, ...
+    assert torch.equal(causal.vp[1:], torch.zeros_like(causal.vp[1:]))  # ... zeroed
 
 
 def test_eigv_paper_objective_is_its_mixup_and_contrast_and_it_predicts_from_the_whole_video():
@@ -260,7 +354,8 @@ def test_eigv_paper_objective_is_its_mixup_and_contrast_and_it_predicts_from_the
     assert torch.allclose(rec["target"], 0.7 * eye[batch.labels] + 0.3 * eye[batch.labels[rec["perm"]]])
     assert training_loss(model, logits, batch.labels, False) is model.aux_loss  # the whole objective
     mix_term = model.opts.mix_weight * soft_loss_of(logits, rec["target"])  # the returned logits: the mixed video's
-    assert float(model.aux_loss.detach()) > float(mix_term.detach())  # the contrastive term (> 0) beside the mixup
+    expected = mix_term + model.opts.contrast_weight * rec["contrast"]  # (the disruptor: its own known-answer test)
+    assert torch.allclose(model.aux_loss, expected) and float(rec["contrast"]) > 0
     plain = _grounded("baseline", "eigv_paper", ctx)
     plain.opts = dataclasses.replace(plain.opts, contrast_weight=0.0)
     plain.load_state_dict(model.state_dict())
@@ -277,6 +372,200 @@ def test_eigv_paper_objective_is_its_mixup_and_contrast_and_it_predicts_from_the
     model.train()
     logits = model(one)  # a single video: nothing to mix with, its own loss
     assert torch.allclose(model.aux_loss, loss_fn(logits, one.labels, False))
+
+
+def test_info_nce_negatives_pairs_each_anchor_with_its_own_negatives():
+    """EIGV's InfoNCE by hand, anchor by anchor: -log(e^{cos(a, p)/τ} / (e^{cos(a, p)/τ} + Σ_j e^{cos(a, n_j)/τ}))
+    with n_j anchor b's own j-th negative (row j of the (N, B, D) stack), averaged over anchors."""
+    from train.grounding import info_nce_negatives
+
+    g = torch.Generator().manual_seed(0)
+    a, p, n = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g), torch.randn(3, 4, 6, generator=g)
+    cos = lambda x, y: float(x @ y / (x.norm() * y.norm()))  # noqa: E731
+    tau, total = 0.3, 0.0
+    for b in range(4):
+        pos = np.exp(cos(a[b], p[b]) / tau)
+        negs = sum(np.exp(cos(a[b], n[j, b]) / tau) for j in range(3))
+        total += -np.log(pos / (pos + negs))
+    assert float(info_nce_negatives(a, p, n, tau)) == pytest.approx(total / 4, rel=1e-5)
+
+
+def test_eigv_disruptor_swaps_the_environment_for_the_positive_and_the_causal_frames_for_the_negatives(monkeypatch):
+    """EIGV's contrastive disruptor on the mixed videos, with every draw fixed: the positive keeps the mixed video's
+    causal slots and takes its environment slots from the substituted environment (EIGV's `mem_swap(bg_mask, v)`),
+    negative j keeps the environment slots and takes the causal slots from the j-th substitute; the InfoNCE pairs
+    anchor b with copies j·B + b; the objective is the mixup CE plus contrast_weight × that InfoNCE, by hand."""
+    import train.grounding as grounding
+
+    torch.manual_seed(0)
+    ctx = _context(False)
+    cfg = from_dict(
+        {
+            "grounding": {
+                "e": {
+                    "method": "eigv",
+                    "indicator": "per_frame",
+                    "igv_terms": False,
+                    "predict": "video",
+                    "contrast_negatives": 2,
+                    "contrast_weight": 0.5,
+                }
+            }
+        }
+    )
+    model = Grounded(build_head("baseline", cfg, ctx, "clip_only"), grounding_options(cfg, "e"), ctx).train()
+    nb = 3
+    batch = random_batch(ctx, nb, short=0)
+    frame = torch.arange(L, dtype=torch.float32)[None, :, None]  # video b's frame l carries b + l / 10
+    feats = {
+        k: (torch.arange(nb)[:, None, None] + frame / 10).expand(nb, L, getattr(batch, k).shape[-1]).clone()
+        for k in ("vp", "v", "fg", "bg")
+    }
+    batch = dataclasses.replace(batch, **feats, labels=torch.tensor([0, 1, 2]))
+    source = dataclasses.replace(batch, **{k: 100.0 + v for k, v in feats.items()})  # substitutes: 100 + ...
+    subs = {1: torch.tensor([[1, 2, 0]]), 2: torch.tensor([[1, 2, 0], [2, 0, 1]])}
+    monkeypatch.setattr(model, "environments", lambda b, n, avoid=None: (source, subs[n]))
+    monkeypatch.setattr(grounding, "derangement", lambda n, device: torch.tensor([2, 0, 1]))
+    own = torch.zeros(nb, L, dtype=torch.bool)
+    own[:, :3] = True  # every video: frames 0-2 causal
+    mixed_causal = torch.zeros(nb, L, dtype=torch.bool)
+    mixed_causal[:, 5:] = True  # the mixed videos: slots 5-7 causal
+    splits = iter([(own, own.float()), (mixed_causal, mixed_causal.float())])
+    monkeypatch.setattr(model, "ground", lambda b, query=None: next(splits))
+    seen, outs = [], []  # the head's inputs and outputs, in call order (its dropout draws are its own)
+    monkeypatch.setattr(
+        model.head, "forward", lambda b, _f=model.head.forward: seen.append(b) or outs.append(_f(b)) or outs[-1]
+    )
+    model.mix_lambdas = (0.7, 0.2)
+    logits = model(batch)
+    mixed, pos, negs = seen[0], seen[1], seen[2]
+    lam1, lam2 = 0.7, 0.2
+    v, perm = feats["vp"], torch.tensor([2, 0, 1])
+    c = own.float()[..., None]
+    want_mixed = lam1 * c * v + lam2 * (1 - c) * v + ((1 - lam1) * c * v + (1 - lam2) * (1 - c) * v)[perm]
+    assert torch.allclose(mixed.vp, want_mixed)
+    s0, s1 = source.vp[[1, 2, 0]], source.vp[[2, 0, 1]]  # the substitutes of copy 0 and copy 1
+    keep = mixed_causal[..., None]
+    assert torch.allclose(pos.vp, torch.where(keep, want_mixed, s0))  # environment swapped
+    assert negs.vp.shape[0] == 2 * nb
+    assert torch.allclose(negs.vp[:nb], torch.where(keep, s0, want_mixed))  # copy 0: causal slots swapped
+    assert torch.allclose(negs.vp[nb:], torch.where(keep, s1, want_mixed))  # copy 1, row j·B + b
+    assert outs[0] is logits
+    with torch.no_grad():
+        z = model.project(torch.cat([outs[0], outs[1], outs[2]]).float())
+    tau, total = model.opts.contrast_tau, 0.0
+    for b in range(nb):
+        sims = [torch.cosine_similarity(z[b], z[nb + b], 0)] + [
+            torch.cosine_similarity(z[b], z[2 * nb + j * nb + b], 0) for j in range(2)
+        ]
+        e = torch.exp(torch.stack(sims) / tau)
+        total += float(-torch.log(e[0] / e.sum()))
+    y = torch.eye(C)[batch.labels]
+    target = lam1 * y + (1 - lam1) * y[perm]
+    assert torch.allclose(target[0], torch.tensor([0.7, 0.0, 0.3, 0.0, 0.0]))  # video 0 mixed with video 2
+    expected = soft_loss_of(logits, target) + 0.5 * total / nb
+    assert float(model.aux_loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_perturbed_top_k_backward_is_berthets_jacobian_and_the_diagonal_is_transtrs():
+    """The perturbed top-k's backward against E[Y Zᵀ] / σ computed on its own from the same Gaussian draws (the
+    forward's first RNG call), for an upstream gradient G: ∇r = E[⟨G, Y⟩ Z] / σ (`full`), and TranSTR's code's
+    E[Y_kl Z_l] / σ contracted with G (`diagonal`); and the full form against the closed form for k = 1 of two
+    frames, y_00 = Φ((r_0 - r_1) / (σ√2)), whose derivative in r_1 the diagonal misses entirely."""
+    from scipy.stats import norm
+
+    B_, L_, k, n, sigma = 2, 5, 2, 4000, 0.7
+    scores = torch.randn(B_, L_, dtype=torch.float64)
+    mask = torch.ones(B_, L_, dtype=torch.bool)
+    G = torch.randn(B_, k, L_, dtype=torch.float64)
+    torch.manual_seed(11)
+    noise = torch.randn(B_, n, L_, dtype=torch.float64).numpy()
+    Y = np.zeros((B_, n, k, L_))
+    for b in range(B_):
+        for i in range(n):
+            top = np.sort(np.argsort(-(scores[b].numpy() + sigma * noise[b, i]), kind="stable")[:k])
+            Y[b, i, np.arange(k), top] = 1
+    jac = np.einsum("bnkl,bnm->bklm", Y, noise) / (n * sigma)  # E[Y Zᵀ] / σ, (B, k, L, L)
+    full = np.einsum("bkl,bklm->bm", G.numpy(), jac)
+    diagonal = np.einsum("bkl,bkll->bl", G.numpy(), jac)
+    for form, want in (("full", full), ("diagonal", diagonal)):
+        r = scores.clone().requires_grad_()
+        torch.manual_seed(11)
+        ind, _ = perturbed_top_k(r, mask, k, n, sigma, training=True, grad_form=form)
+        assert np.allclose(ind.detach().numpy(), Y.mean(1))
+        (ind * G).sum().backward()
+        assert np.allclose(r.grad.numpy(), want, atol=1e-10), form
+    # the closed form: k = 1 of two frames, a loss on y_00 alone
+    r = torch.tensor([[0.3, 0.1]], dtype=torch.float64, requires_grad=True)
+    for form in ("full", "diagonal"):
+        r.grad = None
+        torch.manual_seed(0)
+        ind, _ = perturbed_top_k(r, torch.ones(1, 2, dtype=torch.bool), 1, 200_000, 0.5, True, form)
+        ind[0, 0, 0].backward()
+        dens = norm.pdf(0.2 / (0.5 * np.sqrt(2))) / (0.5 * np.sqrt(2))  # ∂y_00/∂r_0 = -∂y_00/∂r_1
+        if form == "full":
+            assert np.allclose(r.grad.numpy(), [[dens, -dens]], atol=0.02), r.grad
+        else:
+            assert abs(float(r.grad[0, 1])) < 0.02 < abs(float(r.grad[0, 0]))  # the r_1 term is missing
+
+
+def test_label_conditioned_indicator_scores_frames_against_the_queried_class_text():
+    """EIGV's indicator grounded on the label: r_l = w · tanh(W_f vp_l + Σ_c q_c W_v t_c) with q the label's class
+    distribution (by hand, against the module's linear maps); in training the video is grounded on its label and the
+    mixed video on the λ1-mixed labels; at test (only the grounding scores need it) on the head's own prediction;
+    a label query with a test-time prediction that would read it is refused."""
+    from train.grounding import FrameScorer, label_query
+
+    torch.manual_seed(0)
+    scorer = FrameScorer(DC, 16)
+    vp, t0 = torch.randn(2, L, DC), torch.randn(C, DC)
+    q = label_query(torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0], [0.7, 0.0, 0.3, 0.0, 0.0]]))
+    text = q @ (t0 @ scorer.w_v.weight.T + scorer.w_v.bias)  # (2, 16)
+    want = torch.tanh(vp @ scorer.w_f.weight.T + scorer.w_f.bias + text[:, None]) @ scorer.w.weight.T + scorer.w.bias
+    assert torch.allclose(scorer(vp, t0, q), want.squeeze(-1), atol=1e-6)
+    multi = label_query(torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0]]))
+    assert torch.allclose(multi, torch.tensor([[0.5, 0.0, 0.5, 0.0, 0.0]]))  # multi-label: the positives' mean text
+    ctx = _context(False)
+    model = _grounded("baseline", "eigv_code", ctx)
+    queries = []
+    real = model.indicator.forward
+    model.indicator.forward = lambda vp, t0, query=None: queries.append(query) or real(vp, t0, query)
+    batch = random_batch(ctx, B, 1)
+    model.train()
+    model.mix_lambdas = (0.7, 0.2)
+    model(batch)
+    y = torch.eye(C)[batch.labels]
+    perm = model.mix_record["perm"]
+    assert torch.equal(queries[0], y) and torch.allclose(queries[1], 0.7 * y + 0.3 * y[perm])
+    model.eval()
+    with torch.no_grad():
+        model.frames_used(batch)
+        assert torch.allclose(queries[2], model.head(batch).softmax(-1))  # no label at test time
+    with pytest.raises(ConfigError, match=r"grounding\.x\.indicator_query: label .* predict: video"):
+        from_dict({"grounding": {"x": {"method": "igv", "indicator_query": "label"}}})
+
+
+def test_separate_clipping_clips_the_head_as_its_ungrounded_row():
+    """`clip: separate`: the head's gradient is clipped by its own norm, exactly as train.engine clips the ungrounded
+    head, whatever the grounding modules' gradients; `joint` (ours, earlier) clips all by one norm."""
+    torch.manual_seed(0)
+    ctx = _context(False)
+    model = _grounded("baseline", "eigv_code", ctx)
+    head_params = list(model.head.parameters())
+    groups = model.clip_groups()
+    assert [id(p) for p in groups[0]] == [id(p) for p in head_params]
+    assert {id(p) for p in groups[1]} == {id(p) for p in model.parameters()} - {id(p) for p in head_params}
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * (10.0 if any(p is q for q in head_params) else 1000.0)
+    alone = [p.grad.clone() for p in head_params]
+    torch.nn.utils.clip_grad_norm_([torch.nn.Parameter(g.clone()) for g in alone], 1.0)  # (norm only)
+    norm = torch.sqrt(sum((g**2).sum() for g in alone))
+    for group in groups:
+        torch.nn.utils.clip_grad_norm_(group, 1.0)
+    for p, g in zip(head_params, alone, strict=True):
+        assert torch.allclose(p.grad, g / (norm + 1e-6), rtol=1e-5)  # its own norm: the grounding's is 100× larger
+    model.opts = dataclasses.replace(model.opts, clip="joint")
+    assert len(model.clip_groups()) == 1
 
 
 def soft_loss_of(logits, target):
@@ -331,7 +620,6 @@ def test_eigv_soft_target_follows_lambda1_only():
     model = _grounded("baseline", "eigv", ctx)
     model.train()
     batch = _two_videos(ctx)
-    y = torch.nn.functional.one_hot(batch.labels, C).float()
     seen = []
     for seed in range(6):  # sampled: λ1 and λ2 drawn independently, the target reads λ1 only
         torch.manual_seed(seed)
@@ -339,7 +627,6 @@ def test_eigv_soft_target_follows_lambda1_only():
         rec = model.mix_record
         lam1, lam2 = rec["lam1"], rec["lam2"]
         assert rec["perm"].tolist() == [1, 0]  # two videos: each mixes with the other
-        assert torch.equal(rec["target"], lam1 * y + (1 - lam1) * y[[1, 0]])
         assert rec["target"][0, 0] == lam1 and rec["target"][1, 1] == lam1  # each video's own class: λ1
         assert rec["target"][0, 1] == 1 - lam1 and rec["target"][1, 0] == 1 - lam1  # its partner's: 1 - λ1
         seen.append((float(lam1), float(lam2)))
@@ -443,11 +730,62 @@ def test_pipeline_yaml_groundings_build():
     from extract.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "pipeline.yaml")
-    for name in cfg.grounding:
-        opts = grounding_options(cfg, name)
-        assert opts.active
-    assert grounding_options(cfg, "eigv").mix == "paper"
-    assert grounding_options(cfg, "rationale").rationale_selector == "perturbed"
+    # EIGV's code, train.py lines 27-32 (yl3800/EIGV): -a 0.1 (λ1 ~ Beta(a, a)), -a2 1 (λ2 ~ Beta(a2, a2)), -neg 5,
+    # -b 0.0125 (the InfoNCE's weight), -tau 0.1 (its temperature), -tau_gumbel 0.9; network.py lines 199-203: the
+    # indicator grounded on the ground-truth question-answer; eval: the whole video (lines 192-194)
+    eigv_code = {
+        "mix_alpha": 0.1,
+        "env_mix_alpha": 1.0,
+        "contrast_negatives": 5,
+        "contrast_weight": 0.0125,
+        "contrast_tau": 0.1,
+        "tau": 0.9,
+        "indicator_query": "label",
+        "predict": "video",
+        "igv_terms": False,
+        "indicator": "per_frame",
+        "mix": "paper",
+    }
+    eigv = dataclasses.asdict(grounding_options(cfg, "eigv"))
+    assert {k: eigv[k] for k in eigv_code} == eigv_code
+    # IGV's code, run.py lines 25-29 (-tau 1, -a 1 and -b 1: the swap and environment terms' weights), hga.py lines
+    # 199-211 (per-frame Gumbel-softmax, zeroed empty sides, the intervention on the detached mask)
+    igv_code = {
+        "tau": 1.0,
+        "swap_weight": 1.0,
+        "env_weight": 1.0,
+        "indicator": "per_frame",
+        "empty_side": "zeros",
+        "swap_detach": True,
+        "indicator_query": "classes",
+        "predict": "causal",
+        "igv_terms": True,
+    }
+    igv = dataclasses.asdict(grounding_options(cfg, "igv"))
+    assert {k: igv[k] for k in igv_code} == igv_code
+    # TranSTR's selector (next/networks/topk.py PerturbedTopK defaults: 500 samples, σ 0.05)
+    rationale = grounding_options(cfg, "rationale")
+    assert (rationale.rationale_selector, rationale.perturb_samples, rationale.perturb_sigma) == (
+        "perturbed",
+        500,
+        0.05,
+    )
+    # the control of igv_oracle differs from it in IGV's two losses alone
+    a, b = (dataclasses.asdict(grounding_options(cfg, n)) for n in ("igv_oracle", "igv_oracle_frames"))
+    assert {k for k in a if a[k] != b[k]} == {"swap_weight", "env_weight"} and b["swap_weight"] == b["env_weight"] == 0
+    # table grounding_eigv: each row one named change from the row above
+    rows = [r.split("+")[1] for r in cfg.ablations["grounding_eigv"].rows]
+    changed = {
+        "eigv_values_ours": {"mix_alpha", "env_mix_alpha", "contrast_weight", "tau"},
+        "eigv_unlabelled": {"indicator_query"},
+        "eigv_budget_indicator": {"indicator"},
+        "eigv_igv_terms": {"igv_terms"},
+        "eigv_budget": {"predict"},
+    }
+    assert rows == ["eigv", *changed] and cfg.ablations["grounding_eigv"].reference == "previous"
+    for above, row in itertools.pairwise(rows):
+        x, y = (dataclasses.asdict(grounding_options(cfg, n)) for n in (above, row))
+        assert {k for k in x if x[k] != y[k]} == changed[row], row
 
 
 @pytest.mark.parametrize("method", ["igv", "eigv"])
@@ -561,9 +899,16 @@ def test_grounding_table_end_to_end_and_stale_runs_refused(tiny_cache, tmp_path,
     from train.ablate import run_table
 
     cfg, store = tiny_cache
-    grounding = {"igv": {"method": "igv"}, "rationale": {"rationale_frames": 4}}
-    rows = ["baseline", "baseline+igv", "baseline+rationale"]
-    table = from_dict({"grounding": grounding, "ablations": {"g": {"rows": rows, "ground_check": True}}}).ablations
+    grounding = {
+        "igv": {"method": "igv"},
+        "rationale": {"rationale_frames": 4},
+        "igv_oracle": {"method": "igv", "indicator": "oracle"},
+    }
+    rows = ["baseline", "baseline+igv", "baseline+rationale", "baseline+igv_oracle"]
+    chain = {"rows": rows, "reference": "previous"}  # each row against the row above it
+    table = from_dict(
+        {"grounding": grounding, "ablations": {"g": {"rows": rows, "ground_check": True}, "chain": chain}}
+    ).ablations
     cfg = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, runs_root=str(tmp_path)), grounding=grounding, ablations=table
     )
@@ -575,14 +920,31 @@ def test_grounding_table_end_to_end_and_stale_runs_refused(tiny_cache, tmp_path,
     assert {c.metric for c in result.cells} == {"acc1", "ground_iou", "ground_iou_random"}
     # the fixed-mask objectives of the rows with an indicator (igv only), seed 0, as `ltar ground-check` writes them
     check = (tmp_path / "ablations" / "g-ground-check.md").read_text().splitlines()
-    assert [line.split(" | ")[0] for line in check if line.startswith("| baseline")] == ["| baseline+igv"]
+    checked = [line.split(" | ")[:2] for line in check if line.startswith("| baseline")]
+    # the learned indicator's row, and the oracle's (its learned mask is the annotation: no decisiveness)
+    assert [r[0] for r in checked] == ["| baseline+igv", "| baseline+igv_oracle"] and checked[1][1] == "—"
+    # reference: previous, on the same runs: each Δ is the row's paired difference to the row above it
+    chained = run_table(cfg, "chain", seeds=1, store=store, progress=False)
+    by = {(c.row, c.split): c for c in chained.cells if c.metric == "acc1"}
+    for above, row in itertools.pairwise(rows):
+        for split in ("test_iid", "test_ood"):
+            d = by[(row, split)].diff
+            assert d.estimate == pytest.approx(by[(row, split)].mean - by[(above, split)].mean), (row, split)
+    assert by[("baseline", "test_iid")].diff.estimate == 0.0  # the first row is its own reference
+    assert chained.family == 2 * (len(rows) - 1)  # every row but the first, two splits
+    chain_md = (tmp_path / "ablations" / "chain.md").read_text()
+    assert "the paired difference to the row above it" in chain_md
+    refs = {(r["row"], r["reference"]) for r in csv.DictReader((tmp_path / "ablations" / "chain.csv").open())}
+    assert refs == {("baseline", "baseline"), *((b, a) for a, b in itertools.pairwise(rows))}
     from train.ground_check import mask_objectives
 
     expected = {
         r.mask: r.objective for r in mask_objectives(tmp_path / "ablations" / result_dir(tmp_path), "train", store)[0]
     }
     written = {
-        r["mask"]: float(r["objective"]) for r in csv.DictReader((tmp_path / "ablations" / "g-ground-check.csv").open())
+        r["mask"]: float(r["objective"])
+        for r in csv.DictReader((tmp_path / "ablations" / "g-ground-check.csv").open())
+        if r["row"] == "baseline+igv"
     }
     assert written == pytest.approx(expected, rel=1e-5)
     run_dirs = sorted(p.name for p in (tmp_path / "ablations").glob("*/*") if p.is_dir())
@@ -715,11 +1077,11 @@ def test_ground_check_evaluates_every_fixed_mask_on_the_runs_own_objective(tiny_
     by = {r.mask: r for r in rows}
     assert list(by) == list(MASKS) and all(f.exists() for f in files)
     model = by["learned"]
-    igv = 0.0 if form == "eigv_paper" else 1.0  # EIGV's paper objective: its mixup alone
-    weights = {"causal": igv, "swapped": igv, "env": igv, "mix": 1.0}  # the sections' defaults
+    igv = 0.0 if form == "eigv_paper" else 1.0  # EIGV's paper objective: its mixup and disruptor alone
+    weights = {"causal": igv, "swapped": igv, "env": igv, "mix": 1.0, "contrast": 0.1}  # the sections' defaults
     for r in rows:
-        mix = {"mix"} if CHECKED[form]["method"] == "eigv" else set()
-        assert set(r.terms) == {"causal", "swapped", "env"} | mix
+        eigv = {"mix", "contrast"} if CHECKED[form]["method"] == "eigv" else set()
+        assert set(r.terms) == {"causal", "swapped", "env"} | eigv
         assert r.objective == pytest.approx(sum(weights[k] * v for k, v in r.terms.items()))
     sized = ("oracle", "idle_first", "random", "untrained") + (("learned_noisy",) if form == "budget" else ())
     for name in sized:  # (a per-frame indicator's noisy draw chooses its own size)

@@ -109,10 +109,11 @@ class TableResult:
     files: list[Path]
     recipe: str = "ours (pipeline.yaml `train`)"  # which training recipe produced the table
     diagnosis: dict[tuple[str, str], str] = field(default_factory=dict)  # (row, task) -> causal-term headline
-    reference: str = ""  # the row of the paired differences
+    reference: str = ""  # the row of the paired differences, or `previous` (each row against the row above it)
     chance: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (task, metric, split) -> chance level
     gap: dict[tuple[str, str, str], GapClosed] = field(default_factory=dict)  # (row, task, ood split) -> gap closed
     family: int = 0  # how many Δ cells the correction runs over
+    references: dict[str, str] = field(default_factory=dict)  # row -> the row its Δ is taken against
 
 
 class MissingSplit(RunError):
@@ -155,10 +156,19 @@ def ood_gaps(cells: list[Cell]) -> dict[tuple[str, str, str], GapClosed]:
     return {(row, task, split): v for split, g in gaps.items() for (row, task), v in g.items()}
 
 
-def correct(cells: list[Cell], reference: str) -> int:
-    """Holm's correction over every Δ cell of the table (each row but the reference, each task, split and
-    metric with an interval): sets `p_holm`; returns the family's size."""
-    family = [c for c in cells if c.diff is not None and c.row != reference]
+def references(table_rows: list[str] | tuple[str, ...], reference: str | None) -> dict[str, str]:
+    """row -> the row its paired Δ is taken against: the table's reference (default its first row), or with
+    `previous` the row above it (the first row is its own reference)."""
+    if reference == "previous":
+        return {row: table_rows[max(i - 1, 0)] for i, row in enumerate(table_rows)}
+    return dict.fromkeys(table_rows, reference or table_rows[0])
+
+
+def correct(cells: list[Cell], reference: str | dict[str, str]) -> int:
+    """Holm's correction over every Δ cell of the table (each row but its own reference, each task, split and
+    metric with an interval): sets `p_holm`; returns the family's size. reference: one row, or row -> its row."""
+    ref = reference if isinstance(reference, dict) else None
+    family = [c for c in cells if c.diff is not None and c.row != (ref[c.row] if ref else reference)]
     for c, p in zip(family, holm(np.array([c.diff.p for c in family])), strict=True):
         c.p_holm = float(p)
     return len(family)
@@ -373,7 +383,7 @@ def run_table(
                     rows, _ = diagnose_run(dirs[row][0], DIAGNOSE_SPLIT, store=store)
                     diagnosis[(row, task)] = headline(rows)
                 grounding = grounding_options(cfg, cfgs[row][0].train.grounding)
-                checkable = grounding is not None and grounding.method != "none" and grounding.indicator != "oracle"
+                checkable = grounding is not None and grounding.method != "none"  # the oracle's: the comparison
                 if table.ground_check and checkable:
                     checks[row if len(table.tasks) == 1 else f"{row} ({task})"] = mask_objectives(
                         dirs[row][0], "train", store
@@ -416,16 +426,18 @@ def run_table(
                     cells.append(Cell(row, task, split, metric, r.per_seed.tolist(), r.interval(), rep=r))
                     chance[(task, metric, split)] = chance_level(labels[paired], metric, scores.shape[-1])
     reference = table.reference or table.rows[0]
+    refs = references(table.rows, table.reference)
     by_key = {(c.row, c.task, c.split, c.metric): c for c in cells}
     for cell in cells:
-        ref = predictions.get((reference, cell.task, cell.split))
+        ref_row = refs[cell.row]
+        ref = predictions.get((ref_row, cell.task, cell.split))
         if cell.rep is not None and ref is not None:
             if not np.array_equal(predictions[(cell.row, cell.task, cell.split)][1], ref[1]):
-                raise RunError(f"rows {cell.row!r} and {reference!r} scored different videos of {cell.split}")
-            ref_cell = by_key.get((reference, cell.task, cell.split, cell.metric))
+                raise RunError(f"rows {cell.row!r} and {ref_row!r} scored different videos of {cell.split}")
+            ref_cell = by_key.get((ref_row, cell.task, cell.split, cell.metric))
             if ref_cell is not None:  # the same seeds by index, the same videos
                 cell.diff = (cell.rep - ref_cell.rep).interval()
-    family = correct(cells, reference)
+    family = correct(cells, refs)
     recipe = cfg.train.recipe
     file_name = name if recipe is None else f"{name}@{recipe}"  # a paper recipe's table beside ours
     source = "ours (pipeline.yaml `train`)" if recipe is None else f"`{recipe}`: {cfg.recipes[recipe].source}"
@@ -441,6 +453,7 @@ def run_table(
         chance,
         ood_gaps(cells),
         family,
+        refs,
     )
     result.files = write_table(result, table, out_root, n_seeds)
     if checks:
@@ -500,7 +513,9 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
     )
     lines.append(
         f"Table `{result.name}`: all numbers in %. Each cell: the mean over {seeds} seed(s) and its 95% interval "
-        f"counting {noise}. Δ: the paired difference to the reference row `{result.reference}` on the same videos, "
+        f"counting {noise}. Δ: the paired difference to "
+        + ("the row above it" if result.reference == "previous" else f"the reference row `{result.reference}`")
+        + " on the same videos, "
         f"seed against seed, with its uncorrected 95% interval; * marks a Δ that survives Holm's correction over "
         f"the table's {result.family} Δ cells (family-wise error 5%); the CSV holds each Δ's p and Holm-adjusted p."
     )
@@ -535,7 +550,7 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
             vals.append(_ci(c.ci) if c else "—")
             if c is None or c.diff is None:
                 vals.append("—")
-            elif r == result.reference:
+            elif r == result.references.get(r, result.reference):
                 vals.append("ref")
             else:
                 vals.append(_ci(c.diff, signed=True) + (" *" if c.star else ""))
@@ -570,7 +585,7 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
                     num(ci and ci.high),
                     num(ci and ci.se),
                     num(ci and ci.df),
-                    result.reference,
+                    result.references.get(c.row, result.reference),
                     num(d and d.estimate),
                     num(d and d.low),
                     num(d and d.high),

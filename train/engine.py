@@ -354,6 +354,7 @@ def _train(
     total = steps_per_epoch * tc.epochs
     params = [p for p in head.parameters() if p.requires_grad]
     opt = make_optimizer(tc, params)
+    clip_groups = head.clip_groups() if hasattr(head, "clip_groups") else [params]  # train.grounding: per module
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule_lambda(tc, steps_per_epoch, frame_epochs))
     use_amp = tc.amp and device.startswith("cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -395,7 +396,8 @@ def _train(
             scaler.scale(loss).backward()
             if tc.grad_clip > 0:
                 scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                for group in clip_groups:  # each by its own norm: a grounded head's like its ungrounded row's
+                    torch.nn.utils.clip_grad_norm_(group, tc.grad_clip)
             scaler.step(opt)
             scaler.update()
             sched.step()

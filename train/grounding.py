@@ -12,27 +12,38 @@ training (the engine adds them to the head's CE/BCE):
   frames the head sees (its batch has `L = K`). `rationale_selector: perturbed` (default, TranSTR's selector): in
   training the differentiable perturbed top-K (Berthet et al. 2020; Cordonnier et al. 2021), slot j's frame is
   `Σ_l y_jl v_l` with `y = (1/n) Σ_s TopK(r + σ Z_s)` the mean K-hot indicators of `perturb_samples` Gaussian-
-  perturbed scores (`perturb_sigma`), and the gradient `∂y/∂r ≈ (1/n) Σ_s TopK(r + σ Z_s) Z_s^T / σ`; at eval the
+  perturbed scores (`perturb_sigma`), and the gradient `∂y/∂r ≈ (1/n) Σ_s TopK(r + σ Z_s) Z_s^T / σ` (Berthet et al.'s
+  Jacobian, `perturb_grad: full`; TranSTR's code keeps only its diagonal terms, `perturb_grad: diagonal`); at eval the
   hard top-K. `straight_through` (ours, the earlier form): the hard top-K in training too, the gathered frames
   scaled by `1 + s_l - stopgrad(s_l)` (value exactly 1), `s = softmax_l(r_l / tau)`.
 - **Invariant grounding, IGV** (`method: igv`): a grounding indicator (the same scorer form) splits each
   video's real frames into causal frames `c` and environment frames `e` with a binary Gumbel-softmax: logits
   `z = r + noise_scale · logistic noise` (training; `r` at test), straight-through with the gradient of
   `sigmoid(z / tau)`. `indicator: per_frame` (IGV's code, pipeline.yaml's igv / eigv): frame l is causal iff `z_l > 0`,
-  no budget; a video with no causal frame keeps every frame, and an empty environment reads as the whole video
-  (both IGV's code). `indicator: budget` (ours, the earlier form and the dataclass default): the top `causal_share`
-  of the video's real frames by `z` (at least one of each). `indicator: oracle` (a diagnostic, not a method): the
-  annotated action frames of the split being read (`Grounded.oracle_split`; `train.engine.oracle_frames` sets them),
-  IGV's losses on the true split. An intervener fills a video's
-  environment slots with another video's frames at those slots (whatever that video's own grounding
-  says of them), `v* = g ⊙ v + (1 - g) ⊙ v_π(b)` with `v_π(b)` an earlier training video drawn from the environment
-  bank (`env_source: bank`; `batch`: a derangement of the batch). Losses: the head's
-  loss on the causal frames alone (what is returned: the prediction at test time, with the noise-free
-  indicator), `swap_weight · loss(head(v*), y)` (the label
+  no budget; a side of the split with no frame reads as the video's frames times the mask, zeros, with the
+  straight-through gradient live (`empty_side: zeros`, IGV's code: hga.py lines 199-208 and EncoderVidHGA's
+  fallback, lines 116-127); `empty_side: whole_video` (ours, earlier) keeps every frame causal and reads an empty
+  environment as the whole video with no gradient to the mask. `indicator: budget` (ours, the earlier form and the
+  dataclass default): the top `causal_share` of the video's real frames by `z` (at least one of each).
+  `indicator: oracle` (a diagnostic, not a method): the annotated action frames of the split being read
+  (`Grounded.oracle_split`; `train.engine.oracle_frames` sets them), IGV's losses on the true split. An intervener
+  fills a video's environment slots with another video's frames at those slots (whatever that video's own
+  grounding says of them), `v* = m ⊙ v + (1 - m) ⊙ v_π(b)` with `v_π(b)` an earlier training video drawn from the
+  environment bank (`env_source: bank`; `batch`: a derangement of the batch) and m the causal mask detached
+  (`swap_detach`, IGV's code: `intervene(self.memory_bank, bg_mask, ...)` after `bg_mask = 1 - fg_mask` of the
+  encoder's bool mask, hga.py lines 206-211; `swap_detach: false`, ours, earlier: m = g, the swap loss trains the
+  indicator). Losses: the head's loss on the causal frames alone (what is returned: the prediction at test time,
+  with the noise-free indicator), `swap_weight · loss(head(v*), y)` (the label
   survives any environment), and `env_weight · CE(head(e), uniform)` (the environment alone carries no
   class information; for multi-label tasks the target is the batch's label frequency, the
   uninformative prediction).
-- **Equivariant grounding, EIGV** (`method: eigv`, `mix: paper`, the default; EIGV's code yl3800/EIGV):
+- **Equivariant grounding, EIGV** (`method: eigv`, `mix: paper`, the default; EIGV's code yl3800/EIGV; its values
+  in pipeline.yaml's eigv, from its `train.py` lines 27-32: λ1 ~ Beta(0.1, 0.1), λ2 ~ Beta(1, 1), contrast weight
+  0.0125, InfoNCE temperature 0.1, 5 negatives, Gumbel temperature 0.9; `eigv_values_ours` keeps ours, 0.4 / 0.4 /
+  0.1 / τ 1.0). Its indicator is grounded on the label (`indicator_query: label`: `frame_att(q_feat_gt_global, ...)`
+  on the ground-truth question-answer, network.py lines 199-203; here the label's class text; the mixed video on
+  the λ1-mixed labels, lines 210 and 226), allowed because its test-time prediction never reads the indicator;
+  `indicator_query: classes` (ours) grounds on the class texts without the label.
   (1) the equivariant mixup: `λ1 ~ Beta(mix_alpha, mix_alpha)` and an independent `λ2 ~ Beta(a2, a2)`
   (`a2 = env_mix_alpha`, default `mix_alpha`), slot by slot `v_mix = λ1 c_b + (1 - λ1) c_π(b) + λ2 e_b +
   (1 - λ2) e_π(b)` (each video split by its own indicator); the head's prediction on `v_mix` must match
@@ -82,9 +93,9 @@ Where we depart from the papers, and why:
   most 1 against logistic noise of std 1.81, so its masks stay close to random by construction, and its code
   samples the noise at test time too. Ours (`per_frame`) takes the same decision on `FrameScorer`'s unbounded
   logit `r`, noise-free at test (a deterministic prediction). With unbounded logits the per-frame indicator can
-  leave the noise, and on a toy batch it reaches the trivial split: every frame causal, where the environment
-  term falls back to the whole video and sends the mask no gradient, while the causal and swap losses only gain
-  from keeping a frame (tested; its objective is then worse than the oracle mask's). `budget` (ours) forces the
+  leave the noise. Under `empty_side: whole_video` (ours, earlier) it reaches the trivial split on a toy batch:
+  every frame causal, where the environment term reads the whole video and sends the mask no gradient; under IGV's
+  `zeros` the environment term keeps a gradient at that state (tested). `budget` (ours) forces the
   split with the hard top-`causal_share`; `ltar ground-check` measures what either choice costs against the
   oracle mask on a trained run;
 - IGV's code matches the swapped video's prediction to the causal frames' (a KL to it); ours matches it to the
@@ -94,6 +105,14 @@ Where we depart from the papers, and why:
   texts `T0`, our "question", are the same for every video), so only the causal-swapped negatives are kept;
 - EIGV's code mixes the question with λ1 as well; here there is no per-video question to mix;
 - EIGV's code draws λ1, λ2 once per batch, as ours (`sample_lambdas`);
+- EIGV's partner of each video is `torch.randperm(B)` (train.py line 62), which can pair a video with itself (a
+  mixup that changes nothing); ours is a derangement;
+- EIGV's code gathers the negatives with `torch.cat((out_neg1, out_neg3)).view(B, -1, D)` (network.py line 245):
+  `out_neg1` is copy-major (row j·B + b is copy j of video b), so the view hands anchor b the rows b·2N..(b+1)·2N,
+  mostly other videos' negatives; ours pairs every anchor with its own N copies (`info_nce_negatives`, tested);
+- IGV's and EIGV's code clip no gradient; every row here clips at `train.grad_clip`, and a grounded head's
+  parameters by their own norm (`clip: separate`), so the head's update follows the same rule as in its
+  ungrounded row (`joint`: one norm over head and grounding modules, ours, earlier);
 - with a single video in the batch EIGV's terms are skipped (nothing to mix or swap with);
 - STR's perturbed top-K perturbs the frame scorer's raw scores `r` (TranSTR perturbs its cross-attention weights);
   its scorer is our `FrameScorer`, and objects (STR's SR step) do not exist on cached frame features;
@@ -115,7 +134,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extract.config import Config, ConfigError, bounds, build_section
+from extract.config import Config, ConfigError, bounds, build_section, predating
 from train.heads import Batch, HeadContext
 from train.heads.causal import masked_softmax
 
@@ -149,6 +168,9 @@ class GroundingOptions:
     rationale_selector: Literal["perturbed", "straight_through"] = "perturbed"
     perturb_samples: int = field(default=500, metadata=bounds(1))  # STR perturbed top-K: n Gaussian samples
     perturb_sigma: float = field(default=0.05, metadata=bounds(1e-6))  # STR perturbed top-K: noise scale σ
+    # STR perturbed top-K backward: full (Berthet et al. 2020's Jacobian E[Y Z^T] / σ) | diagonal (TranSTR's code:
+    # E[Y_kl Z_l] / σ only, each score learns from its own frame's indicators). Runs before the option: diagonal.
+    perturb_grad: Literal["full", "diagonal"] = field(default="full", metadata=predating("diagonal"))
     # IGV / EIGV: where substituted environments come from: bank (the papers: a memory of earlier training videos,
     # never the video itself) | batch (ours, the earlier form: another video of the same batch). The dataclass
     # default is `batch` so that runs written before the option read back as what they were; pipeline.yaml's
@@ -169,6 +191,22 @@ class GroundingOptions:
     igv_terms: bool = True
     # the prediction returned at test time: causal (IGV: the causal frames') | video (EIGV's code: the whole video's)
     predict: Literal["causal", "video"] = "causal"
+    # a side of the split with no frame (a video with no causal frame, or none in its environment): zeros (IGV's code,
+    # hga.py: the encoder reads the L frames of `vid_feats * mask`, zeros, and the straight-through gradient into the
+    # mask stays live) | whole_video (ours, earlier: the whole video at weight 1; the environment side then sends the
+    # mask no gradient). Runs from before the option were computed as whole_video.
+    empty_side: Literal["zeros", "whole_video"] = field(default="zeros", metadata=predating("whole_video"))
+    # IGV's intervention on a detached mask (IGV's code: `bg_mask.bool()` before `intervene`, so the swap loss trains
+    # the head and not the indicator) | false (ours, earlier: the swap loss reaches the indicator through g)
+    swap_detach: bool = field(default=True, metadata=predating(False))
+    # what the indicator grounds the frames on: classes (ours: each frame attends over every class text T0, no label)
+    # | label (EIGV's code: the ground-truth question-answer, here the label's class text t_y, in training; the mixed
+    # video on the λ1-mixed label texts; at test, where only the scores need it, the head's whole-video prediction)
+    indicator_query: Literal["classes", "label"] = "classes"
+    # train.grad_clip over: separate (the head's parameters by their own norm, as in the head's ungrounded row; the
+    # grounding modules by theirs) | joint (ours, earlier: one norm over the head, the scorers and the projection).
+    # IGV's and EIGV's code clip nothing; every row here clips at train.grad_clip.
+    clip: Literal["separate", "joint"] = field(default="separate", metadata=predating("joint"))
 
     @property
     def active(self) -> bool:
@@ -210,12 +248,24 @@ def validate(cfg: Config) -> list[str]:
             )
         if opts.predict == "video" and opts.method == "none":
             errors.append(f"grounding.{name}.predict: video needs an indicator (method igv | eigv) to choose against")
+        if opts.indicator_query == "label" and (opts.method == "none" or opts.predict != "video"):
+            errors.append(
+                f"grounding.{name}.indicator_query: label grounds the frames on the label's class text, which a test "
+                "video does not have; it needs an indicator (method igv | eigv) and predict: video (EIGV's code: the "
+                "prediction at test time is the whole video's)"
+            )
+        if opts.indicator_query == "label" and opts.indicator == "oracle":
+            errors.append(f"grounding.{name}.indicator_query: label has no indicator to query under indicator: oracle")
     return errors
 
 
 class FrameScorer(nn.Module):
     """r_l: how much frame l speaks to the class vocabulary. Each frame's CLIP embedding attends over the class
-    text embeddings T0 (cross-attention, frames as queries); r_l = w · tanh(W_f vp_l + Σ_c a_lc W_v t_c)."""
+    text embeddings T0 (cross-attention, frames as queries); r_l = w · tanh(W_f vp_l + Σ_c a_lc W_v t_c).
+
+    With a query q (B, C), a distribution over the classes (EIGV's label-conditioned indicator: the label, or the
+    λ1-mixed labels of a mixed video), the frame's attention a_l· is replaced by q: r_l = w · tanh(W_f vp_l +
+    Σ_c q_c W_v t_c), the frame scored against the queried class text."""
 
     def __init__(self, clip_dim: int, dim: int):
         super().__init__()
@@ -226,10 +276,13 @@ class FrameScorer(nn.Module):
         self.w = nn.Linear(dim, 1)
         self.scale = dim**-0.5
 
-    def forward(self, vp: torch.Tensor, t0: torch.Tensor) -> torch.Tensor:
-        """vp (B, L, Dc), t0 (C, Dc) -> frame scores r (B, L)."""
-        a = torch.einsum("bld,cd->blc", self.w_q(vp), self.w_k(t0)).mul(self.scale).softmax(-1)  # (B, L, C)
-        text = a @ self.w_v(t0)  # the class text each frame points to, (B, L, dim)
+    def forward(self, vp: torch.Tensor, t0: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        """vp (B, L, Dc), t0 (C, Dc), query (B, C) or None -> frame scores r (B, L)."""
+        if query is None:
+            a = torch.einsum("bld,cd->blc", self.w_q(vp), self.w_k(t0)).mul(self.scale).softmax(-1)  # (B, L, C)
+        else:
+            a = query.to(vp.dtype).unsqueeze(1)  # (B, 1, C): the queried classes, the same for every frame
+        text = a @ self.w_v(t0)  # the class text each frame points to, (B, L, dim) or (B, 1, dim)
         return self.w(torch.tanh(self.w_f(vp) + text)).squeeze(-1)  # (B, L)
 
 
@@ -252,11 +305,20 @@ def logistic_noise(like: torch.Tensor) -> torch.Tensor:
     return u.log() - (-u).log1p()
 
 
-def per_frame_causal(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def per_frame_causal(z: torch.Tensor, mask: torch.Tensor, fallback: bool = True) -> torch.Tensor:
     """IGV's per-frame decision: frame l is causal iff z_l > 0 (the binary Gumbel-softmax's hard sample: the first
-    of the two classes wins); a video with no causal frame keeps every real frame (IGV's code). (B, L) -> (B, L)."""
+    of the two classes wins). `fallback`: a video with no causal frame keeps every real frame (the frames its
+    causal view reads: IGV's encoder falls back to every frame); else its causal frames stay empty (the views then
+    read its zeroed frames, `empty_side: zeros`). (B, L) -> (B, L)."""
     hard = (z > 0) & mask
-    return torch.where(hard.any(1, keepdim=True), hard, mask)
+    return torch.where(hard.any(1, keepdim=True), hard, mask) if fallback else hard
+
+
+def label_query(y: torch.Tensor) -> torch.Tensor:
+    """EIGV's label-conditioned indicator: targets (B, C) (one-hot, multi-hot or a mixup's soft target) -> the
+    distribution over classes whose text grounds the frames, (B, C) rows summing to 1 (0 for a video with none)."""
+    y = y.float().clamp_min(0)
+    return y / y.sum(1, keepdim=True).clamp_min(1e-12)
 
 
 def causal_split(
@@ -267,18 +329,21 @@ def causal_split(
     noise: bool,
     indicator: str = "budget",
     noise_scale: float = 1.0,
+    empty_side: str = "whole_video",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The grounding indicator: scores (B, L), mask (B, L) -> hard causal mask (B, L) bool and the
     straight-through weight g (B, L) (value = hard, gradient of the binary Gumbel-softmax sigmoid(z / tau)).
 
     z = r + noise_scale · logistic noise (training) or r (eval). `per_frame` (IGV): frame l is causal iff z_l > 0,
-    the hard decision of the same sigmoid (`per_frame_causal`). `budget` (ours): the top max(1, min(n - 1,
-    round(share · n))) of a video's n real frames are causal (a video with one real frame keeps it causal)."""
+    the hard decision of the same sigmoid (`per_frame_causal`); a video with none keeps every frame causal under
+    `empty_side: whole_video` (ours, earlier), and none under `zeros` (IGV's code: its causal view is its zeroed
+    frames, `side_view`). `budget` (ours): the top max(1, min(n - 1, round(share · n))) of a video's n real frames
+    are causal (a video with one real frame keeps it causal)."""
     z = scores
     if noise and noise_scale > 0:
         z = scores + noise_scale * logistic_noise(scores)
     if indicator == "per_frame":
-        hard = per_frame_causal(z, mask)
+        hard = per_frame_causal(z, mask, fallback=empty_side == "whole_video")
     else:
         k = causal_budget(mask, share)  # (B,)
         hard = (ranks(z, mask) < k.unsqueeze(1)) & mask  # (B, L)
@@ -312,25 +377,41 @@ class _PerturbedTopK(torch.autograd.Function):
     """Berthet et al. 2020 perturbed optimiser for top-k (as in Cordonnier et al. 2021 and TranSTR's `topk.py`).
 
     forward: y(r) = E_Z[Y*(r + σZ)], Y*(·) the K-hot indicators (k, L) of the hard top-k (slots in time order),
-    estimated with n samples Z ~ N(0, I); backward: ∂y/∂r ≈ E_Z[Y*(r + σZ) Z^T] / σ (the same samples)."""
+    estimated with n samples Z ~ N(0, I). backward (`full`, Berthet et al.'s Jacobian): ∂y_kl/∂r_m = E_Z[Y*_kl Z_m]
+    / σ, so for an upstream gradient G (k, L) the scores get E_Z[⟨G, Y*⟩ Z] / σ (the same samples). `diagonal`
+    (TranSTR's and Cordonnier et al.'s code, `einsum("bnkd,bnd->bkd")`): only the terms m = l, E_Z[Y*_kl Z_l] / σ,
+    so a score learns only from its own frame's indicators."""
 
     @staticmethod
-    def forward(ctx, scores, mask, k: int, samples: int, sigma: float):  # noqa: ANN001, ANN205
+    def forward(ctx, scores, mask, k: int, samples: int, sigma: float, grad_form: str):  # noqa: ANN001, ANN205
         B, L = scores.shape
         noise = torch.randn(B, samples, L, dtype=scores.dtype, device=scores.device)  # torch RNG: resumable
         idx = hard_top_k(scores.unsqueeze(1) + sigma * noise, mask.unsqueeze(1), k)  # (B, n, k)
         hot = F.one_hot(idx, L).to(scores.dtype)  # (B, n, k, L)
-        ctx.save_for_backward(torch.einsum("bnkl,bnl->bkl", hot, noise) / (samples * sigma), mask)  # (B, k, L)
+        ctx.save_for_backward(hot, noise, mask)
+        ctx.sigma, ctx.grad_form = sigma, grad_form
         return hot.mean(1)  # (B, k, L)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        jac, mask = ctx.saved_tensors
-        return (grad * jac).sum(1) * mask, None, None, None, None  # padded frames: no gradient
+        hot, noise, mask = ctx.saved_tensors  # (B, n, k, L), (B, n, L), (B, L)
+        n = noise.shape[1]
+        if ctx.grad_form == "full":
+            inner = torch.einsum("bkl,bnkl->bn", grad, hot)  # ⟨G, Y*_s⟩ per sample, (B, n)
+            out = torch.einsum("bn,bnl->bl", inner, noise) / (n * ctx.sigma)  # (B, L)
+        else:
+            out = (grad * torch.einsum("bnkl,bnl->bkl", hot, noise)).sum(1) / (n * ctx.sigma)  # (B, L)
+        return out * mask, None, None, None, None, None  # padded frames: no gradient
 
 
 def perturbed_top_k(
-    scores: torch.Tensor, mask: torch.Tensor, k: int, samples: int, sigma: float, training: bool
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    k: int,
+    samples: int,
+    sigma: float,
+    training: bool,
+    grad_form: str = "full",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """STR's differentiable top-k: scores (B, L), mask (B, L) -> indicators (B, k, L) and hard indices (B, k).
 
@@ -341,7 +422,7 @@ def perturbed_top_k(
     idx = hard_top_k(scores, mask, k)
     if not training:
         return F.one_hot(idx, scores.shape[1]).to(scores.dtype), idx
-    return _PerturbedTopK.apply(scores, mask, k, samples, sigma), idx
+    return _PerturbedTopK.apply(scores, mask, k, samples, sigma, grad_form), idx
 
 
 def derangements(m: int, n: int, device: Any) -> torch.Tensor:
@@ -366,12 +447,43 @@ def masked_view(batch: Batch, weight: torch.Tensor, mask: torch.Tensor) -> Batch
     return dataclasses.replace(batch, **{k: getattr(batch, k).float() * w for k in FEATURES}, mask=mask)
 
 
-def environment_view(batch: Batch, g: torch.Tensor, hard: torch.Tensor) -> Batch:
-    """The environment frames alone (weight 1 - g); a video with none reads as its whole video, unweighted (IGV's
-    code: an empty side of the split falls back to every frame). g, hard (B, L)."""
+def side_view(batch: Batch, weight: torch.Tensor, side: torch.Tensor) -> Batch:
+    """One side of the split: the frames `side` (B, L) bool, scaled by weight (B, L). A video whose side is empty
+    reads as all its real frames scaled by weight, which is 0 there in value: zeros, with the straight-through
+    gradient into the mask live (IGV's code, hga.py: the encoder reads `vid_feats * mask` and falls back to every
+    frame when the mask keeps none)."""
+    side = side & batch.mask
+    empty = ~side.any(1, keepdim=True)  # (B, 1)
+    return masked_view(batch, weight, torch.where(empty, batch.mask, side))
+
+
+def causal_view(batch: Batch, g: torch.Tensor, hard: torch.Tensor) -> Batch:
+    """The causal frames (weight g); a video with none: its zeroed frames (`side_view`). Under `empty_side:
+    whole_video` the indicator already kept every frame of such a video (`causal_split`). g, hard (B, L)."""
+    return side_view(batch, g, hard)
+
+
+def environment_view(batch: Batch, g: torch.Tensor, hard: torch.Tensor, empty_side: str = "whole_video") -> Batch:
+    """The environment frames alone (weight 1 - g). A video with none: `zeros` (IGV's code) its zeroed frames with
+    the gradient live (`side_view`); `whole_video` (ours, earlier) its whole video, unweighted (no gradient to the
+    mask). g, hard (B, L)."""
     env = batch.mask & ~hard  # (B, L)
+    if empty_side == "zeros":
+        return side_view(batch, 1 - g, env)
     empty = ~env.any(1, keepdim=True)  # (B, 1)
     return masked_view(batch, torch.where(empty, torch.ones_like(g), 1 - g), torch.where(empty, batch.mask, env))
+
+
+def swap_keep(
+    g: torch.Tensor, hard: torch.Tensor, mask: torch.Tensor, detach: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What IGV's intervention keeps of each video: -> (weight (B, L), kept frames (B, L) bool). The kept frames are
+    the causal ones, every real frame for a video with none (IGV's code: its encoder's fallback mask, whose
+    complement is the swapped part, so such a video is not swapped); weight is their indicator, detached (IGV's
+    code: `bg_mask.bool()`) or straight-through with g's gradient (`swap_detach: false`, ours, earlier)."""
+    keep = torch.where(hard.any(1, keepdim=True), hard, mask) & mask
+    value = keep.to(g.dtype)
+    return (value if detach else value + g - g.detach()), keep
 
 
 def swapped_view(
@@ -517,7 +629,9 @@ class Grounded(nn.Module):
         if not self.training:  # hard top-K at eval
             idx = hard_top_k(scores, batch.mask, min(o.rationale_frames, L))
             return gathered_view(batch, idx, torch.ones_like(idx, dtype=torch.float32)), idx
-        ind, idx = perturbed_top_k(scores, batch.mask, o.rationale_frames, o.perturb_samples, o.perturb_sigma, True)
+        ind, idx = perturbed_top_k(
+            scores, batch.mask, o.rationale_frames, o.perturb_samples, o.perturb_sigma, True, o.perturb_grad
+        )
         feats = {k: torch.einsum("bkl,bld->bkd", ind, getattr(batch, k).float()) for k in FEATURES}
         return dataclasses.replace(batch, **feats, mask=batch.mask.gather(1, idx)), idx
 
@@ -527,13 +641,16 @@ class Grounded(nn.Module):
 
     def bank_frames(self, ids: torch.Tensor | None, n: int, L: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """n environments of L frames per video, as IGV's memory bank samples them: every frame a random real frame
-        of a random filled entry that holds another video. -> (entry, frame) indices into the bank, each (n·B, L),
-        row j·B + b for copy j of video b; None while some video has no such frame (the batch stands in).
-        Without split positions (`ids`, a batch built outside a split) only emptiness is checked."""
+        of a random filled entry that holds another video. ids (B,) or (B, S): the split positions each video's
+        environments must avoid (a mixed video: both of its sources, as EIGV's `MemBank` excludes them). ->
+        (entry, frame) indices into the bank, each (n·B, L), row j·B + b for copy j of video b; None while some
+        video has no such frame (the batch stands in). Without split positions (`ids`, a batch built outside a
+        split) only emptiness is checked."""
         B, (M, Lb) = (1 if ids is None else ids.shape[0]), self.bank_mask.shape
         ok = (self.bank_ids != -1).expand(B, M)  # (B, M) filled entries (-2: a video of unknown position)
         if ids is not None:
-            ok = ok & (self.bank_ids[None] != ids[:, None])  # never the video itself
+            avoid = ids.reshape(B, -1).to(self.bank_ids.device)  # (B, S)
+            ok = ok & (self.bank_ids[None, :, None] != avoid[:, None, :]).all(-1)  # never the video itself
         weight = (ok[:, :, None] & self.bank_mask[None]).flatten(1).float()  # (B, M·Lb) real frames of those
         if not (weight.sum(1) > 0).all():
             return None
@@ -555,14 +672,15 @@ class Grounded(nn.Module):
         self.bank_ids[keep] = ids[rows].to(self.bank_ids.device)
         self.bank_next.copy_((self.bank_next + B) % M)
 
-    def environments(self, batch: Batch, n: int) -> tuple[Batch, torch.Tensor]:
+    def environments(self, batch: Batch, n: int, avoid: torch.Tensor | None = None) -> tuple[Batch, torch.Tensor]:
         """Where n substituted environments per video come from: (source batch, (n, B) indices into it). With the
         bank (`env_source: bank`, once it can serve every video), each environment frame is a random frame of a
-        random other banked training video (`bank_frames`), assembled into n·B source videos; else derangements of
-        the batch (the environment at a slot is another batch video's frame at that slot)."""
+        random other banked training video (`bank_frames`; `avoid` (B, S): the split positions to avoid, default
+        the batch's own), assembled into n·B source videos; else derangements of the batch (the environment at a
+        slot is another batch video's frame at that slot)."""
         B, L = batch.mask.shape
         if self.banked:
-            drawn = self.bank_frames(batch.ids, n, L)
+            drawn = self.bank_frames(batch.ids if avoid is None else avoid, n, L)
             if drawn is not None:
                 entry, frame = drawn  # (n·B, L) each
                 frames = {k: getattr(self, f"bank_{k}")[entry, frame] for k in FEATURES}  # (n·B, L, D) each
@@ -582,13 +700,21 @@ class Grounded(nn.Module):
         lam2 = torch.distributions.Beta(a2, a2).sample()
         return lam1.to(device), lam2.to(device)
 
-    def ground(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The indicator's causal frames: -> hard (B, L) bool, straight-through g (B, L)."""
+    def ground(self, batch: Batch, query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The indicator's causal frames: -> hard (B, L) bool, straight-through g (B, L). query (B, C): the classes
+        the frames are grounded on (`indicator_query: label`; None: each frame attends over every class text)."""
         o = self.opts
         if o.indicator == "oracle":
             return self.oracle_split(batch)
-        scores = self.indicator(batch.vp.float(), batch.t0.float())  # (B, L)
-        return causal_split(scores, batch.mask, o.causal_share, o.tau, self.training, o.indicator, o.noise_scale)
+        scores = self.indicator(batch.vp.float(), batch.t0.float(), query)  # (B, L)
+        return causal_split(
+            scores, batch.mask, o.causal_share, o.tau, self.training, o.indicator, o.noise_scale, o.empty_side
+        )
+
+    def query(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        """The indicator's query for targets y (B, C): their class distribution under `indicator_query: label`,
+        else None (the frames attend over the class texts themselves)."""
+        return label_query(y) if self.opts.indicator_query == "label" and y is not None else None
 
     def oracle_split(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """`indicator: oracle`: the annotated action frames of the batch's videos (`oracle_frames`, (N, L) bool for
@@ -608,12 +734,26 @@ class Grounded(nn.Module):
         """In training, `aux_loss` is the whole objective (EIGV's paper: its mixup and contrastive terms only)."""
         return self.indicator is not None and not self.opts.igv_terms
 
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """The parameter groups train.grad_clip clips each by its own norm: the head's, then the grounding modules'
+        (`clip: separate`), or all together (`clip: joint`, ours, earlier)."""
+        head = [p for p in self.head.parameters() if p.requires_grad]
+        mine = {id(p) for p in head}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in mine]
+        return [head, rest] if self.opts.clip == "separate" else [head + rest]
+
     def frames_used(self, batch: Batch) -> torch.Tensor:
-        """Which of the batch's frames the prediction rests on: (B, L) bool (the grounding evaluation)."""
+        """Which of the batch's frames the prediction rests on, or (`predict: video`) which the indicator grounds:
+        (B, L) bool (the grounding evaluation). A label-conditioned indicator is queried with the head's own
+        whole-video prediction (no label at test time)."""
         view, idx = self.select(batch)
         used = view.mask
         if self.indicator is not None:
-            used = self.ground(view)[0]
+            query = None
+            if self.opts.indicator_query == "label":
+                logits = self.head(view).float()  # (B, C)
+                query = label_query(logits.sigmoid() if self.multi_label else logits.softmax(-1))
+            used = self.ground(view, query)[0]
         out = torch.zeros_like(batch.mask)
         return out.scatter(1, idx, used) & batch.mask
 
@@ -628,13 +768,13 @@ class Grounded(nn.Module):
             if o.predict == "video":  # EIGV's code: the whole video at test time
                 return self.head(batch)
             hard, g = self.ground(batch)
-            return self.head(masked_view(batch, g, hard))  # the prediction from the causal frames, (B, C)
-        hard, g = self.ground(batch)
+            return self.head(causal_view(batch, g, hard))  # the prediction from the causal frames, (B, C)
         y = one_hot_targets(batch.labels, self.num_classes, self.multi_label)  # (B, C)
+        hard, g = self.ground(batch, self.query(y))
         if not o.igv_terms:  # EIGV's paper: its mixup (the main view, memories updated) and contrastive terms alone
             self.aux_loss, logits = self.eigv_paper(batch, g, y, main=True)
         else:
-            logits = self.head(masked_view(batch, g, hard))  # the prediction from the causal frames, (B, C)
+            logits = self.head(causal_view(batch, g, hard))  # the prediction from the causal frames, (B, C)
             self.aux_loss = self.igv_losses(batch, g, hard, y, logits)
         if self.banked:
             self.bank_push(batch)  # after its use: the bank holds earlier videos only
@@ -648,9 +788,11 @@ class Grounded(nn.Module):
         o, B = self.opts, hard.shape[0]
         source, perm = self.environments(batch, 1)
         with frozen_memories(self.head):
-            # causal frames + another video's environment (from the bank, or the batch)
-            swapped = self.head(swapped_view(batch, g, hard, perm[0], source=source))
-            env = self.head(environment_view(batch, g, hard))  # the environment frames alone
+            # causal frames + another video's environment (from the bank, or the batch), on the detached mask
+            # (IGV's code) or through g (`swap_detach: false`)
+            weight, keep = swap_keep(g, hard, batch.mask, o.swap_detach)
+            swapped = self.head(swapped_view(batch, weight, keep, perm[0], source=source))
+            env = self.head(environment_view(batch, g, hard, o.empty_side))  # the environment frames alone
             # no class information: uniform over classes, or (multi-label) the batch's label frequency
             C = y.shape[1]
             uninformative = y.mean(0, keepdim=True).expand_as(y) if self.multi_label else torch.full_like(y, 1 / C)
@@ -663,9 +805,10 @@ class Grounded(nn.Module):
                 lam = float(torch.distributions.Beta(a, a).sample()) if B > 1 else 1.0  # torch RNG: resumable
                 mix_perm = derangement(B, hard.device)
                 mixed = mixed_batch(batch, mix_perm, lam)
-                mix_hard, mix_g = self.ground(mixed)
-                mix_logits = self.head(masked_view(mixed, mix_g, mix_hard))
-                aux = aux + o.mix_weight * soft_loss(mix_logits, lam * y + (1 - lam) * y[mix_perm], self.multi_label)
+                target = lam * y + (1 - lam) * y[mix_perm]
+                mix_hard, mix_g = self.ground(mixed, self.query(target))
+                mix_logits = self.head(causal_view(mixed, mix_g, mix_hard))
+                aux = aux + o.mix_weight * soft_loss(mix_logits, target, self.multi_label)
                 aux = aux + o.contrast_weight * info_nce(logits, swapped, o.contrast_tau)
         return aux
 
@@ -676,11 +819,13 @@ class Grounded(nn.Module):
 
         Mix two videos' causal frames with λ1 and their environments with λ2 (eigv_mixed_batch); the head's
         prediction on the mixed video must match λ1 y_b + (1 - λ1) y_perm[b] (λ2 does not enter the target). The
-        mixed video is grounded again; anchor = its projected class scores, positive = the mixed video with its
-        environment frames swapped for another video's, negatives = `contrast_negatives` copies with its causal
-        frames swapped (InfoNCE, `contrast_tau`). `main`: the mixed video is the step's main view (EIGV's paper
-        objective, `igv_terms: false`): the head's memories update on it, and with a single video in the batch (no
-        other to mix with) the loss is the video's own (λ1 = λ2 = 1). Else the call runs under frozen memories."""
+        mixed video is grounded again (a label-conditioned indicator on the λ1-mixed labels, EIGV's mixed
+        question); anchor = its projected class scores, positive = the mixed video with its environment frames
+        swapped for another video's, negatives = `contrast_negatives` copies with its causal frames swapped (InfoNCE,
+        `contrast_tau`), the substituted frames never from either source video (EIGV's `MemBank` on the mixed
+        video's two ids). `main`: the mixed video is the step's main view (EIGV's paper objective, `igv_terms:
+        false`): the head's memories update on it, and with a single video in the batch (no other to mix with) the
+        loss is the video's own (λ1 = λ2 = 1). Else the call runs under frozen memories."""
         o, B = self.opts, g.shape[0]
         if B < 2:  # no other video to mix or swap with
             self.mix_record = None
@@ -697,18 +842,32 @@ class Grounded(nn.Module):
         aux = o.mix_weight * soft_loss(mix_logits, target, self.multi_label)
         if o.contrast_weight > 0:
             with frozen_memories(self.head):
-                hard, mg = self.ground(mixed)
-                N = o.contrast_negatives
-                source, pos_idx = self.environments(batch, 1)
-                pos = swapped_view(mixed, mg, hard, pos_idx[0], source=source)  # environment swapped
-                source, neg_idx = self.environments(batch, N)
-                neg_perm = neg_idx.reshape(-1)  # (N·B,) into the source's videos
-                env = mixed.mask & ~hard
-                neg = swapped_view(repeated(mixed, N), (1 - mg).repeat(N, 1), env.repeat(N, 1), neg_perm, source=source)
-                z = self.project(torch.cat([mix_logits, self.head(pos), self.head(neg)], 0).float())  # ((2+N)·B, D)
+                hard, mg = self.ground(mixed, self.query(target))
+                avoid = None if batch.ids is None else torch.stack([batch.ids, batch.ids[perm]], 1)  # (B, 2)
+                pos, negs = self.disrupted_views(batch, mixed, mg, hard, avoid)
+                z = self.project(torch.cat([mix_logits, self.head(pos), self.head(negs)], 0).float())  # ((2+N)·B, D)
+            N = o.contrast_negatives
             anchor, positive, negatives = z[:B], z[B : 2 * B], z[2 * B :].view(N, B, -1)
-            aux = aux + o.contrast_weight * info_nce_negatives(anchor, positive, negatives, o.contrast_tau)
+            contrast = info_nce_negatives(anchor, positive, negatives, o.contrast_tau)
+            self.mix_record["contrast"] = contrast.detach()
+            aux = aux + o.contrast_weight * contrast
         return aux, mix_logits
+
+    def disrupted_views(
+        self, batch: Batch, mixed: Batch, mg: torch.Tensor, hard: torch.Tensor, avoid: torch.Tensor | None
+    ) -> tuple[Batch, Batch]:
+        """EIGV's contrastive views of the mixed videos (B of them, grounded as `hard`, straight-through mg): the
+        positive keeps the causal frames and takes its environment frames from elsewhere (EIGV's `mem_swap(bg_mask,
+        v)`); the N = `contrast_negatives` negatives keep the environment frames and take their causal frames from
+        elsewhere (`mem_swap(fg_mask.repeat(N))`), copy j of video b at row j·B + b. -> (positive (B videos),
+        negatives (N·B videos))."""
+        N = self.opts.contrast_negatives
+        source, pos_idx = self.environments(batch, 1, avoid)
+        pos = swapped_view(mixed, mg, hard, pos_idx[0], source=source)  # environment swapped
+        source, neg_idx = self.environments(batch, N, avoid)
+        env = mixed.mask & ~hard
+        negs = swapped_view(repeated(mixed, N), (1 - mg).repeat(N, 1), env.repeat(N, 1), neg_idx.reshape(-1), source)
+        return pos, negs
 
 
 def wrap(head: nn.Module, opts: GroundingOptions | None, ctx: HeadContext, name: str = "") -> nn.Module:
