@@ -512,6 +512,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+_SECTIONS = {f.name for f in dataclasses.fields(Config)}  # the top-level sections
+
+
 def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
     """Return a copy of the raw mapping with each `KEY=VALUE` override applied."""
     import copy
@@ -527,6 +530,12 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
             elif not isinstance(child, dict):
                 raise ConfigError(f"--set {text!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
             node = child
+        key = ".".join(parts)
+        if (isinstance(node.get(parts[-1]), dict) or key in _SECTIONS) and not isinstance(value, dict | None):
+            raise ConfigError(
+                f"--set {text!r}: {key} is a section (a mapping of keys), not a value; set one of its keys, "
+                f"e.g. --set {key}.<key>=<value> (`ltar config show` lists them)"
+            )
         node[parts[-1]] = value
     return data
 
@@ -547,19 +556,25 @@ def from_dict(data: dict) -> Config:
 def load_config(path: str | Path = "pipeline.yaml", overrides: typing.Iterable[str] = ()) -> Config:
     """Read `path`, apply `--set` overrides, validate. A missing file means all defaults only if
     it is the default path; an explicitly named file must exist."""
-    path = Path(path)
+    path, overrides = Path(path), list(overrides)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist; pass --config PATH or run from the repository root")
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a directory; give the pipeline YAML file, e.g. --config pipeline.yaml")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path} cannot be read ({e}); give a readable YAML file") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    merged = apply_overrides(raw, overrides)  # --set errors name --set, not the file
     try:
-        return from_dict(apply_overrides(raw, overrides))
+        return from_dict(merged)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        where = f"{path} with --set {' --set '.join(overrides)}" if overrides else str(path)
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def to_dict(cfg: Any) -> Any:

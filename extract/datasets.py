@@ -140,6 +140,8 @@ def read_manifest(manifest: Path, root: Path | None = None) -> DatasetIndex:
     line number and skipped. A video whose file is missing is reported and kept: extraction records it as
     failed in the cache, so restoring the file later fills its row without changing the fingerprint."""
     root = manifest.parent if root is None else root
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"dataset.root {root} is a file; set dataset.root to the folder that holds the manifest")
     if not manifest.exists():
         raise DatasetError(
             f"{manifest} does not exist; run `ltar synth` to generate the synthetic dataset "
@@ -244,7 +246,23 @@ def _vocabularies(classes_file: Path, items: list[VideoItem], report: ProblemLog
         for task, value in it.labels.items():
             multi[task] = multi.get(task, False) or isinstance(value, tuple)
             seen.setdefault(task, set()).update(value if isinstance(value, tuple) else [value])
-    declared = json.loads(classes_file.read_text()) if classes_file.exists() else {}
+    declared = {}
+    if classes_file.exists():
+        try:
+            declared = json.loads(classes_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(
+                f"{classes_file} is not valid JSON ({e}); it must map each task to its class names, e.g. "
+                '{"activity": ["cook", "clean"]}; fix it or remove it to take the labels seen in the manifest'
+            ) from None
+        bad = not isinstance(declared, dict) or any(
+            not isinstance(v, list) or not all(isinstance(n, str) for n in v) for v in declared.values()
+        )
+        if bad:
+            raise DatasetError(
+                f"{classes_file} must map each task to a list of class names (strings), e.g. "
+                '{"activity": ["cook", "clean"]}; fix it or remove it to take the labels seen in the manifest'
+            )
     vocabularies = {}
     for task in sorted(set(seen) | set(declared)):
         names = tuple(declared.get(task) or sorted(seen.get(task, ())))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from extract import schema
-from extract.config import Config, to_dict
+from extract.config import Config, ConfigError, to_dict
 from extract.datasets import DatasetIndex, VideoItem, load_dataset
 from extract.schema import CacheError
 from extract.store import contiguous_runs, create_store, open_for_writing, sha256_of, store_bytes, write_rows
@@ -79,11 +79,25 @@ def resolve_weights(cfg: Config) -> Config:
 
 
 def resolve_device(cfg: Config) -> str:
+    """`encoders.device` as a torch device name: `auto` is CUDA where there is one; a named device this machine
+    lacks is a ConfigError (before any folder is made)."""
     import torch
 
-    if cfg.encoders.device == "auto":
+    device = cfg.encoders.device
+    if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.encoders.device
+    if device.startswith("cuda"):
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            seen = f"{count} CUDA GPU(s)" if count else "no CUDA GPU"
+            raise ConfigError(
+                f"encoders.device is {device!r} but torch sees {seen} on this machine; set encoders.device=auto "
+                "(CUDA where there is one, else the CPU) or encoders.device=cpu"
+            )
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("encoders.device is 'mps' but torch sees no Apple GPU here; set encoders.device=auto or cpu")
+    return device
 
 
 def file_stamp(path: Path) -> list[int] | None:

@@ -275,8 +275,9 @@ def pretrain_video(cfg: Config, progress: bool = True) -> VideoResult:
     if done is not None:
         log.info("video encoder checkpoint %s exists for this config; nothing to train", done.checkpoint)
         return done
-    auto = cfg.encoders.device == "auto"
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if auto else cfg.encoders.device)
+    from extract.pipeline import resolve_device
+
+    device = torch.device(resolve_device(cfg))  # a named device this machine lacks: a sentence, exit 2
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(vc.seed)
         clf = ClipClassifier(len(ATOMIC_ACTIONS)).to(device)

@@ -384,8 +384,9 @@ def pretrain_vlm(cfg: Config, progress: bool = True) -> VlmResult:
             "synthetic.videos.pretrain is 0: pretraining on %d videos of the pretrain split (rendered in memory)",
             DEFAULT_PRETRAIN_VIDEOS,
         )
-    auto = cfg.encoders.device == "auto"
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if auto else cfg.encoders.device)
+    from extract.pipeline import resolve_device
+
+    device = torch.device(resolve_device(cfg))  # a named device this machine lacks: a sentence, exit 2
     model = _create_model(vc.seed, device)
     # A frozen copy only for its batched preprocessing (ClipEncoder freezes the model it wraps).
     data = build_pretrain_data(cfg, ClipEncoder(copy.deepcopy(model), TINY_MODEL_NAME, device="cpu"), progress)

@@ -350,7 +350,9 @@ def run_table(
             f"table {name!r} has the `oracle` row, but the cache {store} has no train_oracle split; render it with "
             "synthetic.videos.train_oracle > 0 and extract again (`make benchmark` does both)"
         )
-    n_seeds = seeds or table.seeds
+    if seeds is not None and seeds < 1:
+        raise RunError(f"--seeds {seeds}: a table needs at least one seed per row (its own: {table.seeds})")
+    n_seeds = table.seeds if seeds is None else seeds
     out_root = Path(cfg.train.runs_root) / "ablations"
     t0 = time.perf_counter()
     results: dict[tuple[str, str], list[RunResult]] = {}

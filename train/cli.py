@@ -6,14 +6,34 @@ other way round, so the full command line is assembled in this package.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
 
 import train.heads  # noqa: F401  (registers heads; the config loader checks heads/ablations against them)
-from extract.cli import EXIT_USAGE, ConfigOpt, SetOpt, _fail, app, progress_enabled, resolve_config
+from extract.cli import (
+    EXIT_USAGE,
+    LISTINGS,
+    ConfigOpt,
+    SetOpt,
+    _fail,
+    app,
+    progress_enabled,
+    resolve_config,
+    run_app,
+)
 from extract.config import ConfigError, write_resolved
 from extract.schema import CacheError
+
+
+def _heads_listing() -> str:
+    from train.heads import head_names
+
+    return f"# registered heads: {', '.join(head_names())} (variants: heads.<name>.variants and each head's built-ins)"
+
+
+LISTINGS.append(_heads_listing)
 
 StoreOpt = typer.Option(None, "--store", help="A cache store path (default: the store the config names).")
 
@@ -145,7 +165,7 @@ def ablate_cmd(
     config: Path = ConfigOpt,
     set_: list[str] = SetOpt,
     table: list[str] = typer.Option(None, "--table", help="Table name(s) from `ablations` (default: every table)."),
-    seeds: int = typer.Option(None, "--seeds", help="Seeds per row (overrides the table's own)."),
+    seeds: int = typer.Option(None, "--seeds", min=1, help="Seeds per row, at least 1 (overrides the table's own)."),
     store: Path = StoreOpt,
     diagnose: bool = typer.Option(
         False, "--diagnose", help="Add each row's causal-term diagnosis (variation, knock-out) on test_ood (seed 0)."
@@ -185,7 +205,8 @@ def ablate_cmd(
 
 
 def main() -> None:
-    app()
+    """Console-script entry point: every command, its exit codes and sentences (`extract.cli.run_app`)."""
+    sys.exit(run_app(app))
 
 
 if __name__ == "__main__":
