@@ -16,7 +16,7 @@ from extract.schema import CacheError
 from tests.conftest import random_batch
 from train.cli import app
 from train.data import CacheReader, iterate_batches
-from train.engine import RunError, evaluate, train
+from train.engine import RunError, evaluate, resume_mismatch, train
 from train.heads import Batch, HeadContext, build_head, head_entry, head_names, variant_names
 from train.metrics import average_precision, compute_metrics, mean_average_precision, topk_accuracy
 
@@ -237,6 +237,12 @@ def test_resume_gives_the_same_next_epoch(tiny_cache, tmp_path):
     assert cut.steps == steps_per_epoch
     with pytest.raises(RunError, match="already holds a run; pass --resume"):
         train(cfg, store=store, progress=False, run_dir=tmp_path / "cut")
+    # a resume with other settings than the run began with is refused, naming them (and leaves the run as it was)
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.train.lr * 10, epochs=5))
+    with pytest.raises(RunError, match=r"other settings than these: train\.epochs, train\.lr differ"):
+        train(other, store=store, progress=False, run_dir=tmp_path / "cut", resume=True)
+    where = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=2))  # how it is read: allowed
+    assert not resume_mismatch(torch.load(tmp_path / "cut" / "last.pt", weights_only=True), where)
     resumed = train(cfg, store=store, progress=False, run_dir=tmp_path / "cut", resume=True)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     assert resumed.metrics == full.metrics

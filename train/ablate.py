@@ -19,7 +19,6 @@ time); off by default, because on this 2-core CPU it is no faster (bench/train.p
 from __future__ import annotations
 
 import csv
-import dataclasses
 import functools
 import json
 import logging
@@ -35,15 +34,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.config import AblationTable, Config, to_dict
+from extract.config import AblationTable, Config
 from train.data import CacheReader
 from train.diagnose import diagnose as diagnose_run
 from train.diagnose import headline
 from train.engine import (
+    _NOT_RESULTS,
     INIT_SCHEME,
     RunError,
     RunResult,
     architecture,
+    changed_keys,
     dictionary_hashes,
     find_store,
     new_model,
@@ -174,19 +175,9 @@ def correct(cells: list[Cell], reference: str | dict[str, str]) -> int:
     return len(family)
 
 
-# train keys that decide where a run lives or how it is read, not what it computes
-# stack_seeds, workers: the same numbers in distribution (tests/test_stacked.py)
-_NOT_RESULTS = ("runs_root", "memory_budget_mb", "eval_every", "stack_seeds", "workers")
-
-
 def _same(saved: dict, now: Any, ignore: tuple[str, ...] = ()) -> bool:
-    """A saved options dict equals the dataclass `now`; a key the saved run predates counts as what runs computed
-    before it existed: its `predating` value where it has one (a new default that changes the result), else its
-    default."""
-    current, defaults = to_dict(now), to_dict(type(now)())
-    before = {f.name: to_dict(f.metadata.get("predates", defaults[f.name])) for f in dataclasses.fields(now)}
-    keys = set(current) - set(ignore)
-    return set(saved) <= set(current) and all(saved.get(k, before[k]) == current[k] for k in keys)
+    """A saved options dict equals the dataclass `now` (see `train.engine.changed_keys`)."""
+    return not changed_keys(saved, now, ignore)
 
 
 @functools.lru_cache(maxsize=256)

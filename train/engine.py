@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -315,6 +316,36 @@ def dictionary_hashes(cfg: Config, reader: CacheReader) -> dict[str, str]:
     return {n: str(reader.group[f"dictionaries/{n}"].attrs.get("params_hash")) for n in names}
 
 
+# train keys that decide where a run lives or how it is read, not what it computes
+# stack_seeds, workers: the same numbers in distribution (tests/test_stacked.py)
+_NOT_RESULTS = ("runs_root", "memory_budget_mb", "eval_every", "stack_seeds", "workers")
+
+
+def changed_keys(saved: dict, now: Any, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The keys where a saved options dict differs from the dataclass `now` (a saved key `now` no longer has
+    counts too); a key the saved run predates counts as what runs computed before it existed: its `predating`
+    value where it has one (a new default that changes the result), else its default."""
+    current, defaults = to_dict(now), to_dict(type(now)())
+    before = {f.name: to_dict(f.metadata.get("predates", defaults[f.name])) for f in dataclasses.fields(now)}
+    keys = set(current) - set(ignore)
+    gone = sorted(set(saved) - set(current))
+    return gone + sorted(k for k in keys if saved.get(k, before[k]) != current[k])
+
+
+def resume_mismatch(ckpt: dict, cfg: Config) -> list[str]:
+    """What a resumed run would change: `section.key` for every setting (train, the head's options, the grounding)
+    that differs from the checkpoint's; empty when the run continues as it began."""
+    t = cfg.train
+    out = [f"train.{k}" for k in changed_keys(ckpt["config"]["train"], t, ignore=_NOT_RESULTS)]
+    out += [
+        f"heads.{t.head}.{k}" for k in changed_keys(ckpt.get("options") or {}, head_options(cfg, t.head, t.variant))
+    ]
+    if t.grounding:
+        opts = grounding_options(cfg, t.grounding)
+        out += [f"grounding.{t.grounding}.{k}" for k in changed_keys(ckpt.get("grounding_options") or {}, opts)]
+    return out
+
+
 def _train(
     cfg: Config,
     store: Path | None,
@@ -363,6 +394,13 @@ def _train(
         ckpt = read_checkpoint(last_path, map_location=device)
         if ckpt["fingerprint"] != reader.fingerprint:
             raise RunError(f"{last_path} was trained on cache {ckpt['fingerprint']}, not {reader.fingerprint}")
+        changed = resume_mismatch(ckpt, cfg)
+        if changed:
+            raise RunError(
+                f"{run_dir} was trained with other settings than these: {', '.join(changed)} differ; --resume "
+                "continues a run as it began (its schedule, its record), so set them back, or start a new run "
+                "(another run folder, e.g. --set train.runs_root=runs/other)"
+            )
         head.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
