@@ -563,6 +563,8 @@ def build_dictionary(
         "device": out["device"],
         "seconds": round(seconds, 3),
         "params_hash": digest,
+        "built_from_split": spec.split,  # the store state it was built from: train refuses it once that changes
+        "rows_done_digest": schema.rows_digest(pts.used_rows),
     }
     existed = _write(group, name, pts, spec, out, attrs)
     status = "rewritten (parameters changed)" if existed else "written"

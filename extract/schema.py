@@ -199,8 +199,21 @@ DICTIONARY_ATTRS = (
     "faiss_version",
     "device",  # where k-means ran: cpu (T threads) or gpu (G GPUs)
     "seconds",
+    "built_from_split",  # the split it was built from ...
+    "rows_done_digest",  # ... and its finished rows then (rows_digest): train refuses it once they change
     "params_hash",  # hash of the parameters and the rows used: equal hash = nothing to do (written last)
 )
+
+
+def rows_digest(rows: Any) -> str:
+    """A dictionary's record of the store state it was built from: the hash of the split's finished rows (attrs
+    `rows_done_digest`, with `split`); a reader whose store now finishes other rows of that split has a stale
+    dictionary."""
+    import hashlib
+
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def dictionary_path(name: str, array: str | None = None) -> str:

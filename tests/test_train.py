@@ -624,3 +624,28 @@ def test_a_run_saved_before_an_option_existed_is_read_as_what_it_computed_then()
     without_tol = {k: v for k, v in saved.items() if k != "sinkhorn_tol"}  # no `predating`: its default
     assert _same(without_tol, PCMCIOptions(ivc_form="residual", sinkhorn_grad="last_step"))
     assert not _same(without_tol, PCMCIOptions(ivc_form="residual", sinkhorn_grad="last_step", sinkhorn_tol=1e-3))
+
+
+def test_a_dictionary_built_before_the_store_changed_is_refused(tiny_cache, tmp_path):
+    """Each dictionary records its split's finished rows when it was built; once the store finishes other rows of
+    that split (a video extracted again, or lost), training refuses it with a sentence instead of reading it."""
+    import shutil
+
+    import zarr
+
+    from extract import schema
+    from extract.dictionaries import build_dictionaries
+    from extract.schema import CacheError
+    from train.data import CacheReader
+
+    cfg, store = tiny_cache
+    copy = tmp_path / store.name
+    shutil.copytree(store, copy)
+    build_dictionaries(cfg, copy, progress=False)
+    reader = CacheReader(copy, "activity")
+    assert reader.context().dictionaries  # as built: fresh
+    train_rows = reader.info.split_indices("train")
+    done = zarr.open_array(str(copy / schema.DONE), mode="r+")
+    done[int(train_rows[0])] = False  # the store's finished rows of the split change after the build
+    with pytest.raises(CacheError, match=r"dictionary '.+' was built from other finished videos of split 'train'"):
+        CacheReader(copy, "activity", allow_partial=True).context()

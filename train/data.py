@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Queue
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,11 +101,27 @@ class CacheReader:
         out = {}
         for name in self.dictionary_names():
             g = self.group[f"{DICTIONARIES}/{name}"]
+            self._check_fresh(name, g.attrs)
             out[name] = (
                 torch.from_numpy(np.asarray(g["centroids"][:], dtype=np.float32)),
                 torch.from_numpy(np.asarray(g["prior"][:], dtype=np.float32)),
             )
         return out
+
+    def _check_fresh(self, name: str, attrs: Any) -> None:
+        """A dictionary built before the store finished other videos of its split is stale: refused (dictionaries
+        from before the record are not checked)."""
+        split, recorded = attrs.get("built_from_split"), attrs.get("rows_done_digest")
+        if split is None or recorded is None:
+            return
+        rows = self.info.split_indices(split)
+        now = rows[self.done[rows]]
+        if schema.rows_digest(now) != recorded:
+            raise CacheError(
+                f"{self.path}: dictionary {name!r} was built from other finished videos of split {split!r} than the "
+                f"store holds now ({len(now)} finished today: videos were extracted since); run `ltar dictionaries` "
+                "to rebuild it"
+            )
 
     def context(self) -> HeadContext:
         vp = self.group[schema.CLIP_FRAME]
