@@ -905,10 +905,9 @@ def test_grounding_table_end_to_end_and_stale_runs_refused(tiny_cache, tmp_path,
         "igv_oracle": {"method": "igv", "indicator": "oracle"},
     }
     rows = ["baseline", "baseline+igv", "baseline+rationale", "baseline+igv_oracle"]
-    chain = {"rows": rows, "reference": "previous"}  # each row against the row above it
-    table = from_dict(
-        {"grounding": grounding, "ablations": {"g": {"rows": rows, "ground_check": True}, "chain": chain}}
-    ).ablations
+    chain = {"rows": rows, "reference": "previous", "seeds": 1}  # each row against the row above it
+    tables = {"g": {"rows": rows, "ground_check": True, "seeds": 1}, "chain": chain, "g2": {"rows": rows, "seeds": 2}}
+    table = from_dict({"grounding": grounding, "ablations": tables}).ablations
     cfg = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, runs_root=str(tmp_path)), grounding=grounding, ablations=table
     )
@@ -936,6 +935,15 @@ def test_grounding_table_end_to_end_and_stale_runs_refused(tiny_cache, tmp_path,
     assert "the paired difference to the row above it" in chain_md
     refs = {(r["row"], r["reference"]) for r in csv.DictReader((tmp_path / "ablations" / "chain.csv").open())}
     assert refs == {("baseline", "baseline"), *((b, a) for a, b in itertools.pairwise(rows))}
+    # another seed count than the table's own writes its own files; a table of that name with other rows is kept
+    run_table(cfg, "g2", seeds=1, store=store, progress=False)
+    assert (tmp_path / "ablations" / "g2-seeds1.md").exists() and not (tmp_path / "ablations" / "g2.md").exists()
+    fewer = dataclasses.replace(cfg, ablations={**table, "chain": dataclasses.replace(table["chain"], rows=rows[:2])})
+    run_table(fewer, "chain", seeds=1, store=store, progress=False)
+    kept = sorted(p.name for p in (tmp_path / "ablations").glob("chain.before-*"))
+    assert [k.split(".", 2)[2] for k in kept] == ["csv", "md", "png"]
+    assert (tmp_path / "ablations" / kept[1]).read_text() == chain_md  # the earlier table, as it was
+    assert "baseline+igv_oracle" not in (tmp_path / "ablations" / "chain.md").read_text()
     from train.ground_check import mask_objectives
 
     expected = {

@@ -433,6 +433,8 @@ def run_table(
     family = correct(cells, refs)
     recipe = cfg.train.recipe
     file_name = name if recipe is None else f"{name}@{recipe}"  # a paper recipe's table beside ours
+    if n_seeds != table.seeds:  # another seed count than the table's own: its own files, beside the table's
+        file_name += f"-seeds{n_seeds}"
     source = "ours (pipeline.yaml `train`)" if recipe is None else f"`{recipe}`: {cfg.recipes[recipe].source}"
     result = TableResult(
         file_name,
@@ -476,6 +478,33 @@ def _gap(g: GapClosed | None) -> str:
     return _ci(g, signed=True, scale=1, digits=2)
 
 
+def keep_previous(out_root: Path, name: str, rows: list[str]) -> list[Path]:
+    """A table made before with other rows (the table's definition changed) is kept, not replaced: its files move
+    to `<name>.before-<time>.*` with a warning naming them; returns the moved files."""
+    old_csv = out_root / f"{name}.csv"
+    if not old_csv.exists():
+        return []
+    with old_csv.open() as f:
+        before = list(dict.fromkeys(r["row"] for r in csv.DictReader(f)))
+    if before == list(dict.fromkeys(rows)):
+        return []
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(old_csv.stat().st_mtime))
+    moved = []
+    for suffix in (".md", ".csv", ".png", ".config.yaml", "-ground-check.md", "-ground-check.csv"):
+        src = out_root / f"{name}{suffix}"
+        if src.exists():
+            dst = out_root / f"{name}.before-{stamp}{suffix}"
+            src.rename(dst)
+            moved.append(dst)
+    log.warning(
+        "table %s: the files of an earlier table of that name with other rows (%s) are kept as %s",
+        name,
+        ", ".join(before),
+        ", ".join(str(m) for m in moved),
+    )
+    return moved
+
+
 def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds: int) -> list[Path]:
     import matplotlib
 
@@ -483,6 +512,7 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
     import matplotlib.pyplot as plt
 
     out_root.mkdir(parents=True, exist_ok=True)
+    keep_previous(out_root, result.name, [c.row for c in result.cells])
     rows = list(dict.fromkeys(c.row for c in result.cells))
     cols = _columns(result.cells)
     by = {(c.row, c.task, c.metric, c.split): c for c in result.cells}
