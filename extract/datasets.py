@@ -135,10 +135,17 @@ class DatasetError(RuntimeError):
     """The dataset cannot be indexed at all (missing root or manifest)."""
 
 
-def read_manifest(manifest: Path, root: Path | None = None) -> DatasetIndex:
+def known_split(name: str, extra: tuple[str, ...] = ()) -> bool:
+    """train, val, test, train_* / test_* (train_oracle, test_iid, test_ood_scene, ...), or a declared extra."""
+    return name in ("train", "val", "test", *extra) or name.startswith(("train_", "test_"))
+
+
+def read_manifest(manifest: Path, root: Path | None = None, extra_splits: tuple[str, ...] = ()) -> DatasetIndex:
     """Read a manifest.jsonl or manifest.csv; malformed lines and duplicate ids are reported with their
     line number and skipped. A video whose file is missing is reported and kept: extraction records it as
-    failed in the cache, so restoring the file later fills its row without changing the fingerprint."""
+    failed in the cache, so restoring the file later fills its row without changing the fingerprint. A split
+    name outside the known ones (`known_split`, `dataset.extra_splits`) is refused: a typo would otherwise
+    become a split no stage reads."""
     root = manifest.parent if root is None else root
     if root.exists() and not root.is_dir():
         raise DatasetError(f"dataset.root {root} is a file; set dataset.root to the folder that holds the manifest")
@@ -149,6 +156,19 @@ def read_manifest(manifest: Path, root: Path | None = None) -> DatasetIndex:
         )
     report = ProblemLog()
     rows = _csv_rows(manifest, report) if manifest.suffix == ".csv" else _jsonl_rows(manifest, report)
+    unknown = [(where, str(row["split"])) for where, row in rows if not known_split(str(row["split"]), extra_splits)]
+    if unknown:
+        import difflib
+
+        where, name = unknown[0]
+        known = ["train", "val", "test", "test_iid", "test_ood", "train_oracle", *extra_splits]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise DatasetError(
+            f"{where}: split {name!r} is not a known split{hint}; {len(unknown)} line(s) name unknown splits "
+            f"({', '.join(sorted({n for _, n in unknown}))}). Known: train, val, test and train_* / test_* names; "
+            "fix the manifest, or declare the names in dataset.extra_splits"
+        )
     items: list[VideoItem] = []
     seen: set[str] = set()
     for where, row in rows:
@@ -278,9 +298,10 @@ def manifest_dataset(cfg: Config) -> DatasetIndex:
     """A user's own dataset: `dataset.root` holds manifest.jsonl or manifest.csv (paths relative to it)."""
     root = Path(cfg.dataset.root)
     jsonl, table = root / "manifest.jsonl", root / "manifest.csv"
+    extra = tuple(cfg.dataset.extra_splits)
     if table.exists() and not jsonl.exists():
-        return read_manifest(table, root)
-    index = read_manifest(jsonl, root)
+        return read_manifest(table, root, extra)
+    index = read_manifest(jsonl, root, extra)
     if table.exists():
         index.problems.append(f"{table}: ignored, {jsonl} is read instead; remove one of the two")
         index.counts["other"] = index.counts.get("other", 0) + 1

@@ -68,3 +68,18 @@ def test_registry_and_missing_manifest(tmp_path):
     cfg = from_dict({"dataset": {"name": "manifest", "root": str(tmp_path / "none")}})
     with pytest.raises(DatasetError, match="manifest.jsonl does not exist; run `ltar synth`"):
         load_dataset(cfg)
+
+
+def test_an_unknown_split_name_is_refused_unless_declared(tmp_path):
+    """A typo (`tset`) would become a split no stage reads: refused with the line and a did-you-mean; a declared
+    extra split (dataset.extra_splits) and the train_* / test_* family are accepted."""
+    _write(tmp_path, [_row("v1"), _row("v2", split="tset"), _row("v3", split="test_ood_scene"), _row("v4", split="x")])
+    with pytest.raises(
+        DatasetError, match=r"manifest\.jsonl:2: split 'tset' is not a known split \(did you mean 'test'"
+    ):
+        read_manifest(tmp_path / "manifest.jsonl")
+    with pytest.raises(DatasetError, match=r"2 line\(s\) name unknown splits \(tset, x\)"):
+        read_manifest(tmp_path / "manifest.jsonl")
+    cfg = from_dict({"dataset": {"name": "manifest", "root": str(tmp_path), "extra_splits": ["tset", "x"]}})
+    index = load_dataset(cfg)
+    assert sorted({it.split for it in index.items}) == ["test_ood_scene", "train", "tset", "x"]
