@@ -136,8 +136,9 @@ class DatasetError(RuntimeError):
 
 
 def known_split(name: str, extra: tuple[str, ...] = ()) -> bool:
-    """train, val, test, train_* / test_* (train_oracle, test_iid, test_ood_scene, ...), or a declared extra."""
-    return name in ("train", "val", "test", *extra) or name.startswith(("train_", "test_"))
+    """train, val, test, pretrain (the encoders' own videos), train_* / test_* (train_oracle, test_iid,
+    test_ood_scene, ...), or a declared extra."""
+    return name in ("train", "val", "test", "pretrain", *extra) or name.startswith(("train_", "test_"))
 
 
 def read_manifest(manifest: Path, root: Path | None = None, extra_splits: tuple[str, ...] = ()) -> DatasetIndex:
@@ -166,7 +167,8 @@ def read_manifest(manifest: Path, root: Path | None = None, extra_splits: tuple[
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise DatasetError(
             f"{where}: split {name!r} is not a known split{hint}; {len(unknown)} line(s) name unknown splits "
-            f"({', '.join(sorted({n for _, n in unknown}))}). Known: train, val, test and train_* / test_* names; "
+            f"({', '.join(sorted({n for _, n in unknown}))}). Known: train, val, test, pretrain and train_* / test_* "
+            "names; "
             "fix the manifest, or declare the names in dataset.extra_splits"
         )
     items: list[VideoItem] = []
