@@ -52,7 +52,7 @@ class DatasetConfig:
     stereo_channel: int = field(default=0, metadata=_range(0, 1))  # Breakfast: which stereo camera channel
     # frame rate of frame-numbered annotations (Breakfast) when it cannot be read from the video
     fps: float = field(default=15.0, metadata=_range(1.0, 1000.0))
-    # manifest datasets: split names besides train, val, test and train_* / test_* (test_iid, test_ood_scene,
+    # manifest datasets: split names besides train, val, test, pretrain and train_* / test_* (test_iid, test_ood_scene,
     # train_oracle, ...); a manifest line with any other split is refused, so a typo never becomes a new split
     extra_splits: tuple[str, ...] = ()
 
