@@ -583,6 +583,18 @@ def build_dictionary(
     )
 
 
+def check_all(store_path: Path, cfg: Config) -> None:
+    """What can be checked of every dictionary before any is written (so a bad one late in the config costs no
+    rewrite of the ones before it): its source, split and finished videos, and K against the split's points
+    (k-means also against its subsample). Raises the first DictionaryError."""
+    group, info = schema.open_cache(store_path)
+    for name, spec in cfg.dictionaries.items():
+        pts = _open_points(group, info, name, spec, None)
+        if spec.variant in ("kmeans", "random"):
+            m = pts.total if spec.max_points is None or spec.variant == "random" else min(spec.max_points, pts.total)
+            _check_size(pts, f"dictionaries.{name}", spec.size, m)
+
+
 def build_dictionaries(cfg: Config, store_path: Path | None = None, progress: bool = True) -> list[DictionaryResult]:
     """Every dictionary of `cfg.dictionaries`, in config order, into `store_path` (default: the store
     the config names, as `ltar extract` wrote it)."""
@@ -600,6 +612,7 @@ def build_dictionaries(cfg: Config, store_path: Path | None = None, progress: bo
     try:
         schema.open_cache(store_path)  # a missing store is a sentence here, not an empty folder made by the lock
         with acquire_lock(store_path):  # the writers' lock: no extraction or import writes the store meanwhile
+            check_all(store_path, cfg)  # every dictionary's source and size, before any is written
             return [build_dictionary(store_path, name, spec, progress) for name, spec in cfg.dictionaries.items()]
     except (CacheError, StoreLocked) as e:
         raise DictionaryError(str(e)) from None

@@ -341,3 +341,14 @@ def test_noise_entries_are_seeded_unit_gaussian_vectors_whatever_the_data(blobs,
     elsewhere = make_store(tmp_path / "other.zarr", other, blobs["splits"])
     build_dictionary(elsewhere, "n", spec)
     assert np.array_equal(load_dictionary(elsewhere, "n").centroids, n.centroids)
+
+
+def test_every_size_is_checked_before_any_dictionary_is_written(store):
+    """A K too large for the split, late in the config, stops the command before the dictionaries ahead of it
+    are written (a rerun then does not redo them for nothing)."""
+    cfg = from_dict(
+        {"dictionaries": {"a": {"source": "clip/bg", "size": 4}, "b": {"source": "clip/bg", "size": 10**6}}}
+    )
+    with pytest.raises(DictionaryError, match=r"dictionaries\.b\.size: K = 1000000 is larger than the \d+ points"):
+        build_dictionaries(cfg, store, progress=False)
+    assert "dictionaries" not in zarr.open_group(str(store), mode="r")  # `a` was not written either
