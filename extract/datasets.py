@@ -264,10 +264,20 @@ def _csv_rows(manifest: Path, report: ProblemLog) -> list[tuple[str, dict]]:
 def _vocabularies(classes_file: Path, items: list[VideoItem], report: ProblemLog) -> dict[str, Vocabulary]:
     multi = {}
     seen: dict[str, set[str]] = {}
+    kinds: dict[str, dict[bool, list[str]]] = {}  # task -> {is a list: video ids}
     for it in items:
         for task, value in it.labels.items():
             multi[task] = multi.get(task, False) or isinstance(value, tuple)
             seen.setdefault(task, set()).update(value if isinstance(value, tuple) else [value])
+            kinds.setdefault(task, {}).setdefault(isinstance(value, tuple), []).append(it.id)
+    for task, by in kinds.items():
+        if len(by) == 2:  # one label for some videos, a list for others: which kind of task is it?
+            raise DatasetError(
+                f"{classes_file.parent}: task {task!r} has one label (a string) for {len(by[False])} video(s) (e.g. "
+                f"{', '.join(by[False][:3])}) and a list of labels for {len(by[True])} (e.g. "
+                f"{', '.join(by[True][:3])}); give every video of a task the same kind: a string for a single-label "
+                "task, a list (possibly of one) for a multi-label one"
+            )
     declared = {}
     if classes_file.exists():
         try:

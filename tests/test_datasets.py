@@ -83,3 +83,12 @@ def test_an_unknown_split_name_is_refused_unless_declared(tmp_path):
     cfg = from_dict({"dataset": {"name": "manifest", "root": str(tmp_path), "extra_splits": ["tset", "x"]}})
     index = load_dataset(cfg)
     assert sorted({it.split for it in index.items}) == ["test_ood_scene", "train", "tset", "x"]
+
+
+def test_a_task_mixing_single_labels_and_lists_is_refused(tmp_path):
+    rows = [_row("v1"), {**_row("v2"), "labels": {"activity": ["a", "b"], "atomic": ["x"]}}]
+    _write(tmp_path, rows)
+    with pytest.raises(
+        DatasetError, match=r"task 'activity' has one label \(a string\) for 1 video\(s\) \(e\.g\. v1\)"
+    ):
+        read_manifest(tmp_path / "manifest.jsonl")
