@@ -58,6 +58,17 @@ def _main(
     _State.quiet = quiet
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_libraries_quiet)
+
+
+def _libraries_quiet(record: logging.LogRecord) -> bool:
+    """Below WARNING, only our own packages speak (open_clip logs its loading on the root logger, FAISS its loader
+    fallbacks); `-v` shows everything."""
+    if record.levelno >= logging.WARNING:
+        return True
+    return record.name.split(".")[0] in ("extract", "train", "bench")
 
 
 LISTINGS: list = []  # callables -> a `# registered ...` line for `ltar config show` (train.cli adds the heads)

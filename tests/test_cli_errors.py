@@ -127,3 +127,17 @@ def test_an_empty_garbage_or_truncated_checkpoint_is_a_sentence(capsys, tmp_path
 def test_zero_seeds_is_refused(capsys):
     code, err = ltar(capsys, "ablate", "--table", "main", "--seeds", "0", "--config", str(REPO / "pipeline.yaml"))
     assert code == EXIT_USAGE and "Invalid value for '--seeds'" in err and "greater than or equal to 1" in err
+
+
+def test_libraries_info_lines_are_quiet_unless_verbose():
+    import logging
+
+    from extract.cli import _libraries_quiet
+
+    def record(name, level):
+        return logging.LogRecord(name, level, __file__, 1, "msg", None, None)
+
+    assert not _libraries_quiet(record("root", logging.INFO))  # open_clip's "INFO root: Loading ..."
+    assert not _libraries_quiet(record("faiss.loader", logging.INFO))
+    assert _libraries_quiet(record("faiss.loader", logging.WARNING))
+    assert _libraries_quiet(record("extract.datasets", logging.INFO)) and _libraries_quiet(record("train.engine", 10))
