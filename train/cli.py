@@ -140,7 +140,12 @@ def diagnose_cmd(
 def ground_check_cmd(
     run: Path = typer.Argument(..., help="A grounded run folder (grounding igv / eigv), or its last.pt / best.pt."),
     split: list[str] = typer.Option(["train"], "--split", help="Split(s) to check on (repeatable)."),
+    config: Path = typer.Option(
+        None, "--config", "-c", help="A pipeline YAML whose cache and dataset locations replace the run's own."
+    ),
+    set_: list[str] = SetOpt,
     store: Path = StoreOpt,
+    trust: bool = TrustOpt,
 ) -> None:
     """Is the grounding indicator decisive, and does its learned mask minimise its own objective? The run's
     training objective with the causal-frame mask held fixed: learned, oracle (annotated action frames first),
@@ -151,9 +156,11 @@ def ground_check_cmd(
     from train.engine import RunError
     from train.ground_check import ground_check
 
+    # the run's own cache and dataset (its annotations), unless --config / --set say where they live now
+    cfg = resolve_config(config or Path("pipeline.yaml"), set_) if config or set_ else None
     try:
         for s in split:
-            _, _, files = ground_check(run, s, store=store)
+            _, _, files = ground_check(run, s, store=store, cfg=cfg, trust=trust)
             typer.echo(files[0].read_text())
             typer.echo("wrote " + ", ".join(map(str, files)))
     except (CacheError, RunError, ConfigError) as e:

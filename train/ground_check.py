@@ -48,6 +48,7 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -190,7 +191,11 @@ def weighted(model: Grounded, terms: dict[str, float]) -> float:
 
 @torch.no_grad()
 def mask_objectives(
-    run_dir_or_checkpoint: Path, split: str = "train", store: Path | None = None
+    run_dir_or_checkpoint: Path,
+    split: str = "train",
+    store: Path | None = None,
+    cfg: Any = None,
+    trust: bool = False,
 ) -> tuple[list[MaskObjective], dict[str, float]]:
     """Every fixed mask's objective on `split` for a grounded run (IGV or EIGV); also the indicator's decisiveness
     {score_spread, noise_std, ratio}. Raises for a run without an indicator."""
@@ -198,7 +203,7 @@ def mask_objectives(
 
     path = Path(run_dir_or_checkpoint)
     checkpoint = path / "last.pt" if path.is_dir() else path
-    run = load_run(checkpoint, store)
+    run = load_run(checkpoint, store, cfg, trust=trust)  # cfg: the caller's cache and dataset location
     model = run.model
     if not isinstance(model, Grounded) or model.indicator is None:
         raise RunError(
@@ -370,10 +375,14 @@ def write_table_check(
 
 
 def ground_check(
-    run_dir_or_checkpoint: Path, split: str = "train", store: Path | None = None
+    run_dir_or_checkpoint: Path,
+    split: str = "train",
+    store: Path | None = None,
+    cfg: Any = None,
+    trust: bool = False,
 ) -> tuple[list[MaskObjective], dict[str, float], list[Path]]:
     """`mask_objectives` and the files beside the checkpoint."""
     path = Path(run_dir_or_checkpoint)
-    rows, decisive = mask_objectives(path, split, store)
+    rows, decisive = mask_objectives(path, split, store, cfg, trust)
     out_dir = path if path.is_dir() else path.parent
     return rows, decisive, write_check(rows, decisive, out_dir, split, out_dir.name)
