@@ -277,6 +277,7 @@ def test_evaluate_refuses_a_checkpoint_from_another_cache(tiny_cache, tmp_path):
     result = train(cfg, store=store, progress=False, run_dir=tmp_path / "run")
     ev = evaluate(tmp_path / "run" / "best.pt", "test_ood", store=store)
     assert ev.metrics == pytest.approx(result.metrics["test_ood"])
+    assert json.loads(ev.metrics_json.read_text())["metrics"] == pytest.approx(result.metrics["test_ood"])
     assert ev.confusion_png.read_bytes()[:4] == b"\x89PNG"
     ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     ckpt["fingerprint"] = "0" * 16

@@ -100,8 +100,7 @@ def evaluate_cmd(
         for s in split:
             result = evaluate(checkpoint, s, store=store, cfg=cfg, trust=trust)
             typer.echo(f"{s}: " + " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
-            if result.confusion_png:
-                typer.echo(f"wrote {result.confusion_png}")
+            typer.echo("wrote " + ", ".join(str(f) for f in (result.metrics_json, result.confusion_png) if f))
     except (CacheError, RunError) as e:
         raise _fail(str(e)) from None
 

@@ -666,6 +666,7 @@ class EvalResult:
     split: str
     metrics: dict[str, float]
     confusion_png: Path | None
+    metrics_json: Path | None = None  # evaluate-<split>.json beside the checkpoint
 
 
 def evaluate(
@@ -691,7 +692,11 @@ def evaluate(
             Path(out_dir or checkpoint.parent) / f"confusion-{split}.png",
             f"{ckpt['head']} {ckpt['variant'] or ''} on {split}",
         )
-    return EvalResult(split, metrics, png)
+    where = Path(out_dir or checkpoint.parent) / f"evaluate-{split}.json"  # the metrics, beside the confusion PNG
+    where.parent.mkdir(parents=True, exist_ok=True)
+    record = {"checkpoint": str(checkpoint), "split": split, "store": str(reader.path), "metrics": metrics}
+    where.write_text(json.dumps(record, indent=1, default=float) + "\n")
+    return EvalResult(split, metrics, png, where)
 
 
 def confusion_png(scores: np.ndarray, labels: np.ndarray, names: list[str], out: Path, title: str) -> Path:
