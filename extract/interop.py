@@ -283,6 +283,13 @@ def import_h5(cfg: Config, file: str | Path, mapping: list[str] | None = None, i
     summary.zero = [a for a in TARGETS if a not in scan.sources]
     ids = {it.id for it in index.items}
     summary.unmatched = {s.kind: sorted(set(s.paths) - ids) for s in scan.sources.values() if set(s.paths) - ids}
+    if scan.sources and not any(set(s.paths) & ids for s in scan.sources.values()):
+        theirs = sorted(next(iter(summary.unmatched.values())))[:3]
+        raise H5Error(
+            f"{file}: no video id in the file matches a video of dataset {cfg.dataset.name!r} at {cfg.dataset.root} "
+            f"(the file's ids: {', '.join(theirs)}, ...; the dataset's: {', '.join(sorted(ids)[:3])}, ...); nothing "
+            "was written. Point dataset.root at the dataset the file was made from, or rename the file's datasets"
+        )
 
     with h5py.File(file, "r") as f, acquire_lock(path):
         text: dict[str, np.ndarray] = {}

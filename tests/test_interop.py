@@ -164,3 +164,11 @@ def test_malformed_files_are_one_sentence_naming_the_path_inside(world, tmp_path
         assert res.output.startswith("error: ") and "Traceback" not in res.output, case
     res = _cli("import-h5", str(tmp_path / "dims.h5"), "--map", "clip=nope", *_sets(world, tmp_path / "cache"))
     assert res.exit_code == 2 and "unknown cache array 'nope'" in res.output
+
+
+def test_a_file_whose_ids_match_no_video_writes_nothing(world, tmp_path):
+    cfg = tiny_config(world, tmp_path / "cache")
+    file = _write(tmp_path / "other.h5", {f"clip/vid_{i}": np.ones((8, 4), np.float32) for i in range(3)})
+    with pytest.raises(H5Error, match=r"no video id in the file matches a video of dataset .* nothing was written"):
+        import_h5(cfg, file)
+    assert not any((tmp_path / "cache").rglob("*.zarr"))
