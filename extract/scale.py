@@ -128,7 +128,7 @@ def acquire_lock(
         "pid_start": _proc_start(pid),
         "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "token": uuid.uuid4().hex,
-        "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:300],
+        "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:4000],  # whole: its --sets tell runs apart
     }
     deadline = time.monotonic() + wait_s
     while True:
