@@ -230,11 +230,11 @@ def inspect(
     config: Path = ConfigOpt,
     set_: list[str] = SetOpt,
     store: Path = typer.Option(None, "--store", help="A store path (default: the one the config names)."),
-    out: Path = typer.Option(None, "--out", help="PNG path (default runs/inspect/<video_id>.png)."),
+    out: Path = typer.Option(None, "--out", help="PNG path (default <train.runs_root>/inspect/<video_id>.png)."),
 ) -> None:
     """Show what the cache holds: a summary, or one video's frames, saliency, foreground and background.
 
-    Example: ltar inspect train_00003   (writes runs/inspect/train_00003.png)
+    Example: ltar inspect train_00003   (writes <train.runs_root>/inspect/train_00003.png, runs/inspect/ by default)
     """
     from extract.inspect import cache_summary, inspect_video, locate_store
     from extract.schema import CacheError
@@ -245,7 +245,7 @@ def inspect(
         if video_id is None:
             typer.echo(cache_summary(path))
             return
-        png = inspect_video(cfg, path, video_id, out or Path("runs/inspect") / f"{video_id}.png")
+        png = inspect_video(cfg, path, video_id, out or Path(cfg.train.runs_root) / "inspect" / f"{video_id}.png")
     except (CacheError, KeyError) as e:
         raise _fail(str(e).strip("'\"")) from None
     typer.echo(f"wrote {png}")
