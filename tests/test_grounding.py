@@ -852,6 +852,14 @@ def test_grounding_scores_known_answers():
         expected_prec.append(np.mean([len(s_ & rel) / k for s_ in subsets]))
     assert s["ground_iou_random"] == pytest.approx(np.mean(expected_iou))
     assert s["ground_precision_random"] == pytest.approx(np.mean(expected_prec))
+    # a video that uses no frame (IGV's indicator can leave none causal): IoU 0 against its annotated frames, no
+    # precision; a selection that uses no frame anywhere has IoU 0 and no precision at all
+    none = used.copy()
+    none[1] = False
+    s = grounding_scores(none, relevant, mask)
+    assert s["ground_iou"] == pytest.approx((1 / 3 + 0) / 2) and s["ground_precision"] == pytest.approx(1 / 2)
+    s = grounding_scores(np.zeros_like(used), relevant, mask)
+    assert s["ground_iou"] == 0.0 and s["ground_iou_random"] == 0.0 and np.isnan(s["ground_precision"])
 
 
 def test_frame_relevance_follows_the_annotated_segments(tiny_cache):

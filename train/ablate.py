@@ -568,7 +568,8 @@ def write_table(result: TableResult, table: AblationTable, out_root: Path, seeds
         for t, m, s in cols:
             c = by.get((r, t, m, s))
             if m not in METRICS_WITH_CI:
-                vals.append(f"{100 * c.mean:.1f} (sd {100 * c.std:.1f})" if c else "—")
+                defined = c is not None and np.isfinite(c.mean)  # (no frame used: no IoU)
+                vals.append(f"{100 * c.mean:.1f} (sd {100 * c.std:.1f})" if defined else "—")
                 continue
             vals.append(_ci(c.ci) if c else "—")
             if c is None or c.diff is None:

@@ -919,23 +919,30 @@ def frame_relevance(cfg: Config, reader: Any, rows: np.ndarray) -> np.ndarray | 
 def grounding_scores(used: np.ndarray, relevant: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     """Temporal IoU and precision of the frames used against the relevant frames, next to random frames.
 
-    used, relevant, mask: (N, L) bool. `ground_iou` = mean over videos of |U ∩ R| / |U ∪ R| over real frames;
-    `ground_precision` = mean |U ∩ R| / |U|; the `_random` values are their exact expectations when the same
-    number of frames is drawn uniformly at random from each video's real frames (hypergeometric overlap)."""
+    used, relevant, mask: (N, L) bool. `ground_iou` = mean over videos of |U ∩ R| / |U ∪ R| over real frames (a
+    video that uses no frame scores 0 against its annotated ones: IGV's indicator can leave a video no causal
+    frame); `ground_precision` = mean |U ∩ R| / |U| over the videos that use a frame (NaN when none does); the
+    `_random` values are their exact expectations when the same number of frames is drawn uniformly at random from
+    each video's real frames (hypergeometric overlap)."""
     from scipy.stats import hypergeom
 
     used, relevant = used & mask, relevant & mask
     n, k, g = mask.sum(1), used.sum(1), relevant.sum(1)  # real, used, relevant frames per video, (N,)
     inter = (used & relevant).sum(1)
     union = (used | relevant).sum(1)
-    keep = k > 0
+    keep = k > 0  # videos that use a frame: precision is defined there
+    scored = union > 0  # IoU is defined wherever a frame is used or annotated
     j = np.arange(mask.shape[1] + 1)[None, :]  # possible overlaps, (1, L + 1)
     pmf = hypergeom.pmf(j, n[:, None], g[:, None], k[:, None])  # P(|random ∩ R| = j), (N, L + 1)
     denom = k[:, None] + g[:, None] - j
     iou_random = np.where(denom > 0, pmf * j / np.maximum(denom, 1), 0.0).sum(1)
+
+    def mean(x: np.ndarray) -> float:
+        return float(np.mean(x)) if x.size else float("nan")
+
     return {
-        "ground_iou": float(np.mean(inter[keep] / np.maximum(union[keep], 1))),
-        "ground_iou_random": float(np.mean(iou_random[keep])),
-        "ground_precision": float(np.mean(inter[keep] / k[keep])),
-        "ground_precision_random": float(np.mean(g[keep] / np.maximum(n[keep], 1))),
+        "ground_iou": mean(inter[scored] / union[scored]),
+        "ground_iou_random": mean(iou_random[scored]),
+        "ground_precision": mean(inter[keep] / k[keep]),
+        "ground_precision_random": mean(g[keep] / np.maximum(n[keep], 1)),
     }
