@@ -105,6 +105,7 @@ grounding-premise: setup
 	$(call world,$(UNCONF_ARGS))
 	$(LTAR) ablate --table grounding_premise $(PREMISE_ARGS)
 	$(LTAR) ablate --table grounding_eigv $(PREMISE_ARGS)
+	$(LTAR) ablate --table grounding_oracle_control $(PREMISE_ARGS)
 	$(LTAR) ablate --table grounding_today $(BENCH_ARGS)
 	$(LTAR) ablate --table grounding_unconfounded $(UNCONF_ARGS)
 	$(LTAR) ablate --table grounding_indicator $(UNCONF_ARGS)
