@@ -335,7 +335,13 @@ class ExtractSummary:
             f"(of {self.total})",
             f"time: {self.seconds:.1f} s, {rate:.2f} videos/s, {fps:.1f} frames/s",
             f"size: {self.store_bytes / 2**20:.1f} MiB on disk vs {self.raw_fp32_bytes / 2**20:.1f} MiB as raw fp32 "
-            f"({ratio:.1f}x smaller)",
+            + (
+                f"({ratio:.1f}x smaller)"
+                if ratio >= 1
+                else f"({1 / ratio:.1f}x larger: chunk overhead)"
+                if ratio
+                else ""
+            ),
         ]
         out += [f"failed: {vid}: {reason}" for vid, reason in sorted(self.failures.items())]
         return out

@@ -141,3 +141,11 @@ def test_libraries_info_lines_are_quiet_unless_verbose():
     assert not _libraries_quiet(record("faiss.loader", logging.INFO))
     assert _libraries_quiet(record("faiss.loader", logging.WARNING))
     assert _libraries_quiet(record("extract.datasets", logging.INFO)) and _libraries_quiet(record("train.engine", 10))
+
+
+@pytest.mark.parametrize("raw,disk,words", [(100, 40, "(2.5x smaller)"), (40, 100, "(2.5x larger: chunk overhead)")])
+def test_the_size_line_says_smaller_or_larger_never_a_fraction_smaller(raw, disk, words):
+    from extract.pipeline import ExtractSummary
+
+    line = ExtractSummary(Path("s.zarr"), 1, store_bytes=disk * 2**20, raw_fp32_bytes=raw * 2**20).lines()[3]
+    assert line.endswith(words), line

@@ -244,6 +244,7 @@ def test_resume_gives_the_same_next_epoch(tiny_cache, tmp_path):
     where = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=2))  # how it is read: allowed
     assert not resume_mismatch(torch.load(tmp_path / "cut" / "last.pt", weights_only=True), where)
     resumed = train(cfg, store=store, progress=False, run_dir=tmp_path / "cut", resume=True)
+    assert resumed.steps == full.steps and resumed.steps_run == full.steps - steps_per_epoch  # what this call ran
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     assert resumed.metrics == full.metrics
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()

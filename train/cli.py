@@ -77,7 +77,9 @@ def train_cmd(
         raise _fail(str(e)) from None
     for split, metrics in result.metrics.items():
         typer.echo(f"{split}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    typer.echo(f"{result.steps} steps in {result.seconds:.1f} s; wrote {result.run_dir}")
+    ran = result.steps if result.steps_run is None else result.steps_run
+    resumed = f" (resumed at step {result.steps - ran} of {result.steps})" if ran != result.steps else ""
+    typer.echo(f"{ran} steps in {result.seconds:.1f} s{resumed}; wrote {result.run_dir}")
 
 
 @app.command("evaluate")

@@ -176,8 +176,9 @@ class RunResult:
     run_dir: Path
     metrics: dict[str, dict[str, float]]  # split -> metric -> value, after the last epoch
     seconds: float
-    steps: int
+    steps: int  # the schedule's steps done, resumed ones included
     history: list[dict[str, Any]] = field(default_factory=list)
+    steps_run: int | None = None  # the steps this call ran (a resumed run: fewer than `steps`)
 
 
 def _eval_splits(cfg: Config, reader: CacheReader) -> list[str]:
@@ -410,6 +411,7 @@ def _train(
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         start_epoch, best, history, step = ckpt["epoch"] + 1, ckpt["best"], ckpt["history"], ckpt["step"]
         log.info("resuming %s at epoch %d", run_dir, start_epoch)
+    first_step = step
     run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved(cfg, run_dir)
     t0_dev = ctx.t0.to(device)
@@ -456,7 +458,7 @@ def _train(
     bar.close()
     final = history[-1] if history else {}  # the last epoch is always evaluated
     metrics = {s: {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith(f"{s}/")} for s in evals}
-    return RunResult(run_dir, metrics, time.perf_counter() - t0, step, history)
+    return RunResult(run_dir, metrics, time.perf_counter() - t0, step, history, step - first_step)
 
 
 def end_epoch(
