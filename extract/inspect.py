@@ -47,6 +47,14 @@ def cache_summary(path: Path) -> str:
     for split in sorted(set(info.splits)):
         sel = splits == split
         lines.append(f"split {split}: {int(sel.sum())} videos, {int(done[sel].sum())} done")
+    rows = np.flatnonzero(done)
+    if rows.size:
+        mask = np.asarray(group[schema.FRAME_MASK].get_orthogonal_selection((rows, slice(None))))  # (V, L)
+        stamps = np.asarray(group[schema.TIMESTAMPS].get_orthogonal_selection((rows, slice(None))))
+        short = rows[schema.distinct_frames(stamps, mask) < mask.sum(1)]
+        if short.size:
+            ids = ", ".join(info.video_ids[r] for r in short[:10]) + (", ..." if short.size > 10 else "")
+            lines.append(f"short: {short.size} video(s) repeat frames in their slots (fewer frames than L): {ids}")
     lines.append(f"failed: {len(info.failures)}")
     lines += [f"  {vid}: {reason}" for vid, reason in sorted(info.failures.items())]
     lines.append("arrays:")

@@ -324,6 +324,7 @@ class ExtractSummary:
     frames: int = 0
     store_bytes: int = 0
     raw_fp32_bytes: int = 0
+    short: dict[str, int] = field(default_factory=dict)  # video id -> distinct frames, fewer than its real slots
 
     def lines(self) -> list[str]:
         rate = self.done / self.seconds if self.seconds else 0.0
@@ -343,6 +344,14 @@ class ExtractSummary:
                 else ""
             ),
         ]
+        if self.short:
+            shown = ", ".join(f"{vid} ({n})" for vid, n in sorted(self.short.items())[:10])
+            more = ", ..." if len(self.short) > 10 else ""
+            out.append(
+                f"short: {len(self.short)} video(s) hold fewer distinct frames than their frame slots, so frames "
+                f"repeat (equal timestamps; distinct frames in brackets): {shown}{more}; lower frames.num_frames to "
+                "avoid it"
+            )
         out += [f"failed: {vid}: {reason}" for vid, reason in sorted(self.failures.items())]
         return out
 
@@ -476,6 +485,7 @@ class RowsResult:
     done: int = 0
     frames: int = 0
     failures: dict[str, str] = field(default_factory=dict)
+    short: dict[str, int] = field(default_factory=dict)  # video id -> distinct frames, fewer than its real slots
 
 
 def extract_groups(
@@ -537,6 +547,9 @@ def extract_groups(
                 write_rows(group, start, {k: v[a : a + stop - start] for k, v in arrays.items()})
             result.done += int(write.sum())
             result.frames += int(valid[write].sum())
+            distinct = schema.distinct_frames(arrays[schema.TIMESTAMPS], valid)  # (B,)
+            for b in np.flatnonzero(write & (distinct < valid.sum(1))):  # frames repeat in the slots
+                result.short[items[rows[b]].id] = int(distinct[b])
         if on_group is not None:
             on_group(len(batch["rows"]) - int(done[batch["rows"]].sum()), result)
     return result
@@ -599,7 +612,7 @@ def extract(cfg: Config, progress: bool = True, index: DatasetIndex | None = Non
             bar.update(rows)
             bar.set_postfix(frames_s=f"{result.frames / max(time.perf_counter() - t0, 1e-9):.0f}")
 
-        result = RowsResult(failures=summary.failures)
+        result = RowsResult(failures=summary.failures, short=summary.short)
         try:
             extract_groups(
                 group, index.items, groups, cfg, enc, done, result, cfg.frames.decode_workers, on_group=on_group

@@ -213,6 +213,7 @@ class ShardResult:
     seconds: float = 0.0
     worker: str = ""
     device: str = ""
+    short: dict[str, int] = field(default_factory=dict)  # video id -> distinct frames (frames repeat)
 
 
 def worker_device(cfg: Config, dask_worker: Any = None) -> str:
@@ -313,6 +314,7 @@ def extract_shard(
         time.perf_counter() - t0,
         worker=str(_worker_name()),
         device=enc.device,
+        short=result.short,
     )
 
 
@@ -528,6 +530,7 @@ def extract_distributed(
                         summary.done += result.done
                         summary.frames += result.frames
                         summary.failures.update(result.failures)
+                        summary.short.update(result.short)
                     bar.n = min(todo, max(finished_rows, sum(reported)))
                     bar.set_postfix(frames_s=f"{summary.frames / max(time.perf_counter() - t_bar, 1e-9):.0f}")
             finally:

@@ -205,6 +205,18 @@ DICTIONARY_ATTRS = (
 )
 
 
+def distinct_frames(timestamps: Any, mask: Any) -> Any:
+    """Distinct sampled frames per video: (N, L) timestamps, (N, L) frame mask -> (N,) counts. A video with fewer
+    decodable frames than the L slots repeats frames (equal timestamps, every slot real); fewer than L here marks
+    it (`ltar extract` and `ltar inspect` report them)."""
+    import numpy as np
+
+    t = np.where(mask, timestamps, np.nan)  # (N, L)
+    s = np.sort(t, axis=1)
+    new = np.isfinite(s) & np.concatenate([np.ones((len(s), 1), bool), s[:, 1:] != s[:, :-1]], axis=1)
+    return new.sum(1)
+
+
 def rows_digest(rows: Any) -> str:
     """A dictionary's record of the store state it was built from: the hash of the split's finished rows (attrs
     `rows_done_digest`, with `split`); a reader whose store now finishes other rows of that split has a stale

@@ -353,3 +353,26 @@ def test_a_changed_video_file_is_extracted_again_and_never_served_stale(world, t
     # a file deleted once cached keeps its row (the features are still those of the file they came from)
     (root / "videos" / "train" / "train_00003.mp4").unlink()
     assert extract(cfg, progress=False).done == 0 and locate_store(cfg) == first.store
+
+
+def test_videos_shorter_than_the_frame_slots_are_reported(world, tmp_path):
+    """3-4 s at the world's frame rate into 40 slots: frames repeat. The summary names those videos with their
+    distinct frame counts (as counted here from the stored timestamps with np.unique), and `ltar inspect` lists
+    them from the store."""
+    import zarr
+
+    from extract import schema
+    from extract.inspect import cache_summary
+    from extract.pipeline import extract
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(world, tmp_path / "cache", frames={"num_frames": 40, "decode_workers": 0})
+    summary = extract(cfg, progress=False)
+    group = zarr.open_group(str(summary.store), mode="r")
+    stamps, mask = np.asarray(group[schema.TIMESTAMPS][:]), np.asarray(group[schema.FRAME_MASK][:])
+    counts = [len(np.unique(t[m])) for t, m in zip(stamps, mask, strict=True)]
+    assert any(c < m.sum() for c, m in zip(counts, mask, strict=True))  # the premise: some frames repeat
+    assert np.array_equal(schema.distinct_frames(stamps, mask), counts)
+    assert sorted(summary.short.values()) == sorted(c for c, m in zip(counts, mask, strict=True) if c < m.sum())
+    assert any(line.startswith(f"short: {len(summary.short)} video(s)") for line in summary.lines())
+    assert f"short: {len(summary.short)} video(s) repeat frames" in cache_summary(summary.store)
