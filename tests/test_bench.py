@@ -69,3 +69,27 @@ def test_intervals_bench_smoke_reports_false_stars_and_coverage_of_both_interval
     for metric in ("acc1", "map"):
         for key in ("fp_new", "fp_old", "cover_new", "cover_old"):
             assert 0 <= float(figures[f"{metric}_{key}"]) <= 1
+
+
+def test_saliency_bench_smoke_scores_every_method_against_the_rendered_object(capsys):
+    from bench import saliency
+
+    saliency.main(["--smoke"])
+    figures = _figures(capsys.readouterr().out)
+    assert {"clip_random_object", "clip_random_area", "spectral_object", "spectral_object_random"} <= set(figures)
+    assert all(0.0 <= float(v) <= 1.0 for v in figures.values())
+
+
+def test_saliency_box_scores_known_answers():
+    """The object share inside a box and its area, against a hand count on a 10x10 frame."""
+    import numpy as np
+    import torch
+
+    from bench.saliency import box_scores
+
+    objects = np.zeros((1, 10, 10), bool)
+    objects[0, 2:4, 2:6] = True  # 8 pixels; the box x [0, 0.5], y [0, 0.3] holds rows 0-2 x cols 0-4: 1 x 3 of them
+    others = np.zeros_like(objects)
+    others[0, 0, 0] = True
+    s = box_scores(torch.tensor([[0.0, 0.0, 0.5, 0.3]]), objects, others)
+    assert s["object"] == 3 / 8 and s["area"] == 15 / 100 and s["distractor"] == 1.0
