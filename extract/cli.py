@@ -231,21 +231,34 @@ def inspect(
     set_: list[str] = SetOpt,
     store: Path = typer.Option(None, "--store", help="A store path (default: the one the config names)."),
     out: Path = typer.Option(None, "--out", help="PNG path (default <train.runs_root>/inspect/<video_id>.png)."),
+    saliency: str = typer.Option(
+        None,
+        "--saliency",
+        help="Saliency methods to draw beside the stored one, comma-separated (clip-attention, spectral-residual); "
+        "for a video file, every method by default.",
+    ),
 ) -> None:
-    """Show what the cache holds: a summary, or one video's frames, saliency, foreground and background.
+    """Show what the cache holds: a summary, or one video's frames, saliency, foreground and background. VIDEO_ID
+    may also be a video file's path: its sampled frames split by each saliency method, before any extraction.
 
     Example: ltar inspect train_00003   (writes <train.runs_root>/inspect/train_00003.png, runs/inspect/ by default)
+
+    Example: ltar inspect my_clip.mp4 --saliency clip-attention,spectral-residual
     """
     from extract.inspect import cache_summary, inspect_video, locate_store
     from extract.schema import CacheError
 
     cfg = resolve_config(config, set_)
+    methods = tuple(m.strip() for m in saliency.split(",") if m.strip()) if saliency else ()
     try:
-        path = store or locate_store(cfg)
+        as_file = video_id is not None and Path(video_id).is_file()
+        path = None if as_file else store or locate_store(cfg)
         if video_id is None:
             typer.echo(cache_summary(path))
             return
-        png = inspect_video(cfg, path, video_id, out or Path(cfg.train.runs_root) / "inspect" / f"{video_id}.png")
+        name = Path(video_id).stem if as_file else video_id
+        default = Path(cfg.train.runs_root) / "inspect" / f"{name}.png"
+        png = inspect_video(cfg, path, video_id, out or default, methods=methods)
     except (CacheError, KeyError) as e:
         raise _fail(str(e).strip("'\"")) from None
     typer.echo(f"wrote {png}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -75,51 +76,109 @@ def _arrays(group, prefix: str = ""):
             yield f"{prefix}{name}", member
 
 
-def inspect_video(cfg: Config, path: Path, video_id: str, out: Path, max_frames: int = 8) -> Path:
-    """PNG: sampled frames, saliency map, foreground crop and background frame, one row per frame."""
+SALIENCY_METHODS = ("clip-attention", "spectral-residual")  # what `ltar inspect --saliency` can draw
+
+
+def saliency_maps(cfg: Config, frames: np.ndarray, method: str, size: int) -> Any:
+    """Saliency of uint8 frames (K, S, S, 3) by `method`, computed now: (K, h, w) float in [0, 1]. clip-attention
+    reads the configured CLIP encoder (its `vlm` weights resolved as extraction resolves them)."""
+    import torch
+
+    from extract.saliency import clip_attention_saliency, spectral_residual_saliency
+
+    x = torch.from_numpy(np.ascontiguousarray(frames))
+    if method == "spectral-residual":
+        return spectral_residual_saliency(x, size)
+    if method == "clip-attention":
+        from extract.encoders.clip import build_clip_encoder
+        from extract.pipeline import resolve_weights
+
+        enc = build_clip_encoder(resolve_weights(cfg), "cpu")
+        with torch.no_grad():
+            return clip_attention_saliency(enc.encode(x)["attention"])
+    raise CacheError(f"--saliency: unknown method {method!r}; choose from {', '.join(SALIENCY_METHODS)}")
+
+
+def inspect_video(
+    cfg: Config,
+    path: Path | None,
+    video_id: str,
+    out: Path,
+    max_frames: int = 8,
+    methods: tuple[str, ...] = (),
+) -> Path:
+    """PNG: sampled frames and, per saliency method, the map, the foreground crop and the background frame, one row
+    per frame. `video_id` is a video of the store at `path` (the stored saliency first, then `methods` computed
+    now) or, with `path` None, a video file (each of `methods`, default every one, computed now: judge the split
+    on your own footage before extracting a dataset)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
 
-    from extract.decode import decode_frames
+    from extract.decode import decode_frames, probe, sample_timestamps
     from extract.saliency import foreground_background
 
-    group, info = schema.open_cache(path)
-    if video_id not in info.video_ids:
-        raise CacheError(f"video {video_id!r} is not in {path}; `ltar inspect` without an id lists the splits")
-    row = info.video_ids.index(video_id)
-    if not bool(group[schema.DONE][row]):
-        reason = info.failures.get(video_id, "not extracted yet")
-        raise CacheError(f"video {video_id!r} has no features in {path} ({reason})")
-    mask = np.asarray(group[schema.FRAME_MASK][row])  # (L,)
-    ts = np.asarray(group[schema.TIMESTAMPS][row])[mask]  # (L',) seconds
-    sal = np.asarray(group[schema.SALIENCY][row])[mask]  # (L', h, w) uint8
-    pick = np.unique(np.linspace(0, len(ts) - 1, min(max_frames, len(ts))).round().astype(int))
-    video_path = Path(info.attrs["video_paths"][row])
-    size = int(info.attrs["decode_size"])
-    frames = decode_frames(video_path, ts[pick], size=size).frames  # (K, H, W, 3)
+    panels: dict[str, np.ndarray] = {}  # method label -> (K, h, w) map
+    if path is None:  # a video file
+        video_path = Path(video_id)
+        if not video_path.is_file():
+            raise CacheError(f"{video_path} is neither a video of the cache nor a video file; give an id or a path")
+        size = 224
+        ts = sample_timestamps(probe(video_path).duration, max_frames)
+        pick = np.arange(len(ts))
+        title = video_path.name
+        methods = methods or SALIENCY_METHODS
+    else:
+        group, info = schema.open_cache(path)
+        if video_id not in info.video_ids:
+            raise CacheError(f"video {video_id!r} is not in {path}; `ltar inspect` without an id lists the splits")
+        row = info.video_ids.index(video_id)
+        if not bool(group[schema.DONE][row]):
+            reason = info.failures.get(video_id, "not extracted yet")
+            raise CacheError(f"video {video_id!r} has no features in {path} ({reason})")
+        mask = np.asarray(group[schema.FRAME_MASK][row])  # (L,)
+        ts = np.asarray(group[schema.TIMESTAMPS][row])[mask]  # (L',) seconds
+        sal = np.asarray(group[schema.SALIENCY][row])[mask]  # (L', h, w) uint8
+        pick = np.unique(np.linspace(0, len(ts) - 1, min(max_frames, len(ts))).round().astype(int))
+        ts = ts[pick]
+        video_path = Path(info.attrs["video_paths"][row])
+        size = int(info.attrs["decode_size"])
+        stored = (info.attrs.get("config", {}).get("saliency") or {}).get("method", "as extracted")
+        panels[f"stored ({stored})"] = sal[pick].astype(np.float32) / 255.0
+        title = f"{video_id} ({info.splits[row]})"
+    frames = decode_frames(video_path, ts, size=size).frames  # (K, H, W, 3)
     h, w = frames.shape[1:3]
     y, x = (h - size) // 2, (w - size) // 2
-    frames = frames[:, y : y + size, x : x + size]  # (K, S, S, 3) what the encoders saw
-    sal_t = torch.from_numpy(sal[pick]).float() / 255.0  # (K, h, w)
-    fg, bg = foreground_background(
-        torch.from_numpy(np.ascontiguousarray(frames)), sal_t, cfg.saliency.mass, cfg.saliency.background_fill, size
-    )
-    cols = ["frame", "saliency", "foreground", "background"]
-    fig, axes = plt.subplots(len(pick), 4, figsize=(8, 2 * len(pick)), squeeze=False)
-    for r, k in enumerate(pick):
-        panels = [frames[r], sal[k], fg[r].numpy(), bg[r].numpy()]
-        for c, img in enumerate(panels):
+    frames = np.ascontiguousarray(frames[:, y : y + size, x : x + size])  # (K, S, S, 3) what the encoders see
+    grid = next(iter(panels.values())).shape[-1] if panels else 14
+    for method in methods:
+        panels[method] = saliency_maps(cfg, frames, method, cfg.saliency.map_size or grid).cpu().numpy()
+    cols = ["frame"]
+    images: list[list[np.ndarray]] = [[f] for f in frames]
+    for label, maps in panels.items():
+        fg, bg = foreground_background(
+            torch.from_numpy(frames),
+            torch.from_numpy(maps).float(),
+            cfg.saliency.mass,
+            cfg.saliency.background_fill,
+            size,
+        )
+        cols += [f"{label}\nmap", "foreground", "background"]
+        for r in range(len(frames)):
+            images[r] += [maps[r], fg[r].numpy(), bg[r].numpy()]
+    fig, axes = plt.subplots(len(frames), len(cols), figsize=(2 * len(cols), 2 * len(frames)), squeeze=False)
+    for r in range(len(frames)):
+        for c, img in enumerate(images[r]):
             ax = axes[r, c]
-            ax.imshow(img, cmap="inferno" if c == 1 else None)
+            ax.imshow(img, cmap="inferno" if img.ndim == 2 else None)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(cols[c])
-        axes[r, 0].set_ylabel(f"t={ts[k]:.2f}s")
-    fig.suptitle(f"{video_id} ({info.splits[row]})")
+                ax.set_title(cols[c], fontsize=8)
+        axes[r, 0].set_ylabel(f"t={ts[r]:.2f}s")
+    fig.suptitle(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)

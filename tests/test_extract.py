@@ -311,6 +311,27 @@ def test_cli_extract_and_inspect(world, tmp_path):
     proc = _run_cli(["inspect", "nope", "--config", str(REPO / "pipeline.yaml"), *args], tmp_path)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "video 'nope' is not in" in err.decode()
+    # the saliency methods side by side: the stored map, and each method computed now; a video file, before any
+    # extraction (its own footage), every method
+    from extract.inspect import inspect_video
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(world, tmp_path)
+    store = next(tmp_path.rglob("*.zarr"))
+    sides = inspect_video(cfg, store, "train_00001", tmp_path / "s.png", methods=("spectral-residual",))
+    assert sides.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    video = next(world.rglob("*.mp4"))
+    proc = _run_cli(
+        ["inspect", str(video), "--out", str(tmp_path / "f.png"), "--config", str(REPO / "pipeline.yaml"), *args],
+        tmp_path,
+    )
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG", err.decode()
+    proc = _run_cli(
+        ["inspect", "train_00001", "--saliency", "nope", "--config", str(REPO / "pipeline.yaml"), *args], tmp_path
+    )
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "--saliency: unknown method 'nope'" in err.decode()
 
 
 def test_another_synthetic_world_at_the_same_paths_is_another_store(tmp_path):
