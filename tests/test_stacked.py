@@ -99,15 +99,28 @@ def test_stacked_seeds_differ_in_dropout_and_resume_to_the_same_bytes(dict_cache
     assert not all(torch.equal(one[n], two[n]) for n in one)  # two seeds, two models
 
 
-def test_a_stacked_checkpoint_continues_one_at_a_time(dict_cache, tmp_path):
-    """Each seed's checkpoint is an ordinary run's: the sequential path resumes it (its optimizer state loads)."""
+def test_a_stacked_checkpoint_continues_one_at_a_time(dict_cache, tmp_path, monkeypatch):
+    """Each seed's checkpoint is an ordinary run's: a stacked run stopped after its second of three epochs is
+    resumed by the sequential path (its optimizer state loads) to the end of its own schedule."""
+    import train.stacked as stacked
+
     cfg, store = dict_cache
-    cfgs = _cfgs(cfg, "ecrl", epochs=2)
+    cfgs = _cfgs(cfg, "ecrl", epochs=3)
     dirs = [tmp_path / f"s{c.train.seed}" for c in cfgs]
-    train_stacked([replace(c, train=replace(c.train, epochs=2)) for c in cfgs], store, dirs)
-    longer = replace(cfgs[1], train=replace(cfgs[1].train, epochs=3))
-    res = train(longer, store=store, resume=True, progress=False, run_dir=dirs[1])
-    assert [h["epoch"] for h in res.history] == [0, 1, 2] and res.steps > 0
+    real = stacked.end_epoch
+
+    def stops_after_epoch_1(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if args[9]["epoch"] == 1 and args[8] == dirs[-1]:  # row, run_dir: every seed's epoch 1 is written
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(stacked, "end_epoch", stops_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train_stacked(cfgs, store, dirs)
+    monkeypatch.undo()
+    res = train(cfgs[1], store=store, resume=True, progress=False, run_dir=dirs[1])
+    assert [h["epoch"] for h in res.history] == [0, 1, 2] and res.steps_run == res.steps // 3
 
 
 def test_what_cannot_stack_says_why(dict_cache, tmp_path):

@@ -332,7 +332,8 @@ def test_cli_train_evaluate_ablate(tiny_cache, tmp_path):
     assert res.exit_code == 0 and "test_iid: map=" in res.output, res.output
     res = runner.invoke(app, ["-q", "ablate", "--table", "baseline", "--seeds", "2", "--store", str(store), *common])
     assert res.exit_code == 0, res.output
-    md = (tmp_path / "runs" / "ablations" / "baseline.md").read_text()
+    md = (tmp_path / "runs" / "ablations" / "baseline-seeds2.md").read_text()  # not the table's own 3 seeds
+    assert not (tmp_path / "runs" / "ablations" / "baseline.md").exists()
     assert "| baseline:clip_only |" in md and "activity Acc@1 test_ood" in md and "atomic mAP test_iid" in md
     assert "Training recipe: ours (pipeline.yaml `train`)." in md
     # the family: the 4 rows besides the reference x 2 tasks x 2 splits
@@ -343,11 +344,11 @@ def test_cli_train_evaluate_ablate(tiny_cache, tmp_path):
         app, ["-q", "ablate", "--table", "baseline", "--seeds", "2", "--diagnose", "--store", str(store), *common]
     )
     assert res.exit_code == 0, res.output
-    md = (tmp_path / "runs" / "ablations" / "baseline.md").read_text()
+    md = (tmp_path / "runs" / "ablations" / "baseline-seeds2.md").read_text()
     assert "activity diagnosis (test_ood, seed 0)" in md and "| baseline | " in md
-    csv_lines = (tmp_path / "runs" / "ablations" / "baseline.csv").read_text().splitlines()
+    csv_lines = (tmp_path / "runs" / "ablations" / "baseline-seeds2.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 5 * 2 * 2  # rows x tasks x eval splits
-    assert (tmp_path / "runs" / "ablations" / "baseline.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "runs" / "ablations" / "baseline-seeds2.png").read_bytes()[:4] == b"\x89PNG"
     res = runner.invoke(app, ["-q", "ablate", "--table", "nope", *common])
     assert res.exit_code == 2 and "no ablation table(s) ['nope']" in res.output
     res = runner.invoke(app, ["-q", "train", "--head", "nope", *common])
