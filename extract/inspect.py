@@ -77,6 +77,7 @@ def _arrays(group, prefix: str = ""):
 
 
 SALIENCY_METHODS = ("clip-attention", "spectral-residual")  # what `ltar inspect --saliency` can draw
+FILE_DECODE_SIDE = 224  # a video file is decoded at this short side (CLIP's usual input), then centre-cropped
 
 
 def saliency_maps(cfg: Config, frames: np.ndarray, method: str, size: int) -> Any:
@@ -125,7 +126,7 @@ def inspect_video(
         video_path = Path(video_id)
         if not video_path.is_file():
             raise CacheError(f"{video_path} is neither a video of the cache nor a video file; give an id or a path")
-        size = 224
+        size = FILE_DECODE_SIDE
         ts = sample_timestamps(probe(video_path).duration, max_frames)
         pick = np.arange(len(ts))
         title = video_path.name

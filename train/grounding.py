@@ -68,12 +68,15 @@ indicator), so every head works unchanged. Dataset-level memories the heads keep
 its `tci_memory` variant, PCMCI's hallucination memory) are updated by the main view only, never by the auxiliary views.
 
 Paper map (equation -> function): IGV's indicator (Gumbel-softmax split) -> `causal_split` (its per-frame
-decision -> `per_frame_causal`, its noise -> `logistic_noise`), scored by `FrameScorer`; the environment view ->
-`environment_view`;
-IGV's intervener `v* = c ⊕ e_π` -> `swapped_view`, its memory of training videos -> `Grounded.bank_push` /
-`Grounded.bank_frames` / `Grounded.environments`; EIGV's mixup `λ1 c_b + (1 - λ1) c_π + λ2 e_b + (1 - λ2) e_π`
--> `eigv_mixed_batch`, its λ's -> `Grounded.sample_lambdas`, its soft target and losses -> `Grounded.eigv_paper`;
-EIGV's contrastive disruptor (InfoNCE, anchor / positive / negatives) -> `info_nce_negatives` on `Grounded.project`;
+decision -> `per_frame_causal`, its noise -> `logistic_noise`), scored by `FrameScorer`; the causal and environment
+views -> `causal_view` / `environment_view` (an empty side read as zeroed frames -> `side_view`);
+IGV's intervener `v* = c ⊕ e_π` -> `swapped_view` on the mask `swap_keep` gives (detached in IGV's code), its
+memory of training videos -> `Grounded.bank_push` / `Grounded.bank_frames` / `Grounded.environments`;
+EIGV's mixup `λ1 c_b + (1 - λ1) c_π + λ2 e_b + (1 - λ2) e_π` -> `eigv_mixed_batch`, its λ's ->
+`Grounded.sample_lambdas`, its soft target and losses -> `Grounded.eigv_paper`;
+EIGV's label-grounded indicator (the ground-truth question-answer; the mixed question) -> `label_query` /
+`Grounded.query`; EIGV's contrastive disruptor (InfoNCE, anchor / positive / negatives) -> `info_nce_negatives` on
+`Grounded.project`, its `mem_swap` views -> `Grounded.disrupted_views`;
 IGV's losses -> `Grounded.igv_losses`; EIGV's objective without them -> `Grounded.owns_loss` +
 `train.engine.training_loss`;
 STR's TR top-K (perturbed optimiser forward `E[TopK(r + σZ)]`, backward `E[TopK(r + σZ) Z^T] / σ`) ->
