@@ -37,6 +37,7 @@ from extract.pipeline import (  # noqa: E402
     _groups,
     _worker_init,
     build_encoders,
+    decode_cap,
     decode_size,
     encode_group,
     extract,
@@ -58,9 +59,9 @@ def _config(root: Path, cache: Path, videos: int, frames: int, **encoders):
     )
 
 
-def decode_only(cfg, items, groups, size) -> tuple[float, int, list]:
+def decode_only(cfg, enc, items, groups) -> tuple[float, int, list]:
     loader = torch.utils.data.DataLoader(
-        _GroupDecoder(items, groups, cfg, size),
+        _GroupDecoder(items, groups, cfg, decode_cap(cfg, enc), enc.timesformer.sampling),
         batch_size=None,
         num_workers=cfg.frames.decode_workers,
         worker_init_fn=_worker_init if cfg.frames.decode_workers else None,
@@ -73,16 +74,13 @@ def decode_only(cfg, items, groups, size) -> tuple[float, int, list]:
 
 
 def encode_only(cfg, enc, decoded) -> tuple[float, int]:
-    batches = []
-    for g in decoded:
-        ok = [v for v in g["videos"] if "frames" in v]
-        batches.append((np.stack([v["frames"] for v in ok]), np.stack([v["valid"] for v in ok])))
-    encode_group(*batches[0], cfg, enc)  # warm-up (kernel selection, allocator)
+    batches = [[v for v in g["videos"] if "frames" in v] for g in decoded]
+    encode_group(batches[0], cfg, enc)  # warm-up (kernel selection, allocator)
     t0 = time.perf_counter()
     frames = 0
-    for frames_np, valid in batches:
-        encode_group(frames_np, valid, cfg, enc)
-        frames += int(valid.sum())
+    for videos in batches:
+        encode_group(videos, cfg, enc)
+        frames += sum(int(v["valid"].sum()) for v in videos)
     if enc.device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - t0, frames
@@ -109,19 +107,25 @@ def gpu_base_presets(frames: int) -> dict[str, float]:
 
 
 def base_frame_cost(frames: int = 8, device: str = "cpu", preset: str = "base") -> dict[str, float]:
-    """Seconds per frame of extraction's encoders on `device`: `encode_group` (CLIP on the frame, the saliency
-    fg/bg crops through CLIP again, TimeSformer over the clip) on one clip of `frames` frames at the preset's
-    input size, random weights (`base`: CLIP ViT-B/16 at 224, TimeSformer-B 8x224). Decoding is not included:
-    it is the same for every encoder and small beside these."""
+    """Seconds per sampled frame of extraction's encoders on `device`: `encode_group` (CLIP on the frame, the
+    saliency fg/bg crops through CLIP again, the TimeSformer's clip around the frame: T frames each, the official
+    test setting) for one video of `frames` sampled frames at the preset's input size, random weights (`base`:
+    CLIP ViT-B/16 at 224, TimeSformer-B 8x224). Decoding is not included."""
     cfg = from_dict({"encoders": {"clip": {"preset": preset}, "timesformer": {"preset": preset}}})
     enc = build_encoders(cfg, device)
     size = decode_size(enc)
-    clip = np.random.default_rng(0).integers(0, 255, (1, frames, size, size, 3), dtype=np.uint8)  # (1, L, S, S, 3)
-    valid = np.ones((1, frames), dtype=bool)
+    T = enc.timesformer.sampling["clip_frames"]
+    pixels = np.random.default_rng(0).integers(0, 255, (frames * T, size, size, 3), dtype=np.uint8)  # (L*T, S, S, 3)
+    video = {
+        "frames": pixels,
+        "clip_index": np.arange(frames) * T + T // 2,  # (L,)
+        "tsf_index": np.arange(frames * T).reshape(frames, T),  # (L, T)
+        "valid": np.ones(frames, dtype=bool),
+    }
     with torch.inference_mode():
-        encode_group(clip, valid, cfg, enc)  # warm-up
+        encode_group([video], cfg, enc)  # warm-up
         t0 = time.perf_counter()
-        encode_group(clip, valid, cfg, enc)
+        encode_group([video], cfg, enc)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -148,9 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         enc = build_encoders(cfg, device)
         n = len(index.items)
         groups = _groups(np.arange(n), n, max(1, cfg.encoders.batch_frames // args.frames))
-        size = decode_size(enc)
-
-        dec_s, dec_frames, decoded = decode_only(cfg, index.items, groups, size)
+        dec_s, dec_frames, decoded = decode_only(cfg, enc, index.items, groups)
         enc_s, enc_frames = encode_only(cfg, enc, decoded)
         t0 = time.perf_counter()
         summary = extract(cfg, progress=False, index=index)

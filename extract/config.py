@@ -109,12 +109,20 @@ class FramesConfig:
     min_frames: int = field(default=2, metadata=_range(1))  # a video with fewer decodable frames is a recorded failure
     # decoding processes overlapping the encoders (0 = inline)
     decode_workers: int = field(default=2, metadata=_range(0, 64))
+    # frames are converted to RGB at their native size and handed to the encoders, which resize and crop them as
+    # their own code does; a video whose short side exceeds this (and every encoder's input side) is first resized
+    # to it in RGB, to bound memory. null = always native (exact official preprocessing at any resolution)
+    max_short_side: int | None = field(default=480, metadata=_range(16))
+    # ignore = the coded pixel grid, as the official loaders read it (open_clip on a decoded image, TimeSformer's
+    # PyAV loader); apply = stretch anamorphic video (sample aspect ratio != 1) to its display aspect first
+    pixel_aspect: Literal["ignore", "apply"] = "ignore"
 
 
 @dataclass(frozen=True)
 class ClipConfig:
     model: str = "ViT-B-16"  # open_clip architecture name (`tiny` preset: our small ViT of the same layout)
-    # open_clip pretrained tag, e.g. laion2b_s34b_b88k or openai (needs the weights locally)
+    # open_clip pretrained tag, e.g. laion2b_s34b_b88k or openai (needs the weights locally); with `weights`, the tag
+    # that file comes from, which gives it its preprocessing and activation (openai: QuickGELU)
     pretrained: str | None = None
     # local checkpoint (.pt / .bin / .safetensors); an open_clip JSON config beside it names the architecture
     weights: str | None = None
@@ -129,6 +137,15 @@ class TimesformerConfig:
     weights: str | None = None
     # random-weight architecture when no weights are given (base = ViT-B/16, divided ST)
     preset: Literal["tiny", "base"] = "tiny"
+    # clips = one clip per sampled frame, in the checkpoint's own setting (clip_frames frames, sampling_rate frames
+    # apart at target_fps, as the official test samples), centred on the frame: V_l is that frame's patch mean and
+    # v_cls the clips' CLS averaged; spread = the L frames themselves as one clip (time embeddings resampled to L)
+    sampling: Literal["clips", "spread"] = "clips"
+    # the official cfg's DATA.NUM_FRAMES / DATA.SAMPLING_RATE / DATA.TARGET_FPS; null = read from the checkpoint's
+    # cfg, else the K400 release's 8 frames, 32 apart at 30 fps (clip_frames: the checkpoint's time embeddings)
+    clip_frames: int | None = field(default=None, metadata=_range(1, 256))
+    sampling_rate: int | None = field(default=None, metadata=_range(1))
+    target_fps: float | None = field(default=None, metadata=_range(0.1))
 
 
 @dataclass(frozen=True)
@@ -149,6 +166,9 @@ class SaliencyConfig:
     mass: float = field(default=0.6, metadata=_range(0.05, 1.0))
     # what replaces the salient region in the background frame
     background_fill: Literal["mean", "blur", "zero"] = "mean"
+    # how the foreground box (cut from the native frame) fits CLIP's square input: pad = whole box, aspect kept,
+    # letterboxed in black (ECRL's S_i is the salient content: none of it dropped or stretched) | squash | center
+    crop: Literal["pad", "squash", "center"] = "pad"
 
 
 @dataclass(frozen=True)

@@ -152,6 +152,27 @@ def sample_timestamps(
     return start + (np.arange(num_frames) + offsets) * seg  # (L,)
 
 
+def clip_timestamps(
+    centres, duration: float, fps: float, clip_frames: int, sampling_rate: int, target_fps: float
+) -> np.ndarray:
+    """One short clip per centre, sampled as facebookresearch/TimeSformer (and SlowFast) sample a test clip.
+
+    The official loader spans `clip_size = sampling_rate * clip_frames / target_fps * fps` native frames and takes
+    `linspace(start, start + clip_size - 1, clip_frames)` of them, clamped to the video (`decoder.py:
+    get_start_end_idx`, `temporal_sampling`). In seconds: frames `delta = (clip_size - 1) / (clip_frames - 1) / fps`
+    apart. We place frame `clip_frames // 2` exactly on each centre, so that the frame V_l keeps is the frame CLIP
+    sees; the others clamp to [0, duration] (the first or last frame repeats near the ends, as in the official clamp).
+
+    centres: (L,) seconds; fps: the video's frame rate (0 = unknown: target_fps is used). Returns (L, T) seconds.
+    """
+    centres = np.asarray(centres, dtype=np.float64).reshape(-1)  # (L,)
+    fps = fps if fps > 0 else target_fps
+    clip_size = sampling_rate * clip_frames / target_fps * fps  # native frames the clip spans
+    delta = (clip_size - 1) / max(clip_frames - 1, 1) / fps  # seconds between the clip's frames
+    offsets = (np.arange(clip_frames) - clip_frames // 2) * delta  # (T,)
+    return np.clip(centres[:, None] + offsets[None, :], 0.0, max(float(duration), 0.0))  # (L, T)
+
+
 # ---------------------------------------------------------------------------------------------
 # opening and probing
 
@@ -432,13 +453,14 @@ def _resolve_mode(mode: str, ticks: np.ndarray, start_ticks: int, keyframe_ticks
     return "seek" if gap > SEEK_GAP_FACTOR * keyframe_ticks else "sequential"
 
 
-def _output_size(stream, info: VideoInfo, size: int | None) -> tuple[int, int]:
-    """(H', W'): native, or short side = size at the display aspect ratio (sample aspect ratio applied)."""
+def _output_size(stream, info: VideoInfo, size: int | None, pixel_aspect: bool = False) -> tuple[int, int]:
+    """(H', W'): the coded size, or short side = size with the aspect kept. `pixel_aspect` stretches the width by
+    the sample aspect ratio first (the display size of anamorphic video; official loaders keep the coded grid)."""
     width, height = info.width, info.height
-    if size is None:
-        return height, width
-    sar = stream.sample_aspect_ratio
+    sar = stream.sample_aspect_ratio if pixel_aspect else None
     display_w = width * (float(sar) if sar else 1.0)
+    if size is None:
+        return height, max(1, round(display_w))
     if display_w <= height:
         return max(1, round(height * size / display_w)), size
     return size, max(1, round(display_w * size / height))
@@ -452,13 +474,16 @@ def decode_frames(
     min_frames: int = 1,
     info: VideoInfo | None = None,
     threads: int = 0,
+    pixel_aspect: bool = False,
 ) -> DecodedClip:
     """The frame on screen at each timestamp (seconds from the stream start; any order, repeats allowed).
 
-    timestamps: (L,) seconds. size: resize so the short side equals `size` (aspect kept, done by swscale),
-    None = native size. mode: auto | sequential | seek (identical frames; a speed choice). min_frames: fewer
+    timestamps: (L,) seconds. size: resize so the short side equals `size` (aspect kept), None = native size;
+    frames are converted to RGB at their coded size first and resized in RGB (swscale), so chroma is never
+    resampled twice. mode: auto | sequential | seek (identical frames; a speed choice). min_frames: fewer
     decodable frames than this raises VideoError(kind="too_short"). info: a `probe` result to reuse (else the
-    file is probed). threads: decoder threads, 0 = FFmpeg's choice, 1 = single-threaded.
+    file is probed). threads: decoder threads, 0 = FFmpeg's choice, 1 = single-threaded. pixel_aspect: apply
+    the sample aspect ratio (the display size, see `_output_size`).
     Returns a DecodedClip with frames (L, H', W', 3) uint8, pts (L,), valid (L,).
     """
     path = Path(path)
@@ -477,7 +502,7 @@ def decode_frames(
         )
     reader = _Reader(path, threads, info.start_time)
     try:
-        return _decode(reader, info, ts, size, mode, min_frames)
+        return _decode(reader, info, ts, size, mode, min_frames, pixel_aspect)
     except VideoError:
         raise
     except _AV_ERRORS as e:
@@ -493,7 +518,9 @@ def decode_frames(
         reader.close()
 
 
-def _decode(reader: _Reader, info: VideoInfo, ts: np.ndarray, size: int | None, mode: str, min_frames: int):
+def _decode(
+    reader: _Reader, info: VideoInfo, ts: np.ndarray, size: int | None, mode: str, min_frames: int, pixel_aspect: bool
+):
     L = len(ts)
     per_s, start = reader.per_s, reader.start_ticks
     # Integer ticks on the stream's clock; +1e-3 tick absorbs float error when t falls exactly on a frame's pts.
@@ -504,7 +531,8 @@ def _decode(reader: _Reader, info: VideoInfo, ts: np.ndarray, size: int | None, 
     # Seek when the next sample lies beyond this many ticks ahead of the decoder; otherwise decode forward.
     # `sequential` seeks once at most, to the first sample (a region that starts far into the video).
     seek_ahead = key_ticks if mode == "seek" else SEEK_GAP_FACTOR * key_ticks
-    H, W = _output_size(reader.stream, info, size)
+    H, W = _output_size(reader.stream, info, size, pixel_aspect)
+    resize = (H, W) != (info.height, info.width)
     declared_end = start + round(info.duration * float(per_s))
     slack = max(END_SLACK_S, END_SLACK_SHARE * info.duration) * float(per_s)
 
@@ -513,7 +541,8 @@ def _decode(reader: _Reader, info: VideoInfo, ts: np.ndarray, size: int | None, 
     valid = np.zeros(L, bool)  # (L,)
     converted: dict[int, int] = {}  # frame pts -> slot already holding its pixels
     # One reformatter per call keeps swscale's context: 10x faster than frame.to_ndarray's fresh one per frame.
-    reformatter = VideoReformatter()
+    # The colour conversion runs at the coded size; a resize, when asked for, runs on the RGB frame after it.
+    to_rgb, rgb_resizer = VideoReformatter(), VideoReformatter()
 
     prev = None  # the last frame with pts <= the current sample
     ahead = None  # the next frame (pts > the current sample), already decoded
@@ -589,7 +618,9 @@ def _decode(reader: _Reader, info: VideoInfo, ts: np.ndarray, size: int | None, 
         if frame.pts in converted:
             frames[j] = frames[converted[frame.pts]]
         else:
-            rgb = reformatter.reformat(frame, W, H, format="rgb24", interpolation=INTERPOLATION)
+            rgb = to_rgb.reformat(frame, format="rgb24")  # (H, W) coded size
+            if resize:
+                rgb = rgb_resizer.reformat(rgb, W, H, interpolation=INTERPOLATION)  # (H', W') in RGB
             frames[j] = rgb.to_ndarray()  # (H', W', 3)
             converted[frame.pts] = j
         pts[j] = float((frame.pts - start) / per_s)

@@ -77,26 +77,30 @@ def _arrays(group, prefix: str = ""):
 
 
 SALIENCY_METHODS = ("clip-attention", "spectral-residual")  # what `ltar inspect --saliency` can draw
-FILE_DECODE_SIDE = 224  # a video file is decoded at this short side (CLIP's usual input), then centre-cropped
 
 
-def saliency_maps(cfg: Config, frames: np.ndarray, method: str, size: int) -> Any:
-    """Saliency of uint8 frames (K, S, S, 3) by `method`, computed now: (K, h, w) float in [0, 1]. clip-attention
-    reads the configured CLIP encoder (its `vlm` weights resolved as extraction resolves them)."""
+def _clip_encoder(cfg: Config) -> Any:
+    """The configured CLIP encoder on the CPU (its `vlm` weights resolved as extraction resolves them)."""
+    from extract.encoders.clip import build_clip_encoder
+    from extract.pipeline import resolve_weights
+
+    return build_clip_encoder(resolve_weights(cfg), "cpu")
+
+
+def saliency_maps(cfg: Config, views: np.ndarray, method: str, size: int, encoder: Any = None) -> Any:
+    """Saliency of CLIP's views (K, h, w, 3) uint8 by `method`, computed now: (K, h', w') float in [0, 1].
+    clip-attention reads `encoder` (default: the configured CLIP encoder)."""
     import torch
 
     from extract.saliency import clip_attention_saliency, spectral_residual_saliency
 
-    x = torch.from_numpy(np.ascontiguousarray(frames))
+    x = torch.from_numpy(np.ascontiguousarray(views))
     if method == "spectral-residual":
         return spectral_residual_saliency(x, size)
     if method == "clip-attention":
-        from extract.encoders.clip import build_clip_encoder
-        from extract.pipeline import resolve_weights
-
-        enc = build_clip_encoder(resolve_weights(cfg), "cpu")
+        encoder = encoder or _clip_encoder(cfg)
         with torch.no_grad():
-            return clip_attention_saliency(enc.encode(x)["attention"])
+            return clip_attention_saliency(encoder.encode(x)["attention"])
     raise CacheError(f"--saliency: unknown method {method!r}; choose from {', '.join(SALIENCY_METHODS)}")
 
 
@@ -126,8 +130,10 @@ def inspect_video(
         video_path = Path(video_id)
         if not video_path.is_file():
             raise CacheError(f"{video_path} is neither a video of the cache nor a video file; give an id or a path")
-        size = FILE_DECODE_SIDE
-        ts = sample_timestamps(probe(video_path).duration, max_frames)
+        video_info = probe(video_path)
+        cap = cfg.frames.max_short_side
+        size = cap if cap is not None and min(video_info.height, video_info.width) > cap else None
+        ts = sample_timestamps(video_info.duration, max_frames)
         pick = np.arange(len(ts))
         title = video_path.name
         methods = methods or SALIENCY_METHODS
@@ -145,26 +151,33 @@ def inspect_video(
         pick = np.unique(np.linspace(0, len(ts) - 1, min(max_frames, len(ts))).round().astype(int))
         ts = ts[pick]
         video_path = Path(info.attrs["video_paths"][row])
-        size = int(info.attrs["decode_size"])
+        cap = int(info.attrs.get("decode_size") or 0) or None  # extraction's short-side cap, 0 = native
+        video_info = probe(video_path)
+        size = cap if cap is not None and min(video_info.height, video_info.width) > cap else None
         stored = (info.attrs.get("config", {}).get("saliency") or {}).get("method", "as extracted")
         panels[f"stored ({stored})"] = sal[pick].astype(np.float32) / 255.0
         title = f"{video_id} ({info.splits[row]})"
-    frames = decode_frames(video_path, ts, size=size).frames  # (K, H, W, 3)
-    h, w = frames.shape[1:3]
-    y, x = (h - size) // 2, (w - size) // 2
-    frames = np.ascontiguousarray(frames[:, y : y + size, x : x + size])  # (K, S, S, 3) what the encoders see
-    grid = next(iter(panels.values())).shape[-1] if panels else 14
+    pixel_aspect = cfg.frames.pixel_aspect == "apply"
+    native = decode_frames(video_path, ts, size=size, pixel_aspect=pixel_aspect).frames  # (K, H, W, 3)
+    encoder = _clip_encoder(cfg)
+    with torch.no_grad():
+        frames = encoder.view(torch.from_numpy(native)).numpy()  # (K, h, w, 3): what CLIP sees of each frame
+    grid = next(iter(panels.values())).shape[-1] if panels else (encoder.grid[0] if encoder.grid else 14)
     for method in methods:
-        panels[method] = saliency_maps(cfg, frames, method, cfg.saliency.map_size or grid).cpu().numpy()
+        panels[method] = saliency_maps(cfg, frames, method, cfg.saliency.map_size or grid, encoder).cpu().numpy()
     cols = ["frame"]
     images: list[list[np.ndarray]] = [[f] for f in frames]
     for label, maps in panels.items():
         fg, bg = foreground_background(
-            torch.from_numpy(frames),
+            torch.from_numpy(native),
             torch.from_numpy(maps).float(),
             cfg.saliency.mass,
             cfg.saliency.background_fill,
-            size,
+            encoder.image_size,
+            region=encoder.view_box(*native.shape[1:3]),
+            crop=cfg.saliency.crop,
+            view=torch.from_numpy(frames),
+            pad_value=encoder.fill_color,
         )
         cols += [f"{label}\nmap", "foreground", "background"]
         for r in range(len(frames)):

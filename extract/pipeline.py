@@ -166,6 +166,8 @@ def fingerprint(cfg: Config, index: DatasetIndex, device: str) -> str:
             "num_frames": cfg.frames.num_frames,
             "sampling": cfg.frames.sampling,
             "min_frames": cfg.frames.min_frames,
+            "max_short_side": cfg.frames.max_short_side,
+            "pixel_aspect": cfg.frames.pixel_aspect,
         },
         "clip": {**to_dict(enc.clip), "weights": _file_digest(enc.clip.weights)},
         "timesformer": {**to_dict(enc.timesformer), "weights": _file_digest(enc.timesformer.weights)},
@@ -181,45 +183,63 @@ def fingerprint(cfg: Config, index: DatasetIndex, device: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _center_square(frames: np.ndarray, size: int) -> np.ndarray:
-    """(L, H, W, 3) with short side `size` -> (L, size, size, 3) centre crop."""
-    _, h, w, _ = frames.shape
-    y, x = (h - size) // 2, (w - size) // 2
-    return frames[:, y : y + size, x : x + size]
-
-
 class _GroupDecoder:
-    """Map-style dataset over groups of rows: item g = every video of group g, decoded."""
+    """Map-style dataset over groups of rows: item g = every video of group g, decoded.
 
-    def __init__(self, items: list[VideoItem], groups: list[np.ndarray], cfg: Config, size: int):
-        self.items, self.groups, self.cfg, self.size = items, groups, cfg, size
+    Each video's frames come at their native size in RGB (or short side `cap` when larger), once per distinct
+    frame: `frames` (U, H, W, 3) uint8, `clip_index` (L,) the frame of each of CLIP's L slots, `tsf_index` (C, T)
+    the frames of the TimeSformer's C clips of T frames (`sampling`: the encoder's clip setting, None = spread)."""
+
+    def __init__(
+        self, items: list[VideoItem], groups: list[np.ndarray], cfg: Config, cap: int | None, sampling: dict | None
+    ):
+        self.items, self.groups, self.cfg, self.cap, self.sampling = items, groups, cfg, cap, sampling
 
     def __len__(self) -> int:
         return len(self.groups)
 
-    def __getitem__(self, g: int) -> dict[str, Any]:
-        from extract.decode import VideoError, decode_frames, probe, sample_timestamps
+    def decode_video(self, item: VideoItem) -> dict[str, Any]:
+        from extract.decode import clip_timestamps, decode_frames, probe, sample_timestamps
 
         frames_cfg = self.cfg.frames
+        info = probe(item.path)
+        region = item.region if frames_cfg.sampling == "region" else None
+        ts = sample_timestamps(info.duration, frames_cfg.num_frames, region)  # (L,) CLIP's frames
+        L = len(ts)
+        if self.sampling is not None:  # one clip per frame, frame clip_frames // 2 of each on ts
+            s = self.sampling
+            clips = clip_timestamps(ts, info.duration, info.fps, s["clip_frames"], s["sampling_rate"], s["target_fps"])
+        else:  # the L frames are one clip
+            clips = ts[None]  # (1, L)
+        wanted = np.concatenate([ts, clips.ravel()])  # (L + C*T,)
+        size = self.cap if self.cap is not None and min(info.height, info.width) > self.cap else None
+        clip = decode_frames(
+            item.path,
+            wanted,
+            size=size,
+            min_frames=frames_cfg.min_frames,
+            info=info,
+            threads=1,
+            pixel_aspect=frames_cfg.pixel_aspect == "apply",
+        )
+        key = np.where(clip.valid, clip.pts, -1.0)  # (L + C*T,) one key per distinct frame shown
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        return {
+            "frames": clip.frames[first],  # (U, H, W, 3) uint8, each distinct frame once
+            "clip_index": inverse[:L],  # (L,)
+            "tsf_index": inverse[L:].reshape(clips.shape),  # (C, T)
+            "valid": clip.valid[:L],  # (L,) bool
+            "pts": clip.pts[:L].astype(np.float32),  # (L,) seconds
+            "fps": float(info.fps),
+        }
+
+    def __getitem__(self, g: int) -> dict[str, Any]:
+        from extract.decode import VideoError
+
         out: dict[str, Any] = {"rows": self.groups[g], "videos": []}
         for row in self.groups[g]:
-            item = self.items[row]
             try:
-                info = probe(item.path)
-                region = item.region if frames_cfg.sampling == "region" else None
-                ts = sample_timestamps(info.duration, frames_cfg.num_frames, region)
-                clip = decode_frames(
-                    item.path, ts, size=self.size, min_frames=frames_cfg.min_frames, info=info, threads=1
-                )
-                out["videos"].append(
-                    {
-                        "row": int(row),
-                        "frames": _center_square(clip.frames, self.size),  # (L, S, S, 3) uint8
-                        "valid": clip.valid,  # (L,) bool
-                        "pts": clip.pts.astype(np.float32),  # (L,) seconds
-                        "fps": float(info.fps),
-                    }
-                )
+                out["videos"].append({"row": int(row), **self.decode_video(self.items[row])})
             except VideoError as e:
                 out["videos"].append({"row": int(row), "error": f"{e.kind}: {e}"})
             except Exception as e:  # noqa: BLE001 - one bad video must never stop the run
@@ -255,9 +275,16 @@ def build_encoders(cfg: Config, device: str) -> Encoders:
 
 
 def decode_size(enc: Encoders) -> int:
-    """Side of the square frames handed to the encoders: the larger of their input sizes."""
+    """The larger of the encoders' input sides: no frame is decoded smaller than this."""
     clip = enc.clip.image_size
     return max(max(clip) if isinstance(clip, tuple) else int(clip), int(enc.timesformer.image_size))
+
+
+def decode_cap(cfg: Config, enc: Encoders) -> int | None:
+    """Short side above which a video is resized (in RGB) before the encoders: `frames.max_short_side`, never
+    below an encoder's input side; None = always native."""
+    cap = cfg.frames.max_short_side
+    return None if cap is None else max(int(cap), decode_size(enc))
 
 
 def map_size(cfg: Config, encoders: Encoders) -> int:
@@ -265,11 +292,21 @@ def map_size(cfg: Config, encoders: Encoders) -> int:
     return cfg.saliency.map_size or (int(encoders.clip.grid[0]) if encoders.clip.grid else 14)
 
 
-def encode_group(frames: np.ndarray, valid: np.ndarray, cfg: Config, enc: Encoders) -> dict[str, np.ndarray]:
-    """Encode one group of videos.
+def _same_size(images: list[np.ndarray]) -> list[np.ndarray]:
+    """Indices of the arrays (..., H, W, 3) grouped by (H, W): one batched resize per native size in a group
+    (one group in a dataset of one size)."""
+    shapes = [a.shape[-3:-1] for a in images]
+    return [np.flatnonzero([sh == shape for sh in shapes]) for shape in dict.fromkeys(shapes)]
 
-    frames: (B, L, S, S, 3) uint8; valid: (B, L) bool. Returns the per-video schema arrays, each
-    with leading axis B, features zeroed where the slot holds no frame.
+
+def encode_group(videos: list[dict[str, Any]], cfg: Config, enc: Encoders) -> dict[str, np.ndarray]:
+    """Encode one group of decoded videos (`_GroupDecoder.decode_video` dicts; native sizes may differ).
+
+    CLIP sees each of the L frames as its own preprocessing makes it (`view`: resize and crop of the native frame);
+    the saliency map lies over that view, the foreground box is cut from the native frame (`saliency.crop`) and the
+    background is the view with the box filled. The TimeSformer sees its clips (`encoders.timesformer.sampling`):
+    V_l is the patch mean of frame l in its clip, v_cls the clips' CLS averaged over the valid frames. Returns the
+    per-video schema arrays, each with leading axis B, features zeroed where the slot holds no frame.
     """
     import torch
 
@@ -280,20 +317,68 @@ def encode_group(frames: np.ndarray, valid: np.ndarray, cfg: Config, enc: Encode
         spectral_residual_saliency,
     )
 
-    B, L = frames.shape[:2]
-    flat = torch.from_numpy(frames.reshape(B * L, *frames.shape[2:])).to(enc.device)  # (BL, S, S, 3)
-    out = enc.clip.encode(flat)
-    vp, attn = out["embedding"], out["attention"]  # (BL, Dc), (BL, h, w)
+    B, L = len(videos), len(videos[0]["valid"])
+    dev = enc.device
+    valid = np.stack([v["valid"] for v in videos])  # (B, L)
+    keep = torch.from_numpy(valid).to(dev).reshape(B, L, 1)
+
+    # CLIP: the view of each frame, then one forward pass over the group's B*L views.
+    natives = [v["frames"][v["clip_index"]] for v in videos]  # B x (L, H_b, W_b, 3)
+    sizes = _same_size(natives)
+    views = [None] * B
+    for idx in sizes:
+        x = torch.from_numpy(np.concatenate([natives[b] for b in idx])).to(dev)  # (n*L, H, W, 3)
+        for j, v in zip(idx, enc.clip.view(x).split(L), strict=True):  # (L, h, w, 3) each
+            views[j] = v
+    views = torch.cat(views)  # (BL, h, w, 3) uint8
+    out = enc.clip.encode(views)
+    vp, attn = out["embedding"], out["attention"]  # (BL, Dc), (BL, gh, gw)
     m = map_size(cfg, enc)
     if cfg.saliency.method == "clip-attention":
-        sal = clip_attention_saliency(attn)  # (BL, h, w) in [0, 1]
+        sal = clip_attention_saliency(attn)  # (BL, gh, gw) in [0, 1]
     else:
-        sal = spectral_residual_saliency(flat, m)  # (BL, m, m) in [0, 1]
-    fg, bg = foreground_background(flat, sal, cfg.saliency.mass, cfg.saliency.background_fill, enc.clip.image_size)
-    # fg, bg: (BL, S_clip, S_clip, 3) uint8
+        sal = spectral_residual_saliency(views, m)  # (BL, m, m) in [0, 1]
+
+    # Foreground crops from the native frames, backgrounds from the views.
+    S = enc.clip.image_size
+    fg = torch.empty(B * L, *S, 3, dtype=torch.uint8, device=dev)  # (BL, h, w, 3)
+    bg = torch.empty_like(fg)
+    for idx in sizes:
+        H, W = natives[idx[0]].shape[1:3]
+        rows = torch.from_numpy((idx[:, None] * L + np.arange(L)).ravel()).to(dev)  # (n*L,)
+        x = torch.from_numpy(np.concatenate([natives[b] for b in idx])).to(dev)  # (n*L, H, W, 3)
+        fg[rows], bg[rows] = foreground_background(
+            x,
+            sal[rows],
+            cfg.saliency.mass,
+            cfg.saliency.background_fill,
+            S,
+            region=enc.clip.view_box(H, W),
+            crop=cfg.saliency.crop,
+            view=views[rows],
+            pad_value=enc.clip.fill_color,
+        )
     crops = enc.clip.encode_images(torch.cat([fg, bg]))  # (2BL, Dc)
-    tsf = enc.timesformer.encode(torch.from_numpy(frames).to(enc.device))  # frame (B, L, Dv), cls (B, Dv)
-    keep = torch.from_numpy(valid).to(enc.device).reshape(B, L, 1)
+
+    # TimeSformer: every video's clips, in chunks of encoders.batch_frames frames.
+    tsf = enc.timesformer
+    clips = [v["frames"][v["tsf_index"]] for v in videos]  # B x (C, T, H_b, W_b, 3)
+    C, T = clips[0].shape[:2]
+    chunk = max(1, cfg.encoders.batch_frames // T)
+    frame_tok = torch.empty(B, C, T, tsf.dim, device=dev)  # (B, C, T, Dv)
+    cls = torch.empty(B, C, tsf.dim, device=dev)  # (B, C, Dv)
+    for idx in _same_size(clips):
+        x = torch.from_numpy(np.concatenate([clips[b] for b in idx])).to(dev)  # (n*C, T, H, W, 3)
+        parts = [tsf.encode(x[i : i + chunk]) for i in range(0, len(x), chunk)]
+        rows = torch.from_numpy(idx).to(dev)
+        frame_tok[rows] = torch.cat([p["frame"] for p in parts]).reshape(len(idx), C, T, -1)
+        cls[rows] = torch.cat([p["cls"] for p in parts]).reshape(len(idx), C, -1)
+    if tsf.sampling is not None:  # clips: slot l is frame T // 2 of clip l
+        v_frame = frame_tok[:, :, T // 2]  # (B, L, Dv)
+        w = keep.float()  # (B, L, 1)
+        v_cls = (cls * w).sum(1) / w.sum(1).clamp_min(1.0)  # (B, Dv): the clips' CLS averaged over real frames
+    else:  # spread: slot l is frame l of the one clip
+        v_frame, v_cls = frame_tok[:, 0], cls[:, 0]  # (B, L, Dv), (B, Dv)
 
     def per_frame(x: torch.Tensor) -> np.ndarray:  # (BL, D) -> (B, L, D), zero where no frame
         return (x.reshape(B, L, -1).float() * keep).cpu().numpy()
@@ -303,8 +388,8 @@ def encode_group(frames: np.ndarray, valid: np.ndarray, cfg: Config, enc: Encode
         schema.CLIP_FG: per_frame(crops[: B * L]),
         schema.CLIP_BG: per_frame(crops[B * L :]),
         schema.SALIENCY: saliency_to_uint8(sal, m).reshape(B, L, m, m).cpu().numpy(),
-        schema.TSF_FRAME: (tsf["frame"].float() * keep).cpu().numpy(),
-        schema.TSF_CLS: tsf["cls"].float().cpu().numpy(),
+        schema.TSF_FRAME: (v_frame.float() * keep).cpu().numpy(),
+        schema.TSF_CLS: v_cls.float().cpu().numpy(),
     }
 
 
@@ -442,7 +527,7 @@ def create_cache(cfg: Config, index: DatasetIndex, enc: Encoders, path: Path, fp
     """Create the store with its attributes, labels, text embeddings and video ids; rows stay to do.
 
     Runs where the encoders are: the single process, or one cluster worker (extract/scale.py)."""
-    attrs = store_attrs(cfg, index, fp, provenance=enc.provenance(), decode_size=decode_size(enc))
+    attrs = store_attrs(cfg, index, fp, provenance=enc.provenance(), decode_size=decode_cap(cfg, enc) or 0)
     group = create_store(path, store_specs(cfg, index, enc), attrs, cfg.cache.shard_videos)
     for name, value in _labels(index).items():
         group[name][:] = value
@@ -512,12 +597,12 @@ def extract_groups(
     import torch
 
     loader = torch.utils.data.DataLoader(
-        _GroupDecoder(items, groups, cfg, decode_size(enc)),
+        _GroupDecoder(items, groups, cfg, decode_cap(cfg, enc), enc.timesformer.sampling),
         batch_size=None,
         shuffle=False,
         num_workers=decode_workers,
         worker_init_fn=_worker_init if decode_workers else None,
-        prefetch_factor=2 if decode_workers else None,
+        prefetch_factor=1 if decode_workers else None,  # native frames: one group ahead per worker bounds memory
         persistent_workers=False,
         multiprocessing_context=mp_context if decode_workers else None,
     )
@@ -527,9 +612,8 @@ def extract_groups(
             if "error" in v:
                 result.failures[items[v["row"]].id] = v["error"]
         if ok:
-            frames = np.stack([v["frames"] for v in ok])  # (B, L, S, S, 3)
             valid = np.stack([v["valid"] for v in ok])  # (B, L)
-            arrays = encode_group(frames, valid, cfg, enc)
+            arrays = encode_group(ok, cfg, enc)
             finite = np.ones(len(ok), dtype=bool)
             for name in (schema.CLIP_FRAME, schema.CLIP_FG, schema.CLIP_BG, schema.TSF_FRAME, schema.TSF_CLS):
                 finite &= np.isfinite(arrays[name].reshape(len(ok), -1)).all(1)

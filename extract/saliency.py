@@ -2,9 +2,9 @@
 
 Two sources of saliency (`saliency.method`): CLIP's last-block CLS→patch attention (no extra model) or
 the spectral residual of Hou & Zhang (2007). From a map, `foreground_box` finds a tight box holding a
-share of the salient mass; `foreground_background` crops that box (foreground) and fills it in the frame
-(background). Every function takes a batch of frames and runs on the batch's device without Python loops
-over frames.
+share of the salient mass; `foreground_background` crops that box from the frame at its own resolution
+(foreground, `crop_boxes`) and fills it in the view the encoder sees (background, `fill_box`). Every function
+takes a batch of frames and runs on the batch's device without Python loops over frames.
 
 Conventions: frames are uint8 (N, H, W, 3); maps are float (N, h, w) over a `region` of the frame
 (relative (x0, y0, x1, y1); the whole frame by default, CLIP's centre crop for attention maps, see
@@ -191,6 +191,75 @@ def box_mask(boxes: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
     return inside_y[:, :, None] & inside_x[:, None, :]  # (N, h, w)
 
 
+Crop = Literal["pad", "squash", "center"]
+CROPS: tuple[str, ...] = ("pad", "squash", "center")
+
+
+def crop_boxes(
+    frames: Any, boxes: torch.Tensor, out_size: int | Sequence[int], crop: Crop = "pad", pad_value: float = 0.0
+) -> torch.Tensor:
+    """Crops of uint8 frames (N, H, W, 3) at relative boxes (N, 4), resized to `out_size`: float (N, 3, S_h, S_w).
+
+    `crop` says how a box of another aspect than the output fits it:
+    - `pad`: the whole box, aspect kept, centred and letterboxed with `pad_value` (open_clip's `longest` mode fills
+      with 0, black): every salient pixel is seen, none is stretched;
+    - `squash`: the whole box stretched to the output;
+    - `center`: the largest centred window of the output's aspect inside the box (open_clip's `shortest` mode on the
+      cropped image): aspect kept, the box's ends cut off.
+    RoIAlign in the frame's own pixels (averaging several samples per output pixel when shrinking), one call.
+    """
+    x = _frames(frames)
+    N, H, W, _ = x.shape
+    S_h, S_w = _pair(out_size)
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {CROPS}; got {crop!r}")
+    scale = torch.tensor([W, H, W, H], device=x.device, dtype=torch.float32)
+    px = boxes.to(x.device).float() * scale  # (N, 4) in pixels
+    cx, cy = (px[:, 0] + px[:, 2]) / 2, (px[:, 1] + px[:, 3]) / 2  # (N,)
+    bw, bh = px[:, 2] - px[:, 0], px[:, 3] - px[:, 1]  # (N,)
+    aspect = S_w / S_h
+    if crop == "squash":
+        rw, rh = bw, bh
+    elif crop == "pad":  # the smallest window of the output's aspect holding the box
+        rw = torch.maximum(bw, bh * aspect)
+        rh = rw / aspect
+    else:  # the largest window of the output's aspect inside the box
+        rw = torch.minimum(bw, bh * aspect)
+        rh = rw / aspect
+    rois = torch.stack([cx - rw / 2, cy - rh / 2, cx + rw / 2, cy + rh / 2], dim=-1)  # (N, 4)
+    index = torch.arange(N, device=x.device, dtype=torch.float32)[:, None]  # (N, 1)
+    img = x.permute(0, 3, 1, 2).float()  # (N, 3, H, W)
+    out = roi_align(img, torch.cat([index, rois], dim=1), output_size=(S_h, S_w), sampling_ratio=-1, aligned=True)
+    if crop == "pad":  # letterbox: outside the box's own extent within the window
+        inner = torch.stack([0.5 - bw / rw / 2, 0.5 - bh / rh / 2, 0.5 + bw / rw / 2, 0.5 + bh / rh / 2], dim=-1)
+        keep = box_mask(inner, (S_h, S_w))[:, None]  # (N, 1, S_h, S_w)
+        out = torch.where(keep, out, torch.full_like(out, float(pad_value)))
+    return out  # (N, 3, S_h, S_w)
+
+
+def fill_box(view: torch.Tensor, boxes: torch.Tensor, fill: Fill = "mean") -> torch.Tensor:
+    """The background frame: float views (N, 3, h, w) with the relative boxes (N, 4) filled by `fill` (see
+    `foreground_background`). Returns (N, 3, h, w)."""
+    if fill not in ("mean", "blur", "zero"):
+        raise ValueError(f"fill must be one of 'mean', 'blur', 'zero'; got {fill!r}")
+    inside = box_mask(boxes.to(view.device), view.shape[-2:])[:, None]  # (N, 1, h, w)
+    keep = (~inside).float()  # (N, 1, h, w)
+    if fill == "zero":
+        filler = torch.zeros_like(view)
+    elif fill == "mean":
+        kept = keep.sum(dim=(-2, -1), keepdim=True)  # (N, 1, 1, 1)
+        outside_mean = (view * keep).sum(dim=(-2, -1), keepdim=True) / kept.clamp_min(1.0)  # (N, 3, 1, 1)
+        frame_mean = view.mean(dim=(-2, -1), keepdim=True)  # (N, 3, 1, 1), when the box covers everything
+        filler = torch.where(kept > 0, outside_mean, frame_mean).expand_as(view)
+    else:
+        filler = _normalised_blur(view, keep)
+    return torch.where(inside, filler, view)  # (N, 3, h, w)
+
+
+def _to_uint8(t: torch.Tensor) -> torch.Tensor:
+    return t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()  # (N, h, w, 3)
+
+
 def foreground_background(
     frames: Any,
     saliency: torch.Tensor,
@@ -198,15 +267,18 @@ def foreground_background(
     fill: Fill = "mean",
     out_size: int | Sequence[int] = 224,
     region: Any = None,
+    crop: Crop = "squash",
+    view: Any = None,
+    pad_value: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Foreground crops and backgrounds of uint8 frames (N, H, W, 3) from maps (N, h, w).
 
-    - fg (N, S, S, 3) uint8: the `foreground_box` of each map, cropped and resized to `out_size`
-      (RoIAlign, averaging several samples per output pixel when shrinking).
-    - bg (N, S, S, 3) uint8: the map's `region` of the frame resized to `out_size`, with the same box
-      filled by `fill`: `mean` = the mean colour of the pixels outside the box, `blur` = a heavy
-      normalised-convolution blur of the pixels outside the box (a smooth inpainting; no foreground
-      colour leaks in), `zero` = black.
+    - fg (N, S, S, 3) uint8: the `foreground_box` of each map, cropped from the frame at its own resolution and
+      resized to `out_size` as `crop` says (`crop_boxes`: pad, squash or center).
+    - bg (N, S, S, 3) uint8: the map's `region` of the frame at `out_size` (`view`, when given: what the image
+      encoder sees of the frame, (N, S, S, 3) uint8; else RoIAlign of the region), with the same box filled by
+      `fill`: `mean` = the mean colour of the pixels outside the box, `blur` = a heavy normalised-convolution
+      blur of the pixels outside the box (a smooth inpainting; no foreground colour leaks in), `zero` = black.
 
     The background masks the box rather than a thresholded map so that fg and bg partition the view
     exactly, and a speckled attention map does not punch scattered holes into the scene.
@@ -230,32 +302,13 @@ def foreground_background(
     fg_frame = torch.stack(
         [rx0 + boxes[:, 0] * rw, ry0 + boxes[:, 1] * rh, rx0 + boxes[:, 2] * rw, ry0 + boxes[:, 3] * rh], dim=-1
     )  # (N, 4) relative to the frame
-
-    # One RoIAlign call crops both the foreground boxes and the background views.
-    scale = torch.tensor([W, H, W, H], device=x.device, dtype=torch.float32)
-    rois = torch.cat([fg_frame, region]) * scale  # (2N, 4) in pixels
-    index = torch.arange(N, device=x.device, dtype=torch.float32).repeat(2)[:, None]  # (2N, 1)
-    img = x.permute(0, 3, 1, 2).float()  # (N, 3, H, W)
-    crops = roi_align(img, torch.cat([index, rois], dim=1), output_size=(S_h, S_w), sampling_ratio=-1, aligned=True)
-    fg, view = crops[:N], crops[N:]  # each (N, 3, S_h, S_w)
-
-    inside = box_mask(boxes, (S_h, S_w))[:, None]  # (N, 1, S_h, S_w)
-    keep = (~inside).float()  # (N, 1, S_h, S_w)
-    if fill == "zero":
-        filler = torch.zeros_like(view)
-    elif fill == "mean":
-        kept = keep.sum(dim=(-2, -1), keepdim=True)  # (N, 1, 1, 1)
-        outside_mean = (view * keep).sum(dim=(-2, -1), keepdim=True) / kept.clamp_min(1.0)  # (N, 3, 1, 1)
-        frame_mean = view.mean(dim=(-2, -1), keepdim=True)  # (N, 3, 1, 1), when the box covers everything
-        filler = torch.where(kept > 0, outside_mean, frame_mean).expand_as(view)
+    fg = crop_boxes(x, fg_frame, (S_h, S_w), crop, pad_value)  # (N, 3, S_h, S_w)
+    if view is None:
+        view = crop_boxes(x, region, (S_h, S_w), "squash")  # (N, 3, S_h, S_w)
     else:
-        filler = _normalised_blur(view, keep)
-    bg = torch.where(inside, filler, view)  # (N, 3, S_h, S_w)
-
-    def to_uint8(t: torch.Tensor) -> torch.Tensor:
-        return t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()  # (N, S_h, S_w, 3)
-
-    return to_uint8(fg), to_uint8(bg)
+        view = _frames(view).to(x.device).permute(0, 3, 1, 2).float()  # (N, 3, S_h, S_w)
+    bg = fill_box(view, boxes, fill)  # (N, 3, S_h, S_w)
+    return _to_uint8(fg), _to_uint8(bg)
 
 
 def _normalised_blur(image: torch.Tensor, keep: torch.Tensor, work: int = 32) -> torch.Tensor:

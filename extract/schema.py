@@ -11,8 +11,10 @@ Arrays (N videos, L frames, Dc CLIP dim, Dv TimeSformer dim, h×w saliency map):
     clip/fg           (N, L, Dc) fp16   FG: CLIP embedding of the foreground crop
     clip/bg           (N, L, Dc) fp16   BG: CLIP embedding of the frame with the salient region masked
     saliency          (N, L, h, w) uint8 the saliency map the crops came from (0..255)
-    timesformer/frame (N, L, Dv) fp16   V: TimeSformer spatial tokens averaged per frame
-    timesformer/cls   (N, Dv) fp16      v_cls: clip-level CLS
+    timesformer/frame (N, L, Dv) fp16   V: TimeSformer spatial tokens of frame l averaged (in the clip around it,
+                                        `encoders.timesformer.sampling: clips`; in the L-frame clip, `spread`)
+    timesformer/cls   (N, Dv) fp16      v_cls: CLS token (the L clips' averaged, as the official multi-view test
+                                        averages its views; the one clip's, `spread`)
     frame_mask        (N, L) bool       True where the slot holds a real frame
     timestamps        (N, L) float32    seconds of the frame actually sampled per slot
     fps               (N,) float32      the video's average frame rate

@@ -59,7 +59,7 @@ from extract.vlm import publish_folder, warmup_cosine_lr
 
 log = logging.getLogger(__name__)
 
-VIDEO_VERSION = 1  # bump when clips or the training recipe change: every checkpoint retrains
+VIDEO_VERSION = 2  # bump when clips or the training recipe change: every checkpoint retrains
 PRESET = "tiny"  # the architecture trained (extract/encoders/timesformer.py PRESETS)
 CHECKPOINT = "timesformer.pyth"  # beside it: video.json (training summary)
 SUMMARY = "video.json"
@@ -253,13 +253,32 @@ def _read_result(folder: Path, fingerprint: str, t0: float) -> VideoResult | Non
     )
 
 
-def save_official(clf: ClipClassifier, path: Path, cfg_record: dict, epoch: int) -> None:
+def official_cfg(cfg: Config) -> str:
+    """The `cfg` entry of the checkpoint: a YAML dump as the official `save_checkpoint` writes (`cfg.dump()`), whose
+    `DATA` section says how the clips were sampled (consecutive rendered frames: 8 frames 1 apart at the world's fps)
+    and normalised, so that extraction feeds this model its own setting as it does a K400 checkpoint."""
+    import yaml
+
+    from extract.encoders.timesformer import MEAN, STD
+
+    data = {
+        "NUM_FRAMES": cfg.video.clip_frames,
+        "SAMPLING_RATE": 1,
+        "TARGET_FPS": cfg.synthetic.fps,
+        "TEST_CROP_SIZE": PRESETS[PRESET].image_size,
+        "MEAN": list(MEAN),
+        "STD": list(STD),
+    }
+    return yaml.safe_dump({"DATA": data, "MODEL": {"NUM_CLASSES": len(ATOMIC_ACTIONS)}}, sort_keys=True)
+
+
+def save_official(clf: ClipClassifier, path: Path, cfg_yaml: str, epoch: int) -> None:
     """Write the facebookresearch/TimeSformer `.pyth` layout: `model_state` with `model.`-prefixed keys and the
-    classifier `model.head.*`, `epoch`, `cfg` (plain data here; the official file pickles a yacs CfgNode)."""
+    classifier `model.head.*`, `epoch`, `cfg` (the YAML dump of its settings, as the official file holds)."""
     state = export_state_dict(clf.model, "official")
     state["model.head.weight"] = clf.head.weight.detach().cpu().clone()
     state["model.head.bias"] = clf.head.bias.detach().cpu().clone()
-    torch.save({"epoch": epoch, "model_state": state, "cfg": cfg_record}, path)
+    torch.save({"epoch": epoch, "model_state": state, "cfg": cfg_yaml}, path)
 
 
 def pretrain_video(cfg: Config, progress: bool = True) -> VideoResult:
@@ -341,7 +360,7 @@ def pretrain_video(cfg: Config, progress: bool = True) -> VideoResult:
     }
 
     def write(tmp: Path) -> None:
-        save_official(clf.cpu(), tmp / CHECKPOINT, record, epoch=vc.steps)
+        save_official(clf.cpu(), tmp / CHECKPOINT, official_cfg(cfg), epoch=vc.steps)
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
 
     publish_folder(folder, write, complete=lambda: _read_result(folder, fingerprint, t0) is not None)

@@ -1,17 +1,23 @@
 """CLIP encoder: shapes and norms, the embedding equals `encode_image`, the attention equals a separate
 `nn.MultiheadAttention(need_weights=True)` run, preprocessing matches open_clip's PIL transform, text
-prompts, checkpoint round trips through `encoders.clip.weights`, clear errors, provenance. No downloads:
-no test passes a pretrained tag to open_clip."""
+prompts, checkpoint round trips through `encoders.clip.weights`, clear errors, provenance. Real-weight
+settings: a local file plus a pretrained tag gets the tag's preprocessing and activation, checked against
+open_clip's own tag path. No downloads: where a test names a tag, open_clip's downloader is patched to
+return a local checkpoint of random weights."""
 
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import QuickGELU
+from PIL import Image
 
 from extract.config import ClipConfig, Config, ConfigError, EncodersConfig, SaliencyConfig
 from extract.encoders import build_encoder
@@ -236,3 +242,208 @@ def test_random_preset_is_seeded_so_a_fingerprint_means_fixed_numbers():
     torch.manual_seed(123)  # the caller's RNG state must not matter
     b = build_clip_encoder(from_dict({}), "cpu").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -------------------------------------------------------------------------------------------------
+# Real-weight settings: pretrained tags' preprocessing and activation for local files
+# -------------------------------------------------------------------------------------------------
+
+# Our preprocessing resizes uint8 tensors (torchvision, antialiased) where open_clip resizes PIL images, so the
+# two differ by rounding. Measured on the 480x640 and 360x640 scenes below: ViT-B-16 (bicubic, shortest, 224,
+# OpenAI std ~0.27, one uint8 level = 0.015) max-abs 0.058 / 0.029 and mean-abs 4.2e-4; PE-Core-T (bilinear,
+# squash, 384, std 0.5, one level = 0.0078) max-abs 0.0078, mean-abs 1.6e-4. The wrong settings these tests
+# guard against (open_clip's defaults for a mean/std-0.5 or squash tag) are off by mean-abs 0.30-0.44.
+PREPROCESS_MAX_ABS = 0.08
+PREPROCESS_MEAN_ABS = 1e-3
+
+
+def _scene(H: int, W: int, seed: int) -> np.ndarray:
+    """A (H, W, 3) uint8 frame with real structure: smooth colour gradients, flat boxes (edges) and a disc."""
+    g = torch.Generator().manual_seed(seed)
+    y, x = torch.linspace(0, 1, H).view(H, 1, 1), torch.linspace(0, 1, W).view(1, W, 1)
+    a = torch.rand(3, 3, generator=g)  # per-channel weights of three gradients
+    img = 30 + 190 * (a[0] * y + a[1] * x + a[2] * (x - y) ** 2) / (a.sum(0) + 1e-3)  # (H, W, 3)
+    for _ in range(8):
+        top, left = (int(torch.randint(0, n - 20, (1,), generator=g)) for n in (H, W))
+        h, w = (int(torch.randint(10, n // 3, (1,), generator=g)) for n in (H, W))
+        img[top : top + h, left : left + w] = torch.rand(3, generator=g) * 255
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    img[(yy - 0.6 * H) ** 2 + (xx - 0.4 * W) ** 2 < (0.2 * min(H, W)) ** 2] = torch.tensor([250.0, 240.0, 20.0])
+    return img.clamp(0, 255).round().to(torch.uint8).numpy()
+
+
+SCENES = [_scene(480, 640, 0), _scene(360, 640, 1)]
+
+
+def _save_random_fp16(arch: str, path: Path) -> Path:
+    """Random weights of `arch` saved as an fp16 state dict (half the bytes), with no JSON beside it."""
+    torch.manual_seed(0)
+    model = open_clip.create_model(arch, pretrained=None)
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, path)
+    n = sum(v.numel() for v in model.state_dict().values())
+    assert path.stat().st_size < 2.1 * n  # fp16: 2 bytes per value
+    assert not list(path.parent.glob("*.json"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def vit_b16_file(tmp_path_factory) -> Path:
+    return _save_random_fp16("ViT-B-16", tmp_path_factory.mktemp("vit_b16") / "vit_b16_random_fp16.pt")
+
+
+@pytest.fixture(scope="module")
+def b16_encoders(vit_b16_file) -> dict[str, ClipEncoder]:
+    """The random ViT-B-16 file built with two of its tags: openai (QuickGELU) and laion2b (GELU)."""
+    tags = ("openai", "laion2b_s34b_b88k")
+    return {t: build_clip_encoder(_cfg(weights=str(vit_b16_file), model="ViT-B-16", pretrained=t), "cpu") for t in tags}
+
+
+def _open_clip_tag_build(monkeypatch, arch: str, tag: str, checkpoint: Path):
+    """open_clip's own `create_model_and_transforms(arch, pretrained=tag)` with the tag's download replaced by
+    `checkpoint`, and QuickGELU as the tag's settings ask (open_clip itself only warns): (model, eval transform)."""
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda cfg, cache_dir=None: str(checkpoint))
+    quick_gelu = bool(open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False))
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag, force_quick_gelu=quick_gelu)
+    return model.eval(), preprocess
+
+
+def _assert_preprocess_matches(enc: ClipEncoder, transform) -> None:
+    for frame in SCENES:
+        ours = enc.preprocess(torch.from_numpy(frame)[None])[0]  # (3, h, w)
+        ref = transform(Image.fromarray(frame))  # (3, h, w)
+        assert ours.shape == ref.shape
+        diff = (ours - ref).abs()
+        assert diff.max() < PREPROCESS_MAX_ABS and diff.mean() < PREPROCESS_MEAN_ABS, (frame.shape, diff.max())
+
+
+def _plain(cfg: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+@pytest.mark.parametrize(("tag", "activation"), [("openai", QuickGELU), ("laion2b_s34b_b88k", torch.nn.GELU)])
+def test_local_weights_take_their_tags_preprocessing_and_activation(
+    b16_encoders, vit_b16_file, monkeypatch, tag, activation
+):
+    enc = b16_encoders[tag]
+    ref_model, ref_transform = _open_clip_tag_build(monkeypatch, "ViT-B-16", tag, vit_b16_file)
+    # The activation the tag was trained with, in both towers (open_clip alone would build GELU for openai).
+    for block in (enc.model.visual.transformer.resblocks[0], enc.model.transformer.resblocks[0]):
+        assert type(block.mlp.gelu) is activation
+    prov = enc.provenance()
+    assert prov["activation"] == ("quick_gelu" if activation is QuickGELU else "gelu")
+    assert prov["activation_source"] == prov["preprocess_source"] == "tag" and prov["pretrained"] == tag
+    assert prov["source"] == "weights" and prov["weights"] == str(vit_b16_file) and prov["model_config"] is None
+    # The fp16 file loads (into fp32 parameters) exactly as open_clip loads it.
+    ours_sd, ref_sd = enc.model.state_dict(), ref_model.state_dict()
+    for key in ("visual.conv1.weight", "visual.proj", "text_projection", "logit_scale"):
+        assert ours_sd[key].dtype == torch.float32 and torch.equal(ours_sd[key], ref_sd[key])
+    # The tag's preprocessing, and open_clip's eval transform on real-sized frames.
+    assert _plain(open_clip.get_model_preprocess_cfg(enc.model)) == _plain(
+        open_clip.get_model_preprocess_cfg(ref_model)
+    )
+    _assert_preprocess_matches(enc, ref_transform)
+    # End to end: our embedding equals open_clip's tag model on its own PIL preprocessing.
+    frame = SCENES[1]
+    with torch.no_grad():
+        ref = F.normalize(ref_model.encode_image(ref_transform(Image.fromarray(frame))[None]), dim=-1)
+    ours = enc.encode_images(torch.from_numpy(frame)[None])
+    assert float((ours * ref).sum()) > 0.9999
+
+
+def test_pretrained_tag_alone_forces_quick_gelu(b16_encoders, vit_b16_file, monkeypatch):
+    """`encoders.clip.pretrained: openai` without a file: QuickGELU even though open_clip's ViT-B-16 config lacks it."""
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda cfg, cache_dir=None: str(vit_b16_file))
+    enc = build_clip_encoder(_cfg(model="ViT-B-16", pretrained="openai"), "cpu")
+    assert type(enc.model.visual.transformer.resblocks[0].mlp.gelu) is QuickGELU
+    prov = enc.provenance()
+    assert prov["source"] == "pretrained" and prov["activation"] == "quick_gelu" and prov["preprocess_source"] == "tag"
+    frames = torch.from_numpy(SCENES[0])[None]
+    assert torch.equal(enc.encode_images(frames), b16_encoders["openai"].encode_images(frames))
+
+
+@pytest.fixture(scope="module")
+def pe_core_file(tmp_path_factory) -> Path:
+    """PE-Core-T-16-384, the smallest architecture with a squash tag (`meta`: bilinear, mean/std 0.5)."""
+    return _save_random_fp16("PE-Core-T-16-384", tmp_path_factory.mktemp("pe_core") / "pe_core_t_random_fp16.pt")
+
+
+def test_squash_tag_local_weights(pe_core_file, monkeypatch):
+    pcfg = open_clip.get_pretrained_cfg("PE-Core-T-16-384", "meta")
+    assert pcfg["resize_mode"] == "squash" and pcfg["interpolation"] == "bilinear" and pcfg["mean"] == (0.5,) * 3
+    cfg = _cfg(weights=str(pe_core_file), model="PE-Core-T-16-384", pretrained="meta", saliency="spectral-residual")
+    enc = build_clip_encoder(cfg, "cpu")
+    assert (enc.resize_mode, enc.interpolation, enc.image_size) == ("squash", "bilinear", (384, 384))
+    for frame in SCENES:
+        assert enc.view_box(*frame.shape[:2]) == (0.0, 0.0, 1.0, 1.0)
+    ref_model, ref_transform = _open_clip_tag_build(monkeypatch, "PE-Core-T-16-384", "meta", pe_core_file)
+    _assert_preprocess_matches(enc, ref_transform)
+    frame = SCENES[0]
+    with torch.no_grad():
+        ref = F.normalize(ref_model.encode_image(ref_transform(Image.fromarray(frame))[None]), dim=-1)
+    assert float((enc.encode_images(torch.from_numpy(frame)[None]) * ref).sum()) > 0.9999
+    prov = enc.provenance()
+    assert prov["preprocess_source"] == "tag" and prov["preprocess"]["resize_mode"] == "squash"
+    assert not enc.supports_attention  # a timm tower with an attention pooler
+
+
+def test_local_weights_without_json_or_tag_assume_defaults_loudly(vit_b16_file, caplog):
+    with caplog.at_level(logging.WARNING, logger="extract.encoders.clip"):
+        enc = build_clip_encoder(_cfg(weights=str(vit_b16_file), model="ViT-B-16"), "cpu")
+    text = caplog.text
+    assert "CLIP PREPROCESSING ASSUMED" in text and str(vit_b16_file) in text
+    assert "encoders.clip.pretrained" in text and "`openai`" in text and "QuickGELU" in text
+    assert "open_clip_config.json" in text
+    prov = enc.provenance()
+    assert prov["preprocess_source"] == prov["activation_source"] == "open_clip defaults"
+    assert prov["activation"] == "gelu" and prov["pretrained"] is None
+    assert prov["preprocess"]["mean"] == pytest.approx(open_clip.OPENAI_DATASET_MEAN)
+
+
+def test_local_weights_tag_must_be_a_tag_of_the_architecture(vit_b16_file):
+    with pytest.raises(ConfigError, match=r"encoders.clip.pretrained: 'webli' is not a pretrained tag of 'ViT-B-16'"):
+        build_clip_encoder(_cfg(weights=str(vit_b16_file), model="ViT-B-16", pretrained="webli"), "cpu")
+
+
+def test_json_beside_the_file_wins_over_the_tag(enc, tmp_path, caplog):
+    """A JSON's preprocess_cfg and quick_gelu beat a named tag (with warnings naming both); a JSON without a
+    preprocess_cfg takes the tag's preprocessing but keeps its own activation."""
+    path = save_checkpoint(enc.model, tmp_path / "tiny.pt", TINY_MODEL_CFG)  # OpenAI mean/std, no quick_gelu
+    # The tiny JSON architecture has no tags, so the tag is looked up for encoders.clip.model.
+    cfg = _cfg(weights=str(path), model="ViT-L-14", pretrained="laion2b_s32b_b82k")  # mean/std 0.5
+    with caplog.at_level(logging.WARNING, logger="extract.encoders.clip"):
+        loaded = build_clip_encoder(cfg, "cpu")
+    assert (
+        "disagrees" in caplog.text
+        and "laion2b_s32b_b82k" in caplog.text
+        and str(path.with_suffix(".json")) in caplog.text
+    )
+    prov = loaded.provenance()
+    assert prov["preprocess_source"] == "json" and prov["preprocess"]["mean"] == pytest.approx(
+        enc.provenance()["preprocess"]["mean"]
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="extract.encoders.clip"):
+        openai = build_clip_encoder(_cfg(weights=str(path), model="ViT-B-16", pretrained="openai"), "cpu")
+    assert "QuickGELU" in caplog.text and "disagrees" not in caplog.text  # same mean/std as the JSON
+    assert openai.provenance()["activation"] == "gelu" and openai.provenance()["activation_source"] == "json"
+    # Without a preprocess_cfg in the JSON the tag's preprocessing applies.
+    meta = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".json").write_text(json.dumps({"model_cfg": meta["model_cfg"]}))
+    tagged = build_clip_encoder(cfg, "cpu")
+    prov = tagged.provenance()
+    assert prov["preprocess_source"] == "tag" and prov["preprocess"]["mean"] == pytest.approx([0.5] * 3)
+    assert prov["model"] == TINY_MODEL_NAME and prov["activation"] == "gelu"
+
+
+def test_clipa_avg_pooling_has_no_cls_attention():
+    cfg = json.loads(json.dumps(TINY_MODEL_CFG))
+    cfg["vision_cfg"]["pool_type"] = "avg"  # CLIPA: the embedding is the mean of the patch tokens
+    name = register_model_config("test-tiny-clipa", cfg)
+    with pytest.raises(ConfigError, match="saliency.method.*pool_type='avg'.*spectral-residual") as e:
+        build_clip_encoder(_cfg(preset="base", model=name), "cpu")
+    assert "CLS token" in str(e.value)
+    avg = build_clip_encoder(_cfg(preset="base", model=name, saliency="spectral-residual"), "cpu")
+    assert not avg.supports_attention and avg.grid is None
+    assert avg.encode_images(_frames(2)).shape == (2, 64)
+    with pytest.raises(RuntimeError, match="spectral-residual"):
+        avg.encode(_frames(2))

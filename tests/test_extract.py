@@ -116,7 +116,15 @@ def test_fingerprint_tracks_what_changes_the_numbers_and_nothing_else(world, tmp
         {"frames": {"sampling": "region"}},
         {"saliency": {"method": "spectral-residual"}},
         {"saliency": {"mass": 0.5}},
+        {"saliency": {"crop": "squash"}},
         {"encoders": {"precision": "bf16"}},
+        {"frames": {"max_short_side": None}},
+        {"frames": {"pixel_aspect": "apply"}},
+        {"encoders": {"timesformer": {"sampling": "spread"}}},
+        {"encoders": {"timesformer": {"clip_frames": 4}}},
+        {"encoders": {"timesformer": {"sampling_rate": 2}}},
+        {"encoders": {"timesformer": {"target_fps": 25.0}}},
+        {"encoders": {"clip": {"pretrained": "openai"}}},
     ]
     for override in different:
         assert fingerprint(_config(world, tmp_path, **override), index, "cuda") != fingerprint(base, index, "cuda")
@@ -175,11 +183,11 @@ def test_non_finite_features_are_caught_before_writing(world, tmp_path, monkeypa
 
     real, calls = pipeline.encode_group, []
 
-    def poisoned(frames, valid, cfg, enc):  # the first video of the first group comes out NaN
-        out = real(frames, valid, cfg, enc)
+    def poisoned(videos, cfg, enc):  # the first video of the first group comes out NaN
+        out = real(videos, cfg, enc)
         if not calls:
             out[schema.TSF_CLS][0, 0] = np.nan
-        calls.append(len(frames))
+        calls.append(len(videos))
         return out
 
     monkeypatch.setattr(pipeline, "encode_group", poisoned)

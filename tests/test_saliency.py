@@ -10,6 +10,7 @@ from torchvision.ops import box_iou
 
 from extract.saliency import (
     clip_attention_saliency,
+    crop_boxes,
     foreground_background,
     foreground_box,
     saliency_to_uint8,
@@ -104,6 +105,43 @@ def test_region_maps_back_to_the_frame():
     fg, bg = foreground_background(frame, sal, mass=1.0, fill="zero", out_size=16, region=(0.25, 0.0, 0.75, 1.0))
     assert (fg[:, 1:-1, 1:-1] == 200).all()
     assert (bg[0, :, :8] == 0).all() and (bg[0, :, 9:] == 100).all()  # the view: the zeroed box, then the rest
+
+
+def _blocks(img: np.ndarray, k: int) -> np.ndarray:
+    """(H, W, 3) -> (H/k, W/k, 3) means of k x k blocks: an independent area resize."""
+    H, W, _ = img.shape
+    return img.reshape(H // k, k, W // k, k, 3).astype(np.float64).mean(axis=(1, 3))
+
+
+@pytest.mark.parametrize("crop", ["pad", "squash", "center"])
+def test_crop_modes_against_slicing(crop):
+    """A 64x32 box of a 96x128 native frame into a 16x16 input, each mode against numpy slicing + block means."""
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)  # (H, W, 3)
+    box = torch.tensor([[32 / 128, 16 / 96, 96 / 128, 48 / 96]])  # x 32..96, y 16..48 in pixels: 64 wide, 32 high
+    out = crop_boxes(torch.from_numpy(frame)[None], box, 16, crop, pad_value=7.0)[0].permute(1, 2, 0).numpy()
+    if crop == "pad":  # the whole box at 4:1, centred, with 4 rows of padding above and below
+        expected = np.full((16, 16, 3), 7.0)
+        expected[4:12] = _blocks(frame[16:48, 32:96], 4)
+    elif crop == "squash":  # 64x32 -> 16x16: x by 4, y by 2
+        expected = frame[16:48, 32:96].astype(np.float64).reshape(16, 2, 16, 4, 3).mean(axis=(1, 3))
+    else:  # the central 32x32 of the box
+        expected = _blocks(frame[16:48, 48:80], 2)
+    np.testing.assert_allclose(out, expected, atol=1e-3)
+
+
+def test_pipeline_crop_keeps_the_whole_object():
+    """A wide object: `pad` keeps all of it at its aspect, `center` cuts its ends, `squash` stretches it."""
+    frame = torch.zeros(1, 60, 120, 3, dtype=torch.uint8)
+    frame[:, 20:40, 10:110] = 255  # a 100x20 bar
+    sal = torch.zeros(1, 6, 12)
+    sal[0, 2:4, 1:11] = 1.0  # the map marks the bar
+    share = {}
+    for crop in ("pad", "squash", "center"):
+        fg, _ = foreground_background(frame, sal, mass=1.0, fill="zero", out_size=40, crop=crop)
+        share[crop] = float((fg[0, ..., 0] > 127).float().mean())
+    assert share["pad"] == pytest.approx(0.2, abs=0.03)  # 100x20 bar letterboxed: a fifth of the square
+    assert share["squash"] > 0.9 and share["center"] > 0.9  # stretched, or its middle only
 
 
 def test_shapes_and_storage():

@@ -143,7 +143,7 @@ def test_hf_layouts_roundtrip(model, reference, tmp_path):
     assert "timesformer.encoder.layer.1.temporal_dense.weight" in full and "classifier.weight" in full
     torch.save(full, tmp_path / "pytorch_model.bin")
     m, facts = load_timesformer(tmp_path / "pytorch_model.bin")
-    assert facts == {"layout": "hf", "head_classes_ignored": 400}
+    assert facts == {"layout": "hf", "head_classes_ignored": 400, "checkpoint_data": {}}
     assert torch.equal(TimesformerEncoder(m).encode(_frames())["cls"], reference["cls"])
 
 
@@ -258,3 +258,120 @@ def test_presets_are_vit_layouts():
         224, 16, 768, 12, 12, 4.0)  # fmt: skip
     n = sum(p.numel() for p in TimeSformer(PRESETS["tiny"]).parameters())
     assert n < 500_000
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction feeds the checkpoint its own test setting
+
+
+def _official_spatial(clip: torch.Tensor, size: int) -> torch.Tensor:
+    """facebookresearch/TimeSformer test-time `spatial_sampling` on normalised frames (T, C, H, W):
+    `random_short_side_scale_jitter(min_size=max_size=size)` then `uniform_crop(size, spatial_idx=1)`."""
+    import math
+
+    height, width = clip.shape[2:]
+    if width < height:
+        new_h, new_w = int(math.floor(height / width * size)), size
+    else:
+        new_h, new_w = size, int(math.floor(width / height * size))
+    clip = F.interpolate(clip, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    y, x = int(math.ceil((new_h - size) / 2)), int(math.ceil((new_w - size) / 2))
+    return clip[:, :, y : y + size, x : x + size]
+
+
+def test_clips_match_the_official_test_pipeline(model, tmp_path):
+    """A `.pyth` whose cfg says 8 frames 4 apart at 30 fps, with its own normalisation: extraction's V_l and v_cls
+    equal the official pipeline's (native RGB frames at the official indices, normalise, short-side bilinear,
+    centre crop, the official forward) on a clip centred on each sampled frame."""
+    import types
+
+    import av
+    import numpy as np
+    import yaml
+
+    from bench._videos import render_video
+    from extract import schema
+    from extract.config import FramesConfig
+    from extract.pipeline import _GroupDecoder, build_encoders, decode_cap, encode_group
+
+    mean, std = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)
+    data = {"NUM_FRAMES": 8, "SAMPLING_RATE": 4, "TARGET_FPS": 30, "MEAN": list(mean), "STD": list(std)}
+    weights = tmp_path / "checkpoint_epoch_00015.pyth"
+    cfg_dump = yaml.safe_dump({"DATA": data, "MODEL": {"NUM_CLASSES": 5}})  # the official file holds cfg.dump()
+    torch.save({"epoch": 15, "model_state": export_state_dict(model, "official", 5), "cfg": cfg_dump}, weights)
+    video = render_video(tmp_path / "v.mp4", 300, size=(80, 60), texture=True)  # 10 s at 30 fps, 80x60
+
+    cfg = Config(
+        frames=FramesConfig(num_frames=5),
+        encoders=EncodersConfig(timesformer=TimesformerConfig(weights=str(weights))),
+    )
+    enc = build_encoders(cfg, "cpu")
+    assert enc.timesformer.sampling == {
+        "clip_frames": 8,
+        "sampling_rate": 4,
+        "target_fps": 30.0,
+        "source": {k: "checkpoint cfg" for k in ("clip_frames", "sampling_rate", "target_fps")},
+    }
+    item = types.SimpleNamespace(path=video, region=None)
+    decoder = _GroupDecoder([item], [np.array([0])], cfg, decode_cap(cfg, enc), enc.timesformer.sampling)
+    decoded = decoder.decode_video(item)
+    assert decoded["frames"].shape[1:] == (60, 80, 3)  # native size: each encoder resizes as its own code does
+    ours = encode_group([decoded], cfg, enc)
+
+    with av.open(str(video)) as container:  # the official loader: every frame, to_rgb at the coded size
+        frames = torch.from_numpy(np.stack([f.to_rgb().to_ndarray() for f in container.decode(video=0)]))
+    clip_size = 4 * 8 / 30 * 30  # DATA.SAMPLING_RATE * NUM_FRAMES / TARGET_FPS * fps
+    v_frame, v_cls = [], []
+    for centre in decoded["pts"]:  # the frames CLIP saw: each clip's frame 4 sits on one
+        start = centre * 30 - 4 * (clip_size - 1) / 7
+        index = torch.linspace(start, start + clip_size - 1, 8).clamp(0, len(frames) - 1).long()  # temporal_sampling
+        clip = (frames[index].float() / 255 - torch.tensor(mean)) / torch.tensor(std)  # tensor_normalize: (T, H, W, C)
+        clip = _official_spatial(clip.permute(0, 3, 1, 2), 64)  # (T, C, 64, 64)
+        with torch.no_grad():
+            cls, frame = _official_forward(export_state_dict(model, "official"), clip.transpose(0, 1)[None], 2)
+        v_frame.append(frame[0, 4])
+        v_cls.append(cls[0])
+    np.testing.assert_allclose(ours[schema.TSF_FRAME][0], torch.stack(v_frame).numpy(), atol=2e-5)
+    np.testing.assert_allclose(ours[schema.TSF_CLS][0], torch.stack(v_cls).mean(0).numpy(), atol=2e-5)
+
+    # `spread` (the L frames as one clip) is the other documented scheme, and it differs.
+    spread = Config(
+        frames=cfg.frames,
+        encoders=EncodersConfig(timesformer=TimesformerConfig(weights=str(weights), sampling="spread")),
+    )
+    enc_spread = build_encoders(spread, "cpu")
+    assert enc_spread.timesformer.sampling is None
+    one_clip = _GroupDecoder([item], [np.array([0])], spread, None, None).decode_video(item)
+    assert one_clip["tsf_index"].shape == (1, 5)
+    other = encode_group([one_clip], spread, enc_spread)[schema.TSF_FRAME][0]
+    assert np.abs(other - ours[schema.TSF_FRAME][0]).max() > 1e-2
+
+
+def test_clip_sampling_sources(tmp_path, model):
+    """Config beats the checkpoint's cfg beats the K400 release; a HF folder's preprocessor_config gives mean/std."""
+    from safetensors.torch import save_file
+
+    from extract.encoders.timesformer import K400_SAMPLING, clip_sampling
+
+    arch = model.arch
+    assert clip_sampling(TimesformerConfig(), {}, arch) == {
+        **K400_SAMPLING,
+        "source": {
+            "clip_frames": "checkpoint time embeddings",
+            "sampling_rate": "K400 release default",
+            "target_fps": "K400 release default",
+        },
+    }
+    mixed = clip_sampling(TimesformerConfig(sampling_rate=2), {"sampling_rate": 8, "target_fps": 25}, arch)
+    assert (mixed["sampling_rate"], mixed["target_fps"]) == (2, 25.0)
+    assert mixed["source"]["sampling_rate"] == "config" and mixed["source"]["target_fps"] == "checkpoint cfg"
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in export_state_dict(model, "hf").items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"num_attention_heads": 2, "num_frames": 8}))
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    enc = build_timesformer_encoder(_cfg(weights=str(folder)), "cpu")
+    assert enc.mean == enc.std == (0.5, 0.5, 0.5)
+    assert enc.provenance()["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+    ref = preprocess(_frames(B=1, L=2), 64, (0.5,) * 3, (0.5,) * 3)
+    assert torch.allclose(ref, (preprocess(_frames(B=1, L=2), 64) * 0.225 + 0.45 - 0.5) / 0.5, atol=1e-5)

@@ -79,11 +79,21 @@ def test_checkpoint_is_the_official_layout_and_loads_through_encoders_timesforme
     assert {"model.blocks.0.temporal_attn.qkv.weight", "model.time_embed", "model.head.weight"} <= keys
     assert raw["model_state"]["model.head.weight"].shape[0] == len(ATOMIC_ACTIONS)
     model, facts = load_timesformer(result.checkpoint)
-    assert facts == {"layout": "official", "head_classes_ignored": len(ATOMIC_ACTIONS)}
+    # cfg: the YAML dump the official file holds; its DATA section is the clips the model was trained on:
+    # 8 consecutive rendered frames at the world's rate, normalised as the official model.
+    assert isinstance(raw["cfg"], str)
+    trained_on = {"clip_frames": cfg.video.clip_frames, "sampling_rate": 1, "target_fps": cfg.synthetic.fps}
+    assert facts == {
+        "layout": "official",
+        "head_classes_ignored": len(ATOMIC_ACTIONS),
+        "checkpoint_data": {**trained_on, "mean": (0.45,) * 3, "std": (0.225,) * 3},
+    }
     resolved = resolve_weights(cfg)  # encoders.timesformer.weights: video -> this checkpoint
     assert resolved.encoders.timesformer.weights == str(video_checkpoint(cfg)) == str(result.checkpoint)
     enc = build_timesformer_encoder(resolved, "cpu")
     assert enc.provenance()["layout"] == "official" and enc.provenance()["weights"] == str(result.checkpoint)
+    # extraction feeds it the same clips: the demo's encoder follows the same rule as a K400 checkpoint
+    assert {k: enc.sampling[k] for k in trained_on} == trained_on
     for name, p in model.state_dict().items():
         assert torch.equal(p, raw["model_state"]["model." + name])
 

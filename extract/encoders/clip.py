@@ -1,16 +1,27 @@
 """Frozen open_clip encoder: per-frame image embeddings plus the last block's CLS→patch attention.
 
 Weights are resolved in this order (`encoders.clip`):
-1. `weights`: a local checkpoint (.pt / .bin / .pth / .safetensors). An open_clip JSON config beside it
-   (`<stem>.json`, else `open_clip_config.json` or `config.json` in its folder) names the architecture;
-   otherwise `model` does.
-2. `pretrained`: an open_clip tag for `model`, loaded from open_clip's cache. When the weights cannot be
-   reached the encoder falls back to random weights of `preset`, loudly, and says so in its provenance.
+1. `weights`: a local checkpoint (.pt / .bin / .pth / .safetensors).
+   - Architecture: an open_clip JSON config beside it (`<stem>.json`, else `open_clip_config.json` or
+     `config.json` in its folder) names it, its `quick_gelu` included; otherwise `model` does.
+   - Preprocessing and activation: the JSON's `preprocess_cfg` when it has one; else the tag in `pretrained`
+     (which must be a tag of the architecture) gives the file that tag's mean/std, interpolation, resize mode
+     and fill colour, and QuickGELU when the tag was trained with it (`openai`, `dfn2b`, `metaclip_*`, ...).
+     A JSON that disagrees with a named tag wins, with a warning. With neither JSON nor tag, open_clip's
+     defaults (OpenAI mean/std, shortest-side resize + centre crop, GELU) are assumed, loudly.
+2. `pretrained`: an open_clip tag for `model`, loaded from open_clip's cache, with the tag's preprocessing and
+   (forced, since open_clip only warns) QuickGELU when the tag needs it and `model` is not a `-quickgelu`
+   name. When the weights cannot be reached the encoder falls back to random weights of `preset`, loudly,
+   and says so in its provenance.
 3. Neither: random weights of `preset` (`tiny` = `ltar-tiny-vit` below, `base` = `model`), loudly.
+
+The provenance records which source decided the preprocessing (`preprocess_source`: json / tag /
+open_clip defaults / preset) and the activation read back from the built model (`activation`).
 
 The attention comes from the same forward pass as the embedding: a pre-hook on the last residual block
 recomputes only that block's CLS query against all keys (open_clip runs `nn.MultiheadAttention` with
-`need_weights=False`, so the weights are never materialised otherwise).
+`need_weights=False`, so the weights are never materialised otherwise). Image towers whose embedding is not
+the CLS token's (attentional poolers, CLIPA's average pooling, ResNets, timm towers) have no such map.
 """
 
 from __future__ import annotations
@@ -29,7 +40,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 from torchvision.transforms import InterpolationMode
 
 from extract.config import Config, ConfigError
@@ -51,6 +63,8 @@ TINY_MODEL_CFG: dict[str, Any] = {
 _CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 _INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# The parts of a pretrained tag's settings that define its eval preprocessing (the size comes from the model).
+_TAG_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
 
 
 def register_model_config(name: str, model_cfg: dict) -> str:
@@ -88,9 +102,9 @@ def save_checkpoint(
     return path
 
 
-def _loud(message: str) -> None:
+def _loud(message: str, title: str = "RANDOM CLIP WEIGHTS") -> None:
     bar = "!" * 100
-    log.warning("\n%s\n!! RANDOM CLIP WEIGHTS: %s\n%s", bar, message, bar)
+    log.warning("\n%s\n!! %s: %s\n%s", bar, title, message, bar)
 
 
 def _find_json_config(weights: Path) -> tuple[Path, dict, dict] | None:
@@ -151,6 +165,43 @@ def _resolve_device(device: Any) -> torch.device:
     return torch.device(device)
 
 
+def _pretrained_cfg(archs: list[str], tag: str, hint: str) -> tuple[str, dict]:
+    """(architecture, open_clip's settings for `tag`) for the first of `archs` that has the tag, else a ConfigError."""
+    for arch in archs:
+        pcfg = open_clip.get_pretrained_cfg(arch, tag)
+        if pcfg:
+            return arch, pcfg
+    arch = next((a for a in archs if open_clip.list_pretrained_tags_by_model(a)), archs[0])
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    raise ConfigError(
+        f"encoders.clip.pretrained: {tag!r} is not a pretrained tag of {arch!r}; choose from {tags}, {hint}"
+    )
+
+
+def _tag_preprocess(pcfg: dict) -> dict:
+    """The eval preprocessing a pretrained tag was trained with (mean, std, interpolation, resize mode, fill)."""
+    return {k: list(pcfg[k]) if isinstance(pcfg[k], tuple) else pcfg[k] for k in _TAG_PREPROCESS_KEYS if k in pcfg}
+
+
+def _preprocess_differences(a: dict, b: dict) -> list[str]:
+    """The preprocessing keys on which two (partial) open_clip preprocess configs disagree, defaults filled in."""
+    full_a, full_b = merge_preprocess_dict(PreprocessCfg(), a), merge_preprocess_dict(PreprocessCfg(), b)
+
+    def same(x: Any, y: Any) -> bool:
+        if isinstance(x, (list, tuple, int, float)) and isinstance(y, (list, tuple, int, float)):
+            xs = list(x) if isinstance(x, (list, tuple)) else [x] * 3
+            ys = list(y) if isinstance(y, (list, tuple)) else [y] * 3
+            return len(xs) == len(ys) and all(math.isclose(u, v, abs_tol=1e-7) for u, v in zip(xs, ys, strict=True))
+        return x == y
+
+    return [key for key in _TAG_PREPROCESS_KEYS if not same(full_a[key], full_b[key])]
+
+
+def _arch_quick_gelu(name: str) -> bool:
+    """Whether the registered architecture `name` already builds QuickGELU (the `-quickgelu` configs)."""
+    return bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+
+
 def build_clip_encoder(cfg: Config, device: Any) -> ClipEncoder:
     """Build the frozen CLIP encoder from `cfg.encoders.clip` (see the module docstring for the order)."""
     c = cfg.encoders.clip
@@ -166,19 +217,90 @@ def build_clip_encoder(cfg: Config, device: Any) -> ClipEncoder:
                 f"encoders.clip.weights: the checkpoint {weights} does not exist; give the path of a local "
                 ".pt/.bin/.safetensors file, or unset encoders.clip.weights to use a pretrained tag or random weights"
             )
-        if c.pretrained:
-            log.warning("encoders.clip.pretrained=%r is ignored because encoders.clip.weights is set", c.pretrained)
         found = _find_json_config(weights)
-        preprocess: dict = {}
+        json_preprocess: dict = {}
         if found is not None:
-            json_path, model_cfg, preprocess = found
+            json_path, model_cfg, json_preprocess = found
             name = _name_for_config(model_cfg)
             info["model_config"] = str(json_path)
         else:
             name = c.model
             _check_arch(name, "encoders.clip.model")
+        preprocess: dict = dict(json_preprocess)
+        quick_gelu = False
+        if c.pretrained:
+            # A JSON registered under a new name has no tags: then the tag is looked up for encoders.clip.model.
+            archs = [name] + ([c.model] if found and c.model != name and open_clip.get_model_config(c.model) else [])
+            tag_arch, pcfg = _pretrained_cfg(
+                archs,
+                c.pretrained,
+                "or unset encoders.clip.pretrained (it names the tag the local weights come from, "
+                "for their preprocessing and activation)",
+            )
+            info["pretrained"] = c.pretrained
+            tag_preprocess = _tag_preprocess(pcfg)
+            if json_preprocess:
+                differ = _preprocess_differences(json_preprocess, tag_preprocess)
+                if differ:
+                    log.warning(
+                        "encoders.clip.weights: the preprocessing in %s (%s) disagrees with that of the tag "
+                        "encoders.clip.pretrained=%r of %s (%s) on %s; using the JSON's. Fix the JSON or the tag "
+                        "if the weights do not come from where it says.",
+                        info["model_config"],
+                        {k: json_preprocess.get(k) for k in differ},
+                        c.pretrained,
+                        tag_arch,
+                        {k: tag_preprocess.get(k) for k in differ},
+                        ", ".join(differ),
+                    )
+                preprocess_source = "json"
+            else:
+                preprocess, preprocess_source = tag_preprocess, "tag"
+            tag_quick_gelu = bool(pcfg.get("quick_gelu", False))
+            if found is not None:
+                activation_source = "json"
+                if tag_quick_gelu != _arch_quick_gelu(name):
+                    log.warning(
+                        "encoders.clip.weights: the model config in %s builds %s but the tag encoders.clip.pretrained"
+                        "=%r was trained with %s; using the JSON's. Set `quick_gelu` in the JSON's model_cfg if the "
+                        "weights come from that tag.",
+                        info["model_config"],
+                        "QuickGELU" if _arch_quick_gelu(name) else "GELU",
+                        c.pretrained,
+                        "QuickGELU" if tag_quick_gelu else "GELU",
+                    )
+            else:
+                activation_source = "tag"
+                quick_gelu = tag_quick_gelu and not _arch_quick_gelu(name)
+        elif found is not None:
+            activation_source = "json"
+            preprocess_source = "json" if json_preprocess else "open_clip defaults"
+            if not json_preprocess:
+                log.warning(
+                    "encoders.clip.weights: %s has no preprocess_cfg and encoders.clip.pretrained names no tag, so "
+                    "open_clip's default preprocessing (OpenAI mean/std, shortest-side resize, centre crop) is "
+                    "assumed; set encoders.clip.pretrained to the tag the weights come from or add a preprocess_cfg.",
+                    info["model_config"],
+                )
+        else:
+            preprocess_source = activation_source = "open_clip defaults"
+            _loud(
+                f"encoders.clip.weights: {weights} has no open_clip JSON config beside it and encoders.clip.pretrained "
+                "names no tag, so open_clip's default preprocessing (OpenAI mean/std, shortest-side resize, centre "
+                f"crop, bicubic) and {name!r}'s {'QuickGELU' if _arch_quick_gelu(name) else 'GELU'} are ASSUMED. "
+                "Wrong settings degrade every CLIP feature silently: set encoders.clip.pretrained to the tag the "
+                "weights come from (e.g. `openai`, which needs QuickGELU) or put the model's open_clip_config.json "
+                "beside the file.",
+                title="CLIP PREPROCESSING ASSUMED",
+            )
         try:
-            model = _create(name, device, pretrained=str(weights), force_preprocess_cfg=preprocess or None)
+            model = _create(
+                name,
+                device,
+                pretrained=str(weights),
+                force_preprocess_cfg=preprocess or None,
+                force_quick_gelu=quick_gelu,
+            )
         except (RuntimeError, KeyError, ValueError) as e:
             raise ConfigError(
                 f"encoders.clip.weights: could not load {weights} into the open_clip architecture {name!r} ({e}); "
@@ -188,16 +310,12 @@ def build_clip_encoder(cfg: Config, device: Any) -> ClipEncoder:
         source = "weights"
     elif c.pretrained:
         _check_arch(c.model, "encoders.clip.model")
-        tags = open_clip.list_pretrained_tags_by_model(c.model)
-        if not open_clip.get_pretrained_cfg(c.model, c.pretrained):
-            raise ConfigError(
-                f"encoders.clip.pretrained: {c.pretrained!r} is not a pretrained tag of {c.model!r}; "
-                f"choose from {tags}, or give a local checkpoint as encoders.clip.weights"
-            )
+        _, pcfg = _pretrained_cfg([c.model], c.pretrained, "or give a local checkpoint as encoders.clip.weights")
+        quick_gelu = bool(pcfg.get("quick_gelu", False)) and not _arch_quick_gelu(c.model)
         try:
-            name, model = c.model, _create(c.model, device, pretrained=c.pretrained)
+            name, model = c.model, _create(c.model, device, pretrained=c.pretrained, force_quick_gelu=quick_gelu)
             info["pretrained"] = c.pretrained
-            source = "pretrained"
+            source, preprocess_source, activation_source = "pretrained", "tag", "tag"
         except (RuntimeError, OSError) as e:
             fallback_reason = f"pretrained weights {c.model}/{c.pretrained} could not be loaded: {e}"
             _loud(
@@ -206,10 +324,12 @@ def build_clip_encoder(cfg: Config, device: Any) -> ClipEncoder:
                 "cache or set encoders.clip.weights to a local checkpoint."
             )
             name, source = preset_name, "random"
+            preprocess_source = activation_source = "preset"
             _check_arch(name, "encoders.clip.model")
             model = _create(name, device)
     else:
         name, source = preset_name, "random"
+        preprocess_source = activation_source = "preset"
         _check_arch(name, "encoders.clip.model")
         fallback_reason = "neither encoders.clip.weights nor encoders.clip.pretrained is set"
         _loud(
@@ -228,6 +348,8 @@ def build_clip_encoder(cfg: Config, device: Any) -> ClipEncoder:
             "preset": c.preset,
             "random_weights": source == "random",
             "fallback_reason": fallback_reason,
+            "preprocess_source": preprocess_source,
+            "activation_source": activation_source,
             **info,
         },
     )
@@ -271,10 +393,16 @@ class ClipEncoder:
         self.mean = torch.tensor(pp.get("mean", open_clip.OPENAI_DATASET_MEAN), device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(pp.get("std", open_clip.OPENAI_DATASET_STD), device=self.device).view(1, 3, 1, 1)
 
+        self.activation, activation_at = _activation(model)  # "quick_gelu" / "gelu" as built
         self.attention_unsupported = _attention_problem(model.visual)
         self.supports_attention = self.attention_unsupported is None
         self.grid: tuple[int, int] | None = tuple(model.visual.grid_size) if self.supports_attention else None
-        self.dim = int(getattr(model, "embed_dim", 0) or model.visual.output_dim)
+        # open_clip's towers keep the joint width as `output_dim`, except timm towers: then the config's embed_dim.
+        self.dim = int(
+            getattr(model, "embed_dim", 0)
+            or getattr(model.visual, "output_dim", 0)
+            or (open_clip.get_model_config(model_name) or {})["embed_dim"]
+        )
         self._provenance = {
             "encoder": "clip",
             "model": model_name,
@@ -288,7 +416,10 @@ class ClipEncoder:
                 "interpolation": self.interpolation,
                 "mean": [float(v) for v in self.mean.flatten()],
                 "std": [float(v) for v in self.std.flatten()],
+                "fill_color": self.fill_color,
             },
+            "activation": self.activation,
+            "activation_read_from": activation_at,
             "open_clip": open_clip.__version__,
             "torch": torch.__version__,
             "random_weights": False,
@@ -327,11 +458,12 @@ class ClipEncoder:
         scale = max(th / height, tw / width) if self.resize_mode == "shortest" else min(th / height, tw / width)
         return round(height * scale), round(width * scale)
 
-    def preprocess(self, frames: Any) -> torch.Tensor:
-        """uint8 frames (N, H, W, 3) of any size -> normalised model input (N, 3, h, w) float32 on the device.
+    def view(self, frames: Any) -> torch.Tensor:
+        """uint8 frames (N, H, W, 3) of any size -> what the model sees of them, uint8 (N, h, w, 3) on the device.
 
-        Mirrors open_clip's eval transform (resize mode, interpolation, mean/std from the model's preprocess
-        config) but runs batched on the device; resizing happens in uint8 like the PIL pipeline.
+        The geometric half of open_clip's eval transform (resize mode and interpolation from the model's
+        preprocess config), batched on the device; resizing happens in uint8 like the PIL pipeline. A frame
+        already at the input size passes unchanged, so `preprocess(view(x)) == preprocess(x)`.
         """
         x = torch.as_tensor(frames)
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
@@ -341,9 +473,10 @@ class ClipEncoder:
         th, tw = self.image_size
         interp = _INTERPOLATION.get(self.interpolation, InterpolationMode.BICUBIC)
         if N == 0:
-            return torch.zeros(0, 3, th, tw, device=self.device)
+            return torch.zeros(0, th, tw, 3, dtype=torch.uint8, device=self.device)
         if self.resize_mode == "squash":
-            x = TF.resize(x, [th, tw], interpolation=interp, antialias=True)  # (N, 3, th, tw)
+            if (H, W) != (th, tw):
+                x = TF.resize(x, [th, tw], interpolation=interp, antialias=True)  # (N, 3, th, tw)
         else:
             nh, nw = self._resized_size(H, W)
             if (nh, nw) != (H, W):
@@ -352,7 +485,12 @@ class ClipEncoder:
                 ph, pw = max(th - nh, 0), max(tw - nw, 0)
                 x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=self.fill_color)
             x = TF.center_crop(x, [th, tw])  # (N, 3, th, tw)
-        x = x.float().div_(255.0)
+        return x.permute(0, 2, 3, 1)  # (N, th, tw, 3)
+
+    def preprocess(self, frames: Any) -> torch.Tensor:
+        """uint8 frames (N, H, W, 3) of any size -> normalised model input (N, 3, h, w) float32 on the device:
+        `view`, then (x / 255 - mean) / std with the model's preprocess config."""
+        x = self.view(frames).permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, h, w)
         return (x - self.mean) / self.std
 
     def encode(self, frames: Any, attention: bool = True) -> dict[str, torch.Tensor]:
@@ -433,12 +571,42 @@ class ClipEncoder:
         return copy.deepcopy(self._provenance)
 
 
+# Where open_clip's transformer blocks keep their MLP activation: the image tower (VisionTransformer), else the
+# text tower (CustomTextCLIP's `text`, CLIP's own `transformer`). timm image towers ignore `quick_gelu`.
+_ACTIVATION_PATHS = (
+    "visual.transformer.resblocks.0.mlp.gelu",
+    "text.transformer.resblocks.0.mlp.gelu",
+    "transformer.resblocks.0.mlp.gelu",
+)
+
+
+def _activation(model: torch.nn.Module) -> tuple[str, str | None]:
+    """("quick_gelu" | "gelu" | another class name | "unknown", the module path it was read from)."""
+    for path in _ACTIVATION_PATHS:
+        try:
+            act = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(act, QuickGELU):
+            return "quick_gelu", path
+        if isinstance(act, torch.nn.GELU):
+            return "gelu", path
+        return type(act).__name__.lower(), path
+    return "unknown", None
+
+
 def _attention_problem(visual: torch.nn.Module) -> str | None:
     """Why CLS→patch attention cannot be read from this image tower, or None when it can."""
     if not isinstance(visual, VisionTransformer):
         return f"its image tower is a {type(visual).__name__}, not an open_clip VisionTransformer"
     if visual.attn_pool is not None:
         return "its ViT pools with an attentional pooler instead of the CLS token"
+    if visual.pool_type != "tok":
+        pooled = "the mean of the patch tokens (CLIPA-style)" if visual.pool_type == "avg" else "not pooled"
+        return (
+            f"its ViT pools with pool_type={visual.pool_type!r}, so the embedding is {pooled}, not the CLS token, "
+            "and the CLS token's attention does not show what the embedding looked at"
+        )
     blocks = visual.transformer.resblocks
     if not all(
         isinstance(b, ResidualAttentionBlock) and isinstance(b.attn, torch.nn.MultiheadAttention) for b in blocks

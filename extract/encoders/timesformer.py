@@ -13,9 +13,11 @@ Three checkpoint layouts load into it, with strict key checking:
   either a folder with `config.json` + `model.safetensors` / `pytorch_model.bin`, or one such file.
 - `ours`: `{"format": FORMAT, "arch": {...}, "state_dict": {...}}`, written by `save_checkpoint`.
 
-Frames: `L` may differ from the checkpoint's number of time embeddings (8 for K400); like the official forward, the
-time embeddings are resampled to `L` with nearest-neighbour interpolation at run time (and the position embeddings to
-the patch grid when an image size other than the checkpoint's is fed).
+Frames: extraction feeds clips in the checkpoint's own setting (`encoders.timesformer.sampling: clips`): the official
+cfg stored in the `.pyth` (`DATA.NUM_FRAMES`, `DATA.SAMPLING_RATE`, `DATA.TARGET_FPS`, `DATA.MEAN`, `DATA.STD`) decides
+them, else the K400 release's 8 frames 32 apart at 30 fps; a Hugging Face folder's `preprocessor_config.json` gives
+the mean and std. A clip of another length still runs: like the official forward, the time embeddings are resampled
+with nearest-neighbour interpolation (and the position embeddings to the patch grid for another image size).
 
 Token order: the official code keeps the patch tokens as `(h w t)` (patch-major); we keep `(t h w)` (frame-major),
 which makes the per-frame reshapes contiguous. Attention is order-free within each group (a frame's patches, a
@@ -49,6 +51,8 @@ FORMAT = "causal-ltar/timesformer-v1"  # the `format` tag of our own checkpoint 
 # DATA.MEAN / DATA.STD of facebookresearch/TimeSformer `timesformer/config/defaults.py` (RGB, pixels scaled to [0, 1]).
 MEAN = (0.45, 0.45, 0.45)
 STD = (0.225, 0.225, 0.225)
+# The released K400 models' test clip (configs/Kinetics/TimeSformer_divST_8x32_224.yaml): 8 frames, 32 apart at 30 fps.
+K400_SAMPLING = {"clip_frames": 8, "sampling_rate": 32, "target_fps": 30.0}
 RANDOM_SEED = 0  # random-weight presets are built under this seed, so a rerun gives the same features
 
 
@@ -292,6 +296,43 @@ def _read_file(path: Path) -> Any:
         ) from None
 
 
+def checkpoint_data_cfg(obj: Any) -> dict:
+    """The `DATA` settings an official `.pyth` records in its `cfg` (a YAML dump of the yacs CfgNode, or a dict):
+    {clip_frames, sampling_rate, target_fps, mean, std}, only the keys present."""
+    cfg = obj.get("cfg") if isinstance(obj, Mapping) else None
+    if isinstance(cfg, str):
+        import yaml
+
+        try:
+            cfg = yaml.safe_load(cfg)
+        except yaml.YAMLError:
+            return {}
+    data = cfg.get("DATA") if isinstance(cfg, Mapping) else None
+    if not isinstance(data, Mapping):
+        return {}
+    names = {"NUM_FRAMES": "clip_frames", "SAMPLING_RATE": "sampling_rate", "TARGET_FPS": "target_fps"}
+    out: dict[str, Any] = {ours: data[theirs] for theirs, ours in names.items() if data.get(theirs)}
+    for key in ("MEAN", "STD"):
+        value = data.get(key)
+        if isinstance(value, (list, tuple)) and len(value) == 3:
+            out[key.lower()] = tuple(float(v) for v in value)
+    return out
+
+
+def _hf_preprocessor(path: Path) -> dict:
+    """Mean and std from a Hugging Face folder's `preprocessor_config.json` (VideoMAEImageProcessor), when present."""
+    pp_path = path / "preprocessor_config.json"
+    if not pp_path.exists():
+        return {}
+    pp = json.loads(pp_path.read_text())
+    out = {}
+    for theirs, ours in (("image_mean", "mean"), ("image_std", "std")):
+        value = pp.get(theirs)
+        if isinstance(value, (list, tuple)) and len(value) == 3:
+            out[ours] = tuple(float(v) for v in value)
+    return out
+
+
 def _read_hf_folder(path: Path) -> tuple[dict, dict]:
     cfg_path = path / "config.json"
     hf_cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
@@ -362,7 +403,8 @@ def _infer_arch(sd: Mapping[str, torch.Tensor], layout: str, hints: dict, path: 
 def load_timesformer(path: str | Path) -> tuple[TimeSformer, dict]:
     """Build a TimeSformer from a checkpoint file or HF folder, with strict key checking.
 
-    Returns the model and facts for provenance (layout, head classes ignored). Raises CheckpointError naming the
+    Returns the model and facts for provenance (layout, head classes ignored, `checkpoint_data`: the sampling and
+    normalisation the file records, see `checkpoint_data_cfg`). Raises CheckpointError naming the
     file and its missing / unexpected / mis-shaped keys, in the file's own naming."""
     path = Path(path)
     if not path.exists():
@@ -375,8 +417,13 @@ def load_timesformer(path: str | Path) -> tuple[TimeSformer, dict]:
         obj, hf_cfg = _read_hf_folder(path)
         layout, sd, _ = _detect(obj, path)
         hints = {k: hf_cfg[k] for k in ("num_attention_heads",) if k in hf_cfg}
+        data_cfg = _hf_preprocessor(path)
+        if hf_cfg.get("num_frames"):
+            data_cfg["clip_frames"] = int(hf_cfg["num_frames"])
     else:
-        layout, sd, hints = _detect(_read_file(path), path)
+        obj = _read_file(path)
+        layout, sd, hints = _detect(obj, path)
+        data_cfg = checkpoint_data_cfg(obj)
 
     head = {}
     for k in _HEAD_KEYS.get(layout, ()):
@@ -410,7 +457,7 @@ def load_timesformer(path: str | Path) -> tuple[TimeSformer, dict]:
         )
     model.load_state_dict({k: v.float() for k, v in converted.items()}, strict=True)
     head_classes = int(next(iter(head.values())).shape[0]) if head else 0
-    return model, {"layout": layout, "head_classes_ignored": head_classes}
+    return model, {"layout": layout, "head_classes_ignored": head_classes, "checkpoint_data": data_cfg}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,11 +465,15 @@ def load_timesformer(path: str | Path) -> tuple[TimeSformer, dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def preprocess(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 frames (B, L, H, W, 3) -> normalised (B, L, 3, size, size) float32, on the frames' device.
+def preprocess(
+    frames: torch.Tensor, size: int, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD
+) -> torch.Tensor:
+    """uint8 frames (B, L, H, W, 3) of any size -> normalised (B, L, 3, size, size) float32, on the frames' device.
 
-    As the official test-time pipeline (`datasets/utils.py:spatial_sampling` with a fixed scale): bilinear resize of
-    the short side to `size` (align_corners False, no antialias), then the centre crop, then (x/255 - 0.45) / 0.225.
+    As the official test-time pipeline (`datasets/utils.py:spatial_sampling` with a fixed scale, from the decoded
+    native frames): bilinear resize of the short side to `size` (long side floored, align_corners False, no
+    antialias), the centre crop (offsets ceiled, as `uniform_crop`), then (x/255 - mean) / std. The official code
+    normalises before resizing; bilinear interpolation is affine-invariant, so the order does not change a number.
     """
     B, L, H, W, C = frames.shape
     x = frames.reshape(B * L, H, W, C).permute(0, 3, 1, 2).float()  # (B*L, 3, H, W)
@@ -434,8 +485,8 @@ def preprocess(frames: torch.Tensor, size: int) -> torch.Tensor:
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)  # (B*L, 3, nh, nw)
     y0, x0 = math.ceil((nh - size) / 2), math.ceil((nw - size) / 2)
     x = x[:, :, y0 : y0 + size, x0 : x0 + size]  # (B*L, 3, size, size)
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255.0
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255.0
     return ((x - mean) / std).reshape(B, L, 3, size, size)  # (B, L, 3, size, size)
 
 
@@ -455,8 +506,14 @@ class TimesformerEncoder:
         weights: str | None = None,
         layout: str = "random",
         extra: dict | None = None,
+        mean: tuple[float, ...] = MEAN,
+        std: tuple[float, ...] = STD,
+        sampling: dict | None = None,
     ) -> None:
         self.device = torch.device(device)
+        self.mean, self.std = tuple(mean), tuple(std)
+        # {"clip_frames", "sampling_rate", "target_fps", "source"} of `sampling: clips`; None = `spread`
+        self.sampling = dict(sampling) if sampling else None
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.arch = model.arch
         self.dim = model.arch.dim  # Dv
@@ -475,7 +532,8 @@ class TimesformerEncoder:
             )
         dtype = _AUTOCAST[self.precision] if self.device.type == "cuda" else None
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            x = preprocess(frames.to(self.device, non_blocking=True), self.image_size)  # (B, L, 3, S, S)
+            x = preprocess(frames.to(self.device, non_blocking=True), self.image_size, self.mean, self.std)
+            # x: (B, L, 3, S, S)
             cls, tokens = self.model(x)  # (B, Dv), (B, L, N, Dv)
             frame = tokens.float().mean(dim=2)  # (B, L, Dv): V, spatial tokens averaged per frame
         return {"frame": frame, "cls": cls.float()}
@@ -494,8 +552,17 @@ class TimesformerEncoder:
             "heads": a.heads,
             "mlp_ratio": a.mlp_ratio,
             "time_embeddings": a.num_frames,
-            "time_embedding_resampling": "nearest (as vit.py), to the clip's L",
-            "preprocess": "short side bilinear to image_size, centre crop, mean 0.45 std 0.225",
+            "time_embedding_resampling": "nearest (as vit.py), to the clip's length",
+            "sampling": (
+                {"mode": "clips", **self.sampling}
+                if self.sampling
+                else {"mode": "spread", "note": "the L sampled frames form one clip"}
+            ),
+            "preprocess": {
+                "resize": "short side bilinear to image_size from the native frame, centre crop (ceil offsets)",
+                "mean": list(self.mean),
+                "std": list(self.std),
+            },
             "precision": self.precision if self.device.type == "cuda" else "fp32",
             "timm": timm.__version__,
             "torch": torch.__version__,
@@ -518,6 +585,30 @@ def random_timesformer(preset: str, seed: int = RANDOM_SEED) -> TimeSformer:
         return TimeSformer(PRESETS[preset])
 
 
+def clip_sampling(tcfg: Any, checkpoint: dict, arch: TimesformerArch) -> dict | None:
+    """The clip setting of `sampling: clips`, each value from the config, else the checkpoint's cfg, else the K400
+    release (clip_frames: the checkpoint's time embeddings); None for `sampling: spread`."""
+    if tcfg.sampling == "spread":
+        return None
+    out, sources = {}, {}
+    for key in ("clip_frames", "sampling_rate", "target_fps"):
+        configured, recorded = getattr(tcfg, key), checkpoint.get(key)
+        if configured is not None:
+            out[key], sources[key] = configured, "config"
+        elif recorded is not None:
+            out[key], sources[key] = recorded, "checkpoint cfg"
+        elif key == "clip_frames":
+            out[key], sources[key] = arch.num_frames, "checkpoint time embeddings"
+        else:
+            out[key], sources[key] = K400_SAMPLING[key], "K400 release default"
+    out["clip_frames"], out["sampling_rate"], out["target_fps"] = (
+        int(out["clip_frames"]),
+        int(out["sampling_rate"]),
+        float(out["target_fps"]),
+    )
+    return {**out, "source": sources}
+
+
 def build_timesformer_encoder(cfg: Any, device: Any) -> TimesformerEncoder:
     """Registry builder: `cfg.encoders.timesformer` names a weights path, or (weights null) a random-weight preset."""
     tcfg, device = cfg.encoders.timesformer, _resolve_device(device)
@@ -530,8 +621,26 @@ def build_timesformer_encoder(cfg: Any, device: Any) -> TimesformerEncoder:
         )
         model = random_timesformer(tcfg.preset)
         return TimesformerEncoder(
-            model, device, precision, preset=tcfg.preset, layout="random", extra={"seed": RANDOM_SEED}
+            model,
+            device,
+            precision,
+            preset=tcfg.preset,
+            layout="random",
+            extra={"seed": RANDOM_SEED},
+            sampling=clip_sampling(tcfg, {}, model.arch),
         )
     model, facts = load_timesformer(tcfg.weights)
-    logger.info("TimeSformer: loaded %s (%s layout, %s)", tcfg.weights, facts["layout"], model.arch)
-    return TimesformerEncoder(model, device, precision, weights=str(tcfg.weights), layout=facts["layout"], extra=facts)
+    data = facts["checkpoint_data"]
+    sampling = clip_sampling(tcfg, data, model.arch)
+    logger.info("TimeSformer: loaded %s (%s layout, %s), clips %s", tcfg.weights, facts["layout"], model.arch, sampling)
+    return TimesformerEncoder(
+        model,
+        device,
+        precision,
+        weights=str(tcfg.weights),
+        layout=facts["layout"],
+        extra=facts,
+        mean=data.get("mean", MEAN),
+        std=data.get("std", STD),
+        sampling=sampling,
+    )
