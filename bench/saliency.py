@@ -8,10 +8,14 @@ frames that show an action. For every saliency method and CLIP weights:
 - `area`: the box's share of the frame (a box as large as the frame holds everything and separates nothing),
 - `distractor`: the share of the non-causal objects' pixels inside the box (lower is better),
 - `object_random`: the object share of a box of the same size placed at random (the floor a map must beat).
-Methods: `clip-attention` (the last block's CLS→patch attention) with the demo's trained CLIP (`encoders.clip.
-weights: vlm`, when `ltar pretrain-vlm` has run) and with random weights of the same preset (a method that works
-only with weights trained on this world is not a default for real footage), and `spectral-residual` (no weights).
-Prints a table, then one line of key=value pairs.
+Methods: `clip-attention` (the last block's CLS→patch attention) and `clip-surgery` (CLIP Surgery's value-value
+path) with the demo's trained CLIP (`encoders.clip.weights: vlm`, when `ltar pretrain-vlm` has run) and with random
+weights of the same preset (a method that works only with weights trained on this world is not a default for real
+footage), `spectral-residual` and `motion` (the frames before and after, no weights). Two worlds: the configured
+one, and the same with its distractor switched on (`synthetic.distractor: true`: a non-causal object beside the
+acting one, moving with it; keys prefixed `dw_`), where every method also says how much of the distractor its box
+takes in; the CLIP weights are those of the configured world. Prints a table per world, then one line of
+key=value pairs.
 
 Run from the repository root: `.venv/bin/python bench/saliency.py` (`--smoke`: a few frames, for the tests).
 """
@@ -30,25 +34,38 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extract.config import Config, load_config  # noqa: E402
-from extract.saliency import box_mask, clip_attention_saliency, foreground_box, spectral_residual_saliency  # noqa: E402
+from extract.saliency import (  # noqa: E402
+    box_mask,
+    clip_attention_saliency,
+    clip_surgery_saliency,
+    foreground_box,
+    motion_saliency,
+    spectral_residual_saliency,
+)
 from extract.synthetic import plan_split, render_layers  # noqa: E402
 
 VIDEOS, FRAMES_PER_VIDEO = 48, 6  # 288 action frames of test_iid
 SMOKE_VIDEOS, SMOKE_FRAMES = 2, 2
 
 
-def action_frames(cfg: Config, videos: int, per_video: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def action_frames(
+    cfg: Config, videos: int, per_video: int, distractor: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(N, H, W, 3) uint8 frames that show an action, with the acting object's mask and the distractors' (N, H, W)
-    bool, `per_video` evenly spaced action frames of each of the first `videos` test_iid videos."""
-    frames, objects, others = [], [], []
-    for spec in plan_split(cfg.synthetic, "test_iid")[:videos]:
-        f, obj, spurious = render_layers(spec, cfg.synthetic)  # (T, H, W, 3), (T, H, W), (T, H, W)
+    bool, `per_video` evenly spaced action frames of each of the first `videos` test_iid videos (of the world with
+    its distractor on when `distractor`); and the frames before and after each (2, N, H, W, 3), clamped at the
+    video's ends."""
+    world = replace(cfg.synthetic, distractor=distractor)
+    frames, objects, others, around = [], [], [], []
+    for spec in plan_split(world, "test_iid")[:videos]:
+        f, obj, spurious = render_layers(spec, world)  # (T, H, W, 3), (T, H, W), (T, H, W)
         shown = np.flatnonzero(obj.reshape(len(obj), -1).any(1))  # frames with the acting object
         pick = shown[np.linspace(0, len(shown) - 1, per_video).round().astype(int)]
         frames.append(f[pick])
         objects.append(obj[pick])
         others.append(spurious[pick])
-    return np.concatenate(frames), np.concatenate(objects), np.concatenate(others)
+        around.append(np.stack([f[np.maximum(pick - 1, 0)], f[np.minimum(pick + 1, len(f) - 1)]]))
+    return np.concatenate(frames), np.concatenate(objects), np.concatenate(others), np.concatenate(around, axis=1)
 
 
 def box_scores(boxes: torch.Tensor, objects: np.ndarray, others: np.ndarray, seed: int = 0) -> dict[str, float]:
@@ -74,7 +91,9 @@ def box_scores(boxes: torch.Tensor, objects: np.ndarray, others: np.ndarray, see
     }
 
 
-def measure(cfg: Config, frames: np.ndarray, objects: np.ndarray, others: np.ndarray) -> dict[str, dict[str, float]]:
+def measure(
+    cfg: Config, frames: np.ndarray, objects: np.ndarray, others: np.ndarray, around: np.ndarray
+) -> dict[str, dict[str, float]]:
     """method label -> box_scores, for every method and CLIP weights available."""
     from extract.encoders.clip import build_clip_encoder
     from extract.pipeline import resolve_weights
@@ -92,13 +111,19 @@ def measure(cfg: Config, frames: np.ndarray, objects: np.ndarray, others: np.nda
     for label, clip_cfg in encoders.items():
         enc = build_clip_encoder(replace(cfg, encoders=replace(cfg.encoders, clip=clip_cfg)), "cpu")
         with torch.no_grad():
-            attention = enc.encode(x)["attention"]  # (N, h, w) over the frame (square frames: the whole frame)
+            maps = enc.encode(x, attention=True, surgery=True)  # (N, h, w) each, over the (square) frame
         out[f"clip-attention ({label})"] = box_scores(
-            foreground_box(clip_attention_saliency(attention), mass), objects, others
+            foreground_box(clip_attention_saliency(maps["attention"]), mass), objects, others
         )
-        grid = attention.shape[-1]
-    sal = spectral_residual_saliency(x, cfg.saliency.map_size or grid)
+        out[f"clip-surgery ({label})"] = box_scores(
+            foreground_box(clip_surgery_saliency(maps["surgery"]), mass), objects, others
+        )
+        grid = maps["attention"].shape[-1]
+    size = cfg.saliency.map_size or grid
+    sal = spectral_residual_saliency(x, size)
     out["spectral-residual"] = box_scores(foreground_box(sal, mass), objects, others)
+    moving = motion_saliency(torch.from_numpy(around[0]), torch.from_numpy(around[1]), size)
+    out["motion"] = box_scores(foreground_box(moving, mass), objects, others)
     return out
 
 
@@ -110,24 +135,28 @@ def main(argv: list[str] | None = None) -> None:
     if smoke:
         cfg = replace(cfg, encoders=replace(cfg.encoders, clip=replace(cfg.encoders.clip, weights=None)))
     videos, per = (SMOKE_VIDEOS, SMOKE_FRAMES) if smoke else (VIDEOS, FRAMES_PER_VIDEO)
-    frames, objects, others = action_frames(cfg, videos, per)
-    scores = measure(cfg, frames, objects, others)
-    size = f"{frames.shape[1]}x{frames.shape[2]}"
-    print(f"saliency on {len(frames)} action frames of test_iid ({size}), mass {cfg.saliency.mass}")
-    print(f"{'method':<28} {'object in box':>14} {'box area':>9} {'random box':>11} {'distractor':>11}")
-    for name, s in scores.items():
-        distractor = f"{s['distractor']:.3f}" if s["distractor"] == s["distractor"] else "—"  # (none rendered)
-        print(f"{name:<28} {s['object']:>14.3f} {s['area']:>9.3f} {s['object_random']:>11.3f} {distractor:>11}")
     key = {
         "clip-attention (demo VLM)": "clip_vlm",
         "clip-attention (random)": "clip_random",
+        "clip-surgery (demo VLM)": "surgery_vlm",
+        "clip-surgery (random)": "surgery_random",
         "spectral-residual": "spectral",
+        "motion": "motion",
     }
-    print(
-        " ".join(
-            f"{key[n]}_{m}={v:.3f}" for n, s in scores.items() for m, v in s.items() if m != "distractor" or v == v
-        )
-    )
+    pairs = []
+    for distractor, prefix in ((False, ""), (True, "dw_")):
+        frames, objects, others, around = action_frames(cfg, videos, per, distractor)
+        scores = measure(cfg, frames, objects, others, around)
+        size = f"{frames.shape[1]}x{frames.shape[2]}"
+        world = "with the distractor on" if distractor else "as configured"
+        print(f"saliency on {len(frames)} action frames of test_iid ({size}), world {world}, mass {cfg.saliency.mass}")
+        print(f"{'method':<28} {'object in box':>14} {'box area':>9} {'random box':>11} {'distractor':>11}")
+        for name, s in scores.items():
+            shown = f"{s['distractor']:.3f}" if s["distractor"] == s["distractor"] else "—"  # (none rendered)
+            print(f"{name:<28} {s['object']:>14.3f} {s['area']:>9.3f} {s['object_random']:>11.3f} {shown:>11}")
+        for n, s in scores.items():
+            pairs += [f"{prefix}{key[n]}_{m}={v:.3f}" for m, v in s.items() if m != "distractor" or v == v]
+    print(" ".join(pairs))
 
 
 if __name__ == "__main__":

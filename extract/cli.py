@@ -234,8 +234,8 @@ def inspect(
     saliency: str = typer.Option(
         None,
         "--saliency",
-        help="Saliency methods to draw beside the stored one, comma-separated (clip-attention, spectral-residual); "
-        "for a video file, every method by default.",
+        help="Saliency methods to draw beside the stored one, comma-separated (clip-attention, clip-surgery, "
+        "spectral-residual, motion); for a video file, every method by default.",
     ),
 ) -> None:
     """Show what the cache holds: a summary, or one video's frames, saliency, foreground and background. VIDEO_ID
@@ -243,7 +243,7 @@ def inspect(
 
     Example: ltar inspect train_00003   (writes <train.runs_root>/inspect/train_00003.png, runs/inspect/ by default)
 
-    Example: ltar inspect my_clip.mp4 --saliency clip-attention,spectral-residual
+    Example: ltar inspect my_clip.mp4 --saliency clip-surgery,spectral-residual,motion
     """
     from extract.inspect import cache_summary, inspect_video, locate_store
     from extract.schema import CacheError

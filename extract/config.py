@@ -159,7 +159,9 @@ class EncodersConfig:
 
 @dataclass(frozen=True)
 class SaliencyConfig:
-    method: Literal["clip-attention", "spectral-residual"] = "clip-attention"  # where the foreground comes from
+    # where the foreground comes from: motion (frame difference around each frame) | clip-attention | clip-surgery |
+    # spectral-residual; motion by the ground-truth measurement (bench/saliency.py), see README
+    method: Literal["motion", "clip-attention", "clip-surgery", "spectral-residual"] = "motion"
     # stored map is (map_size, map_size) uint8; null = CLIP's patch grid
     map_size: int | None = field(default=None, metadata=_range(2, 256))
     # the foreground box holds this share of the salient mass

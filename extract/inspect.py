@@ -76,7 +76,8 @@ def _arrays(group, prefix: str = ""):
             yield f"{prefix}{name}", member
 
 
-SALIENCY_METHODS = ("clip-attention", "spectral-residual")  # what `ltar inspect --saliency` can draw
+# what `ltar inspect --saliency` can draw: every `saliency.method`
+SALIENCY_METHODS = ("clip-attention", "clip-surgery", "spectral-residual", "motion")
 
 
 def _clip_encoder(cfg: Config) -> Any:
@@ -87,20 +88,34 @@ def _clip_encoder(cfg: Config) -> Any:
     return build_clip_encoder(resolve_weights(cfg), "cpu")
 
 
-def saliency_maps(cfg: Config, views: np.ndarray, method: str, size: int, encoder: Any = None) -> Any:
+def saliency_maps(
+    cfg: Config, views: np.ndarray, method: str, size: int, encoder: Any = None, neighbours: Any = None
+) -> Any:
     """Saliency of CLIP's views (K, h, w, 3) uint8 by `method`, computed now: (K, h', w') float in [0, 1].
-    clip-attention reads `encoder` (default: the configured CLIP encoder)."""
+    The CLIP methods read `encoder` (default: the configured CLIP encoder); motion reads `neighbours`, CLIP's
+    views of the frames before and after each one ((K, h, w, 3) uint8 each)."""
     import torch
 
-    from extract.saliency import clip_attention_saliency, spectral_residual_saliency
+    from extract.saliency import (
+        clip_attention_saliency,
+        clip_surgery_saliency,
+        motion_saliency,
+        spectral_residual_saliency,
+    )
 
     x = torch.from_numpy(np.ascontiguousarray(views))
     if method == "spectral-residual":
         return spectral_residual_saliency(x, size)
-    if method == "clip-attention":
+    if method == "motion":
+        if neighbours is None:
+            raise CacheError("motion saliency needs the frames before and after each sampled frame")
+        return motion_saliency(*(torch.as_tensor(np.ascontiguousarray(n)) for n in neighbours), size)
+    if method in ("clip-attention", "clip-surgery"):
         encoder = encoder or _clip_encoder(cfg)
+        surgery = method == "clip-surgery"
         with torch.no_grad():
-            return clip_attention_saliency(encoder.encode(x)["attention"])
+            out = encoder.encode(x, attention=not surgery, surgery=surgery)
+        return clip_surgery_saliency(out["surgery"]) if surgery else clip_attention_saliency(out["attention"])
     raise CacheError(f"--saliency: unknown method {method!r}; choose from {', '.join(SALIENCY_METHODS)}")
 
 
@@ -162,9 +177,16 @@ def inspect_video(
     encoder = _clip_encoder(cfg)
     with torch.no_grad():
         frames = encoder.view(torch.from_numpy(native)).numpy()  # (K, h, w, 3): what CLIP sees of each frame
+        neighbours = None
+        if "motion" in methods:  # the frames one native frame before and after each sampled one
+            step = 1.0 / video_info.fps if video_info.fps > 0 else 0.0
+            around = np.clip(np.concatenate([ts - step, ts + step]), 0.0, video_info.duration)
+            near = decode_frames(video_path, around, size=size, pixel_aspect=pixel_aspect).frames  # (2K, H, W, 3)
+            neighbours = encoder.view(torch.from_numpy(near)).numpy().reshape(2, len(ts), *frames.shape[1:])
     grid = next(iter(panels.values())).shape[-1] if panels else (encoder.grid[0] if encoder.grid else 14)
     for method in methods:
-        panels[method] = saliency_maps(cfg, frames, method, cfg.saliency.map_size or grid, encoder).cpu().numpy()
+        maps = saliency_maps(cfg, frames, method, cfg.saliency.map_size or grid, encoder, neighbours)
+        panels[method] = maps.cpu().numpy()
     cols = ["frame"]
     images: list[list[np.ndarray]] = [[f] for f in frames]
     for label, maps in panels.items():

@@ -211,7 +211,11 @@ class _GroupDecoder:
             clips = clip_timestamps(ts, info.duration, info.fps, s["clip_frames"], s["sampling_rate"], s["target_fps"])
         else:  # the L frames are one clip
             clips = ts[None]  # (1, L)
-        wanted = np.concatenate([ts, clips.ravel()])  # (L + C*T,)
+        parts = [ts, clips.ravel()]
+        if self.cfg.saliency.method == "motion":  # the neighbours of each frame (native frame rate), clamped
+            step = 1.0 / info.fps if info.fps > 0 else 0.0
+            parts.append(np.clip(np.stack([ts - step, ts + step], 1), 0.0, info.duration).ravel())  # (L*2,)
+        wanted = np.concatenate(parts)  # (L + C*T [+ 2L],)
         size = self.cap if self.cap is not None and min(info.height, info.width) > self.cap else None
         clip = decode_frames(
             item.path,
@@ -224,10 +228,12 @@ class _GroupDecoder:
         )
         key = np.where(clip.valid, clip.pts, -1.0)  # (L + C*T,) one key per distinct frame shown
         _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        n_tsf = L + clips.size
         return {
             "frames": clip.frames[first],  # (U, H, W, 3) uint8, each distinct frame once
             "clip_index": inverse[:L],  # (L,)
-            "tsf_index": inverse[L:].reshape(clips.shape),  # (C, T)
+            "tsf_index": inverse[L:n_tsf].reshape(clips.shape),  # (C, T)
+            "motion_index": inverse[n_tsf:].reshape(L, 2) if len(parts) == 3 else None,  # (L, 2) before, after
             "valid": clip.valid[:L],  # (L,) bool
             "pts": clip.pts[:L].astype(np.float32),  # (L,) seconds
             "fps": float(info.fps),
@@ -299,6 +305,19 @@ def _same_size(images: list[np.ndarray]) -> list[np.ndarray]:
     return [np.flatnonzero([sh == shape for sh in shapes]) for shape in dict.fromkeys(shapes)]
 
 
+def _neighbour_views(videos: list[dict[str, Any]], sizes: list[np.ndarray], enc: Encoders, L: int) -> tuple:
+    """CLIP's views of the frames before and after each slot (`motion_index`): two (B*L, h, w, 3) uint8 tensors."""
+    import torch
+
+    before, after = [None] * len(videos), [None] * len(videos)
+    for idx in sizes:
+        x = np.concatenate([videos[b]["frames"][videos[b]["motion_index"].T.ravel()] for b in idx])  # (n*2L, H, W, 3)
+        views = enc.clip.view(torch.from_numpy(x).to(enc.device)).split(2 * L)  # n x (2L, h, w, 3)
+        for b, v in zip(idx, views, strict=True):
+            before[b], after[b] = v[:L], v[L:]
+    return torch.cat(before), torch.cat(after)
+
+
 def encode_group(videos: list[dict[str, Any]], cfg: Config, enc: Encoders) -> dict[str, np.ndarray]:
     """Encode one group of decoded videos (`_GroupDecoder.decode_video` dicts; native sizes may differ).
 
@@ -312,7 +331,9 @@ def encode_group(videos: list[dict[str, Any]], cfg: Config, enc: Encoders) -> di
 
     from extract.saliency import (
         clip_attention_saliency,
+        clip_surgery_saliency,
         foreground_background,
+        motion_saliency,
         saliency_to_uint8,
         spectral_residual_saliency,
     )
@@ -331,11 +352,16 @@ def encode_group(videos: list[dict[str, Any]], cfg: Config, enc: Encoders) -> di
         for j, v in zip(idx, enc.clip.view(x).split(L), strict=True):  # (L, h, w, 3) each
             views[j] = v
     views = torch.cat(views)  # (BL, h, w, 3) uint8
-    out = enc.clip.encode(views)
-    vp, attn = out["embedding"], out["attention"]  # (BL, Dc), (BL, gh, gw)
+    method = cfg.saliency.method
+    out = enc.clip.encode(views, attention=method == "clip-attention", surgery=method == "clip-surgery")
+    vp = out["embedding"]  # (BL, Dc)
     m = map_size(cfg, enc)
-    if cfg.saliency.method == "clip-attention":
-        sal = clip_attention_saliency(attn)  # (BL, gh, gw) in [0, 1]
+    if method == "clip-attention":
+        sal = clip_attention_saliency(out["attention"])  # (BL, gh, gw) in [0, 1]
+    elif method == "clip-surgery":
+        sal = clip_surgery_saliency(out["surgery"])  # (BL, gh, gw) in [0, 1]
+    elif method == "motion":
+        sal = motion_saliency(*_neighbour_views(videos, sizes, enc, L), m)  # (BL, m, m) in [0, 1]
     else:
         sal = spectral_residual_saliency(views, m)  # (BL, m, m) in [0, 1]
 

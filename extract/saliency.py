@@ -1,7 +1,8 @@
 """Foreground/background split of frames from a saliency map, vectorised over the frame batch.
 
-Two sources of saliency (`saliency.method`): CLIP's last-block CLS→patch attention (no extra model) or
-the spectral residual of Hou & Zhang (2007). From a map, `foreground_box` finds a tight box holding a
+Four sources of saliency (`saliency.method`), none with extra weights: CLIP's last-block CLS→patch attention,
+CLIP Surgery's value-value path (Li et al., 2023), the spectral residual of Hou & Zhang (2007), and motion (the
+difference of each sampled frame's neighbours). From a map, `foreground_box` finds a tight box holding a
 share of the salient mass; `foreground_background` crops that box from the frame at its own resolution
 (foreground, `crop_boxes`) and fills it in the view the encoder sees (background, `fill_box`). Every function
 takes a batch of frames and runs on the batch's device without Python loops over frames.
@@ -113,6 +114,37 @@ def spectral_residual_saliency(
     sal = _gaussian_blur(sal, sigma)  # (N, 1, wh, ww)
     sal = F.interpolate(sal, size=(out_h, out_w), mode="bilinear", align_corners=False)  # (N, 1, h, w)
     return _normalise(sal[:, 0])  # (N, h, w)
+
+
+def clip_surgery_saliency(similarity: torch.Tensor) -> torch.Tensor:
+    """CLIP Surgery's patch map (N, h, w) (`ClipEncoder.encode(surgery=True)`: each patch's v-v path embedding
+    against the image embedding) -> saliency (N, h, w) float32 in [0, 1], min-max per frame."""
+    return _normalise(similarity.float())
+
+
+def motion_saliency(before: Any, after: Any, size: int | Sequence[int], sigma: float = 1.5) -> torch.Tensor:
+    """Frame-difference energy around each sampled frame: uint8 neighbours (N, H, W, 3) before and after it ->
+    (N, h, w) in [0, 1].
+
+    The grey central difference |after - before|, squared, area-resized to `size` and blurred by a Gaussian of
+    `sigma` map cells, min-max normalised: what moves between the two neighbours. A static shot (or a repeated
+    frame at the video's ends) has no difference: its map is flat, which `foreground_box` reads as uniform (a
+    centred box of `saliency.mass` of the frame).
+    """
+    a, b = _frames(before), _frames(after)
+    if a.shape != b.shape:
+        raise ValueError(f"neighbour frames differ in shape: {tuple(a.shape)} and {tuple(b.shape)}")
+    out_h, out_w = _pair(size)
+    if a.shape[0] == 0:
+        return torch.zeros(0, out_h, out_w, device=a.device)
+    grey_w = torch.tensor(_GREY, device=a.device).view(1, 3, 1, 1)
+
+    def grey(x: torch.Tensor) -> torch.Tensor:  # (N, H, W, 3) uint8 -> (N, 1, H, W) in [0, 1]
+        return (x.permute(0, 3, 1, 2).float() / 255.0 * grey_w).sum(dim=1, keepdim=True)
+
+    energy = (grey(b) - grey(a)) ** 2  # (N, 1, H, W)
+    energy = F.interpolate(energy, size=(out_h, out_w), mode="area")  # (N, 1, h, w)
+    return _normalise(_gaussian_blur(energy, sigma)[:, 0])  # (N, h, w)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -212,7 +212,7 @@ def test_resnet_clip_has_no_attention():
     rn = build_clip_encoder(_cfg(preset="base", model=name, saliency="spectral-residual"), "cpu")
     assert not rn.supports_attention and rn.grid is None
     assert rn.encode_images(_frames(2)).shape == (2, 32)
-    with pytest.raises(RuntimeError, match="needs a ViT"):
+    with pytest.raises(RuntimeError, match="need a ViT"):
         rn.encode(_frames(2))
 
 
@@ -447,3 +447,58 @@ def test_clipa_avg_pooling_has_no_cls_attention():
     assert avg.encode_images(_frames(2)).shape == (2, 64)
     with pytest.raises(RuntimeError, match="spectral-residual"):
         avg.encode(_frames(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP Surgery: the value-value path against a dual-path forward written as the paper's code runs it
+
+
+def _dual_path_reference(model, pixels: torch.Tensor, surgered: int) -> torch.Tensor:
+    """CLIP Surgery's ViT forward spelled out (xmed-lab/CLIP_Surgery `clip_surgery_model.py`): the original blocks up
+    to the surgery, then per surgered block `x_new += attn_vv(ln_1(x_ori))` (q = k = v, per-head softmax with scale
+    head_dim ** -0.5, the block's out_proj; no MLP) while `x_ori` runs the block unchanged; patch tokens of the new
+    path through ln_post and proj. Returns (N, P, Dc) L2-normalised."""
+    visual = model.visual
+    x = visual._embeds(pixels)  # (N, T, D)
+    blocks = list(visual.transformer.resblocks)
+    first = len(blocks) - surgered
+    x_new = None
+    for i, blk in enumerate(blocks):
+        if i >= first:
+            if x_new is None:
+                x_new = x.clone()
+            N, T, D = x.shape
+            nh = blk.attn.num_heads
+            hd = D // nh
+            qkv = F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias)  # (N, T, 3D)
+            v = qkv[..., 2 * D :].reshape(N, T, nh, hd).permute(0, 2, 1, 3)  # (N, nh, T, hd)
+            attn = ((v @ v.transpose(-2, -1)) * hd**-0.5).softmax(dim=-1)  # q and k replaced by v
+            out = (attn @ v).permute(0, 2, 1, 3).reshape(N, T, D)
+            x_new = x_new + blk.attn.out_proj(out)
+        x = blk(x)  # the original path
+    tokens = visual.ln_post(x_new[:, 1:]) @ visual.proj  # (N, P, Dc)
+    return F.normalize(tokens, dim=-1)
+
+
+def test_clip_surgery_map_matches_the_dual_path_forward():
+    from extract.encoders.clip import SURGERY_BLOCKS
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_MODEL_NAME).eval()
+    with torch.no_grad():  # move every weight off its initialisation so no term is trivially zero
+        for p in model.visual.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert model.visual.transformer.batch_first
+    enc = ClipEncoder(model, TINY_MODEL_NAME)
+    frames = torch.randint(0, 256, (3, 80, 96, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    out = enc.encode(frames, attention=True, surgery=True)
+    depth = len(model.visual.transformer.resblocks)
+    with torch.no_grad():
+        pixels = enc.preprocess(frames)
+        tokens = _dual_path_reference(model, pixels, min(SURGERY_BLOCKS, depth))  # (3, 64, Dc)
+        image = F.normalize(model.encode_image(pixels), dim=-1)  # (3, Dc)
+    expected = (tokens @ image[:, :, None])[..., 0].reshape(3, *enc.grid)
+    torch.testing.assert_close(out["surgery"], expected, atol=1e-5, rtol=1e-5)
+    assert out["surgery"].shape == (3, 8, 8) and out["attention"].shape == (3, 8, 8)
+    # the embedding is the untouched original path's
+    torch.testing.assert_close(out["embedding"], enc.encode(frames, attention=False)["embedding"])

@@ -405,3 +405,35 @@ def test_videos_shorter_than_the_frame_slots_are_reported(world, tmp_path):
     assert sorted(summary.short.values()) == sorted(c for c, m in zip(counts, mask, strict=True) if c < m.sum())
     assert any(line.startswith(f"short: {len(summary.short)} video(s)") for line in summary.lines())
     assert f"short: {len(summary.short)} video(s) repeat frames" in cache_summary(summary.store)
+
+
+@pytest.mark.parametrize("method", ["motion", "clip-surgery"])
+def test_every_saliency_method_reaches_the_store(world, tmp_path, method):
+    """The stored map is the method's own, computed from what CLIP sees: motion from the frames one native frame
+    before and after each sampled one (decoded independently here), clip-surgery from the encoder's v-v path."""
+    import torch
+
+    from extract.decode import decode_frames, probe
+    from extract.pipeline import _GroupDecoder, build_encoders, decode_cap, encode_group, map_size
+    from extract.saliency import clip_surgery_saliency, motion_saliency, saliency_to_uint8
+
+    cfg = _config(world, tmp_path, saliency={"method": method})
+    index = load_dataset(cfg)
+    enc = build_encoders(cfg, "cpu")
+    item = index.items[0]
+    video = _GroupDecoder([item], [np.array([0])], cfg, decode_cap(cfg, enc), enc.timesformer.sampling)
+    decoded = video.decode_video(item)
+    stored = encode_group([decoded], cfg, enc)[schema.SALIENCY][0]  # (L, m, m) uint8
+    m = map_size(cfg, enc)
+    ts = decoded["pts"].astype(np.float64)
+    views = enc.clip.view(torch.from_numpy(decode_frames(item.path, ts).frames))  # (L, h, w, 3)
+    if method == "motion":
+        info = probe(item.path)
+        step = 1.0 / info.fps
+        near = [decode_frames(item.path, np.clip(ts + d, 0, info.duration)).frames for d in (-step, step)]
+        expected = motion_saliency(*(enc.clip.view(torch.from_numpy(f)) for f in near), m)
+    else:
+        expected = clip_surgery_saliency(enc.clip.encode(views, attention=False, surgery=True)["surgery"])
+    np.testing.assert_array_equal(stored, saliency_to_uint8(expected, m).numpy())
+    summary = extract(cfg, progress=False)  # and the whole run takes it
+    assert summary.done == len(index.items) and not summary.failures

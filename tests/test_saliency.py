@@ -13,6 +13,7 @@ from extract.saliency import (
     crop_boxes,
     foreground_background,
     foreground_box,
+    motion_saliency,
     saliency_to_uint8,
     spectral_residual_saliency,
 )
@@ -195,3 +196,16 @@ def test_spectral_residual_foreground_covers_the_moving_object_of_synthetic_vide
             inside.append(x0 <= cx <= x1 and y0 <= cy <= y1)
             areas.append((x1 - x0) * (y1 - y0))
     assert np.mean(inside) > 0.85 and np.mean(areas) < 0.5, (np.mean(inside), np.mean(areas))
+
+
+def test_motion_saliency_finds_what_moved_and_is_flat_on_a_static_shot():
+    before = _square(10, 40, size=16)[None]  # the square at x = 10 .. 26
+    after = _square(40, 40, size=16)[None]  # ... and at x = 40 .. 56 (same noise seed: only the square moved)
+    sal = motion_saliency(before, after, 12)  # (1, 12, 12) over 96 px: 8 px cells
+    box = foreground_box(sal, mass=0.9)[0] * 96  # pixels
+    assert box[0] <= 12 and box[2] >= 54  # spans both places the square was
+    assert box[1] >= 28 and box[3] <= 68  # and only their rows (40 .. 56, blurred by 1.5 cells)
+    static = motion_saliency(before, before.clone(), 12)
+    assert torch.equal(static, torch.ones_like(static))  # no difference: no preference (a centred box)
+    with pytest.raises(ValueError, match="shape"):
+        motion_saliency(before, after[:, :48], 12)

@@ -61,6 +61,9 @@ TINY_MODEL_CFG: dict[str, Any] = {
 }
 
 _CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+# CLIP Surgery (Li et al., arXiv 2304.05653) applies its architecture surgery to the last 6 blocks of a ViT
+# (`clip_surgery_model.py`: `for i in range(1, 7)`); all blocks of a shallower tower.
+SURGERY_BLOCKS = 6
 _INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # The parts of a pretrained tag's settings that define its eval preprocessing (the size comes from the model).
@@ -353,10 +356,10 @@ def build_clip_encoder(cfg: Config, device: Any) -> ClipEncoder:
             **info,
         },
     )
-    if cfg.saliency.method == "clip-attention" and not encoder.supports_attention:
+    if cfg.saliency.method in ("clip-attention", "clip-surgery") and not encoder.supports_attention:
         raise ConfigError(
-            f"saliency.method: clip-attention needs a ViT CLIP with a CLS token, and {name!r} is not one "
-            f"({encoder.attention_unsupported}); set saliency.method: spectral-residual"
+            f"saliency.method: {cfg.saliency.method} needs a ViT CLIP with a CLS token, and {name!r} is not one "
+            f"({encoder.attention_unsupported}); set saliency.method: spectral-residual or motion"
         )
     return encoder
 
@@ -493,48 +496,68 @@ class ClipEncoder:
         x = self.view(frames).permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, h, w)
         return (x - self.mean) / self.std
 
-    def encode(self, frames: Any, attention: bool = True) -> dict[str, torch.Tensor]:
+    def encode(self, frames: Any, attention: bool = True, surgery: bool = False) -> dict[str, torch.Tensor]:
         """One forward pass over uint8 frames (N, H, W, 3).
 
         Returns, on the encoder's device:
         - `embedding`: (N, Dc) float32, L2-normalised pooled projected image embedding (`encode_image`);
         - `attention`: (N, h, w) float32, the last block's CLS→patch attention averaged over heads (the
-          CLS→CLS entry is dropped, so a row sums to 1 minus it); only when `attention` is true.
+          CLS→CLS entry is dropped, so a row sums to 1 minus it); only when `attention` is true;
+        - `surgery`: (N, h, w) float32 in [-1, 1], CLIP Surgery's patch map (`_surgery_tokens`): the cosine of each
+          patch's v-v path embedding with the image embedding; only when `surgery` is true.
         """
-        if attention and not self.supports_attention:
+        if (attention or surgery) and not self.supports_attention:
             raise RuntimeError(
-                f"clip-attention saliency needs a ViT CLIP with a CLS token; {self.model_name!r} is not one "
-                f"({self.attention_unsupported}); set saliency.method: spectral-residual"
+                f"clip-attention and clip-surgery saliency need a ViT CLIP with a CLS token; {self.model_name!r} is "
+                f"not one ({self.attention_unsupported}); set saliency.method: spectral-residual"
             )
         pixels = self.preprocess(frames)  # (N, 3, h, w)
         if pixels.shape[0] == 0:  # open_clip cannot reshape an empty batch
             out = {"embedding": torch.zeros(0, self.dim, device=self.device)}
-            if attention:
-                out["attention"] = torch.zeros(0, *self.grid, device=self.device)
+            for name, wanted in (("attention", attention), ("surgery", surgery)):
+                if wanted:
+                    out[name] = torch.zeros(0, *self.grid, device=self.device)
             return out
+        visual = self.model.visual
+        blocks = visual.transformer.resblocks if (attention or surgery) else []  # (a ViT: checked above)
+        batch_first = visual.transformer.batch_first if (attention or surgery) else True
         captured: list[torch.Tensor] = []
-        handle = None
-        if attention:
-            visual = self.model.visual
-            block = visual.transformer.resblocks[-1]
-            batch_first = visual.transformer.batch_first
+        inputs: dict[int, torch.Tensor] = {}  # block index -> its input (N, T, D), the original path
+        handles = []
 
+        def attention_hook(module: ResidualAttentionBlock, args: tuple) -> None:
+            x = args[0] if batch_first else args[0].transpose(0, 1)  # (N, T, D)
+            captured.append(_cls_attention(module, x))
+
+        def keep_input(i: int):
             def hook(module: ResidualAttentionBlock, args: tuple) -> None:
-                x = args[0] if batch_first else args[0].transpose(0, 1)  # (N, T, D)
-                captured.append(_cls_attention(module, x))
+                inputs[i] = args[0] if batch_first else args[0].transpose(0, 1)  # (N, T, D)
 
-            handle = block.register_forward_pre_hook(hook)
+            return hook
+
+        if attention:
+            handles.append(blocks[-1].register_forward_pre_hook(attention_hook))
+        if surgery:
+            first = max(len(blocks) - SURGERY_BLOCKS, 0)
+            handles += [blocks[i].register_forward_pre_hook(keep_input(i)) for i in range(first, len(blocks))]
         try:
             with torch.inference_mode(), self._autocast():
                 emb = self.model.encode_image(pixels)  # (N, Dc)
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
         out = {"embedding": F.normalize(emb.float(), dim=-1)}
+        gh, gw = self.grid or (0, 0)
         if attention:
-            gh, gw = self.grid
             att = captured[0]  # (N, T) with T = 1 + gh * gw
             out["attention"] = att[:, 1:].reshape(-1, gh, gw)  # (N, h, w)
+        if surgery:
+            with torch.inference_mode():
+                tokens = _surgery_tokens(
+                    visual, [blocks[i] for i in sorted(inputs)], [inputs[i] for i in sorted(inputs)]
+                )
+            # tokens: (N, P, Dc) L2-normalised
+            out["surgery"] = (tokens @ out["embedding"][:, :, None])[..., 0].reshape(-1, gh, gw)  # (N, h, w)
         return out
 
     def encode_images(self, images: Any) -> torch.Tensor:
@@ -641,3 +664,33 @@ def _cls_attention(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tens
         k = F.linear(y, wk.float(), bk).view(N, T, nh, hd).transpose(1, 2)  # (N, nh, T, hd)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)  # (N, nh, 1, T)
         return scores.softmax(dim=-1).mean(dim=1)[:, 0]  # (N, T)
+
+
+def _surgery_tokens(visual: VisionTransformer, blocks: list, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """CLIP Surgery's architecture surgery, read from the original path of one forward pass (no extra weights).
+
+    Li et al., "CLIP Surgery for Better Explainability with Enhancement in Open-Vocabulary Tasks" (arXiv 2304.05653;
+    code xmed-lab/CLIP_Surgery): from the first surgered block on, a second path accumulates, per block, the block's
+    attention with value-value self-attention (q = k = v, the block's own value and output projections, scale
+    head_dim ** -0.5) applied to the ORIGINAL path's normalised tokens, and skips the MLP; its patch tokens go through
+    `ln_post` and `proj`. blocks: the surgered blocks; inputs: their original-path inputs (N, T, D), in order.
+    Returns the patch tokens (N, P, Dc), L2-normalised.
+    """
+    x = inputs[0].float()  # (N, T, D): the new path starts as the original one
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        for block, x_ori in zip(blocks, inputs, strict=True):
+            mha = block.attn
+            N, T, D = x_ori.shape
+            nh = mha.num_heads
+            y = block.ln_1(x_ori.float())  # (N, T, D)
+            wv = mha.in_proj_weight[2 * D :] if mha._qkv_same_embed_dim else mha.v_proj_weight
+            bv = mha.in_proj_bias[2 * D :].float() if mha.in_proj_bias is not None else None
+            v = F.linear(y, wv.float(), bv).view(N, T, nh, D // nh).transpose(1, 2)  # (N, nh, T, hd)
+            a = F.scaled_dot_product_attention(v, v, v)  # (N, nh, T, hd): softmax(v v^T / sqrt(hd)) v
+            a = a.transpose(1, 2).reshape(N, T, D)  # (N, T, D)
+            bo = mha.out_proj.bias.float() if mha.out_proj.bias is not None else None
+            x = x + F.linear(a, mha.out_proj.weight.float(), bo)  # (N, T, D), no MLP on the new path
+        tokens = visual.ln_post(x[:, 1:])  # (N, P, D)
+        if visual.proj is not None:
+            tokens = tokens @ visual.proj.float()  # (N, P, Dc)
+    return F.normalize(tokens, dim=-1)
