@@ -188,7 +188,9 @@ class _GroupDecoder:
 
     Each video's frames come at their native size in RGB (or short side `cap` when larger), once per distinct
     frame: `frames` (U, H, W, 3) uint8, `clip_index` (L,) the frame of each of CLIP's L slots, `tsf_index` (C, T)
-    the frames of the TimeSformer's C clips of T frames (`sampling`: the encoder's clip setting, None = spread)."""
+    the frames of the TimeSformer's C clips of T frames (`sampling`: the encoder's clip setting, None = spread),
+    `motion_index` (L, 2) the frames one native frame before and after each slot's (`saliency.method: motion`, else
+    None)."""
 
     def __init__(
         self, items: list[VideoItem], groups: list[np.ndarray], cfg: Config, cap: int | None, sampling: dict | None
@@ -226,7 +228,7 @@ class _GroupDecoder:
             threads=1,
             pixel_aspect=frames_cfg.pixel_aspect == "apply",
         )
-        key = np.where(clip.valid, clip.pts, -1.0)  # (L + C*T,) one key per distinct frame shown
+        key = np.where(clip.valid, clip.pts, -1.0)  # (L + C*T [+ 2L],) one key per distinct frame shown
         _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
         n_tsf = L + clips.size
         return {
@@ -346,9 +348,10 @@ def encode_group(videos: list[dict[str, Any]], cfg: Config, enc: Encoders) -> di
     # CLIP: the view of each frame, then one forward pass over the group's B*L views.
     natives = [v["frames"][v["clip_index"]] for v in videos]  # B x (L, H_b, W_b, 3)
     sizes = _same_size(natives)
+    # One upload per native size, kept for the crops: (n*L, H, W, 3) uint8 on the device.
+    on_device = [torch.from_numpy(np.concatenate([natives[b] for b in idx])).to(dev) for idx in sizes]
     views = [None] * B
-    for idx in sizes:
-        x = torch.from_numpy(np.concatenate([natives[b] for b in idx])).to(dev)  # (n*L, H, W, 3)
+    for idx, x in zip(sizes, on_device, strict=True):
         for j, v in zip(idx, enc.clip.view(x).split(L), strict=True):  # (L, h, w, 3) each
             views[j] = v
     views = torch.cat(views)  # (BL, h, w, 3) uint8
@@ -369,10 +372,9 @@ def encode_group(videos: list[dict[str, Any]], cfg: Config, enc: Encoders) -> di
     S = enc.clip.image_size
     fg = torch.empty(B * L, *S, 3, dtype=torch.uint8, device=dev)  # (BL, h, w, 3)
     bg = torch.empty_like(fg)
-    for idx in sizes:
-        H, W = natives[idx[0]].shape[1:3]
+    for idx, x in zip(sizes, on_device, strict=True):
+        H, W = x.shape[1:3]
         rows = torch.from_numpy((idx[:, None] * L + np.arange(L)).ravel()).to(dev)  # (n*L,)
-        x = torch.from_numpy(np.concatenate([natives[b] for b in idx])).to(dev)  # (n*L, H, W, 3)
         fg[rows], bg[rows] = foreground_background(
             x,
             sal[rows],
