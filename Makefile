@@ -11,13 +11,20 @@ ARGS   := --config $(CONFIG) $(foreach kv,$(SET),--set $(kv))
 
 .PHONY: setup demo synth pretrain-vlm pretrain-video extract dictionaries train ablate benchmark frames confounders grounding-premise test bench lint clean
 
-# The venv is rebuilt only when the package metadata or the pinned versions change.
-$(VENV)/.installed: pyproject.toml constraints.txt
+# FAISS build: cpu (faiss-cpu, the default) or gpu (faiss-gpu-cu12, on a CUDA machine): `make setup FAISS=gpu`.
+# Exactly one is installed; the other is removed, since both install the module `faiss`.
+FAISS  ?= cpu
+OTHER_FAISS := $(if $(filter gpu,$(FAISS)),faiss-cpu,faiss-gpu faiss-gpu-cu11 faiss-gpu-cu12)
+
+# The venv is rebuilt only when the package metadata, the pinned versions or the FAISS build change.
+$(VENV)/.installed-$(FAISS): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@$(PY) -m pip uninstall -y -q $(OTHER_FAISS) 2>/dev/null || true
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,$(FAISS)]'
+	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed-$(FAISS)
 
 synth: setup
 	$(LTAR) synth $(ARGS)

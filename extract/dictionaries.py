@@ -269,13 +269,62 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.where(norm > 0, norm, 1)).astype(np.float32)
 
 
+# Distributions that install the module `faiss`: more than one of them overwrite each other's files, and which build
+# then runs depends on the install order (pyproject.toml's `cpu` and `gpu` extras install exactly one).
+FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12", "faiss")
+
+
+def faiss_build() -> dict[str, Any]:
+    """Which FAISS runs: the installed distributions {name: version}, the module's version, whether it was built with
+    GPU support, and the GPUs it sees."""
+    from importlib import metadata
+
+    import faiss
+
+    installed = {}
+    for name in FAISS_DISTRIBUTIONS:
+        try:
+            installed[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    gpu_support = hasattr(faiss, "StandardGpuResources")
+    return {
+        "distributions": installed,
+        "version": faiss.__version__,
+        "gpu_support": gpu_support,
+        "gpus": int(faiss.get_num_gpus()) if gpu_support and hasattr(faiss, "get_num_gpus") else 0,
+    }
+
+
+def check_faiss_build(build: dict[str, Any], cuda_available: bool) -> None:
+    """Refuse a shadowed install (a CPU and a GPU FAISS distribution side by side); warn when a CUDA GPU is present
+    but the FAISS that runs cannot use it."""
+    dists = build["distributions"]
+    gpu_dists = [d for d in dists if d.startswith("faiss-gpu")]
+    if "faiss-cpu" in dists and gpu_dists:
+        shown = ", ".join(f"{d} {v}" for d, v in dists.items())
+        raise DictionaryError(
+            f"both a CPU and a GPU FAISS are installed ({shown}); both install the module `faiss`, so the one "
+            f"installed last runs (now the {'GPU' if build['gpu_support'] else 'CPU'} build). Keep one: "
+            "`make setup FAISS=gpu` (or `pip uninstall -y faiss-cpu`) on a GPU machine, `make setup FAISS=cpu` "
+            "elsewhere"
+        )
+    if cuda_available and not build["gpu_support"]:
+        log.warning(
+            "a CUDA GPU is present but FAISS %s is a CPU build: k-means runs on the CPU; `make setup FAISS=gpu` "
+            "installs faiss-gpu-cu12 in its place",
+            build["version"],
+        )
+
+
 def _device() -> tuple[bool, str]:
     import faiss
 
-    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if gpus > 0:
-        return True, f"gpu ({gpus} GPU{'s' if gpus > 1 else ''})"
-    return False, f"cpu ({faiss.omp_get_max_threads()} threads)"
+    build = faiss_build()
+    shown = ", ".join(f"{d} {v}" for d, v in build["distributions"].items()) or f"faiss {build['version']}"
+    if build["gpus"] > 0:
+        return True, f"gpu ({build['gpus']} GPU{'s' if build['gpus'] > 1 else ''}; {shown})"
+    return False, f"cpu ({faiss.omp_get_max_threads()} threads; {shown})"
 
 
 def _assign(
@@ -513,8 +562,11 @@ def build_dictionary(
     BLOCK_BYTES of float32, whole shards).
     """
     import faiss
+    import torch
 
     t0 = time.perf_counter()
+    build = faiss_build()
+    check_faiss_build(build, torch.cuda.is_available())
     store_path = Path(store_path)
     key = f"dictionaries.{name}"
     try:
@@ -560,6 +612,7 @@ def build_dictionary(
         "skipped_failed": pts.skipped_failed,
         "empty_classes": out.get("empty_classes", []),
         "faiss_version": faiss.__version__,
+        "faiss_build": {**build, "distributions": dict(build["distributions"])},
         "device": out["device"],
         "seconds": round(seconds, 3),
         "params_hash": digest,

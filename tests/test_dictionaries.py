@@ -107,6 +107,10 @@ def test_kmeans_recovers_planted_clusters_from_the_training_split_only(blobs, st
     assert _nearest(blobs["centres"][4:], z.centroids)[1].min() > 0.5
     assert z.attrs["split"] == "train" and z.attrs["videos"] == N_TRAIN and z.attrs["iterations"] == 20 * 3
     assert res.status == "written" and "z: kmeans K=4 points=" in str(res) and "written" in str(res)
+    from extract.dictionaries import faiss_build
+
+    assert z.attrs["faiss_build"] == faiss_build()  # which FAISS ran, recorded with the dictionary
+    assert next(iter(faiss_build()["distributions"])) in res.device  # and said in the summary line
 
 
 def test_seeded_runs_are_identical_and_the_subsample_is_seeded(blobs, tmp_path):
@@ -352,3 +356,22 @@ def test_every_size_is_checked_before_any_dictionary_is_written(store):
     with pytest.raises(DictionaryError, match=r"dictionaries\.b\.size: K = 1000000 is larger than the \d+ points"):
         build_dictionaries(cfg, store, progress=False)
     assert "dictionaries" not in zarr.open_group(str(store), mode="r")  # `a` was not written either
+
+
+def test_a_shadowed_faiss_install_is_refused_and_the_build_recorded(caplog):
+    """faiss-cpu and a faiss-gpu wheel both install the module `faiss`: side by side, the one installed last runs."""
+    import logging
+
+    from extract.dictionaries import DictionaryError, check_faiss_build, faiss_build
+
+    build = faiss_build()
+    assert len(build["distributions"]) == 1  # `make setup` installs exactly one FAISS
+    assert build["gpu_support"] == next(iter(build["distributions"])).startswith("faiss-gpu")
+    build = {**build, "distributions": {"faiss-cpu": "1.15.1"}, "gpu_support": False, "gpus": 0}
+    check_faiss_build(build, cuda_available=False)  # one CPU build, no GPU: fine, silent
+    both = {**build, "distributions": {"faiss-cpu": "1.15.1", "faiss-gpu-cu12": "1.15.1"}}
+    with pytest.raises(DictionaryError, match=r"both a CPU and a GPU FAISS.*make setup FAISS=gpu"):
+        check_faiss_build(both, cuda_available=True)
+    with caplog.at_level(logging.WARNING, logger="extract.dictionaries"):
+        check_faiss_build(build, cuda_available=True)  # a GPU the CPU build cannot use: said, not refused
+    assert "CPU build" in caplog.text and "FAISS=gpu" in caplog.text
