@@ -154,7 +154,8 @@ class EncodersConfig:
     timesformer: TimesformerConfig = TimesformerConfig()
     precision: Literal["fp32", "fp16", "bf16"] = "fp16"  # autocast dtype on GPU (CPU always runs fp32)
     device: str = "auto"  # auto = cuda when available, else cpu; or an explicit torch device such as cuda:1
-    batch_frames: int = field(default=256, metadata=_range(1))  # frames per encoder batch, across videos
+    # sampled frames per encoder call, across videos; a video with more (dense sampling) is encoded in pieces of it
+    batch_frames: int = field(default=256, metadata=_range(1))
 
 
 @dataclass(frozen=True)

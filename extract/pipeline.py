@@ -307,14 +307,28 @@ def _same_size(images: list[np.ndarray]) -> list[np.ndarray]:
     return [np.flatnonzero([sh == shape for sh in shapes]) for shape in dict.fromkeys(shapes)]
 
 
-def _neighbour_views(videos: list[dict[str, Any]], sizes: list[np.ndarray], enc: Encoders, L: int) -> tuple:
+def _chunks(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most `size` covering range(n): every encoder call is bounded by
+    `encoders.batch_frames` sampled frames (the crops call holds their foreground and background images), so memory
+    does not grow with L; a group of L <= batch_frames is one chunk, as before."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, max(1, size))]
+
+
+def _views(enc: Encoders, x: Any, chunk: int) -> Any:
+    """CLIP's views of uint8 frames (N, H, W, 3) on the device, `chunk` frames at a time: (N, h, w, 3) uint8."""
+    import torch
+
+    return torch.cat([enc.clip.view(x[c]) for c in _chunks(len(x), chunk)])
+
+
+def _neighbour_views(videos: list[dict[str, Any]], sizes: list[np.ndarray], enc: Encoders, L: int, chunk: int) -> tuple:
     """CLIP's views of the frames before and after each slot (`motion_index`): two (B*L, h, w, 3) uint8 tensors."""
     import torch
 
     before, after = [None] * len(videos), [None] * len(videos)
     for idx in sizes:
         x = np.concatenate([videos[b]["frames"][videos[b]["motion_index"].T.ravel()] for b in idx])  # (n*2L, H, W, 3)
-        views = enc.clip.view(torch.from_numpy(x).to(enc.device)).split(2 * L)  # n x (2L, h, w, 3)
+        views = _views(enc, torch.from_numpy(x).to(enc.device), chunk).split(2 * L)  # n x (2L, h, w, 3)
         for b, v in zip(idx, views, strict=True):
             before[b], after[b] = v[:L], v[L:]
     return torch.cat(before), torch.cat(after)
@@ -345,18 +359,23 @@ def encode_group(videos: list[dict[str, Any]], cfg: Config, enc: Encoders) -> di
     valid = np.stack([v["valid"] for v in videos])  # (B, L)
     keep = torch.from_numpy(valid).to(dev).reshape(B, L, 1)
 
-    # CLIP: the view of each frame, then one forward pass over the group's B*L views.
+    # CLIP: the view of each frame, then forward passes over the group's B*L views, `chunk` at a time.
+    chunk = cfg.encoders.batch_frames
     natives = [v["frames"][v["clip_index"]] for v in videos]  # B x (L, H_b, W_b, 3)
     sizes = _same_size(natives)
     # One upload per native size, kept for the crops: (n*L, H, W, 3) uint8 on the device.
     on_device = [torch.from_numpy(np.concatenate([natives[b] for b in idx])).to(dev) for idx in sizes]
     views = [None] * B
     for idx, x in zip(sizes, on_device, strict=True):
-        for j, v in zip(idx, enc.clip.view(x).split(L), strict=True):  # (L, h, w, 3) each
+        for j, v in zip(idx, _views(enc, x, chunk).split(L), strict=True):  # (L, h, w, 3) each
             views[j] = v
     views = torch.cat(views)  # (BL, h, w, 3) uint8
     method = cfg.saliency.method
-    out = enc.clip.encode(views, attention=method == "clip-attention", surgery=method == "clip-surgery")
+    parts = [
+        enc.clip.encode(views[c], attention=method == "clip-attention", surgery=method == "clip-surgery")
+        for c in _chunks(B * L, chunk)
+    ]
+    out = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
     vp = out["embedding"]  # (BL, Dc)
     m = map_size(cfg, enc)
     if method == "clip-attention":
@@ -364,7 +383,7 @@ def encode_group(videos: list[dict[str, Any]], cfg: Config, enc: Encoders) -> di
     elif method == "clip-surgery":
         sal = clip_surgery_saliency(out["surgery"])  # (BL, gh, gw) in [0, 1]
     elif method == "motion":
-        sal = motion_saliency(*_neighbour_views(videos, sizes, enc, L), m)  # (BL, m, m) in [0, 1]
+        sal = motion_saliency(*_neighbour_views(videos, sizes, enc, L, chunk), m)  # (BL, m, m) in [0, 1]
     else:
         sal = spectral_residual_saliency(views, m)  # (BL, m, m) in [0, 1]
 
@@ -374,30 +393,34 @@ def encode_group(videos: list[dict[str, Any]], cfg: Config, enc: Encoders) -> di
     bg = torch.empty_like(fg)
     for idx, x in zip(sizes, on_device, strict=True):
         H, W = x.shape[1:3]
-        rows = torch.from_numpy((idx[:, None] * L + np.arange(L)).ravel()).to(dev)  # (n*L,)
-        fg[rows], bg[rows] = foreground_background(
-            x,
-            sal[rows],
-            cfg.saliency.mass,
-            cfg.saliency.background_fill,
-            S,
-            region=enc.clip.view_box(H, W),
-            crop=cfg.saliency.crop,
-            view=views[rows],
-            pad_value=enc.clip.fill_color,
-        )
-    crops = enc.clip.encode_images(torch.cat([fg, bg]))  # (2BL, Dc)
+        group_rows = torch.from_numpy((idx[:, None] * L + np.arange(L)).ravel()).to(dev)  # (n*L,)
+        for c in _chunks(len(group_rows), chunk):
+            rows = group_rows[c]
+            fg[rows], bg[rows] = foreground_background(
+                x[c],
+                sal[rows],
+                cfg.saliency.mass,
+                cfg.saliency.background_fill,
+                S,
+                region=enc.clip.view_box(H, W),
+                crop=cfg.saliency.crop,
+                view=views[rows],
+                pad_value=enc.clip.fill_color,
+            )
+    crops = [enc.clip.encode_images(torch.cat([fg[c], bg[c]])) for c in _chunks(B * L, chunk)]  # each (2n, Dc)
+    fg_emb = torch.cat([e[: len(e) // 2] for e in crops])  # (BL, Dc)
+    bg_emb = torch.cat([e[len(e) // 2 :] for e in crops])  # (BL, Dc)
 
     # TimeSformer: every video's clips, in chunks of encoders.batch_frames frames.
     tsf = enc.timesformer
     clips = [v["frames"][v["tsf_index"]] for v in videos]  # B x (C, T, H_b, W_b, 3)
     C, T = clips[0].shape[:2]
-    chunk = max(1, cfg.encoders.batch_frames // T)
+    per_call = max(1, chunk // T)  # clips per call
     frame_tok = torch.empty(B, C, T, tsf.dim, device=dev)  # (B, C, T, Dv)
     cls = torch.empty(B, C, tsf.dim, device=dev)  # (B, C, Dv)
     for idx in _same_size(clips):
         x = torch.from_numpy(np.concatenate([clips[b] for b in idx])).to(dev)  # (n*C, T, H, W, 3)
-        parts = [tsf.encode(x[i : i + chunk]) for i in range(0, len(x), chunk)]
+        parts = [tsf.encode(x[c]) for c in _chunks(len(x), per_call)]
         rows = torch.from_numpy(idx).to(dev)
         frame_tok[rows] = torch.cat([p["frame"] for p in parts]).reshape(len(idx), C, T, -1)
         cls[rows] = torch.cat([p["cls"] for p in parts]).reshape(len(idx), C, -1)
@@ -413,8 +436,8 @@ def encode_group(videos: list[dict[str, Any]], cfg: Config, enc: Encoders) -> di
 
     return {
         schema.CLIP_FRAME: per_frame(vp),
-        schema.CLIP_FG: per_frame(crops[: B * L]),
-        schema.CLIP_BG: per_frame(crops[B * L :]),
+        schema.CLIP_FG: per_frame(fg_emb),
+        schema.CLIP_BG: per_frame(bg_emb),
         schema.SALIENCY: saliency_to_uint8(sal, m).reshape(B, L, m, m).cpu().numpy(),
         schema.TSF_FRAME: (v_frame.float() * keep).cpu().numpy(),
         schema.TSF_CLS: v_cls.float().cpu().numpy(),

@@ -437,3 +437,30 @@ def test_every_saliency_method_reaches_the_store(world, tmp_path, method):
     np.testing.assert_array_equal(stored, saliency_to_uint8(expected, m).numpy())
     summary = extract(cfg, progress=False)  # and the whole run takes it
     assert summary.done == len(index.items) and not summary.failures
+
+
+def test_every_encoder_call_is_bounded_by_batch_frames(world, tmp_path):
+    """Dense sampling (L far above encoders.batch_frames) runs every CLIP and TimeSformer call on at most
+    batch_frames sampled frames (the crops call holds their foreground and background images together), so memory
+    does not grow with L, and gives the numbers of one unbounded call."""
+    import dataclasses
+
+    from extract.pipeline import _GroupDecoder, build_encoders, decode_cap, encode_group
+
+    cfg = _config(world, tmp_path, frames={"num_frames": 96, "decode_workers": 0}, encoders={"batch_frames": 16})
+    enc = build_encoders(cfg, "cpu")
+    item = load_dataset(cfg).items[0]
+    video = _GroupDecoder([item], [np.array([0])], cfg, decode_cap(cfg, enc), enc.timesformer.sampling)
+    decoded = video.decode_video(item)
+    calls = []
+    clip_encode, tsf_encode = enc.clip.encode, enc.timesformer.encode
+    enc.clip.encode = lambda x, **kw: (calls.append(len(x)), clip_encode(x, **kw))[1]
+    enc.timesformer.encode = lambda x: (calls.append(x.shape[0] * x.shape[1]), tsf_encode(x))[1]
+    bounded = encode_group([decoded], cfg, enc)
+    assert max(calls) <= 2 * 16 and len(calls) > 3 * 96 // 16  # frames, crops (fg + bg) and clips, all in pieces
+    enc.clip.encode, enc.timesformer.encode = clip_encode, tsf_encode
+    whole = encode_group(
+        [decoded], dataclasses.replace(cfg, encoders=dataclasses.replace(cfg.encoders, batch_frames=4096)), enc
+    )
+    for name, array in bounded.items():
+        np.testing.assert_allclose(array, whole[name], atol=2e-5, err_msg=name)
