@@ -42,6 +42,7 @@ from train.heads.common import initialise
 from train.metrics import compute_metrics, primary_metric
 
 log = logging.getLogger(__name__)
+POSTFIX_EVERY = 20  # training steps between progress-bar loss updates (each one a host sync on GPU)
 
 
 class RunError(RuntimeError):
@@ -442,12 +443,14 @@ def _train(
             scaler.update()
             sched.step()
             step += 1
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())  # on the device: no host sync per step
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if progress and step % POSTFIX_EVERY == 0:  # one sync every POSTFIX_EVERY steps for the bar
+                bar.set_postfix(loss=f"{float(losses[-1]):.3f}")
             if max_steps is not None and step >= max_steps:
                 break
-        row = {"epoch": epoch, "step": step, "lr": sched.get_last_lr()[0], "loss": float(np.mean(losses))}
+        epoch_loss = float(np.mean(torch.stack(losses).double().cpu().numpy())) if losses else float("nan")
+        row = {"epoch": epoch, "step": step, "lr": sched.get_last_lr()[0], "loss": epoch_loss}
         last_epoch = epoch + 1 == tc.epochs or (max_steps is not None and step >= max_steps)
         optim = (opt.state_dict(), sched.state_dict(), scaler.state_dict())
         best = end_epoch(
