@@ -1,10 +1,16 @@
 """Extraction throughput, measured side by side in one run on the demo world.
 
-- decode-only: the extractor's own decoding workers (DataLoader, `frames.decode_workers`), no encoders;
+- decode-only: the extractor's own decoding workers (DataLoader, `frames.decode_workers` resolved as a run
+  resolves it: `auto` = the cores less one), no encoders;
 - encode-only: the same groups, frames already in memory, through `encode_group` (CLIP + saliency
   fg/bg + TimeSformer);
-- end-to-end: `ltar extract` into a fresh store (decode in workers overlapping the encoders, writes);
-  target: end-to-end >= 0.8 x the slower of the two isolated stages;
+- write-only: the same groups' arrays written into a fresh store (`write_rows`: the zstd and the chunk files);
+- end-to-end: `ltar extract` into a fresh store (decode in workers, encoding in the main thread, checks and
+  writes in the writer thread, all overlapping); long enough to judge the overlap (>= 30 s at the defaults);
+  `e2e_over_slower` = end-to-end / the slower isolated stage (the issue's target: >= 0.9). Where every stage
+  runs on the same few cores, no overlap beats their summed cost: `e2e_over_shared` = end-to-end / the
+  shared-core ceiling 1 / (1/decode + 1/encode + 1/write), each stage measured with all the cores;
+- end-to-end again with each decode worker count from 1 to the cores (`e2e_fps_workers_N`): what `auto` chose;
 - sampled-frame decoding on a long video (3,000 frames, 30 fps, H.264 with B-frames): seek vs decode-all;
 - the store's size against raw fp32;
 - the per-frame cost on this CPU of the `base` presets (CLIP ViT-B/16 with its fg/bg passes, TimeSformer-B
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -42,6 +49,8 @@ from extract.pipeline import (  # noqa: E402
     decode_size,
     encode_group,
     extract,
+    group_bytes,
+    resolve_decode_workers,
     resolve_device,
 )
 from extract.synthetic import write_dataset  # noqa: E402
@@ -60,12 +69,13 @@ def _config(root: Path, cache: Path, videos: int, frames: int, **encoders):
     )
 
 
-def decode_only(cfg, enc, items, groups) -> tuple[float, int, list]:
+def decode_only(cfg, enc, items, groups, workers) -> tuple[float, int, list]:
     loader = torch.utils.data.DataLoader(
         _GroupDecoder(items, groups, cfg, decode_cap(cfg, enc), enc.timesformer.sampling),
         batch_size=None,
-        num_workers=cfg.frames.decode_workers,
-        worker_init_fn=_worker_init if cfg.frames.decode_workers else None,
+        num_workers=workers,
+        worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=1 if workers else None,
     )
     t0 = time.perf_counter()
     decoded = list(loader)
@@ -74,17 +84,46 @@ def decode_only(cfg, enc, items, groups) -> tuple[float, int, list]:
     return seconds, frames, decoded
 
 
-def encode_only(cfg, enc, decoded) -> tuple[float, int]:
+def encode_only(cfg, enc, decoded) -> tuple[float, int, list]:
     batches = [[v for v in g["videos"] if "frames" in v] for g in decoded]
     encode_group(batches[0], cfg, enc)  # warm-up (kernel selection, allocator)
     t0 = time.perf_counter()
-    frames = 0
+    frames, encoded = 0, []
     for videos in batches:
-        encode_group(videos, cfg, enc)
+        encoded.append(encode_group(videos, cfg, enc))
         frames += sum(int(v["valid"].sum()) for v in videos)
     if enc.device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - t0, frames
+    return time.perf_counter() - t0, frames, encoded
+
+
+def write_only(cfg, enc, index, decoded, encoded, path: Path) -> float:
+    """Seconds to write the encoded groups into a fresh store as the writer does (arrays, then done)."""
+    from extract import schema
+    from extract.pipeline import create_cache
+    from extract.store import write_rows
+
+    group = create_cache(cfg, index, enc, path, "bench")
+    t0 = time.perf_counter()
+    for g, arrays in zip(decoded, encoded, strict=True):
+        ok = [v for v in g["videos"] if "frames" in v]
+        arrays = dict(arrays)
+        arrays[schema.FRAME_MASK] = np.stack([v["valid"] for v in ok])
+        arrays[schema.TIMESTAMPS] = np.stack([v["pts"] for v in ok])
+        arrays[schema.FPS] = np.asarray([v["fps"] for v in ok], dtype=np.float32)
+        write_rows(group, int(ok[0]["row"]), arrays)  # the synthetic groups are contiguous runs of rows
+    return time.perf_counter() - t0
+
+
+def end_to_end(cfg, index, cache: Path, workers: int | str) -> tuple[float, object]:
+    """Seconds of `ltar extract` into a fresh cache root with `frames.decode_workers = workers`."""
+    import shutil
+
+    shutil.rmtree(cache, ignore_errors=True)
+    cfg = replace(cfg, frames=replace(cfg.frames, decode_workers=workers), cache=replace(cfg.cache, root=str(cache)))
+    t0 = time.perf_counter()
+    summary = extract(cfg, progress=False, index=index)
+    return time.perf_counter() - t0, summary
 
 
 def gpu_base_presets(frames: int) -> dict[str, float]:
@@ -136,12 +175,13 @@ def base_frame_cost(frames: int = 8, device: str = "cpu", preset: str = "base") 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--videos", type=int, default=96)
+    ap.add_argument("--videos", type=int, default=480)
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--smoke", action="store_true", help="the same code path on 12 videos; tiny preset as 'base'")
     args = ap.parse_args(argv)
     if args.smoke:
         args.videos, args.frames = 12, 4
+    cores = len(os.sched_getaffinity(0))
     logging.basicConfig(level=logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -154,22 +194,36 @@ def main(argv: list[str] | None = None) -> None:
         enc = build_encoders(cfg, device)
         n = len(index.items)
         groups = _groups(np.arange(n), n, max(1, cfg.encoders.batch_frames // args.frames))
-        dec_s, dec_frames, decoded = decode_only(cfg, enc, index.items, groups)
-        enc_s, enc_frames = encode_only(cfg, enc, decoded)
+        workers = resolve_decode_workers(cfg, group_bytes(cfg, index.items, groups, enc))
+        dec_s, dec_frames, decoded = decode_only(cfg, enc, index.items, groups, workers)
+        enc_s, enc_frames, encoded = encode_only(cfg, enc, decoded)
+        write_s = write_only(cfg, enc, index, decoded, encoded, tmp / "written.zarr")
+        del encoded
         # What motion saliency (the default) costs the decoders: the same decode without its neighbour frames.
         still = replace(cfg, saliency=replace(cfg.saliency, method="spectral-residual"))
-        still_s, _, _ = decode_only(still, enc, index.items, groups)
-        t0 = time.perf_counter()
-        summary = extract(cfg, progress=False, index=index)
-        e2e_s = time.perf_counter() - t0
+        still_s, _, _ = decode_only(still, enc, index.items, groups, workers)
+        del decoded
+        e2e_s, summary = end_to_end(cfg, index, tmp / "cache", cfg.frames.decode_workers)
         e2e_frames = summary.frames
+        by_workers = {
+            k: summary.frames / end_to_end(cfg, index, tmp / f"cache-{k}", k)[0]
+            for k in range(1, cores + 1)
+            if not args.smoke and k != workers
+        }
         decode_fps, encode_fps, e2e_fps = dec_frames / dec_s, enc_frames / enc_s, e2e_frames / e2e_s
-        slower = min(decode_fps, encode_fps)
-        print(f"videos={n} frames_per_video={args.frames} device={device} decode_workers={cfg.frames.decode_workers}")
+        write_fps = enc_frames / write_s
+        by_workers[workers] = e2e_fps
+        slower = min(decode_fps, encode_fps, write_fps)
+        shared = 1.0 / (1.0 / decode_fps + 1.0 / encode_fps + 1.0 / write_fps)  # every stage on the same cores
+        print(f"videos={n} frames_per_video={args.frames} device={device} cores={cores} decode_workers={workers}")
         print(f"decode-only:  {decode_fps:8.1f} frames/s ({dec_s:.1f} s; {still_s:.1f} s without motion's neighbours)")
         print(f"encode-only:  {encode_fps:8.1f} frames/s ({enc_s:.1f} s)")
+        print(f"write-only:   {write_fps:8.1f} frames/s ({write_s:.1f} s, {1000 * write_s / len(groups):.1f} ms/group)")
         print(f"end-to-end:   {e2e_fps:8.1f} frames/s ({e2e_s:.1f} s, includes store creation and writes)")
-        print(f"end-to-end / slower stage = {e2e_fps / slower:.2f} (target >= 0.8)")
+        print(f"end-to-end / slower stage = {e2e_fps / slower:.2f} (target >= 0.9)")
+        print(f"end-to-end / shared-core ceiling {shared:.1f} frames/s = {e2e_fps / shared:.2f}")
+        for k, fps in sorted(by_workers.items()):
+            print(f"  end-to-end with {k} decoding process(es): {fps:8.1f} frames/s")
         print(f"store: {summary.store_bytes / 2**20:.2f} MiB vs raw fp32 {summary.raw_fp32_bytes / 2**20:.2f} MiB")
 
         long = render_long_video(tmp / "long.mp4", num_frames=3000)
@@ -191,7 +245,12 @@ def main(argv: list[str] | None = None) -> None:
         "motion_decode_ratio": f"{dec_s / still_s:.2f}",
         "encode_fps": f"{encode_fps:.1f}",
         "e2e_fps": f"{e2e_fps:.1f}",
+        "write_fps": f"{write_fps:.1f}",
         "e2e_over_slower": f"{e2e_fps / slower:.2f}",
+        "e2e_over_shared": f"{e2e_fps / shared:.2f}",
+        "e2e_s": f"{e2e_s:.1f}",
+        "decode_workers": workers,
+        **{f"e2e_fps_workers_{k}": f"{v:.1f}" for k, v in sorted(by_workers.items())},
         "seek_speedup": f"{timing['seek_speedup']:.2f}",
         "seek_identical": timing["identical"],
         "cache_ratio": f"{summary.raw_fp32_bytes / summary.store_bytes:.2f}",

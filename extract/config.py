@@ -107,8 +107,8 @@ class FramesConfig:
     num_frames: int = field(default=16, metadata=_range(1, 4096))  # L: frames sampled per video
     sampling: Literal["uniform", "region"] = "uniform"  # uniform over the video, or over the annotated region
     min_frames: int = field(default=2, metadata=_range(1))  # a video with fewer decodable frames is a recorded failure
-    # decoding processes overlapping the encoders (0 = inline)
-    decode_workers: int = field(default=2, metadata=_range(0, 64))
+    # decoding processes overlapping the encoders: auto = the cores less one, as many as shared memory holds; 0 = inline
+    decode_workers: int | Literal["auto"] = field(default="auto", metadata=_range(0, 64))
     # frames are converted to RGB at their native size and handed to the encoders, which resize and crop them as
     # their own code does; a video whose short side exceeds this (and every encoder's input side) is first resized
     # to it in RGB, to bound memory. null = always native (exact official preprocessing at any resolution)

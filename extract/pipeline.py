@@ -255,6 +255,67 @@ class _GroupDecoder:
         return out
 
 
+SHM = Path("/dev/shm")  # where decoding processes hand their frames to the encoders (torch's shared memory)
+
+
+def group_bytes(cfg: Config, items: Any, groups: list[np.ndarray], enc: Encoders) -> int:
+    """Bytes of one group's decoded frames, the most a decoding process holds in shared memory at once: videos per
+    group x distinct frames per video (CLIP's L, the TimeSformer's clip frames, motion's two neighbours each, at
+    most the video's own frames) x the frame at its decoded size (`frames.max_short_side`), sized on the group's
+    first video that probes."""
+    from extract.decode import probe
+
+    L = cfg.frames.num_frames
+    s = enc.timesformer.sampling
+    per_slot = 1 + (s["clip_frames"] if s else 0) + (2 if cfg.saliency.method == "motion" else 0)
+    cap = decode_cap(cfg, enc)
+    first = groups[0] if groups else np.zeros(0, dtype=int)
+    for row in first:
+        try:
+            info = probe(items[int(row)].path)
+        except Exception:  # noqa: BLE001 - a video that does not open is reported by the decoder
+            continue
+        h, w = info.height, info.width
+        if cap is not None and min(h, w) > cap:
+            h, w = (cap, round(w * cap / h)) if h <= w else (round(h * cap / w), cap)
+        frames = min(L * per_slot, max(info.num_frames, 1))
+        return len(first) * frames * h * w * 3
+    return 0
+
+
+def resolve_decode_workers(cfg: Config, per_group: int, cores: int | None = None) -> int:
+    """`frames.decode_workers` as a number: `auto` = the cores (`cores`, else this process's) less one for the
+    encoders and the writer, then as many as the shared memory holds (each process keeps one group of `per_group`
+    bytes there, and the main process the one it encodes). A number is taken as given, but refused with a sentence
+    when shared memory cannot hold its groups: the run would die mid-way with a bus error."""
+    import os
+    import shutil
+
+    asked = cfg.frames.decode_workers
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(cores - 1, 0) if asked == "auto" else int(asked)
+    if workers == 0 or per_group <= 0 or not SHM.is_dir():
+        return workers
+    free = shutil.disk_usage(SHM).free
+    fits = free // per_group - 1  # groups held by the decoding processes beside the one being encoded
+    if workers <= fits:
+        return workers
+    need = (workers + 1) * per_group
+    advice = (
+        f"{SHM} has {free / 2**30:.2f} GiB free; {workers} decoding process(es) with groups of "
+        f"{per_group / 2**30:.2f} GiB of frames need {need / 2**30:.2f} GiB"
+    )
+    fix = (
+        "give the machine more shared memory (docker run --shm-size=...; a tmpfs remount), or lower "
+        "encoders.batch_frames (smaller groups) or frames.max_short_side"
+    )
+    if asked != "auto":
+        raise ConfigError(f"frames.decode_workers={asked}: {advice}. Set frames.decode_workers: {max(fits, 0)} or {fix}.")
+    log.warning("frames.decode_workers=auto: %s; decoding in %d process(es). To use more, %s.", advice, max(fits, 0), fix)
+    return max(int(fits), 0)
+
+
 def _worker_init(_: int) -> None:
     import torch
 
@@ -314,34 +375,39 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, max(1, size))]
 
 
-def _views(enc: Encoders, x: Any, chunk: int) -> Any:
-    """CLIP's views of uint8 frames (N, H, W, 3) on the device, `chunk` frames at a time: (N, h, w, 3) uint8."""
+def _upload(frames: list[Any], device: str) -> tuple[Any, np.ndarray]:
+    """The distinct frames of n videos of one native size on the device, in one tensor: (ΣU, H, W, 3) uint8, and
+    each video's offset into it (n,). Each video's frames go up once (from pinned memory, `non_blocking`, when the
+    loader pinned them on a CUDA run); every encoder then reads its frames from this tensor."""
     import torch
 
-    return torch.cat([enc.clip.view(x[c]) for c in _chunks(len(x), chunk)])
+    parts = [torch.as_tensor(f).to(device, non_blocking=True) for f in frames]  # n x (U_b, H, W, 3)
+    offsets = np.cumsum([0] + [len(p) for p in parts[:-1]])  # (n,)
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)), offsets
 
 
-def _neighbour_views(videos: list[dict[str, Any]], sizes: list[np.ndarray], enc: Encoders, L: int, chunk: int) -> tuple:
-    """CLIP's views of the frames before and after each slot (`motion_index`): two (B*L, h, w, 3) uint8 tensors."""
+def _gathered(videos: list[dict[str, Any]], idx: np.ndarray, offsets: np.ndarray, key: str, device: str) -> Any:
+    """videos[b][key] (index arrays into b's distinct frames) for b in idx, shifted by b's offset and stacked on
+    the device: (n * rows, ...) int64."""
     import torch
 
-    before, after = [None] * len(videos), [None] * len(videos)
-    for idx in sizes:
-        x = np.concatenate([videos[b]["frames"][videos[b]["motion_index"].T.ravel()] for b in idx])  # (n*2L, H, W, 3)
-        views = _views(enc, torch.from_numpy(x).to(enc.device), chunk).split(2 * L)  # n x (2L, h, w, 3)
-        for b, v in zip(idx, views, strict=True):
-            before[b], after[b] = v[:L], v[L:]
-    return torch.cat(before), torch.cat(after)
+    stacked = np.concatenate([o + np.asarray(videos[b][key]) for b, o in zip(idx, offsets, strict=True)])
+    return torch.from_numpy(stacked.astype(np.int64)).to(device)
 
 
-def encode_group(videos: list[dict[str, Any]], cfg: Config, enc: Encoders) -> dict[str, np.ndarray]:
+def encode_on_device(videos: list[dict[str, Any]], cfg: Config, enc: Encoders) -> dict[str, Any]:
     """Encode one group of decoded videos (`_GroupDecoder.decode_video` dicts; native sizes may differ).
 
     CLIP sees each of the L frames as its own preprocessing makes it (`view`: resize and crop of the native frame);
     the saliency map lies over that view, the foreground box is cut from the native frame (`saliency.crop`) and the
     background is the view with the box filled. The TimeSformer sees its clips (`encoders.timesformer.sampling`):
-    V_l is the patch mean of frame l in its clip, v_cls the clips' CLS averaged over the valid frames. Returns the
-    per-video schema arrays, each with leading axis B, features zeroed where the slot holds no frame.
+    V_l is the patch mean of frame l in its clip, v_cls the clips' CLS averaged over the valid frames.
+
+    Each video's distinct frames go to the device once (`_upload`); everything after works in chunks of
+    `encoders.batch_frames` sampled frames (views, CLIP, saliency, crops and their CLIP pass together; the
+    TimeSformer's clips), so memory beyond the decoded frames does not grow with L. Returns the per-video schema
+    arrays on the device, each with leading axis B, features zeroed where the slot holds no frame
+    (`to_host` starts bringing them back; `encode_group` waits for them).
     """
     import torch
 
@@ -355,93 +421,97 @@ def encode_group(videos: list[dict[str, Any]], cfg: Config, enc: Encoders) -> di
     )
 
     B, L = len(videos), len(videos[0]["valid"])
-    dev = enc.device
-    valid = np.stack([v["valid"] for v in videos])  # (B, L)
-    keep = torch.from_numpy(valid).to(dev).reshape(B, L, 1)
+    C, T = np.asarray(videos[0]["tsf_index"]).shape
+    dev, clip, tsf = enc.device, enc.clip, enc.timesformer
+    chunk, method, m = cfg.encoders.batch_frames, cfg.saliency.method, map_size(cfg, enc)
+    keep = torch.from_numpy(np.stack([np.asarray(v["valid"]) for v in videos])).to(dev).reshape(B * L, 1)  # (BL, 1)
+    emb = torch.empty(3, B * L, clip.dim, device=dev)  # (3, BL, Dc): the frame, its foreground, its background
+    sal_u8 = torch.empty(B * L, m, m, dtype=torch.uint8, device=dev)  # (BL, m, m)
+    frame_tok = torch.empty(B * C, T, tsf.dim, device=dev)  # (BC, T, Dv)
+    cls = torch.empty(B * C, tsf.dim, device=dev)  # (BC, Dv)
 
-    # CLIP: the view of each frame, then forward passes over the group's B*L views, `chunk` at a time.
-    chunk = cfg.encoders.batch_frames
-    natives = [v["frames"][v["clip_index"]] for v in videos]  # B x (L, H_b, W_b, 3)
-    sizes = _same_size(natives)
-    # One upload per native size, kept for the crops: (n*L, H, W, 3) uint8 on the device.
-    on_device = [torch.from_numpy(np.concatenate([natives[b] for b in idx])).to(dev) for idx in sizes]
-    views = [None] * B
-    for idx, x in zip(sizes, on_device, strict=True):
-        for j, v in zip(idx, _views(enc, x, chunk).split(L), strict=True):  # (L, h, w, 3) each
-            views[j] = v
-    views = torch.cat(views)  # (BL, h, w, 3) uint8
-    method = cfg.saliency.method
-    parts = [
-        enc.clip.encode(views[c], attention=method == "clip-attention", surgery=method == "clip-surgery")
-        for c in _chunks(B * L, chunk)
-    ]
-    out = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-    vp = out["embedding"]  # (BL, Dc)
-    m = map_size(cfg, enc)
-    if method == "clip-attention":
-        sal = clip_attention_saliency(out["attention"])  # (BL, gh, gw) in [0, 1]
-    elif method == "clip-surgery":
-        sal = clip_surgery_saliency(out["surgery"])  # (BL, gh, gw) in [0, 1]
-    elif method == "motion":
-        sal = motion_saliency(*_neighbour_views(videos, sizes, enc, L, chunk), m)  # (BL, m, m) in [0, 1]
-    else:
-        sal = spectral_residual_saliency(views, m)  # (BL, m, m) in [0, 1]
-
-    # Foreground crops from the native frames, backgrounds from the views.
-    S = enc.clip.image_size
-    fg = torch.empty(B * L, *S, 3, dtype=torch.uint8, device=dev)  # (BL, h, w, 3)
-    bg = torch.empty_like(fg)
-    for idx, x in zip(sizes, on_device, strict=True):
-        H, W = x.shape[1:3]
-        group_rows = torch.from_numpy((idx[:, None] * L + np.arange(L)).ravel()).to(dev)  # (n*L,)
-        for c in _chunks(len(group_rows), chunk):
-            rows = group_rows[c]
-            fg[rows], bg[rows] = foreground_background(
-                x[c],
-                sal[rows],
+    for idx in _same_size([v["frames"] for v in videos]):  # videos of one native size (all of them, mostly)
+        frames, offsets = _upload([videos[b]["frames"] for b in idx], dev)  # (ΣU, H, W, 3) uint8
+        region = clip.view_box(*frames.shape[1:3])
+        slot = _gathered(videos, idx, offsets, "clip_index", dev)  # (n*L,) each slot's frame
+        rows = torch.from_numpy((idx[:, None] * L + np.arange(L)).ravel()).to(dev)  # (n*L,) rows of the group
+        near = _gathered(videos, idx, offsets, "motion_index", dev) if method == "motion" else None  # (n*L, 2)
+        for c in _chunks(len(slot), chunk):
+            x = frames[slot[c]]  # (c, H, W, 3) native
+            view = clip.view(x)  # (c, h, w, 3)
+            out = clip.encode(view, attention=method == "clip-attention", surgery=method == "clip-surgery")
+            if method == "clip-attention":
+                sal = clip_attention_saliency(out["attention"])  # (c, gh, gw) in [0, 1]
+            elif method == "clip-surgery":
+                sal = clip_surgery_saliency(out["surgery"])  # (c, gh, gw) in [0, 1]
+            elif method == "motion":
+                sal = motion_saliency(clip.view(frames[near[c, 0]]), clip.view(frames[near[c, 1]]), m)  # (c, m, m)
+            else:
+                sal = spectral_residual_saliency(view, m)  # (c, m, m) in [0, 1]
+            fg, bg = foreground_background(  # foreground cut from the native frame, background from the view
+                x,
+                sal,
                 cfg.saliency.mass,
                 cfg.saliency.background_fill,
-                S,
-                region=enc.clip.view_box(H, W),
+                clip.image_size,
+                region=region,
                 crop=cfg.saliency.crop,
-                view=views[rows],
-                pad_value=enc.clip.fill_color,
+                view=view,
+                pad_value=clip.fill_color,
             )
-    crops = [enc.clip.encode_images(torch.cat([fg[c], bg[c]])) for c in _chunks(B * L, chunk)]  # each (2n, Dc)
-    fg_emb = torch.cat([e[: len(e) // 2] for e in crops])  # (BL, Dc)
-    bg_emb = torch.cat([e[len(e) // 2 :] for e in crops])  # (BL, Dc)
+            crops = clip.encode_images(torch.cat([fg, bg]))  # (2c, Dc)
+            r = rows[c]
+            emb[0, r], emb[1, r], emb[2, r] = out["embedding"], crops[: len(x)], crops[len(x) :]
+            sal_u8[r] = saliency_to_uint8(sal, m)
 
-    # TimeSformer: every video's clips, in chunks of encoders.batch_frames frames.
-    tsf = enc.timesformer
-    clips = [v["frames"][v["tsf_index"]] for v in videos]  # B x (C, T, H_b, W_b, 3)
-    C, T = clips[0].shape[:2]
-    per_call = max(1, chunk // T)  # clips per call
-    frame_tok = torch.empty(B, C, T, tsf.dim, device=dev)  # (B, C, T, Dv)
-    cls = torch.empty(B, C, tsf.dim, device=dev)  # (B, C, Dv)
-    for idx in _same_size(clips):
-        x = torch.from_numpy(np.concatenate([clips[b] for b in idx])).to(dev)  # (n*C, T, H, W, 3)
-        parts = [tsf.encode(x[c]) for c in _chunks(len(x), per_call)]
-        rows = torch.from_numpy(idx).to(dev)
-        frame_tok[rows] = torch.cat([p["frame"] for p in parts]).reshape(len(idx), C, T, -1)
-        cls[rows] = torch.cat([p["cls"] for p in parts]).reshape(len(idx), C, -1)
+        # TimeSformer: the videos' clips, batch_frames // T clips per call.
+        clips = _gathered(videos, idx, offsets, "tsf_index", dev)  # (n*C, T) frames of each clip
+        clip_rows = torch.from_numpy((idx[:, None] * C + np.arange(C)).ravel()).to(dev)  # (n*C,)
+        for c in _chunks(len(clips), max(1, chunk // T)):
+            p = tsf.encode(frames[clips[c]])  # (c, T, H, W, 3) -> frame (c, T, Dv), cls (c, Dv)
+            frame_tok[clip_rows[c]], cls[clip_rows[c]] = p["frame"], p["cls"]
+
+    frame_tok, cls = frame_tok.reshape(B, C, T, -1), cls.reshape(B, C, -1)
     if tsf.sampling is not None:  # clips: slot l is frame T // 2 of clip l
         v_frame = frame_tok[:, :, T // 2]  # (B, L, Dv)
-        w = keep.float()  # (B, L, 1)
+        w = keep.reshape(B, L, 1).float()  # (B, L, 1)
         v_cls = (cls * w).sum(1) / w.sum(1).clamp_min(1.0)  # (B, Dv): the clips' CLS averaged over real frames
     else:  # spread: slot l is frame l of the one clip
         v_frame, v_cls = frame_tok[:, 0], cls[:, 0]  # (B, L, Dv), (B, Dv)
-
-    def per_frame(x: torch.Tensor) -> np.ndarray:  # (BL, D) -> (B, L, D), zero where no frame
-        return (x.reshape(B, L, -1).float() * keep).cpu().numpy()
-
+    emb = emb * keep  # zero where the slot holds no frame
     return {
-        schema.CLIP_FRAME: per_frame(vp),
-        schema.CLIP_FG: per_frame(fg_emb),
-        schema.CLIP_BG: per_frame(bg_emb),
-        schema.SALIENCY: saliency_to_uint8(sal, m).reshape(B, L, m, m).cpu().numpy(),
-        schema.TSF_FRAME: (v_frame.float() * keep).cpu().numpy(),
-        schema.TSF_CLS: v_cls.float().cpu().numpy(),
+        schema.CLIP_FRAME: emb[0].reshape(B, L, -1),
+        schema.CLIP_FG: emb[1].reshape(B, L, -1),
+        schema.CLIP_BG: emb[2].reshape(B, L, -1),
+        schema.SALIENCY: sal_u8.reshape(B, L, m, m),
+        schema.TSF_FRAME: v_frame.float() * keep.reshape(B, L, 1),
+        schema.TSF_CLS: v_cls.float(),
     }
+
+
+def encode_group(videos: list[dict[str, Any]], cfg: Config, enc: Encoders) -> dict[str, np.ndarray]:
+    """`encode_on_device`, its arrays brought to the host as numpy."""
+    return host_arrays(to_host(encode_on_device(videos, cfg, enc)))
+
+
+def to_host(arrays: dict[str, Any]) -> dict[str, Any]:
+    """Start copying `encode_on_device`'s device arrays to the host: on CUDA into pinned memory without blocking (the
+    writer waits for `ready`); the values become numpy with `host_arrays`."""
+    import torch
+
+    if not any(a.is_cuda for a in arrays.values()):
+        return {"arrays": arrays, "ready": None}
+    out = {k: a.to("cpu", non_blocking=True) for k, a in arrays.items()}
+    ready = torch.cuda.Event()
+    ready.record()
+    return {"arrays": out, "ready": ready}
+
+
+def host_arrays(pending: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Wait for a `to_host` copy; the arrays as numpy."""
+    if pending["ready"] is not None:
+        pending["ready"].synchronize()
+    return {k: a.numpy() for k, a in pending["arrays"].items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -624,6 +694,54 @@ class RowsResult:
     short: dict[str, int] = field(default_factory=dict)  # video id -> distinct frames, fewer than its real slots
 
 
+class _Writer:
+    """The writer thread of `extract_groups`: checks and writes each encoded group in order, while the main thread
+    encodes the next (and, on CUDA, while the device-to-host copies land).
+
+    At most `depth` groups wait (their arrays held in memory); `put` blocks beyond that. The first error in the
+    thread (a full disk, a lost lock) stops the writes and is raised in the main thread at its next `put` or at
+    `close`. Groups already handed over are written before `close` returns, even when the main thread stops on
+    an error or an interrupt: they are finished work."""
+
+    def __init__(self, write: Callable[..., int], depth: int = 2):
+        import queue
+        import threading
+
+        self.write, self.error = write, None
+        self.jobs: queue.Queue = queue.Queue(depth)
+        self.landed: queue.Queue = queue.Queue()  # rows each written group finished, for the caller's progress
+        self.thread = threading.Thread(target=self._run, name="ltar-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is None:
+                try:
+                    self.landed.put(self.write(*job))
+                except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                    self.error = e
+
+    def put(self, *job: Any) -> None:
+        self.raise_error()
+        self.jobs.put(job)
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def drain(self) -> list[int]:
+        """Rows of the groups written since the last call."""
+        out = []
+        while not self.landed.empty():
+            out.append(self.landed.get())
+        return out
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+
+
 def extract_groups(
     group: Any,
     items: Any,
@@ -640,13 +758,18 @@ def extract_groups(
     """Decode, encode and write fixed `groups` of rows that this writer owns: every shard in a
     single-process run, one shard per task on a cluster worker (extract/scale.py).
 
+    Three things overlap: decoding (`decode_workers` processes, one group ahead each), encoding (this thread) and
+    the checks and writes (`_Writer`, a thread, up to two groups behind). Writes land in group order and each
+    marks its rows done after their arrays, so a killed run resumes to the same bytes.
+
     items[row] is the row's VideoItem (a list, or a dict of the owned rows); done: (N,) bool rows an
     earlier run finished (never rewritten); `result` is filled as groups land, so a caller still has
-    it when a write fails; on_group(rows, result) after each group; before_write() may refuse a write
-    (a lost store lock); mp_context: how decoding processes start (None: multiprocessing's default).
+    it when a write fails; on_group(rows, result) after each group lands (in this thread); before_write() may
+    refuse a write (a lost store lock); mp_context: how decoding processes start (None: multiprocessing's default).
     """
     import torch
 
+    cuda = str(enc.device).startswith("cuda")
     loader = torch.utils.data.DataLoader(
         _GroupDecoder(items, groups, cfg, decode_cap(cfg, enc), enc.timesformer.sampling),
         batch_size=None,
@@ -656,37 +779,55 @@ def extract_groups(
         prefetch_factor=1 if decode_workers else None,  # native frames: one group ahead per worker bounds memory
         persistent_workers=False,
         multiprocessing_context=mp_context if decode_workers else None,
+        pin_memory=cuda,  # staged in page-locked memory by the loader's thread: uploads do not block
     )
-    for batch in loader:
-        ok = [v for v in batch["videos"] if "error" not in v]
-        for v in batch["videos"]:
-            if "error" in v:
-                result.failures[items[v["row"]].id] = v["error"]
-        if ok:
-            valid = np.stack([v["valid"] for v in ok])  # (B, L)
-            arrays = encode_group(ok, cfg, enc)
+
+    def write(batch_rows: np.ndarray, ok: list[dict[str, Any]], pending: dict[str, Any] | None) -> int:
+        if pending is not None:
+            arrays = host_arrays(pending)
+            valid = np.stack([np.asarray(v["valid"]) for v in ok])  # (B, L)
             finite = np.ones(len(ok), dtype=bool)
             for name in (schema.CLIP_FRAME, schema.CLIP_FG, schema.CLIP_BG, schema.TSF_FRAME, schema.TSF_CLS):
                 finite &= np.isfinite(arrays[name].reshape(len(ok), -1)).all(1)
             arrays[schema.FRAME_MASK] = valid
-            arrays[schema.TIMESTAMPS] = np.stack([v["pts"] for v in ok])
+            arrays[schema.TIMESTAMPS] = np.stack([np.asarray(v["pts"]) for v in ok])
             arrays[schema.FPS] = np.asarray([v["fps"] for v in ok], dtype=np.float32)
             rows = np.asarray([v["row"] for v in ok])
             for b in np.flatnonzero(~finite):
                 result.failures[items[rows[b]].id] = "non-finite: the encoders produced NaN or inf"
-            write = finite & ~done[rows]  # rows done by an earlier run are never rewritten
-            for start, stop in contiguous_runs(rows[write]):  # one slice write per run of rows
+            keep = finite & ~done[rows]  # rows done by an earlier run are never rewritten
+            for start, stop in contiguous_runs(rows[keep]):  # one slice write per run of rows
                 if before_write is not None:
                     before_write()
                 a = int(np.searchsorted(rows, start))
                 write_rows(group, start, {k: v[a : a + stop - start] for k, v in arrays.items()})
-            result.done += int(write.sum())
-            result.frames += int(valid[write].sum())
+            result.done += int(keep.sum())
+            result.frames += int(valid[keep].sum())
             distinct = schema.distinct_frames(arrays[schema.TIMESTAMPS], valid)  # (B,)
-            for b in np.flatnonzero(write & (distinct < valid.sum(1))):  # frames repeat in the slots
+            for b in np.flatnonzero(keep & (distinct < valid.sum(1))):  # frames repeat in the slots
                 result.short[items[rows[b]].id] = int(distinct[b])
-        if on_group is not None:
-            on_group(len(batch["rows"]) - int(done[batch["rows"]].sum()), result)
+        return len(batch_rows) - int(done[batch_rows].sum())
+
+    def landed() -> None:
+        for rows in writer.drain():
+            if on_group is not None:
+                on_group(rows, result)
+
+    writer = _Writer(write)
+    try:
+        for batch in loader:
+            ok = [v for v in batch["videos"] if "error" not in v]
+            for v in batch["videos"]:
+                if "error" in v:
+                    result.failures[items[v["row"]].id] = v["error"]
+            pending = to_host(encode_on_device(ok, cfg, enc)) if ok else None
+            meta = [{k: v[k] for k in ("row", "valid", "pts", "fps")} for v in ok]  # the frames are not held
+            writer.put(np.asarray(batch["rows"]), meta, pending)
+            landed()
+    finally:
+        writer.close()  # what was handed over lands, even on an error or an interrupt here
+    writer.raise_error()
+    landed()
     return result
 
 
@@ -749,9 +890,9 @@ def extract(cfg: Config, progress: bool = True, index: DatasetIndex | None = Non
 
         result = RowsResult(failures=summary.failures, short=summary.short)
         try:
-            extract_groups(
-                group, index.items, groups, cfg, enc, done, result, cfg.frames.decode_workers, on_group=on_group
-            )
+            workers = resolve_decode_workers(cfg, group_bytes(cfg, index.items, groups, enc))
+            log.info("decoding in %d process(es) beside the encoders", workers)
+            extract_groups(group, index.items, groups, cfg, enc, done, result, workers, on_group=on_group)
         finally:
             bar.close()
             record_failures(group, [it.id for it in index.items], previous_failures, summary.failures)

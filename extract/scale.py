@@ -273,7 +273,7 @@ def extract_shard(
 
     items: row -> VideoItem of this shard. Idempotent: done rows are skipped, so a rerun after a
     killed worker redoes only the groups that did not land."""
-    from extract.pipeline import RowsResult, _shard_groups, extract_groups
+    from extract.pipeline import RowsResult, _shard_groups, extract_groups, group_bytes, resolve_decode_workers
 
     t0 = time.perf_counter()
     enc = _worker_encoders(cfg, torch_threads)
@@ -283,7 +283,9 @@ def extract_shard(
     done[start:stop] = np.asarray(group[schema.DONE][start:stop])
     per_group = max(1, cfg.encoders.batch_frames // cfg.frames.num_frames)
     groups = [g for g in _shard_groups(start, stop, per_group) if not done[g].all()]
-    decode_workers = cfg.frames.decode_workers
+    # auto: this worker's share of the cores (its torch threads) plus one, less one for its encoders
+    cores = torch_threads + 1 if torch_threads else None
+    decode_workers = resolve_decode_workers(cfg, group_bytes(cfg, items, groups, enc), cores)
     if decode_workers and multiprocessing.current_process().daemon:
         log.warning("this dask worker is a daemon process and cannot start decoding workers; decoding inline")
         decode_workers = 0

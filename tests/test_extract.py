@@ -181,16 +181,16 @@ def test_bad_videos_are_recorded_and_skipped(world, tmp_path):
 def test_non_finite_features_are_caught_before_writing(world, tmp_path, monkeypatch):
     import extract.pipeline as pipeline
 
-    real, calls = pipeline.encode_group, []
+    real, calls = pipeline.encode_on_device, []
 
     def poisoned(videos, cfg, enc):  # the first video of the first group comes out NaN
         out = real(videos, cfg, enc)
         if not calls:
-            out[schema.TSF_CLS][0, 0] = np.nan
+            out[schema.TSF_CLS][0, 0] = float("nan")
         calls.append(len(videos))
         return out
 
-    monkeypatch.setattr(pipeline, "encode_group", poisoned)
+    monkeypatch.setattr(pipeline, "encode_on_device", poisoned)
     summary = extract(_config(world, tmp_path), progress=False)
     assert summary.failures == {"train_00000": "non-finite: the encoders produced NaN or inf"}
     assert not schema.open_cache(summary.store)[0][schema.DONE][0]
@@ -464,3 +464,130 @@ def test_every_encoder_call_is_bounded_by_batch_frames(world, tmp_path):
     )
     for name, array in bounded.items():
         np.testing.assert_allclose(array, whole[name], atol=2e-5, err_msg=name)
+
+
+_RSS_PROBE = """
+import resource, sys
+from pathlib import Path
+import numpy as np, torch
+from tests.conftest import tiny_config
+from extract.datasets import load_dataset
+from extract.pipeline import _GroupDecoder, build_encoders, decode_cap, encode_group
+torch.set_num_threads(1)
+L = int(sys.argv[1])
+cfg = tiny_config(Path(sys.argv[2]), Path(sys.argv[3]), frames={"num_frames": L}, encoders={"batch_frames": 32})
+enc = build_encoders(cfg, "cpu")
+item = load_dataset(cfg).items[0]
+decoded = _GroupDecoder([item], [np.array([0])], cfg, decode_cap(cfg, enc), enc.timesformer.sampling).decode_video(item)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+encode_group([decoded], cfg, enc)
+print(len(decoded["frames"]), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_dense_sampling_peak_memory_is_flat_in_L(world, tmp_path):
+    """Peak resident memory of encoding one video, over what decoding it already held, at L = 64 and L = 1,024
+    (the tiny videos have ~30 frames, so both decode the same distinct frames): every encoder call is bounded and
+    each frame is gathered on the device per chunk, so nothing of size L x T x H x W is built. Before, L = 1,024
+    grew the high-water mark by ~200 MiB against ~45 MiB at L = 64."""
+    growth = {}
+    for L in (64, 1024):
+        out = subprocess.run(
+            [sys.executable, "-c", _RSS_PROBE, str(L), str(world), str(tmp_path)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        distinct, kib = map(int, out.stdout.split()[-2:])
+        growth[L] = kib / 1024  # MiB
+        assert distinct < 64  # the same decoded frames at both L
+    assert growth[1024] <= growth[64] + 16, growth
+
+
+def test_writes_overlap_the_next_groups_encoding(world, tmp_path, monkeypatch):
+    """The checks and writes run in the writer thread: group 2 is encoded while group 1 is still being written,
+    the writes land in group order, and the store matches a run whose writes are immediate."""
+    import threading
+
+    import extract.pipeline as pipeline
+    import extract.store as store
+
+    events, first_write_started = [], threading.Event()
+    real_encode = pipeline.encode_on_device
+
+    def encode(videos, cfg, enc):
+        events.append(("encode", threading.current_thread().name))
+        return real_encode(videos, cfg, enc)
+
+    def slow_write(group, start, values):
+        events.append(("write", threading.current_thread().name, start))
+        if not first_write_started.is_set():
+            first_write_started.set()
+            time.sleep(1.0)  # a slow disk: the main thread goes on encoding meanwhile
+        events.append(("written", start))
+        return store.write_rows(group, start, values)
+
+    monkeypatch.setattr(pipeline, "encode_on_device", encode)
+    monkeypatch.setattr(pipeline, "write_rows", slow_write)
+    cfg = _config(world, tmp_path / "slow", encoders={"batch_frames": 16})  # 2 videos per group
+    summary = extract(cfg, progress=False)
+    writes = [e for e in events if e[0] == "write"]
+    assert {e[1] for e in writes} == {"ltar-writer"} and {e[1] for e in events if e[0] == "encode"} == {"MainThread"}
+    assert [e[2] for e in writes] == sorted(e[2] for e in writes)  # in group order
+    first_done = events.index(("written", writes[0][2]))
+    assert [e[0] for e in events[:first_done]].count("encode") >= 2  # the next group encoded meanwhile
+    monkeypatch.undo()
+    again = extract(_config(world, tmp_path / "plain", encoders={"batch_frames": 16}), progress=False)
+    a, b = zarr.open_group(str(summary.store)), zarr.open_group(str(again.store))
+    for name in FEATURES:
+        np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
+
+
+def test_the_writer_raises_its_error_in_the_main_thread_and_keeps_what_was_handed_over():
+    from extract.pipeline import _Writer
+
+    written = []
+
+    def write(n):
+        if n == 2:
+            raise OSError("disk gone")
+        written.append(n)
+        return n
+
+    writer = _Writer(write, depth=8)
+    for n in (0, 1, 2, 3):
+        writer.put(n)
+    writer.close()  # 0 and 1 land; 2 fails; nothing after a failure is written
+    assert written == [0, 1] and writer.drain() == [0, 1]
+    with pytest.raises(OSError, match="disk gone"):
+        writer.raise_error()
+
+
+def test_decode_workers_auto_fits_the_cores_and_shared_memory(world, tmp_path, monkeypatch, caplog):
+    import extract.pipeline as pipeline
+    from extract.config import ConfigError
+
+    cfg = _config(world, tmp_path, frames={"decode_workers": "auto"})
+    enc = pipeline.build_encoders(cfg, "cpu")
+    items = load_dataset(cfg).items
+    groups = pipeline._groups(np.arange(len(items)), len(items), 4)
+    from extract.decode import probe
+
+    # 4 videos of 48x48 (under every cap): 8 slots x (1 frame + T clip frames + 2 motion neighbours), at most the
+    # first video's own frames
+    frames = min(8 * (1 + enc.timesformer.sampling["clip_frames"] + 2), probe(items[0].path).num_frames)
+    assert pipeline.group_bytes(cfg, items, groups, enc) == 4 * frames * 48 * 48 * 3
+    per_group = pipeline.group_bytes(cfg, items, groups, enc)
+    assert pipeline.resolve_decode_workers(cfg, per_group, cores=8) == 7  # plenty of shared memory here
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(pipeline, "SHM", shm)
+    monkeypatch.setattr("shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 3 * 1000))
+    with caplog.at_level("WARNING"):
+        assert pipeline.resolve_decode_workers(cfg, 1000, cores=8) == 2  # 3 groups fit: 2 decoding + 1 encoding
+    assert "frames.decode_workers=auto" in caplog.text and "--shm-size" in caplog.text
+    explicit = _config(world, tmp_path, frames={"decode_workers": 4})
+    with pytest.raises(ConfigError, match=r"frames.decode_workers=4: .* need 0.00 GiB.*Set frames.decode_workers: 2"):
+        pipeline.resolve_decode_workers(explicit, 1000)
+    assert pipeline.resolve_decode_workers(_config(world, tmp_path, frames={"decode_workers": 0}), 10**12) == 0
