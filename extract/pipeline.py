@@ -310,10 +310,11 @@ def resolve_decode_workers(cfg: Config, per_group: int, cores: int | None = None
         "give the machine more shared memory (docker run --shm-size=...; a tmpfs remount), or lower "
         "encoders.batch_frames (smaller groups) or frames.max_short_side"
     )
+    fits = max(int(fits), 0)
     if asked != "auto":
-        raise ConfigError(f"frames.decode_workers={asked}: {advice}. Set frames.decode_workers: {max(fits, 0)} or {fix}.")
-    log.warning("frames.decode_workers=auto: %s; decoding in %d process(es). To use more, %s.", advice, max(fits, 0), fix)
-    return max(int(fits), 0)
+        raise ConfigError(f"frames.decode_workers={asked}: {advice}. Set frames.decode_workers: {fits} or {fix}.")
+    log.warning("frames.decode_workers=auto: %s; decoding in %d process(es). To use more, %s.", advice, fits, fix)
+    return fits
 
 
 def _worker_init(_: int) -> None:
