@@ -93,3 +93,19 @@ def test_saliency_box_scores_known_answers():
     others[0, 0, 0] = True
     s = box_scores(torch.tensor([[0.0, 0.0, 0.5, 0.3]]), objects, others)
     assert s["object"] == 3 / 8 and s["area"] == 15 / 100 and s["distractor"] == 1.0
+
+
+def test_gpu_bench_smoke_runs_every_step_on_the_cpu(capsys):
+    """bench/gpu.py's every step (render and re-encode, decode by workers and keyframe interval, the encode split,
+    writes, the encoders alone, end to end, compile, stage 2 one-at-a-time and stacked, k-means) on tiny inputs."""
+    from bench import gpu
+
+    gpu.main(["--smoke"])
+    figures = _figures(capsys.readouterr().out)
+    stages = {f"enc_{s}_ms" for s in ("upload", "clip_view", "clip_frames", "saliency", "crops", "clip_crops")}
+    keys = {"decode_fps_w1", "decode_fps_gop30", "decode_fps_gop250", "enc_timesformer_ms", "write_ms_per_group"}
+    keys |= {"clip_fps", "ceiling_fps", "e2e_fps", "e2e_over_ceiling", "clip_compiled_maxdiff", "tsf_compiled_ms"}
+    keys |= {"steps_s_one", "steps_s_stacked", "kmeans_s"}
+    assert stages | keys <= set(figures)
+    assert float(figures["clip_compiled_maxdiff"]) < 1e-4 and float(figures["tsf_compiled_maxdiff"]) < 1e-4
+    assert figures["gpu_util_mean"] == "none" and figures["kmeans_device"] == "cpu"
