@@ -175,7 +175,7 @@ def base_frame_cost(frames: int = 8, device: str = "cpu", preset: str = "base") 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--videos", type=int, default=480)
+    ap.add_argument("--videos", type=int, default=576)
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--smoke", action="store_true", help="the same code path on 12 videos; tiny preset as 'base'")
     args = ap.parse_args(argv)

@@ -156,6 +156,10 @@ class EncodersConfig:
     device: str = "auto"  # auto = cuda when available, else cpu; or an explicit torch device such as cuda:1
     # sampled frames per encoder call, across videos; a video with more (dense sampling) is encoded in pieces of it
     batch_frames: int = field(default=256, metadata=_range(1))
+    # torch.compile the encoders' forward passes at fixed batch shapes (padded chunks); the numbers may differ from
+    # eager in the last bits, so a compiled store is another store (fingerprint). CLIP calls with attention hooks
+    # (saliency clip-attention / clip-surgery) run eager
+    compile: bool = False
 
 
 @dataclass(frozen=True)

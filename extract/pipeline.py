@@ -172,6 +172,7 @@ def fingerprint(cfg: Config, index: DatasetIndex, device: str) -> str:
         "clip": {**to_dict(enc.clip), "weights": _file_digest(enc.clip.weights)},
         "timesformer": {**to_dict(enc.timesformer), "weights": _file_digest(enc.timesformer.weights)},
         "precision": enc.precision if device.startswith("cuda") else "fp32",
+        **({"compile": True} if enc.compile else {}),  # absent when off: stores from before the option keep their name
         "saliency": to_dict(cfg.saliency),
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()

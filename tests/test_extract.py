@@ -591,3 +591,32 @@ def test_decode_workers_auto_fits_the_cores_and_shared_memory(world, tmp_path, m
     with pytest.raises(ConfigError, match=r"frames.decode_workers=4: .* need 0.00 GiB.*Set frames.decode_workers: 2"):
         pipeline.resolve_decode_workers(explicit, 1000)
     assert pipeline.resolve_decode_workers(_config(world, tmp_path, frames={"decode_workers": 0}), 10**12) == 0
+
+
+def test_compiled_encoders_give_eager_numbers_at_fixed_shapes(world, tmp_path, monkeypatch):
+    """encoders.compile: every call pads to the chunk's shape (one compile per shape: CLIP's frames and crops
+    chunks, the TimeSformer's clips chunk), the outputs equal the eager encoders', and the store is another store.
+    Dynamo's `eager` backend stands in for inductor on this CPU: the graph capture and the padding are under test,
+    not the code generation."""
+    import functools
+
+    import torch
+
+    from extract.pipeline import _GroupDecoder, build_encoders, decode_cap, encode_group
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    cfg = _config(world, tmp_path, frames={"num_frames": 12}, encoders={"batch_frames": 10})
+    compiled_cfg = _config(world, tmp_path, frames={"num_frames": 12}, encoders={"batch_frames": 10, "compile": True})
+    eager, fast = build_encoders(cfg, "cpu"), build_encoders(compiled_cfg, "cpu")
+    items = load_dataset(cfg).items[:2]
+    decoder = _GroupDecoder(items, [np.array([0, 1])], cfg, decode_cap(cfg, eager), eager.timesformer.sampling)
+    videos = decoder[0]["videos"]  # 2 videos x 12 slots = 24 frames: chunks of 10, 10, 4
+    want, got = encode_group(videos, cfg, eager), encode_group(videos, compiled_cfg, fast)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
+    T = fast.timesformer.sampling["clip_frames"]
+    assert {s[0] for s in fast.clip._image.shapes} == {10, 20}  # frames chunk; fg + bg crops chunk
+    assert {s[0] for s in fast.timesformer._forward.shapes} == {max(1, 10 // T)}
+    assert fast.provenance()["clip"]["compiled"] and not eager.provenance()["clip"]["compiled"]
+    index = load_dataset(cfg)
+    assert fingerprint(cfg, index, "cpu") != fingerprint(compiled_cfg, index, "cpu")

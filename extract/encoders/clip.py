@@ -346,6 +346,7 @@ def build_clip_encoder(cfg: Config, device: Any) -> ClipEncoder:
         name,
         device=device,
         precision=cfg.encoders.precision,
+        compile_batch=cfg.encoders.batch_frames if cfg.encoders.compile else None,
         provenance={
             "source": source,
             "preset": c.preset,
@@ -378,9 +379,16 @@ class ClipEncoder:
         device: Any = "cpu",
         precision: str = "fp32",
         provenance: dict | None = None,
+        compile_batch: int | None = None,
     ):
         self.device = _resolve_device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
+        # encoders.compile: the image tower compiled for chunks of compile_batch images (extract/encoders/compiled.py)
+        self._image = self.model.encode_image
+        if compile_batch is not None:
+            from extract.encoders.compiled import FixedBatch
+
+            self._image = FixedBatch(self.model.encode_image, compile_batch)
         self.model_name = model_name
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.precision = precision
@@ -414,6 +422,7 @@ class ClipEncoder:
             "grid": list(self.grid) if self.grid else None,
             "embed_dim": self.dim,
             "precision": precision if self._autocast_dtype is not None else "fp32",
+            "compiled": compile_batch is not None,
             "preprocess": {
                 "resize_mode": self.resize_mode,
                 "interpolation": self.interpolation,
@@ -542,7 +551,8 @@ class ClipEncoder:
             handles += [blocks[i].register_forward_pre_hook(keep_input(i)) for i in range(first, len(blocks))]
         try:
             with torch.inference_mode(), self._autocast():
-                emb = self.model.encode_image(pixels)  # (N, Dc)
+                image = self.model.encode_image if handles else self._image  # hooks: eager (see compiled.py)
+                emb = image(pixels)  # (N, Dc)
         finally:
             for handle in handles:
                 handle.remove()

@@ -509,12 +509,20 @@ class TimesformerEncoder:
         mean: tuple[float, ...] = MEAN,
         std: tuple[float, ...] = STD,
         sampling: dict | None = None,
+        compile_batch: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.mean, self.std = tuple(mean), tuple(std)
         # {"clip_frames", "sampling_rate", "target_fps", "source"} of `sampling: clips`; None = `spread`
         self.sampling = dict(sampling) if sampling else None
         self.model = model.to(self.device).eval().requires_grad_(False)
+        # encoders.compile: the forward compiled for chunks of compile_batch clips (extract/encoders/compiled.py)
+        self._forward = self.model
+        if compile_batch is not None:
+            from extract.encoders.compiled import FixedBatch
+
+            self._forward = FixedBatch(self.model, compile_batch)
+        self.compiled = compile_batch is not None
         self.arch = model.arch
         self.dim = model.arch.dim  # Dv
         self.image_size = model.arch.image_size
@@ -534,7 +542,7 @@ class TimesformerEncoder:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             x = preprocess(frames.to(self.device, non_blocking=True), self.image_size, self.mean, self.std)
             # x: (B, L, 3, S, S)
-            cls, tokens = self.model(x)  # (B, Dv), (B, L, N, Dv)
+            cls, tokens = self._forward(x)  # (B, Dv), (B, L, N, Dv)
             frame = tokens.float().mean(dim=2)  # (B, L, Dv): V, spatial tokens averaged per frame
         return {"frame": frame, "cls": cls.float()}
 
@@ -553,6 +561,7 @@ class TimesformerEncoder:
             "mlp_ratio": a.mlp_ratio,
             "time_embeddings": a.num_frames,
             "time_embedding_resampling": "nearest (as vit.py), to the clip's length",
+            "compiled": self.compiled,
             "sampling": (
                 {"mode": "clips", **self.sampling}
                 if self.sampling
@@ -609,10 +618,17 @@ def clip_sampling(tcfg: Any, checkpoint: dict, arch: TimesformerArch) -> dict | 
     return {**out, "source": sources}
 
 
+def _clip_length(sampling: dict | None, cfg: Any) -> int:
+    """T, the frames of each clip extraction feeds: the clip setting's, or (`spread`) all L sampled frames."""
+    return int(sampling["clip_frames"]) if sampling else int(cfg.frames.num_frames)
+
+
 def build_timesformer_encoder(cfg: Any, device: Any) -> TimesformerEncoder:
     """Registry builder: `cfg.encoders.timesformer` names a weights path, or (weights null) a random-weight preset."""
     tcfg, device = cfg.encoders.timesformer, _resolve_device(device)
     precision = cfg.encoders.precision
+    # clips per call in extraction: batch_frames // T (T from the clip setting, resolved once the model is known)
+    clips_per_call = (lambda T: max(1, cfg.encoders.batch_frames // T)) if cfg.encoders.compile else (lambda T: None)
     if tcfg.weights is None:
         logger.warning(
             "TimeSformer: no weights given; using RANDOM weights of the %r preset — features carry no pretrained "
@@ -627,7 +643,8 @@ def build_timesformer_encoder(cfg: Any, device: Any) -> TimesformerEncoder:
             preset=tcfg.preset,
             layout="random",
             extra={"seed": RANDOM_SEED},
-            sampling=clip_sampling(tcfg, {}, model.arch),
+            sampling=(sampling := clip_sampling(tcfg, {}, model.arch)),
+            compile_batch=clips_per_call(_clip_length(sampling, cfg)),
         )
     model, facts = load_timesformer(tcfg.weights)
     data = facts["checkpoint_data"]
@@ -643,4 +660,5 @@ def build_timesformer_encoder(cfg: Any, device: Any) -> TimesformerEncoder:
         mean=data.get("mean", MEAN),
         std=data.get("std", STD),
         sampling=sampling,
+        compile_batch=clips_per_call(_clip_length(sampling, cfg)),
     )
