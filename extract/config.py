@@ -266,6 +266,10 @@ class TrainConfig:
     grounding: str | None = None  # a named grounding intervention around the head (grounding.<name>), null = none
     device: str = "auto"  # auto = cuda when available, else cpu
     amp: bool = True  # mixed precision on GPU (ignored on CPU)
+    # the autocast dtype of `amp`: bfloat16 (fp32's exponent range, no loss scaling: a row's seeds can stack) |
+    # float16 (a GradScaler; stacked seeds are refused, one scaler would couple them). A run from before this key
+    # that kept a GradScaler's state trained in float16 (train.engine.saved_train)
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     # split that picks best.pt by its primary metric; null = best is the last epoch (never select on test)
     select_split: str | None = None
     eval_splits: tuple[str, ...] = ()  # splits evaluated after training; empty = every split except train

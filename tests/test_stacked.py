@@ -3,6 +3,7 @@
 
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,3 +238,100 @@ def test_a_failing_run_in_a_worker_stops_the_table_with_its_sentence(dict_cache,
     (stale / "ltar.lock").write_text('{"host": "elsewhere", "pid": 1, "pid_start": 0}')  # held by another host
     with pytest.raises(RunError, match="baseline-activity-s0"):
         run_table(table, "t", store=store, progress=False)
+
+
+def test_amp_dtype_decides_autocast_the_scaler_and_stacking(dict_cache):
+    """AMP is a CUDA option: bf16 (the default) autocasts without a loss scaler and stacks; float16 keeps its
+    GradScaler and is the one form stacking refuses, with the reason; the CPU runs fp32 either way."""
+    from train.engine import autocast_dtype, grad_scaler
+    from train.stacked import stack_reason
+
+    cfg, _ = dict_cache
+    tc = cfg.train
+    assert autocast_dtype(tc, "cuda") is torch.bfloat16 and autocast_dtype(tc, "cuda:1") is torch.bfloat16
+    assert autocast_dtype(replace(tc, amp_dtype="float16"), "cuda") is torch.float16
+    assert autocast_dtype(tc, "cpu") is None and autocast_dtype(replace(tc, amp=False), "cuda") is None
+    assert not grad_scaler(torch.bfloat16).is_enabled() and not grad_scaler(None).is_enabled()
+    model = torch.nn.Linear(2, 2)
+    assert stack_reason(cfg, model, "cuda") is None  # bf16 AMP: the seeds stack
+    fp16 = replace(cfg, train=replace(tc, amp_dtype="float16"))
+    assert "train.amp_dtype float16 on CUDA" in stack_reason(fp16, model, "cuda")
+    assert stack_reason(fp16, model, "cpu") is None  # no AMP on the CPU
+
+
+def test_stacked_seeds_under_bf16_autocast_equal_one_at_a_time(dict_cache, tmp_path, monkeypatch):
+    """The AMP path on the CPU (its bf16 autocast is the same code with another device kind): with the run's
+    autocast forced to bf16, the stacked step and the one-at-a-time step agree per seed to bf16's tolerance, and
+    both differ from fp32 (the autocast is on)."""
+    import train.engine as engine
+    import train.stacked as stacked
+
+    cfg, store = dict_cache
+    cfgs = _cfgs(cfg, "baseline")
+    fp32 = train(cfgs[0], store=store, progress=False, run_dir=tmp_path / "fp32")
+    bf16 = lambda tc, device: torch.bfloat16  # noqa: E731
+    monkeypatch.setattr(engine, "autocast_dtype", bf16)
+    monkeypatch.setattr(stacked, "autocast_dtype", bf16)
+    seq = [train(c, store=store, progress=False, run_dir=tmp_path / f"seq{c.train.seed}") for c in cfgs]
+    both = train_stacked(cfgs, store, [tmp_path / f"st{c.train.seed}" for c in cfgs])
+    loss = lambda r: [h["loss"] for h in r.history]  # noqa: E731
+    assert loss(seq[0]) != pytest.approx(loss(fp32), rel=1e-4)  # bf16 arithmetic, not fp32, on both paths
+    assert loss(both[0]) != pytest.approx(loss(fp32), rel=1e-4)
+    for a, b in zip(seq, both, strict=True):
+        assert loss(a) == pytest.approx(loss(b), rel=5e-3)  # measured: 1.3e-3 after 3 epochs
+        ka = torch.load(a.run_dir / "last.pt", weights_only=True)["state_dict"]
+        kb = torch.load(b.run_dir / "last.pt", weights_only=True)["state_dict"]
+        for name, w in ka.items():
+            torch.testing.assert_close(kb[name], w, atol=2e-2, rtol=2e-2, msg=name)  # measured: max 6.5e-3
+
+
+def test_a_checkpoint_from_before_amp_dtype_resumes_as_it_trained(dict_cache, tmp_path):
+    """Checkpoints from before `train.amp_dtype` have no such key and a "scaler" state: an empty one (no scaler ran:
+    CPU) resumes under today's default; a live one (float16 AMP on CUDA) is read as float16, so resuming it under
+    bfloat16 is refused with the key named, and under float16 continues. A checkpoint without "scaler" loads."""
+    from train.engine import RunError
+
+    cfg, store = dict_cache
+    run = _cfgs(cfg, "baseline", epochs=2)[0]
+    steps = train(run, store=store, progress=False, run_dir=tmp_path / "probe").steps // 2  # one epoch
+
+    def stopped(name: str, **edit) -> Path:
+        """A run stopped after its first epoch, its checkpoint edited to look older."""
+        train(run, store=store, progress=False, run_dir=tmp_path / name, max_steps=steps)
+        ckpt = torch.load(tmp_path / name / "last.pt", weights_only=True)
+        del ckpt["config"]["train"]["amp_dtype"]
+        ckpt.pop("scaler")
+        torch.save({**ckpt, **edit}, tmp_path / name / "last.pt")
+        return tmp_path / name
+
+    done = train(run, store=store, resume=True, progress=False, run_dir=stopped("no-scaler"))
+    assert [h["epoch"] for h in done.history] == [0, 1]
+    train(run, store=store, resume=True, progress=False, run_dir=stopped("cpu", scaler={}))
+    live = {
+        "scale": 65536.0,
+        "growth_factor": 2.0,
+        "backoff_factor": 0.5,
+        "growth_interval": 2000,
+        "_growth_tracker": 3,
+    }
+    fp16 = stopped("fp16", scaler=live)
+    with pytest.raises(RunError, match="train.amp_dtype differ"):
+        train(run, store=store, resume=True, progress=False, run_dir=fp16)
+    as_trained = replace(run, train=replace(run.train, amp_dtype="float16"))
+    assert [h["epoch"] for h in train(as_trained, store=store, resume=True, progress=False, run_dir=fp16).history] == [
+        0,
+        1,
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stacked_seeds_train_with_amp_on_cuda(dict_cache, tmp_path):
+    """On CUDA with `train.amp` on (bf16, the default) the seeds stack, and agree with one-at-a-time runs per seed."""
+    cfg, store = dict_cache
+    cfgs = [replace(c, train=replace(c.train, device="cuda")) for c in _cfgs(cfg, "baseline")]
+    seq = [train(c, store=store, progress=False, run_dir=tmp_path / f"seq{c.train.seed}") for c in cfgs]
+    both = train_stacked(cfgs, store, [tmp_path / f"st{c.train.seed}" for c in cfgs])
+    for a, b in zip(seq, both, strict=True):
+        assert torch.load(b.run_dir / "last.pt", weights_only=True)["stacked_seeds"] == [0, 1]
+        assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in b.history], rel=2e-2)

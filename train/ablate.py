@@ -51,6 +51,7 @@ from train.engine import (
     read_checkpoint,
     run_name,
     run_predictions,
+    saved_train,
     shared_splits,
     train,
 )
@@ -200,7 +201,7 @@ def _finished(run_dir: Path, cfg: Config, reader: CacheReader) -> RunResult | No
     t = cfg.train
     options = head_options(cfg, t.head, t.variant)
     same = {
-        "train": _same(ckpt["config"]["train"], t, ignore=_NOT_RESULTS),
+        "train": _same(saved_train(ckpt), t, ignore=_NOT_RESULTS),
         f"heads.{t.head}": _same(ckpt["options"], options),
     }
     same["initialisation"] = ckpt.get("init") == INIT_SCHEME  # other initial weights: another run
