@@ -663,9 +663,16 @@ def load_run(checkpoint: Path, store: Path | None = None, cfg: Config | None = N
 
 
 def save_predictions(path: Path, scores: np.ndarray, labels: np.ndarray, rows: np.ndarray, step: int) -> None:
-    """A split's per-video scores (N, C), labels and store rows, written atomically with the run's step."""
+    """A split's per-video scores (N, C), labels and store rows, written atomically with the run's step: an .npz
+    (np.load reads it) whose members carry a fixed time stamp, so the same predictions are the same bytes whenever
+    and wherever they are written (np.savez stamps each member with the time of writing)."""
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, scores=scores.astype(np.float32), labels=labels, rows=np.asarray(rows), step=step)
+    arrays = {"scores": scores.astype(np.float32), "labels": labels, "rows": rows, "step": step}
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+        for name, value in arrays.items():
+            member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(member, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
     os.replace(tmp, path)
 
 
