@@ -280,6 +280,10 @@ class TrainConfig:
     # `ltar ablate`: processes that train runs side by side, each with cores // workers threads (train.ablate);
     # 1 = one run at a time in this process, today's path
     workers: int = field(default=1, metadata=_range(1, 64))
+    # `ltar ablate`: the runs as dask tasks, one per worker at a time: local:N (a LocalCluster of N worker processes,
+    # cores // N threads each) or a running scheduler's address, tcp://host:port (one worker per GPU); set, it
+    # replaces `workers`. null = no dask (extract/scale.py connects)
+    scheduler: str | None = None
     # runs land in <runs_root>/<head>[-<variant>][+<grounding>][-f<L>][-<train_split>][@<recipe>]-<task>-s<seed>/
     runs_root: str = "runs"
 
