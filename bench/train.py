@@ -11,8 +11,17 @@
 
 3. A table's wall time at 3 seeds, side by side on that cache (the main table's rows, task activity, same
    epochs): today's path (one run at a time, each reading its splits), one run at a time with the splits read
-   once per table (`shared_splits`), the seeds of a row stacked (train/stacked.py, `train.stack_seeds`), and the
-   runs trained in one worker process per core, one thread each (`train.workers`, train/ablate.py).
+   once per table (`shared_splits`), the seeds of a row stacked (train/stacked.py, `train.stack_seeds`), the runs
+   trained in one worker process per core, one thread each (`train.workers`, train/ablate.py), and the runs as
+   dask tasks on `local:<cores>` (`train.scheduler`, `table_dask_ratio`): a LocalCluster of one worker process
+   per core (extract/scale.py's `connect`: os.cpu_count() // workers torch threads each, 1 on this machine), one
+   run per worker at a time, each worker reading a split once per table. Its time includes what a user waits for:
+   starting the cluster and its workers (importing torch in each), shipping each run's config, and closing the
+   cluster. Each ratio is the mode's wall time over the sequential path's, measured in the same run. What the
+   dask mode can gain over the sequential path is the speed-up of two 1-thread runs side by side over one
+   2-thread run (the issue's estimate: about 0.65 from a 1- vs 2-thread measurement); it should land near
+   `table_workers_ratio`, the same split of the cores by a process pool, plus the cluster's start-up, which a
+   12-run table amortises and `--smoke` does not.
 
 Usage: python bench/train.py [--steps 10] [--videos 320] [--epochs 30] [--smoke]
 The last line is `key=value` pairs.
@@ -125,10 +134,11 @@ def table_time(base: list[str], store: Path, runs_root: Path, seeds: int) -> dic
     from extract.config import load_config
 
     out = {}
-    for mode in ("sequential", "shared", "stacked", "workers"):
+    for mode in ("sequential", "shared", "stacked", "workers", "dask"):
         workers = WORKERS if mode == "workers" else 1
         sets = [*base, f"train.runs_root={runs_root / mode}", f"train.stack_seeds={mode == 'stacked'}"]
         sets.append(f"train.workers={workers}")
+        sets.append(f"train.scheduler={f'local:{WORKERS}' if mode == 'dask' else 'null'}")
         cfg = load_config(ROOT / "pipeline.yaml", [*sets, "ablations.main.tasks=[activity]"])
         real = ablate.shared_splits
         if mode == "sequential":  # today's path: every run reads its splits from the store
@@ -235,13 +245,15 @@ def main(argv: list[str] | None = None) -> None:
         f"table `main` (activity, {len(cost['runs'])} rows x {args.seeds} seeds, {args.epochs} epochs): today's path "
         f"{t['sequential']:.1f} s, splits read once {t['shared']:.1f} s ({t['shared'] / t['sequential']:.2f}), "
         f"seeds stacked {t['stacked']:.1f} s ({t['stacked'] / t['sequential']:.2f}), "
-        f"{WORKERS} worker processes {t['workers']:.1f} s ({t['workers'] / t['sequential']:.2f})"
+        f"{WORKERS} worker processes {t['workers']:.1f} s ({t['workers'] / t['sequential']:.2f}), "
+        f"dask local:{WORKERS} {t['dask']:.1f} s ({t['dask'] / t['sequential']:.2f})"
     )
     figures.update(
         table_sequential_s=f"{t['sequential']:.1f}",
         table_shared_ratio=f"{t['shared'] / t['sequential']:.2f}",
         table_stacked_ratio=f"{t['stacked'] / t['sequential']:.2f}",
         table_workers_ratio=f"{t['workers'] / t['sequential']:.2f}",
+        table_dask_ratio=f"{t['dask'] / t['sequential']:.2f}",
     )
     figures.update(
         worst_peak_mib=f"{worst:.0f}",

@@ -270,6 +270,10 @@ class TrainConfig:
     grounding: str | None = None  # a named grounding intervention around the head (grounding.<name>), null = none
     device: str = "auto"  # auto = cuda when available, else cpu
     amp: bool = True  # mixed precision on GPU (ignored on CPU)
+    # the autocast dtype of `amp`: bfloat16 (fp32's exponent range, no loss scaling: a row's seeds can stack) |
+    # float16 (a GradScaler; stacked seeds are refused, one scaler would couple them). A run from before this key
+    # that kept a GradScaler's state trained in float16 (train.engine.saved_train)
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     # split that picks best.pt by its primary metric; null = best is the last epoch (never select on test)
     select_split: str | None = None
     eval_splits: tuple[str, ...] = ()  # splits evaluated after training; empty = every split except train
@@ -280,6 +284,10 @@ class TrainConfig:
     # `ltar ablate`: processes that train runs side by side, each with cores // workers threads (train.ablate);
     # 1 = one run at a time in this process, today's path
     workers: int = field(default=1, metadata=_range(1, 64))
+    # `ltar ablate`: the runs as dask tasks, one per worker at a time: local:N (a LocalCluster of N worker processes,
+    # cores // N threads each) or a running scheduler's address, tcp://host:port (one worker per GPU); set, it
+    # replaces `workers`. null = no dask (extract/scale.py connects)
+    scheduler: str | None = None
     # runs land in <runs_root>/<head>[-<variant>][+<grounding>][-f<L>][-<train_split>][@<recipe>]-<task>-s<seed>/
     runs_root: str = "runs"
 

@@ -40,7 +40,7 @@ def test_train_bench_smoke_measures_every_head_and_runs_per_extraction(capsys):
     for head in head_names():
         assert float(figures[f"{head}_smoke_steps_s"]) > 0 and float(figures[f"{head}_runs_per_extraction"]) > 0
     assert figures["within_4gib"] in ("True", "False") and float(figures["ms_per_frame"]) > 0
-    assert all(float(figures[f"table_{m}_ratio"]) > 0 for m in ("shared", "stacked", "workers"))
+    assert all(float(figures[f"table_{m}_ratio"]) > 0 for m in ("shared", "stacked", "workers", "dask"))
 
 
 def test_extract_bench_smoke_measures_the_stages_and_the_per_frame_cost(capsys):

@@ -1,8 +1,10 @@
 """The fast table paths of `ltar ablate` (seeds stacked, train/stacked.py; runs in worker processes,
-`train.workers`) against the one-at-a-time path they stand beside."""
+`train.workers`, or as dask tasks, `train.scheduler`) against the one-at-a-time path they stand beside."""
 
+import os
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from extract.config import from_dict, to_dict
 from train.engine import train
 from train.stacked import NotStackable, clip_per_seed, train_stacked
 
+REPO = Path(__file__).resolve().parents[1]
 HEADS = ("baseline", "cmdcl", "pcmci", "ecrl")
 # PCMCI's default ICH keeps dataset-level strata updated in the forward pass (not stackable, tested below); its
 # other stages stack, checked with the memoryless ICH form
@@ -223,8 +226,11 @@ def test_worker_processes_train_the_runs_of_one_at_a_time_at_their_thread_count(
     assert len(ckpts) == 4 and all(c["stacked_seeds"] == [0, 1] for c in ckpts)
 
 
-def test_a_failing_run_in_a_worker_stops_the_table_with_its_sentence(dict_cache, tmp_path):
+def test_a_failing_run_in_a_worker_is_reported_and_the_others_finish(dict_cache, tmp_path):
+    """`train.workers: 2`, one run's folder held by another host: that run fails with its sentence, the other seed
+    trains to its last epoch, and the table raises one RunError naming the failed run."""
     from train.ablate import run_table
+    from train.data import CacheReader
     from train.engine import RunError
 
     cfg, store = dict_cache
@@ -232,8 +238,191 @@ def test_a_failing_run_in_a_worker_stops_the_table_with_its_sentence(dict_cache,
     data["train"].update(runs_root=str(tmp_path / "runs"), epochs=2, workers=2)
     data["ablations"] = {"t": {"rows": ["baseline"], "tasks": ["activity"], "seeds": 2}}
     table = from_dict(data)
-    run_table(replace(table, train=replace(table.train, epochs=1)), "t", store=store, progress=False)
-    stale = next((tmp_path / "runs").rglob("baseline-activity-s0"))
-    (stale / "ltar.lock").write_text('{"host": "elsewhere", "pid": 1, "pid_start": 0}')  # held by another host
-    with pytest.raises(RunError, match="baseline-activity-s0"):
+    held = tmp_path / "runs" / "ablations" / CacheReader(store, "activity").fingerprint / "baseline-activity-s0"
+    held.mkdir(parents=True)
+    (held / "ltar.lock").write_text('{"host": "elsewhere", "pid": 1, "pid_start": 0}')  # held by another host
+    with pytest.raises(RunError, match=r"table t: 1 of 2 runs failed \(baseline-activity-s0: .* another run") as e:
         run_table(table, "t", store=store, progress=False)
+    assert "s1:" not in str(e.value) and not (held / "last.pt").exists()
+    other = torch.load(held.parent / "baseline-activity-s1" / "last.pt", weights_only=True)
+    assert other["epoch"] == 1  # the other run finished (epochs=2)
+
+
+RUN_FILES = ("metrics.jsonl", "metrics.csv", "predictions-test_iid.npz", "predictions-test_ood.npz")
+
+
+@pytest.fixture(scope="module")
+def dask_table(dict_cache, tmp_path_factory):
+    """The table rows baseline, cmdcl and ecrl (seeds 0 and 1) trained as dask tasks on `local:2`, where ecrl's
+    options make its runs raise in the worker (`frame_epochs` = `epochs`: no epoch left for its second step)."""
+    from train.ablate import run_table
+    from train.engine import RunError
+
+    cfg, store = dict_cache
+    tmp = tmp_path_factory.mktemp("dask")
+    data = to_dict(cfg)
+    data["train"].update(runs_root=str(tmp / "runs"), epochs=2, scheduler="local:2")
+    data["heads"] = {"ecrl": {"frame_epochs": 2}}
+    data["ablations"] = {"t": {"rows": ["baseline", "cmdcl", "ecrl"], "tasks": ["activity"], "seeds": 2}}
+    table = from_dict(data)
+    with pytest.raises(RunError) as e:
+        run_table(table, "t", store=store, progress=False)
+    return table, store, tmp, str(e.value)
+
+
+def test_a_run_on_dask_is_the_same_bytes_as_alone_in_process(dask_table, tmp_path):
+    """`--scheduler local:2`: each worker trains with cores // 2 torch threads; a run trained alone in this
+    process at that thread count writes the same bytes of metrics and predictions."""
+    table, store, tmp, _ = dask_table
+    threads = max(1, (os.cpu_count() or 1) // 2)  # extract.scale.connect's share for local:2
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for head in ("baseline", "cmdcl"):
+            alone = replace(table, train=replace(table.train, head=head, seed=1, scheduler=None))
+            ref = train(alone, store=store, progress=False, run_dir=tmp_path / head)
+            got = next((tmp / "runs").rglob(f"{head}-activity-s1"))
+            for name in RUN_FILES:
+                assert (got / name).read_bytes() == (ref.run_dir / name).read_bytes(), f"{head}: {name}"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_failing_row_on_dask_is_reported_the_others_finish_and_a_rerun_trains_only_it(dask_table):
+    """ecrl's runs fail in the workers: the table's error names both with their sentence, baseline's and cmdcl's
+    runs are finished; with the cause fixed, the table run again (in process) trains ecrl alone and writes its
+    cells in the table's row order."""
+    from train.ablate import run_table
+
+    table, store, tmp, error = dask_table
+    assert error.startswith("table t: 2 of 6 runs failed (")
+    assert "ecrl-activity-s0" in error and "ecrl-activity-s1" in error and "baseline-activity" not in error
+    assert "heads.ecrl.frame_epochs = 2 leaves no epoch of the second training step" in error
+    assert "fix the cause and run the table again to train only the failed runs" in error
+    done = {p.parent.name: p for p in (tmp / "runs").rglob("last.pt")}
+    assert sorted(done) == [f"{h}-activity-s{s}" for h in ("baseline", "cmdcl") for s in (0, 1)]
+    stamps = {p: p.stat().st_mtime_ns for p in done.values()}
+    fixed = replace(table, heads={"ecrl": {"frame_epochs": 0}}, train=replace(table.train, scheduler=None))
+    res = run_table(fixed, "t", store=store, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # reused, not retrained
+    assert list(dict.fromkeys(c.row for c in res.cells)) == ["baseline", "cmdcl", "ecrl"]
+    md = res.files[0].read_text()
+    assert md.index("| baseline |") < md.index("| cmdcl |") < md.index("| ecrl |")
+
+
+def test_a_bad_scheduler_is_a_sentence(dict_cache, tmp_path):
+    """`ltar ablate --scheduler` with neither local:N nor an address: exit 2 and the sentence, nothing trained."""
+    from typer.testing import CliRunner
+
+    from train.cli import app
+
+    cfg, store = dict_cache
+    sets = [f"dataset.root={cfg.dataset.root}", f"cache.root={cfg.cache.root}", "frames.num_frames=8"]
+    sets += [f"train.runs_root={tmp_path / 'runs'}", "encoders.clip.weights=null", "encoders.timesformer.weights=null"]
+    common = ["--config", str(REPO / "pipeline.yaml"), "--store", str(store), *[a for s in sets for a in ("--set", s)]]
+    runner = CliRunner()
+    for bad, said in [
+        ("nope", "--scheduler 'nope' is neither local:N nor a scheduler address such as tcp://host:8786"),
+        ("local:0", "local:N needs a number of workers N >= 1"),
+    ]:
+        res = runner.invoke(app, ["-q", "ablate", "--table", "main", "--seeds", "1", "--scheduler", bad, *common])
+        assert res.exit_code == 2, res.output
+        assert said in res.output and "(train.scheduler; null trains without dask)" in res.output
+    assert not list(tmp_path.rglob("last.pt"))
+
+
+def test_amp_dtype_decides_autocast_the_scaler_and_stacking(dict_cache):
+    """AMP is a CUDA option: bf16 (the default) autocasts without a loss scaler and stacks; float16 keeps its
+    GradScaler and is the one form stacking refuses, with the reason; the CPU runs fp32 either way."""
+    from train.engine import autocast_dtype, grad_scaler
+    from train.stacked import stack_reason
+
+    cfg, _ = dict_cache
+    tc = cfg.train
+    assert autocast_dtype(tc, "cuda") is torch.bfloat16 and autocast_dtype(tc, "cuda:1") is torch.bfloat16
+    assert autocast_dtype(replace(tc, amp_dtype="float16"), "cuda") is torch.float16
+    assert autocast_dtype(tc, "cpu") is None and autocast_dtype(replace(tc, amp=False), "cuda") is None
+    assert not grad_scaler(torch.bfloat16).is_enabled() and not grad_scaler(None).is_enabled()
+    model = torch.nn.Linear(2, 2)
+    assert stack_reason(cfg, model, "cuda") is None  # bf16 AMP: the seeds stack
+    fp16 = replace(cfg, train=replace(tc, amp_dtype="float16"))
+    assert "train.amp_dtype float16 on CUDA" in stack_reason(fp16, model, "cuda")
+    assert stack_reason(fp16, model, "cpu") is None  # no AMP on the CPU
+
+
+def test_stacked_seeds_under_bf16_autocast_equal_one_at_a_time(dict_cache, tmp_path, monkeypatch):
+    """The AMP path on the CPU (its bf16 autocast is the same code with another device kind): with the run's
+    autocast forced to bf16, the stacked step and the one-at-a-time step agree per seed to bf16's tolerance, and
+    both differ from fp32 (the autocast is on)."""
+    import train.engine as engine
+    import train.stacked as stacked
+
+    cfg, store = dict_cache
+    cfgs = _cfgs(cfg, "baseline")
+    fp32 = train(cfgs[0], store=store, progress=False, run_dir=tmp_path / "fp32")
+    bf16 = lambda tc, device: torch.bfloat16  # noqa: E731
+    monkeypatch.setattr(engine, "autocast_dtype", bf16)
+    monkeypatch.setattr(stacked, "autocast_dtype", bf16)
+    seq = [train(c, store=store, progress=False, run_dir=tmp_path / f"seq{c.train.seed}") for c in cfgs]
+    both = train_stacked(cfgs, store, [tmp_path / f"st{c.train.seed}" for c in cfgs])
+    loss = lambda r: [h["loss"] for h in r.history]  # noqa: E731
+    assert loss(seq[0]) != pytest.approx(loss(fp32), rel=1e-4)  # bf16 arithmetic, not fp32, on both paths
+    assert loss(both[0]) != pytest.approx(loss(fp32), rel=1e-4)
+    for a, b in zip(seq, both, strict=True):
+        assert loss(a) == pytest.approx(loss(b), rel=5e-3)  # measured: 1.3e-3 after 3 epochs
+        ka = torch.load(a.run_dir / "last.pt", weights_only=True)["state_dict"]
+        kb = torch.load(b.run_dir / "last.pt", weights_only=True)["state_dict"]
+        for name, w in ka.items():
+            torch.testing.assert_close(kb[name], w, atol=2e-2, rtol=2e-2, msg=name)  # measured: max 6.5e-3
+
+
+def test_a_checkpoint_from_before_amp_dtype_resumes_as_it_trained(dict_cache, tmp_path):
+    """Checkpoints from before `train.amp_dtype` have no such key and a "scaler" state: an empty one (no scaler ran:
+    CPU) resumes under today's default; a live one (float16 AMP on CUDA) is read as float16, so resuming it under
+    bfloat16 is refused with the key named, and under float16 continues. A checkpoint without "scaler" loads."""
+    from train.engine import RunError
+
+    cfg, store = dict_cache
+    run = _cfgs(cfg, "baseline", epochs=2)[0]
+    steps = train(run, store=store, progress=False, run_dir=tmp_path / "probe").steps // 2  # one epoch
+
+    def stopped(name: str, **edit) -> Path:
+        """A run stopped after its first epoch, its checkpoint edited to look older."""
+        train(run, store=store, progress=False, run_dir=tmp_path / name, max_steps=steps)
+        ckpt = torch.load(tmp_path / name / "last.pt", weights_only=True)
+        del ckpt["config"]["train"]["amp_dtype"]
+        ckpt.pop("scaler")
+        torch.save({**ckpt, **edit}, tmp_path / name / "last.pt")
+        return tmp_path / name
+
+    done = train(run, store=store, resume=True, progress=False, run_dir=stopped("no-scaler"))
+    assert [h["epoch"] for h in done.history] == [0, 1]
+    train(run, store=store, resume=True, progress=False, run_dir=stopped("cpu", scaler={}))
+    live = {
+        "scale": 65536.0,
+        "growth_factor": 2.0,
+        "backoff_factor": 0.5,
+        "growth_interval": 2000,
+        "_growth_tracker": 3,
+    }
+    fp16 = stopped("fp16", scaler=live)
+    with pytest.raises(RunError, match="train.amp_dtype differ"):
+        train(run, store=store, resume=True, progress=False, run_dir=fp16)
+    as_trained = replace(run, train=replace(run.train, amp_dtype="float16"))
+    assert [h["epoch"] for h in train(as_trained, store=store, resume=True, progress=False, run_dir=fp16).history] == [
+        0,
+        1,
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stacked_seeds_train_with_amp_on_cuda(dict_cache, tmp_path):
+    """On CUDA with `train.amp` on (bf16, the default) the seeds stack, and agree with one-at-a-time runs per seed."""
+    cfg, store = dict_cache
+    cfgs = [replace(c, train=replace(c.train, device="cuda")) for c in _cfgs(cfg, "baseline")]
+    seq = [train(c, store=store, progress=False, run_dir=tmp_path / f"seq{c.train.seed}") for c in cfgs]
+    both = train_stacked(cfgs, store, [tmp_path / f"st{c.train.seed}" for c in cfgs])
+    for a, b in zip(seq, both, strict=True):
+        assert torch.load(b.run_dir / "last.pt", weights_only=True)["stacked_seeds"] == [0, 1]
+        assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in b.history], rel=2e-2)

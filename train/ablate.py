@@ -14,10 +14,15 @@ Each split of the cache is read once per table and task (`shared_splits`; the ru
 `train.stack_seeds: true` the seeds of a row train as one stacked model (train/stacked.py: per-seed runs,
 folders and checkpoints as the one-at-a-time path writes them; rows that cannot stack train one seed at a
 time); off by default, because on this 2-core CPU it is no faster (bench/train.py, stacked.py's docstring).
+The runs train in this process one at a time, in `train.workers` processes side by side, or as dask tasks with
+`train.scheduler` (`--scheduler local:N | tcp://HOST:PORT`, extract/scale.py connects; `_train_units`): a run's
+predictions and metrics are the same bytes as when it trains alone at its thread count. A failed run is reported,
+the others finish, and the table then raises one RunError naming the failed runs; a re-run trains only those.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
@@ -34,7 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.config import AblationTable, Config
+from extract.config import AblationTable, Config, ConfigError
+from extract.schema import CacheError
 from train.data import CacheReader
 from train.diagnose import diagnose as diagnose_run
 from train.diagnose import headline
@@ -51,6 +57,7 @@ from train.engine import (
     read_checkpoint,
     run_name,
     run_predictions,
+    saved_train,
     shared_splits,
     train,
 )
@@ -200,7 +207,7 @@ def _finished(run_dir: Path, cfg: Config, reader: CacheReader) -> RunResult | No
     t = cfg.train
     options = head_options(cfg, t.head, t.variant)
     same = {
-        "train": _same(ckpt["config"]["train"], t, ignore=_NOT_RESULTS),
+        "train": _same(saved_train(ckpt), t, ignore=_NOT_RESULTS),
         f"heads.{t.head}": _same(ckpt["options"], options),
     }
     same["initialisation"] = ckpt.get("init") == INIT_SCHEME  # other initial weights: another run
@@ -274,29 +281,121 @@ def _start_worker(threads: int, level: int) -> None:
     _WORKER.enter_context(shared_splits())
 
 
+_DASK: dict[str, Any] = {}  # in a dask worker: "token" -> the `shared_splits` block of the table task it serves
+
+
+def _release_splits(token: str | None = None) -> None:
+    """In a dask worker: close the splits block of table task `token` (None: whichever is open)."""
+    if "stack" in _DASK and token in (None, _DASK["token"]):
+        _DASK.pop("stack").close()
+        _DASK.pop("token")
+
+
+def _dask_unit(
+    cfgs: list[Config], store: Path, dirs: list[Path], stack: bool, threads: int | None, level: int, token: str
+) -> list[RunResult]:
+    """Dask task: `train_unit` in a worker, with `threads` intra-op threads (local:N; None keeps the worker's), the
+    driver's log level, and the splits read once per worker for table task `token` (an earlier task's are
+    dropped, so a long-lived worker holds one task's splits at most); on a local cluster of several GPUs, worker
+    i trains on GPU i mod count (a `dask worker` pinned by CUDA_VISIBLE_DEVICES sees one)."""
+    from extract.scale import _worker_name
+
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)  # in the thread that computes: OpenMP keeps the count per thread
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if _DASK.get("token") != token:
+        _release_splits()
+        _DASK["stack"], _DASK["token"] = ExitStack(), token
+        _DASK["stack"].enter_context(shared_splits())
+    name = _worker_name()
+    gpus = torch.cuda.device_count()
+    if gpus > 1 and cfgs[0].train.device == "auto" and (isinstance(name, int) or str(name).isdigit()):
+        torch.cuda.set_device(int(name) % gpus)
+    return train_unit(cfgs, store, dirs, stack)
+
+
+@dataclass
+class Scheduler:
+    """`train.scheduler`'s dask client, connected when a table first has runs to train (a table whose runs are all
+    finished starts no cluster) and closed with the table (`exits`)."""
+
+    address: str
+    exits: ExitStack
+    client: Any = None
+    threads: int | None = None  # torch threads per worker: cores // N for local:N, None for a running cluster
+
+    def connect(self) -> tuple[Any, int | None]:
+        from extract.scale import connect
+        from extract.store import ExtractError
+
+        if self.client is None:
+            try:
+                self.client, self.threads = self.exits.enter_context(connect(self.address))
+            except ExtractError as e:
+                raise RunError(f"{e} (train.scheduler; null trains without dask)") from None
+            log.info("training runs as dask tasks on %s", self.address)
+        return self.client, self.threads
+
+
+SENTENCES = (RunError, ConfigError, CacheError)  # errors whose message is a sentence for the user
+
+
+def _sentence(e: BaseException) -> str:
+    """One line saying why a unit failed: ltar's own sentence, else the exception's type and first line."""
+    if isinstance(e, SENTENCES):
+        return str(e)
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+Unit = tuple[str, list[int]]  # a row and the indices of its seeds trained together
+
+
 def _train_units(
     cfg: Config,
     store: Path,
     cfgs: dict[str, list[Config]],
     dirs: dict[str, list[Path]],
-    units: list[tuple[str, list[int]]],
+    units: list[Unit],
     done: Callable[[int], Any],
-) -> Iterator[tuple[tuple[str, list[int]], list[RunResult]]]:
-    """Train every unit (a row and the indices of its seeds to train together), yielding each with its results.
+    scheduler: Scheduler | None = None,
+) -> Iterator[tuple[Unit, list[RunResult] | None, str | None]]:
+    """Train every unit (a row and the indices of its seeds to train together), yielding each with its results, or
+    with None and the sentence saying why it failed.
 
-    `train.workers: 1`: in this process, in the table's order (today's path). More: `workers` processes (spawned,
-    so no thread pool is inherited mid-use), each with cores // workers threads and its own `shared_splits`; a
-    free worker takes the next unit. A run's numbers then equal the one-at-a-time path's at that thread count
-    (tests/test_stacked.py), and match today's path in distribution, not bitwise: intra-op threads change the
-    order of float reductions. Each run still trains in its own folder under its own lock, checkpointing every
-    epoch, so a killed table resumes per run as before. The first failing unit stops the table; the units
-    already running finish (their runs are kept), the ones not started are cancelled."""
+    `train.scheduler` set: each unit is a dask task (`_dask_unit`; one per worker at a time, `local:N` workers with
+    cores // N threads each). Else `train.workers: 1`: in this process, in the table's order (today's path). More:
+    `workers` processes (spawned, so no thread pool is inherited mid-use), each with cores // workers threads and its
+    own `shared_splits`; a free worker takes the next unit. A run's numbers then equal the one-at-a-time path's at
+    that thread count, to the bytes of its predictions and metrics (tests/test_stacked.py), and match today's
+    path in distribution, not bitwise: intra-op threads change the order of float reductions. Each run still
+    trains in its own folder under its own lock, checkpointing every epoch, so a killed table resumes per run as
+    before. A failing unit is reported (`log.error`, with its traceback where the error is not one of ltar's
+    sentences) and the others go on; `done` counts the runs finished."""
     stack = cfg.train.stack_seeds
+
+    def args(unit: Unit) -> tuple[list[Config], list[Path]]:
+        row, idx = unit
+        return [cfgs[row][i] for i in idx], [dirs[row][i] for i in idx]
+
+    def outcome(unit: Unit, result: Callable[[], list[RunResult]]) -> tuple[Unit, list[RunResult] | None, str | None]:
+        try:
+            runs = result()
+        except Exception as e:  # noqa: BLE001 - one unit's failure is reported; the table's other runs go on
+            names = ", ".join(run_name(c) for c in args(unit)[0])
+            trace = None if isinstance(e, SENTENCES) else e  # not a sentence of ours: a bug's traceback helps
+            log.error("run(s) %s failed: %s; the table's other runs go on", names, _sentence(e), exc_info=trace)
+            return unit, None, _sentence(e)
+        done(len(unit[1]))
+        return unit, runs, None
+
+    if scheduler is not None and units:
+        yield from _dask_units(store, units, args, outcome, stack, scheduler)
+        return
     if cfg.train.workers == 1 or len(units) < 2:
-        for row, idx in units:
-            runs = train_unit([cfgs[row][i] for i in idx], store, [dirs[row][i] for i in idx], stack)
-            done(len(idx))
-            yield (row, idx), runs
+        for unit in units:
+            unit_cfgs, unit_dirs = args(unit)
+            yield outcome(unit, lambda c=unit_cfgs, d=unit_dirs: train_unit(c, store, d, stack))
         return
     workers = min(cfg.train.workers, len(units))
     threads = max(1, torch.get_num_threads() // workers)
@@ -304,19 +403,68 @@ def _train_units(
     context = multiprocessing.get_context("spawn")
     init = (threads, logging.getLogger().getEffectiveLevel())
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=init) as pool:
-        futures = {
-            pool.submit(train_unit, [cfgs[row][i] for i in idx], store, [dirs[row][i] for i in idx], stack): (row, idx)
-            for row, idx in units
-        }
+        futures = {pool.submit(train_unit, args(unit)[0], store, args(unit)[1], stack): unit for unit in units}
         try:
             for future in as_completed(futures):
-                unit = futures[future]
-                runs = future.result()
-                done(len(unit[1]))
-                yield unit, runs
-        except BaseException:
+                yield outcome(futures[future], future.result)
+        except BaseException:  # interrupted: the units running finish, the ones not started are cancelled
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+def _dask_units(
+    store: Path,
+    units: list[Unit],
+    args: Callable[[Unit], tuple[list[Config], list[Path]]],
+    outcome: Callable[..., tuple[Unit, list[RunResult] | None, str | None]],
+    stack: bool,
+    scheduler: Scheduler,
+) -> Iterator[tuple[Unit, list[RunResult] | None, str | None]]:
+    """`_train_units` on dask: every unit a task, its outcome yielded as it completes. Paths go absolute (workers
+    of a running cluster share the filesystem, not the driver's working directory); a task whose worker died is
+    run again by dask (the run resumes from its last epoch); with workers that declare GPUs (`dask worker
+    --resources GPU=1`) each task takes one."""
+    import uuid
+
+    from distributed import as_completed as dask_completed
+
+    from extract.scale import _gpu_resources
+
+    client, threads = scheduler.connect()
+    token = uuid.uuid4().hex  # this call's tasks, and the splits the workers keep for them
+    level = logging.getLogger().getEffectiveLevel()
+    resources = _gpu_resources(client)
+    futures = {}
+    for unit in units:
+        cfgs, dirs = args(unit)
+        futures[
+            client.submit(
+                _dask_unit,
+                [_absolute(c) for c in cfgs],
+                Path(store).absolute(),
+                [Path(d).absolute() for d in dirs],
+                stack,
+                threads,
+                level,
+                token,
+                key=f"ltar-train-{run_name(cfgs[0])}-{'-'.join(map(str, unit[1]))}-{token[:8]}",
+                pure=False,
+                resources=resources,
+            )
+        ] = unit
+    try:
+        for future in dask_completed(futures):
+            yield outcome(futures[future], future.result)
+    finally:
+        client.cancel([f for f in futures if not f.done()])
+        with contextlib.suppress(Exception):  # a worker gone meanwhile holds nothing
+            client.run(_release_splits, token)
+
+
+def _absolute(cfg: Config) -> Config:
+    """cfg with its dataset and cache roots absolute (a grounded run reads the dataset's annotations)."""
+    dataset = replace(cfg.dataset, root=str(Path(cfg.dataset.root).absolute()))
+    return replace(cfg, dataset=dataset, cache=replace(cfg.cache, root=str(Path(cfg.cache.root).absolute())))
 
 
 def run_table(
@@ -328,7 +476,25 @@ def run_table(
     diagnose: bool = False,
 ) -> TableResult:
     """Train and evaluate every row of `ablations.<name>`; write the .md, .csv and .png. `diagnose`: add each
-    row's causal-term headline (variation, knock-out by the split mean) on `DIAGNOSE_SPLIT`, seed 0's run."""
+    row's causal-term headline (variation, knock-out by the split mean) on `DIAGNOSE_SPLIT`, seed 0's run.
+
+    The progress bar counts the table's runs done (reused ones included) of its total. A run that fails is
+    reported as it fails and the table's other runs finish; then one RunError names every failed run with its
+    sentence (the finished runs are kept: the table run again trains only the failed ones)."""
+    with ExitStack() as cluster:  # train.scheduler's dask client, if a run needs one; closed with the table
+        scheduler = Scheduler(cfg.train.scheduler, cluster) if cfg.train.scheduler else None
+        return _run_table(cfg, name, seeds, store, progress, diagnose, scheduler)
+
+
+def _run_table(
+    cfg: Config,
+    name: str,
+    seeds: int | None,
+    store: Path | None,
+    progress: bool,
+    diagnose: bool,
+    scheduler: Scheduler | None,
+) -> TableResult:
     from tqdm import tqdm
 
     if name not in cfg.ablations:
@@ -352,6 +518,7 @@ def run_table(
     seeds_run = [cfg.train.seed + s for s in range(n_seeds)]
     groups = [(row, task) for row in table.rows for task in table.tasks]  # the table's order
     bar = tqdm(total=len(groups) * n_seeds, desc=f"ablate {name}", unit="run", disable=not progress)
+    failed: list[tuple[list[str], str]] = []  # (the run names of a failed unit, why)
     for task in table.tasks:  # one task's splits in memory at a time (the labels, and so the rows, are the task's)
         cfgs = {row: [_run_cfg(cfg, row, task, seed) for seed in seeds_run] for row in table.rows}
         dirs = {row: [out_root / reader.fingerprint / run_name(c) for c in cs] for row, cs in cfgs.items()}
@@ -367,10 +534,16 @@ def run_table(
                 if idx
             ]
             bar.update(sum(n_seeds - len(idx) for idx in todo.values()))  # the reused runs
-            for (row, idx), runs in _train_units(cfg, store, cfgs, dirs, units, bar.update):
+            for (row, idx), runs, error in _train_units(cfg, store, cfgs, dirs, units, bar.update, scheduler):
+                if error is not None:
+                    failed.append(([run_name(cfgs[row][i]) for i in idx], error))
+                    bar.set_postfix(failed=sum(len(names) for names, _ in failed))
+                    continue
                 for i, r in zip(idx, runs, strict=True):
                     finished[row][i] = r
             for row in table.rows:
+                if any(r is None for r in finished[row]):  # a failed run: the row has no cells (the error names it)
+                    continue
                 results[(row, task)] = finished[row]
                 if diagnose and DIAGNOSE_SPLIT in reader.info.splits:  # seed 0's run
                     rows, _ = diagnose_run(dirs[row][0], DIAGNOSE_SPLIT, store=store)
@@ -381,8 +554,16 @@ def run_table(
                     checks[row if len(table.tasks) == 1 else f"{row} ({task})"] = mask_objectives(
                         dirs[row][0], "train", store
                     )
-    results = {k: results[k] for k in groups}  # rows in the table's order, each row's tasks together
     bar.close()
+    if failed:
+        total = len(groups) * n_seeds
+        n_failed = sum(len(names) for names, _ in failed)
+        why = "; ".join(f"{', '.join(names)}: {error}" for names, error in failed)
+        raise RunError(
+            f"table {name}: {n_failed} of {total} runs failed ({why}). The other {total - n_failed} are finished and "
+            "kept; fix the cause and run the table again to train only the failed runs"
+        )
+    results = {k: results[k] for k in groups}  # rows in the table's order, each row's tasks together
     cells = []
     chance: dict[tuple[str, str, str], float] = {}
     predictions: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}  # (row, task, split) -> (S,N,C), labels

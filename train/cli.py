@@ -184,15 +184,28 @@ def ablate_cmd(
         min=1,
         help="Processes training runs side by side (overrides train.workers; 1 = one at a time).",
     ),
+    scheduler: str = typer.Option(
+        None,
+        "--scheduler",
+        help="Train the runs as dask tasks, one per worker at a time (overrides train.scheduler; replaces "
+        "--workers): local:N starts N worker processes here (cores / N torch threads each), tcp://HOST:PORT joins "
+        "a running cluster (one worker per GPU, on a filesystem shared with this machine).",
+    ),
 ) -> None:
     """Run every variant of the named tables from one cache; write runs/ablations/<table>.md, .csv, .png.
 
+    A run that fails is reported and the table's other runs finish; the table then exits with one error naming
+    the failed runs, and running it again trains only those (finished runs are reused).
+
     Example: ltar ablate --table main --seeds 3 --workers 2
+    Example: ltar ablate --table main --scheduler local:2   (or --scheduler tcp://head-node:8786)
     """
     from train.ablate import MissingSplit, run_table
     from train.engine import RunError
 
-    cfg = resolve_config(config, [*set_, f"train.workers={workers}"] if workers else set_)
+    extra = [f"train.workers={workers}"] if workers else []
+    extra += [f"train.scheduler={scheduler}"] if scheduler else []
+    cfg = resolve_config(config, [*set_, *extra])
     names = table or sorted(cfg.ablations)
     unknown = [n for n in names if n not in cfg.ablations]
     if unknown:

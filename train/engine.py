@@ -1,5 +1,5 @@
-"""Train and evaluate one head on the cache: AdamW or Adam, warm-up + cosine or step decay, AMP on GPU, atomic
-checkpoints.
+"""Train and evaluate one head on the cache: AdamW or Adam, warm-up + cosine or step decay, AMP on GPU (bf16
+autocast by default, no loss scaling; `train.amp_dtype: float16` adds a GradScaler), atomic checkpoints.
 
 A run lives in `<runs_root>/<head>[-<variant>][+<grounding>][-f<frames>][-<train_split>][@<recipe>]-<task>-s<seed>/`:
 `config.resolved.yaml`, `metrics.jsonl` and `metrics.csv` (one row per epoch and split), `last.pt` and
@@ -53,6 +53,28 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # train.amp_dtype -> the autocast dtype
+
+
+def autocast_dtype(tc, device: str) -> torch.dtype | None:
+    """The dtype a run of `tc` (the train section) autocasts to on `device`: `amp_dtype` with `amp` on CUDA; None
+    (fp32, no autocast) otherwise: AMP is a GPU option, CPU runs stay fp32."""
+    if not tc.amp or not device.startswith("cuda"):
+        return None
+    return AMP_DTYPES[tc.amp_dtype]
+
+
+def autocast(device: str, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to `dtype` on `device`'s kind (cuda, cpu); off where `dtype` is None."""
+    return torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """The loss scaler of a run autocasting to `dtype`: live for float16 (its 5-bit exponent underflows small
+    gradients), disabled otherwise (bfloat16 has fp32's exponent range; a disabled scaler passes steps through)."""
+    return torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
 def run_name(cfg: Config) -> str:
@@ -230,9 +252,10 @@ def _load(reader: CacheReader, split: str, cfg: Config, device: str) -> SplitTen
 
 @torch.no_grad()
 def predict(
-    head: torch.nn.Module, data, ctx, device: str, batch_size: int, amp: bool
+    head: torch.nn.Module, data, ctx, device: str, batch_size: int, dtype: torch.dtype | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Scores (N, C), labels and, for a grounded head, the frames its prediction rests on (N, L); split order."""
+    """Scores (N, C), labels and, for a grounded head, the frames its prediction rests on (N, L); split order.
+    dtype: the autocast dtype (`autocast_dtype`), None = fp32."""
     head.eval()
     scores = np.zeros((len(data), ctx.num_classes), dtype=np.float32)
     grounded = hasattr(head, "frames_used")
@@ -241,7 +264,7 @@ def predict(
     positions: list[np.ndarray] = []
     dicts = {k: (c.to(device), p.to(device)) for k, (c, p) in ctx.dictionaries.items()}
     for pos, batch in iterate_batches(data, batch_size, ctx.t0.to(device), dicts, device):
-        with torch.autocast("cuda", enabled=amp and device.startswith("cuda")):
+        with autocast(device, dtype):
             logits = head(batch)
             if grounded:
                 used[pos] = head.frames_used(batch).cpu().numpy()
@@ -265,7 +288,7 @@ def split_metrics(
         mask = np.asarray(reader.group[FRAME_MASK].get_orthogonal_selection(data.rows)).astype(bool)
         relevance[key] = None if relevant is None else (relevant, mask)
     with oracle_frames(head, relevance.get(key)):  # `indicator: oracle` reads this split's annotated frames
-        scores, labels, used = predict(head, data, ctx, device, tc.batch_size, tc.amp and device.startswith("cuda"))
+        scores, labels, used = predict(head, data, ctx, device, tc.batch_size, autocast_dtype(tc, device))
     metrics = compute_metrics(scores, labels, ctx.multi_label)
     if used is not None and relevance[key] is not None:
         metrics.update(grounding_scores(used, *relevance[key]))
@@ -319,8 +342,18 @@ def dictionary_hashes(cfg: Config, reader: CacheReader) -> dict[str, str]:
 
 
 # train keys that decide where a run lives or how it is read, not what it computes
-# stack_seeds, workers: the same numbers in distribution (tests/test_stacked.py)
-_NOT_RESULTS = ("runs_root", "memory_budget_mb", "eval_every", "stack_seeds", "workers")
+# stack_seeds, workers, scheduler: the same numbers in distribution (tests/test_stacked.py)
+_NOT_RESULTS = ("runs_root", "memory_budget_mb", "eval_every", "stack_seeds", "workers", "scheduler")
+
+
+def saved_train(ckpt: dict) -> dict:
+    """A checkpoint's `train` settings as today's keys read them: a run from before `amp_dtype` whose checkpoint
+    holds a live GradScaler's state trained with AMP on CUDA, which was float16 then (a disabled scaler's state is
+    empty: a CPU run, autocast off, counts as today's default)."""
+    saved = ckpt["config"]["train"]
+    if "amp_dtype" not in saved and ckpt.get("scaler"):
+        return {**saved, "amp_dtype": "float16"}
+    return saved
 
 
 def changed_keys(saved: dict, now: Any, ignore: tuple[str, ...] = ()) -> list[str]:
@@ -338,7 +371,7 @@ def resume_mismatch(ckpt: dict, cfg: Config) -> list[str]:
     """What a resumed run would change: `section.key` for every setting (train, the head's options, the grounding)
     that differs from the checkpoint's; empty when the run continues as it began."""
     t = cfg.train
-    out = [f"train.{k}" for k in changed_keys(ckpt["config"]["train"], t, ignore=_NOT_RESULTS)]
+    out = [f"train.{k}" for k in changed_keys(saved_train(ckpt), t, ignore=_NOT_RESULTS)]
     out += [
         f"heads.{t.head}.{k}" for k in changed_keys(ckpt.get("options") or {}, head_options(cfg, t.head, t.variant))
     ]
@@ -389,8 +422,8 @@ def _train(
     opt = make_optimizer(tc, params)
     clip_groups = head.clip_groups() if hasattr(head, "clip_groups") else [params]  # train.grounding: per module
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule_lambda(tc, steps_per_epoch, frame_epochs))
-    use_amp = tc.amp and device.startswith("cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    dtype = autocast_dtype(tc, device)  # None on the CPU
+    scaler = grad_scaler(dtype)
     start_epoch, best, history, step = 0, -math.inf, [], 0
     if resume and last_path.exists():
         ckpt = read_checkpoint(last_path, map_location=device)
@@ -406,7 +439,8 @@ def _train(
         head.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("scaler"):  # empty where no scaler ran (CPU, bfloat16, a stacked run); a disabled one ignores it
+            scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
         if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
@@ -430,7 +464,7 @@ def _train(
         gen = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)  # data order: a function of (seed, epoch)
         losses = []
         for _, batch in iterate_batches(train_data, tc.batch_size, t0_dev, dicts, device, gen):
-            with torch.autocast("cuda", enabled=use_amp):
+            with autocast(device, dtype):
                 logits = head(batch)  # (B, C)
                 loss = training_loss(head, logits, batch.labels, ctx.multi_label)
             opt.zero_grad(set_to_none=True)
@@ -629,9 +663,16 @@ def load_run(checkpoint: Path, store: Path | None = None, cfg: Config | None = N
 
 
 def save_predictions(path: Path, scores: np.ndarray, labels: np.ndarray, rows: np.ndarray, step: int) -> None:
-    """A split's per-video scores (N, C), labels and store rows, written atomically with the run's step."""
+    """A split's per-video scores (N, C), labels and store rows, written atomically with the run's step: an .npz
+    (np.load reads it) whose members carry a fixed time stamp, so the same predictions are the same bytes whenever
+    and wherever they are written (np.savez stamps each member with the time of writing)."""
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, scores=scores.astype(np.float32), labels=labels, rows=np.asarray(rows), step=step)
+    arrays = {"scores": scores.astype(np.float32), "labels": labels, "rows": rows, "step": step}
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+        for name, value in arrays.items():
+            member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(member, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
     os.replace(tmp, path)
 
 
@@ -647,8 +688,7 @@ def run_predictions(run_dir: Path, split: str, store: Path | None = None) -> tup
     run = load_run(run_dir / "last.pt", store)
     data = _load(run.reader, split, run.cfg, run.device)
     tc = run.cfg.train
-    amp = tc.amp and run.device.startswith("cuda")
-    scores, labels, _ = predict(run.model, data, run.ctx, run.device, tc.batch_size, amp)
+    scores, labels, _ = predict(run.model, data, run.ctx, run.device, tc.batch_size, autocast_dtype(tc, run.device))
     save_predictions(path, scores, labels, data.rows, ckpt["step"])
     return scores, labels, np.asarray(data.rows)
 

@@ -14,15 +14,19 @@ operators and differ only in their numbers. `train_stacked` therefore builds eac
   the sequential path's masks: the one difference from it, and why the two agree in distribution, not bitwise);
 - gradient clipping per seed (its own norm over its own parameters, as `clip_grad_norm_`); AdamW / Adam are
   elementwise, so one optimizer over the stacked tensors is S independent optimizers;
+- AMP on CUDA: the same autocast as the sequential path (`train.engine.autocast_dtype`), bf16 by default, which
+  needs no loss scaling, so the seeds stay independent;
+- the step losses stay on the device (no host sync per step): one transfer per epoch for the logged losses, and
+  every POSTFIX_EVERY steps for a shown progress bar, as the sequential path;
 - evaluation, metrics, `last.pt` / `best.pt` per seed, in the seed's own run folder, written by the same
   `end_epoch` as the sequential path; each checkpoint holds the seed's own weights and optimizer state, so
   `ltar train --resume`, `ltar evaluate` and `ltar diagnose` read it as any other run's.
 
 Not stackable, so trained one at a time (`NotStackable` says why, and the caller falls back): heads with a
 dataset-level memory updated in the forward pass (`memory_updates`: a buffer written inside vmap would be
-lost), grounding interventions (their custom autograd functions and batch permutations), AMP on CUDA (one
-GradScaler would skip every seed's step when one overflows), a set of seeds whose checkpoints stand at
-different epochs.
+lost), grounding interventions (their custom autograd functions and batch permutations), float16 AMP on CUDA
+(`train.amp_dtype: float16`: one GradScaler would skip every seed's step when one overflows), a set of seeds whose
+checkpoints stand at different epochs.
 
 Measured (bench/train.py, the main table's 4 rows × 3 seeds × 30 epochs on the demo-size cache, 2 CPU cores):
 today's path 161.0 s, the splits read once per table 149.3 s (0.93), stacked 161.6 s (1.00); a second run
@@ -46,16 +50,20 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from extract.config import Config, ConfigError, write_resolved
 from train.data import iterate_batches
 from train.engine import (
+    POSTFIX_EVERY,
     RunError,
     RunResult,
     _eval_splits,
     _load,
+    autocast,
+    autocast_dtype,
     end_epoch,
     find_store,
     loss_fn,
@@ -83,8 +91,11 @@ def stack_reason(cfg: Config, model: torch.nn.Module, device: str) -> str | None
         return f"grounding {cfg.train.grounding!r} (custom autograd functions and batch permutations)"
     if any(getattr(m, "memory_updates", False) for m in model.modules()):
         return "a dataset-level memory updated in the forward pass"
-    if cfg.train.amp and device.startswith("cuda"):
-        return "train.amp on CUDA (one GradScaler would couple the seeds' steps)"
+    if autocast_dtype(cfg.train, device) == torch.float16:
+        return (
+            "train.amp_dtype float16 on CUDA (its GradScaler would couple the seeds: one seed's overflow skips every "
+            "seed's step); bfloat16 needs no scaler and stacks"
+        )
     return None
 
 
@@ -214,6 +225,7 @@ def _train_stacked(
         return loss_fn(logits, labels, ctx.multi_label)
 
     stacked_loss = vmap(seed_loss, randomness="different")
+    dtype = autocast_dtype(tc, device)  # None on the CPU; never float16 here (stack_reason)
     for run_cfg, run_dir in zip(cfgs, run_dirs, strict=True):
         run_dir.mkdir(parents=True, exist_ok=True)
         write_resolved(run_cfg, run_dir)
@@ -229,7 +241,8 @@ def _train_stacked(
         losses = []
         for batches in zip(*streams, strict=True):
             inputs = [torch.stack([getattr(b, k) for _, b in batches]) for k in FEATURE_KEYS]  # (S, B, ...)
-            loss = stacked_loss(params, buffers, *inputs)  # (S,)
+            with autocast(device, dtype):
+                loss = stacked_loss(params, buffers, *inputs)  # (S,)
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
             if tc.grad_clip > 0:
@@ -237,9 +250,12 @@ def _train_stacked(
             opt.step()
             sched.step()
             step += 1
-            losses.append(loss.detach())
+            losses.append(loss.detach())  # (S,) on the device: no host sync per step
             bar.update(1)
-        per_seed = torch.stack(losses).mean(0).tolist()  # (S,)
+            if progress and step % POSTFIX_EVERY == 0:  # one sync every POSTFIX_EVERY steps for the bar
+                bar.set_postfix(loss=f"{float(losses[-1].mean()):.3f}")
+        per_step = torch.stack(losses).double().cpu().numpy()  # (steps, S): the epoch's one transfer
+        per_seed = [float(np.mean(per_step[:, s])) for s in range(S)]  # each the sequential path's float64 mean
         last_epoch = epoch + 1 == tc.epochs
         opt_state = opt.state_dict()
         for s, (run_cfg, run_dir, model) in enumerate(zip(cfgs, run_dirs, models, strict=True)):
