@@ -289,12 +289,13 @@ def resolve_decode_workers(cfg: Config, per_group: int, cores: int | None = None
     encoders and the writer, then as many as the shared memory holds (each process keeps one group of `per_group`
     bytes there, and the main process the one it encodes). A number is taken as given, but refused with a sentence
     when shared memory cannot hold its groups: the run would die mid-way with a bus error."""
-    import os
     import shutil
 
     asked = cfg.frames.decode_workers
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        from extract.scale import usable_cores
+
+        cores = usable_cores()
     workers = max(cores - 1, 0) if asked == "auto" else int(asked)
     if workers == 0 or per_group <= 0 or not SHM.is_dir():
         return workers

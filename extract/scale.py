@@ -216,6 +216,11 @@ class ShardResult:
     short: dict[str, int] = field(default_factory=dict)  # video id -> distinct frames (frames repeat)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or a `taskset`'s share, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def worker_device(cfg: Config, dask_worker: Any = None) -> str:
     """The torch device of this worker: `encoders.device`, or for `auto` with CUDA, GPU `name % count`
     (LocalCluster names its workers 0..N-1; a worker pinned by CUDA_VISIBLE_DEVICES sees one GPU)."""
@@ -382,7 +387,7 @@ def _connect(scheduler: str) -> Iterator[tuple[Any, int | None]]:
             )
             try:
                 with Client(cluster) as client:
-                    yield client, max(1, (os.cpu_count() or 1) // n)
+                    yield client, max(1, usable_cores() // n)
             finally:
                 cluster.close()
         return
