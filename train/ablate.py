@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import itertools
 import json
 import logging
 import multiprocessing
@@ -434,31 +435,48 @@ def _dask_units(
     token = uuid.uuid4().hex  # this call's tasks, and the splits the workers keep for them
     level = logging.getLogger().getEffectiveLevel()
     resources = _gpu_resources(client)
-    futures = {}
-    for unit in units:
+
+    def submit(unit: Unit) -> Any:
         cfgs, dirs = args(unit)
-        futures[
-            client.submit(
-                _dask_unit,
-                [_absolute(c) for c in cfgs],
-                Path(store).absolute(),
-                [Path(d).absolute() for d in dirs],
-                stack,
-                threads,
-                level,
-                token,
-                key=f"ltar-train-{run_name(cfgs[0])}-{'-'.join(map(str, unit[1]))}-{token[:8]}",
-                pure=False,
-                resources=resources,
-            )
-        ] = unit
+        return client.submit(
+            _dask_unit,
+            [_absolute(c) for c in cfgs],
+            Path(store).absolute(),
+            [Path(d).absolute() for d in dirs],
+            stack,
+            threads,
+            level,
+            token,
+            key=f"ltar-train-{run_name(cfgs[0])}-{'-'.join(map(str, unit[1]))}-{token[:8]}",
+            pure=False,
+            resources=resources,
+        )
+
+    # One task per worker thread in flight, the next submitted as one finishes, in the table's order: dask would
+    # otherwise place every task at once (a run is no "root" task group it queues), spread by unknown durations,
+    # and a worker could sit idle while another still holds two long runs (measured: 0.86 of the sequential
+    # table's time against the process pool's 0.71 on 2 cores).
+    queue = iter(units)
+    running = {submit(unit): unit for unit in itertools.islice(queue, _slots(client))}
+    completed = dask_completed(list(running))
     try:
-        for future in dask_completed(futures):
-            yield outcome(futures[future], future.result)
+        for future in completed:
+            unit = running.pop(future)
+            for nxt in itertools.islice(queue, max(0, _slots(client) - len(running))):
+                new = submit(nxt)
+                running[new] = nxt
+                completed.add(new)
+            yield outcome(unit, future.result)
     finally:
-        client.cancel([f for f in futures if not f.done()])
+        client.cancel(list(running))
         with contextlib.suppress(Exception):  # a worker gone meanwhile holds nothing
             client.run(_release_splits, token)
+
+
+def _slots(client: Any) -> int:
+    """Runs the cluster trains at once: one per worker thread (a GPU worker runs with one)."""
+    workers = client.scheduler_info().get("workers", {})
+    return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
 
 
 def _absolute(cfg: Config) -> Config:
