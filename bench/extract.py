@@ -204,7 +204,7 @@ def base_end_to_end(tmp: Path, videos: int, frames: int, preset: str) -> dict[st
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--videos", type=int, default=640)
+    ap.add_argument("--videos", type=int, default=768)
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--smoke", action="store_true", help="the same code path on 12 videos; tiny preset as 'base'")
     args = ap.parse_args(argv)

@@ -233,11 +233,28 @@ class Utilisation:
         self.device, self.every, self.samples = device, every, []
         self.stop = threading.Event()
 
+    def _sample(self) -> float:
+        """NVML through torch (needs pynvml), else `nvidia-smi`'s query of the same counter."""
+        try:
+            return float(torch.cuda.utilization(torch.device(self.device)))
+        except Exception:  # noqa: BLE001 - no pynvml: ask nvidia-smi
+            import subprocess
+
+            index = torch.device(self.device).index or 0
+            out = subprocess.run(
+                ["nvidia-smi", f"--id={index}", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            )
+            return float(out.stdout.strip().splitlines()[0])
+
     def _run(self) -> None:
         while not self.stop.wait(self.every):
             try:
-                self.samples.append(torch.cuda.utilization(torch.device(self.device)))
-            except Exception:  # noqa: BLE001 - no NVML (pynvml): no samples
+                self.samples.append(self._sample())
+            except Exception:  # noqa: BLE001 - neither NVML nor nvidia-smi: no samples, reported as none
                 return
 
     def __enter__(self):

@@ -381,7 +381,12 @@ def _connect(scheduler: str) -> Iterator[tuple[Any, int | None]]:
         # over 128 KiB is mapped and faulted in afresh (a table's runs trained ~10 % slower in such workers)
         environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()}
         environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-        with dask.config.set({"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": environ}):
+        # and the worker's statistical profiler (a thread that takes the GIL every 10 ms to read the task's stack)
+        # is off: a run's Python-heavy training loop waits for it
+        quiet = {"distributed.worker.profile.enabled": False, "distributed.admin.system-monitor.gil.enabled": False}
+        with dask.config.set(
+            {"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": environ, **quiet}
+        ):
             cluster = LocalCluster(
                 n_workers=n,
                 threads_per_worker=1,
