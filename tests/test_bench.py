@@ -109,3 +109,31 @@ def test_gpu_bench_smoke_runs_every_step_on_the_cpu(capsys):
     assert stages | keys <= set(figures)
     assert float(figures["clip_compiled_maxdiff"]) < 1e-4 and float(figures["tsf_compiled_maxdiff"]) < 1e-4
     assert figures["gpu_util_mean"] == "none" and figures["kmeans_device"] == "cpu"
+
+
+def test_import_graph_finds_cross_stage_edges_and_circles(tmp_path, capsys):
+    """bench/imports.py on a made-up tree with a known answer: a lazy import inside a function, a relative import,
+    `from pkg import module`, one circle of three extract modules and one train -> extract edge."""
+    from bench import imports
+
+    files = {
+        "extract/__init__.py": "",
+        "extract/a.py": "from extract import b\n",
+        "extract/b.py": "def f():\n    from .c import x\n    import faiss\n",
+        "extract/c.py": "import extract.a\nx = 1\n",
+        "extract/d.py": "import numpy\n",
+        "train/__init__.py": "",
+        "train/t.py": "import torch\nfrom extract.d import thing\nfrom . import u\n",
+        "train/u.py": "def g():\n    import av\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    edges, external = imports.graph(tmp_path)
+    assert edges["extract.b"] == {"extract.c"} and edges["train.t"] == {"extract.d", "train.u"}
+    assert imports.circles(edges) == [["extract.a", "extract.b", "extract.c"]]
+    assert external["extract.b"] == {"faiss"} and external["train.u"] == {"av"}
+    imports.main(["--root", str(tmp_path), "--dot", str(tmp_path / "g.dot")])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "modules=8 train_modules_importing_extract=1 extract_modules_imported_by_train=1 circles=1"
+    assert '"train.t" -> "extract.d";' in (tmp_path / "g.dot").read_text()
