@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._videos import render_long_video, time_decode  # noqa: E402
-from extract.config import from_dict  # noqa: E402
+from extract.contract.config import from_dict
 from extract.pipeline import (  # noqa: E402
     _GroupDecoder,
     _groups,
@@ -101,9 +101,9 @@ def encode_only(cfg, enc, decoded) -> tuple[float, int, list]:
 
 def write_only(cfg, enc, index, decoded, encoded, path: Path) -> float:
     """Seconds to write the encoded groups into a fresh store as the writer does (arrays, then done)."""
-    from extract import schema
+    from extract.contract import schema
+    from extract.contract.store import write_rows
     from extract.pipeline import create_cache
-    from extract.store import write_rows
 
     group = create_cache(cfg, index, enc, path, "bench")
     t0 = time.perf_counter()

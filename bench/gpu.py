@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.extract import decode_only, end_to_end, write_only  # noqa: E402
-from extract.config import Config, from_dict  # noqa: E402
+from extract.contract.config import Config, from_dict  # noqa: E402
 
 GOPS = (30, 250)  # keyframe intervals of the two halves of the videos
 

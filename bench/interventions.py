@@ -73,8 +73,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)
-    from extract.config import load_config
-    from extract.schema import CacheError
+    from extract.contract.config import load_config
+    from extract.contract.schema import CacheError
     from train.engine import find_store
 
     cfg = load_config(args.config)

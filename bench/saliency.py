@@ -33,7 +33,7 @@ import torch
 # The repository root first: bench/extract.py would otherwise shadow the `extract` package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.config import Config, load_config  # noqa: E402
+from extract.contract.config import Config, load_config
 from extract.saliency import (  # noqa: E402
     box_mask,
     clip_attention_saliency,

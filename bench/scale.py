@@ -38,7 +38,7 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.config import from_dict  # noqa: E402
+from extract.contract.config import from_dict
 from extract.inspect import _arrays  # noqa: E402
 from extract.pipeline import extract  # noqa: E402
 from extract.scale import extract_distributed, extract_shard  # noqa: E402

@@ -56,7 +56,7 @@ PEAK_LIMIT_MIB = 4096  # no head may need more at these scales on CPU (issue 19)
 
 def _one(head: str, scale: str, steps: int, device: str) -> dict:
     """Run in a child process: steps/s and peak memory of one head at one scale."""
-    from extract.config import from_dict
+    from extract.contract.config import from_dict
     from train.engine import loss_fn
     from train.heads import Batch, HeadContext, build_head, required_dictionaries
 
@@ -131,7 +131,7 @@ def table_time(base: list[str], store: Path, runs_root: Path, seeds: int) -> dic
     import contextlib
 
     import train.ablate as ablate
-    from extract.config import load_config
+    from extract.contract.config import load_config
 
     out = {}
     for mode in ("sequential", "shared", "stacked", "workers", "dask"):
@@ -155,7 +155,7 @@ def table_time(base: list[str], store: Path, runs_root: Path, seeds: int) -> dic
 def run_cost(videos: int, epochs: int, seeds: int = 3) -> dict:
     """A demo-size cache (tiny encoders), its dictionaries, then one `epochs`-epoch run per head, each timed,
     and the main table's wall time at `seeds` seeds by each path (`table_time`)."""
-    from extract.config import load_config
+    from extract.contract.config import load_config
     from extract.dictionaries import build_dictionaries
     from extract.pipeline import extract
     from extract.synthetic import write_dataset

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.config import Config, load_config  # noqa: E402
+from extract.contract.config import Config, load_config
 from extract.encoders.timesformer import TimesformerEncoder, build_timesformer_encoder  # noqa: E402
 from extract.synthetic import SCENES, plan_split, render_video  # noqa: E402
 from extract.video_pretrain import pretrain_video  # noqa: E402

@@ -29,7 +29,7 @@ import torch
 # The repository root first: bench/extract.py would otherwise shadow the `extract` package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.config import load_config  # noqa: E402
+from extract.contract.config import load_config
 from extract.encoders.clip import build_clip_encoder  # noqa: E402
 from extract.vlm import pretrain_vlm, probe_vlm  # noqa: E402
 

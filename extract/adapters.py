@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from extract.config import Config, register_validator
+from extract.contract.config import Config, register_validator
 from extract.datasets import DatasetError, DatasetIndex, ProblemLog, VideoItem, Vocabulary, register_dataset
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi")  # preference order when one id has several files

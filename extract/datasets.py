@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from extract.config import Config, register_choices
+from extract.contract.config import Config, register_choices
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +334,3 @@ def synthetic_dataset(cfg: Config) -> DatasetIndex:
         index.problems.append(f"{world_file}: missing or unreadable; run `ltar synth` to write the synthetic world")
         index.counts["other"] = index.counts.get("other", 0) + 1
     return index
-
-
-import extract.adapters  # noqa: E402,F401 (registers breakfast, coin, charades)

@@ -42,9 +42,10 @@ from typing import Any
 
 import numpy as np
 
-from extract import schema
-from extract.config import Config, DictionarySpec, to_dict
-from extract.schema import CacheError
+from extract.config import DictionarySpec
+from extract.contract import schema
+from extract.contract.config import Config, to_dict
+from extract.contract.schema import CacheError
 
 log = logging.getLogger(__name__)
 
@@ -532,7 +533,7 @@ def _params(spec: DictionarySpec, pts: _Points) -> tuple[dict[str, Any], str]:
 
 def _write(group: Any, name: str, pts: _Points, spec: DictionarySpec, out: dict[str, Any], attrs: dict) -> bool:
     """Replace `dictionaries/<name>` (only it) with `out`; returns True when one was there before."""
-    from extract.store import create_array
+    from extract.contract.store import create_array
 
     path = schema.dictionary_path(name)
     existed = path in group
@@ -654,13 +655,16 @@ def build_dictionaries(cfg: Config, store_path: Path | None = None, progress: bo
     if not cfg.dictionaries:
         raise DictionaryError("dictionaries: the config names no dictionary; add one under `dictionaries:`")
     if store_path is None:
+        from extract.contract.locate import write_pointer
         from extract.inspect import locate_store
 
         try:
             store_path = locate_store(cfg)
         except CacheError as e:
             raise DictionaryError(str(e)) from None
-    from extract.scale import StoreLocked, acquire_lock
+        device = schema.open_cache(store_path)[1].attrs.get("provenance", {}).get("device", "cpu")
+        write_pointer(cfg, store_path, str(device).split(":")[0], "ltar dictionaries")
+    from extract.contract.lock import StoreLocked, acquire_lock
 
     try:
         schema.open_cache(store_path)  # a missing store is a sentence here, not an empty folder made by the lock

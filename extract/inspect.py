@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from extract import schema
-from extract.config import Config
-from extract.schema import CacheError
+from extract.contract import schema
+from extract.contract.config import Config
+from extract.contract.schema import CacheError
 
 
 def locate_store(cfg: Config) -> Path:

@@ -40,10 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from extract import schema
-from extract.config import Config
+from extract.contract import schema
+from extract.contract.config import Config
+from extract.contract.store import ExtractError, sha256_of
 from extract.datasets import DatasetIndex, load_dataset
-from extract.store import ExtractError, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -246,9 +246,10 @@ def import_h5(cfg: Config, file: str | Path, mapping: list[str] | None = None, i
     """Ingest a per-video HDF5 feature file into a new cache store of the schema; returns ImportSummary."""
     import h5py
 
+    from extract.contract.locate import check_cache_root
+    from extract.contract.lock import acquire_lock
+    from extract.contract.store import contiguous_runs, create_store, write_rows
     from extract.pipeline import _labels, store_attrs, write_video_coordinates
-    from extract.scale import acquire_lock, check_cache_root
-    from extract.store import contiguous_runs, create_store, write_rows
 
     check_cache_root(cfg)
     file = Path(file).resolve()

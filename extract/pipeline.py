@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from extract import schema
-from extract.config import Config, ConfigError, to_dict
+from extract.contract import schema
+from extract.contract.config import Config, ConfigError, to_dict
+from extract.contract.schema import CacheError
+from extract.contract.store import contiguous_runs, create_store, open_for_writing, sha256_of, store_bytes, write_rows
 from extract.datasets import DatasetIndex, VideoItem, load_dataset
-from extract.schema import CacheError
-from extract.store import contiguous_runs, create_store, open_for_writing, sha256_of, store_bytes, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,14 @@ def stale_rows(group: Any, index: DatasetIndex) -> np.ndarray:
 
 
 def record_file_stamps(group: Any, index: DatasetIndex) -> None:
-    """Write the `file_stamps` attribute {video_id: [size, mtime_ns]} of every row done, once per run."""
+    """Write the `file_stamps` attribute {video_id: [size, mtime_ns]} of every row done, and `file_paths`
+    {video_id: absolute path} (stage 2 checks the stamps through the contract, extract/contract/locate.py), once
+    per run."""
     done = np.asarray(group[schema.DONE][:])  # (N,)
     stamps = {it.id: file_stamp(it.path) for r, it in enumerate(index.items) if done[r]}
-    group.attrs["file_stamps"] = {vid: st for vid, st in stamps.items() if st is not None}
+    stamps = {vid: st for vid, st in stamps.items() if st is not None}
+    group.attrs["file_stamps"] = stamps
+    group.attrs["file_paths"] = {it.id: str(Path(it.path).absolute()) for it in index.items if it.id in stamps}
 
 
 def fingerprint(cfg: Config, index: DatasetIndex, device: str) -> str:
@@ -614,7 +618,7 @@ def raw_fp32_bytes(specs: list[schema.ArraySpec]) -> int:
 
 def write_video_coordinates(group: Any, index: DatasetIndex) -> None:
     """The `video` coordinate arrays (schema.VIDEO_COORDS); created first when an older store lacks them."""
-    from extract.store import create_array
+    from extract.contract.store import create_array
 
     ids = np.asarray([it.id for it in index.items], dtype=np.dtypes.StringDType())  # (N,)
     for name in schema.VIDEO_COORDS:
@@ -846,7 +850,7 @@ def record_failures(group: Any, video_ids: list[str], previous: dict[str, str], 
 
 def prepare_run(cfg: Config, index: DatasetIndex | None) -> tuple[Config, DatasetIndex]:
     """Checks and resolutions every extraction run starts with (single process or cluster)."""
-    from extract.scale import check_cache_root
+    from extract.contract.locate import check_cache_root
 
     check_cache_root(cfg)
     cfg = resolve_weights(cfg)
@@ -863,10 +867,11 @@ def extract(cfg: Config, progress: bool = True, index: DatasetIndex | None = Non
     --scheduler` runs the same groups on a dask cluster instead (extract/scale.py)."""
     from tqdm import tqdm
 
-    from extract.scale import acquire_lock
+    from extract.contract.locate import write_pointer
+    from extract.contract.lock import acquire_lock
 
     t0 = time.perf_counter()
-    cfg, index = prepare_run(cfg, index)
+    named, (cfg, index) = cfg, prepare_run(cfg, index)
     device = resolve_device(cfg)
     fp = fingerprint(cfg, index, device)
     path = schema.store_path(cfg.cache.root, cfg.dataset.name, fp)
@@ -879,6 +884,7 @@ def extract(cfg: Config, progress: bool = True, index: DatasetIndex | None = Non
             shard = schema.store_shard_videos(group)
         else:
             shard = resume_store(group, cfg, index, path)
+        write_pointer(named, path, device, "ltar extract")  # stage 2 finds the store by the config's sections
 
         done = np.asarray(group[schema.DONE][:])
         todo = np.flatnonzero(~done)

@@ -1,4 +1,4 @@
-"""Scale-out: stage 1 on a dask.distributed cluster, and the store lock every writer takes.
+"""Scale-out: stage 1 on a dask.distributed cluster, and the task farm `ltar ablate --scheduler` trains on.
 
 `ltar extract --scheduler local:N` starts a `LocalCluster` of N worker processes (1 thread each);
 `--scheduler tcp://host:port` joins a running one (one `dask worker` per GPU). One task = one shard
@@ -12,27 +12,22 @@ A shard task is idempotent (rows already `done` are skipped, groups are fixed pe
 whose worker died is simply run again: dask reschedules tasks of a lost worker (up to
 `distributed.scheduler.allowed-failures` times) and `retries=` resubmits a task that raised.
 
-The lock, `<store>/ltar.lock` (schema.LOCK_FILE), is a JSON file created with O_EXCL: host, pid,
-process start time, start time, a random token and the command. A second run is refused with a
-sentence naming the holder; a lock whose pid is gone (same host) is stale and taken over with a
-warning. Cluster tasks check the token before every write, so tasks of a dead driver whose lock was
-taken over stop instead of writing beside the new run. This needs a POSIX filesystem that every
-worker and the driver share (local disk for `local:N`, NFS/Lustre/GPFS for a multi-host cluster).
+The driver holds the store lock (extract/contract/lock.py); cluster tasks check its token before every
+write, so tasks of a dead driver whose lock was taken over stop instead of writing beside the new run.
+This needs a POSIX filesystem that every worker and the driver share (local disk for `local:N`,
+NFS/Lustre/GPFS for a multi-host cluster).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
 import json
 import logging
 import multiprocessing
 import os
-import socket
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,158 +35,15 @@ from typing import Any
 
 import numpy as np
 
-from extract import schema
-from extract.config import Config, to_dict
+from extract.contract import schema
+from extract.contract.config import Config, to_dict
+from extract.contract.lock import acquire_lock, check_lock
+from extract.contract.store import ExtractError
 from extract.datasets import DatasetIndex, VideoItem
-from extract.store import ExtractError
 
 log = logging.getLogger(__name__)
 
 PROGRESS_TOPIC = "ltar-extract"  # dask event topic: workers report rows after every group
-
-
-# ---------------------------------------------------------------------------------------------
-# The store lock
-# ---------------------------------------------------------------------------------------------
-
-
-class StoreLocked(ExtractError):
-    """Another live run is writing this store."""
-
-
-def _proc_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid from its owner."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    now = _proc_start(pid)
-    return start is None or now is None or now == start
-
-
-@dataclass
-class StoreLock:
-    """A held lock; `release()` (or leaving the `with` block) removes the file."""
-
-    path: Path  # <store>/ltar.lock
-    token: str
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def __enter__(self) -> StoreLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def release(self) -> None:
-        if read_lock(self.path).get("token") == self.token:
-            self.path.unlink(missing_ok=True)
-
-
-def read_lock(path: Path) -> dict[str, Any]:
-    """The lock file's contents; {} when there is none (or it is being written)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _describe(info: dict[str, Any]) -> str:
-    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')}: `{info.get('command', '?')}`"
-
-
-def acquire_lock(
-    store: str | Path, wait_s: float = 2.0, kind: str = "store", kept: str = "its finished videos are kept"
-) -> StoreLock:
-    """Take `<store>/ltar.lock` or raise StoreLocked with a sentence; a stale lock is taken over.
-
-    `wait_s` covers a lock file caught between its creation and its contents being written. `kind` names
-    the locked folder in the sentences (a store, a training run) and `kept` says what survives stopping
-    the holder."""
-    store = Path(store)
-    store.mkdir(parents=True, exist_ok=True)
-    path = store / schema.LOCK_FILE
-    host, pid = socket.gethostname(), os.getpid()
-    info = {
-        "host": host,
-        "pid": pid,
-        "pid_start": _proc_start(pid),
-        "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "token": uuid.uuid4().hex,
-        "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:4000],  # whole: its --sets tell runs apart
-    }
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            held = read_lock(path)
-            if not held:  # empty or half-written: its writer is a moment away from filling it
-                if time.monotonic() < deadline:
-                    time.sleep(0.05)
-                    continue
-                raise StoreLocked(
-                    f"{store} is locked by an unreadable lock file {path}; if no `ltar` run is writing this "
-                    f"{kind}, delete that file and run again"
-                ) from None
-            if held.get("host") != host:
-                raise StoreLocked(
-                    f"{store} is being written by another run ({_describe(held)}); a {kind} takes one run at a "
-                    f"time. Wait for it, or, if that run is gone, delete {path} (it is on another host, so "
-                    "this run cannot tell)"
-                ) from None
-            if _alive(int(held.get("pid", -1)), held.get("pid_start")):
-                raise StoreLocked(
-                    f"{store} is being written by another run ({_describe(held)}); a {kind} takes one run at a "
-                    f"time: wait for it to finish, or stop it ({kept}) and run again"
-                ) from None
-            _take_over(path, held)
-            log.warning("%s: taking over a stale lock of a run that is gone (%s)", store, _describe(held))
-            continue
-        with os.fdopen(fd, "w") as fh:
-            json.dump(info, fh)
-        return StoreLock(path, info["token"], info)
-
-
-def _take_over(path: Path, stale: dict[str, Any]) -> None:
-    """Move a stale lock aside atomically; if another run replaced it meanwhile, put that one back."""
-    aside = path.with_name(f"{path.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return  # another run took it over first; the caller looks again
-    if read_lock(aside).get("token") != stale.get("token"):
-        with contextlib.suppress(FileExistsError):
-            os.link(aside, path)  # a live lock moved by mistake goes back (unless a third run holds one)
-    aside.unlink(missing_ok=True)
-
-
-def check_lock(store: str | Path, token: str) -> None:
-    """Raise when the store's lock no longer holds `token`: another run took it over."""
-    path = Path(store) / schema.LOCK_FILE
-    held = read_lock(path)
-    if held.get("token") != token:
-        who = _describe(held) if held else "nobody"
-        raise ExtractError(f"{store}: this run lost the store lock (now held by {who}); stopping without writing")
-
-
-def check_cache_root(cfg: Config) -> None:
-    """Refuse an object-store URL as cache.root: atomic shard replacement and the lock need POSIX files."""
-    if "://" in cfg.cache.root:
-        raise schema.CacheError(
-            f"cache.root {cfg.cache.root!r} is a URL; the cache must live on a local or shared POSIX filesystem "
-            "(atomic shard writes and the store lock rely on rename and O_EXCL): use a path such as /shared/cache"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,6 +311,8 @@ def extract_distributed(
     from distributed import wait
     from tqdm import tqdm
 
+    from extract.contract.locate import write_pointer
+    from extract.contract.store import open_for_writing, store_bytes
     from extract.pipeline import (
         ExtractSummary,
         fingerprint,
@@ -468,10 +322,9 @@ def extract_distributed(
         record_file_stamps,
         resume_store,
     )
-    from extract.store import open_for_writing, store_bytes
 
     t0 = time.perf_counter()
-    cfg, index = prepare_run(cfg, index)
+    named, (cfg, index) = cfg, prepare_run(cfg, index)
     # workers may run elsewhere: absolute paths (the same on every host of a shared filesystem)
     items = [dataclasses.replace(it, path=it.path.absolute()) for it in index.items]
     with connect(scheduler) as (client, torch_threads):
@@ -496,6 +349,7 @@ def extract_distributed(
                 shard = schema.store_shard_videos(group)
             else:
                 shard = resume_store(group, cfg, index, path)
+            write_pointer(named, path, device.split(":")[0], "ltar extract --scheduler")
             info = schema.CacheInfo(path, dict(group.attrs))
             n = len(index.items)
             done = np.asarray(group[schema.DONE][:])
@@ -565,3 +419,92 @@ def extract_distributed(
     summary.store_bytes = store_bytes(path)
     summary.raw_fp32_bytes = raw_fp32_bytes(specs)
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The task farm of `ltar ablate --scheduler` (registered with extract/contract/cluster.py by the console script)
+# ---------------------------------------------------------------------------------------------
+
+
+def _farm_call(fn: Callable, args: tuple, threads: int | None, level: int) -> Any:
+    """A farm task in its worker: `threads` intra-op torch threads (local:N; None keeps the worker's), the driver's
+    log level, and on a local cluster of several GPUs worker i on GPU i mod count (a `dask worker` pinned by
+    CUDA_VISIBLE_DEVICES sees one)."""
+    import torch
+
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)  # in the thread that computes: OpenMP keeps the count per thread
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    name, gpus = _worker_name(), torch.cuda.device_count()
+    if gpus > 1 and (isinstance(name, int) or str(name).isdigit()):
+        torch.cuda.set_device(int(name) % gpus)
+    return fn(*args)
+
+
+@dataclass
+class TaskFarm:
+    """Calls as dask tasks on `address` (local:N or tcp://host:port), connected on first use, closed with `exits`."""
+
+    address: str
+    exits: contextlib.ExitStack
+    client: Any = None
+    threads: int | None = None  # torch threads per worker: cores // N for local:N, None for a running cluster
+
+    def connect(self) -> Any:
+        if self.client is None:
+            self.client, self.threads = self.exits.enter_context(connect(self.address))
+            log.info("tasks run on the dask cluster at %s", self.address)
+        return self.client
+
+    def run(
+        self, calls: list[tuple[str, Callable, tuple]], finish: tuple[Callable, tuple] | None = None
+    ) -> Iterator[tuple[int, Callable[[], Any]]]:
+        """Each call as one task, as a process pool runs them: one per worker thread, the next handed to the worker
+        whose task just ended, in the list's order (left to itself, dask placed every task at once by durations
+        it does not know yet, and a worker could sit idle while another held two long ones). A task whose worker
+        died is run again by dask; with workers that declare GPUs (`dask worker --resources GPU=1`) each task
+        takes one. Yields (index of the call, its result getter) as tasks complete."""
+        from distributed import as_completed
+
+        client = self.connect()
+        level = logging.getLogger().getEffectiveLevel()
+        resources = _gpu_resources(client)
+        workers = client.scheduler_info().get("workers", {})
+        slots = [address for address, w in workers.items() for _ in range(int(w.get("nthreads", 1)))]
+        if not slots:
+            raise ExtractError(f"the dask cluster at {self.address} has no workers left; start some and run again")
+        queue = iter(enumerate(calls))
+        running: dict[Any, tuple[int, str]] = {}
+        completed = as_completed()
+
+        def start(i: int, worker: str) -> None:
+            key, fn, args = calls[i]
+            future = client.submit(
+                _farm_call,
+                fn,
+                args,
+                self.threads,
+                level,
+                key=key,
+                pure=False,
+                resources=resources,
+                workers=[worker],
+                allow_other_workers=True,  # a preference: a worker that died does not hold its task back
+            )
+            running[future] = (i, worker)
+            completed.add(future)
+
+        for worker, (i, _) in zip(slots, queue, strict=False):
+            start(i, worker)
+        try:
+            for future in completed:
+                i, worker = running.pop(future)
+                nxt = next(queue, None)
+                if nxt is not None:
+                    start(nxt[0], worker)
+                yield i, future.result
+        finally:
+            client.cancel(list(running))
+            if finish is not None:
+                with contextlib.suppress(Exception):  # a worker gone meanwhile holds nothing
+                    client.run(finish[0], *finish[1])

@@ -54,7 +54,8 @@ from typing import Any
 
 import numpy as np
 
-from extract.config import SyntheticConfig, to_dict
+from extract.config import SyntheticConfig
+from extract.contract.config import to_dict
 
 GENERATOR_VERSION = 1  # bump when rendering or the world changes: every written dataset re-renders
 SPLITS = (  # appended only: a split's index seeds its videos

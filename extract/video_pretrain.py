@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extract.config import Config, to_dict
+from extract.contract.config import Config, to_dict
 from extract.encoders.timesformer import PRESETS, TimeSformer, export_state_dict, preprocess
 from extract.synthetic import (
     ACTIVITIES,

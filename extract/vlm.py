@@ -34,7 +34,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from extract.config import Config, SyntheticConfig, VlmConfig, to_dict
+from extract.config import SyntheticConfig, VlmConfig
+from extract.contract.config import Config, to_dict
 from extract.encoders.clip import TINY_MODEL_CFG, TINY_MODEL_NAME, ClipEncoder
 from extract.synthetic import (
     ACTIVITIES,

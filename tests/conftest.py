@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from extract.config import from_dict
+from extract.contract.config import from_dict
 
 torch.set_num_threads(1)  # small ops: a second thread mostly waits (and tests may run beside other work)
 

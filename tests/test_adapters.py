@@ -13,7 +13,7 @@ from extract.adapters import (
     parse_breakfast_id,
     readable,
 )
-from extract.config import ConfigError, from_dict
+from extract.contract.config import ConfigError, from_dict
 from extract.datasets import DatasetError, Vocabulary, dataset_names, load_dataset, read_manifest
 
 CEREALS = "1-30 SIL  \n31-150 take_bowl  \n151-428 pour_cereals  \n429-575 pour_milk  \n576-705 stir_cereals  \n"
@@ -437,7 +437,7 @@ def test_registry_and_split_option_checks(tmp_path):
 
 
 def test_extract_breakfast_end_to_end(tmp_path):
-    from extract import schema
+    from extract.contract import schema
     from extract.pipeline import extract
     from tests.conftest import tiny_config
 

@@ -1,7 +1,7 @@
 """Every way the command line ends: an exit code a script can trust and one sentence, never a traceback.
 
-Each case runs the console script's own entry (`extract.cli.run_app`, what `ltar` runs) and checks the exit code,
-the sentence on stderr and that no traceback reached it. Exit codes (README): 0 success, 1 finished with recorded
+Each case runs the console script's own entry (`extract.contract.cli.run_app`, what `ltar` runs) and checks the exit
+code, the sentence on stderr and that no traceback reached it. Exit codes (README): 0 success, 1 finished with recorded
 failures, 2 bad usage / configuration / input, 3 internal error (traceback written to a file), 130 interrupted.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import train.cli  # noqa: F401  (the full app: every command registered)
-from extract.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, app, run_app
+from extract.contract.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, run_app
+from train.main import app  # the full app: every command registered
 
 REPO = Path(__file__).resolve().parents[1]
 RANDOM_WEIGHTS = ["--set", "encoders.clip.weights=null", "--set", "encoders.timesformer.weights=null"]
@@ -132,7 +132,7 @@ def test_zero_seeds_is_refused(capsys):
 def test_libraries_info_lines_are_quiet_unless_verbose():
     import logging
 
-    from extract.cli import _libraries_quiet
+    from extract.contract.cli import _libraries_quiet
 
     def record(name, level):
         return logging.LogRecord(name, level, __file__, 1, "msg", None, None)

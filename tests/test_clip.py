@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU
 from PIL import Image
 
-from extract.config import ClipConfig, Config, ConfigError, EncodersConfig, SaliencyConfig
+from extract.config import ClipConfig, EncodersConfig, SaliencyConfig
+from extract.contract.config import Config, ConfigError
 from extract.encoders import build_encoder
 from extract.encoders.clip import (
     TINY_MODEL_CFG,
@@ -235,7 +236,7 @@ def test_cuda_autocast_matches_cpu(enc, precision):
 
 def test_random_preset_is_seeded_so_a_fingerprint_means_fixed_numbers():
     """Two builds (as in two processes) of the random tiny preset give the same weights."""
-    from extract.config import from_dict
+    from extract.contract.config import from_dict
     from extract.encoders.clip import build_clip_encoder
 
     a = build_clip_encoder(from_dict({}), "cpu").model.state_dict()

@@ -6,17 +6,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from extract.config import (
+from extract.config import DictionarySpec
+from extract.contract.config import (
     Config,
     ConfigError,
-    DictionarySpec,
-    Recipe,
     apply_overrides,
     from_dict,
     load_config,
     to_dict,
     write_resolved,
 )
+from train.config import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

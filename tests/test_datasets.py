@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from extract.config import from_dict
+from extract.contract.config import from_dict
 from extract.datasets import DatasetError, dataset_names, load_dataset, read_manifest
 
 

@@ -91,7 +91,7 @@ def test_entropy_ratio_known_answers():
 
 @pytest.mark.parametrize("name", head_names())
 def test_every_declared_term_names_a_module_of_the_full_head(name):
-    from extract.config import from_dict
+    from extract.contract.config import from_dict
     from tests.test_train import _context
 
     entry = head_entry(name)
@@ -116,8 +116,8 @@ def test_every_declared_term_names_a_module_of_the_full_head(name):
 
 
 def test_diagnose_cli_on_a_trained_run(tiny_cache, tmp_path):
-    from extract.cli import app
     from train.engine import train
+    from train.main import app
 
     cfg, store = tiny_cache
     cfg = dataclasses.replace(

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import zarr
 
-from extract import schema
-from extract.config import DictionarySpec, from_dict
+from extract.config import DictionarySpec
+from extract.contract import schema
+from extract.contract.config import from_dict
+from extract.contract.store import create_store
 from extract.dictionaries import DictionaryError, build_dictionaries, build_dictionary, load_dictionary
-from extract.store import create_store
 
 D, L = 16, 10
 N_TRAIN, N_TEST = 40, 10
@@ -266,7 +267,7 @@ def test_a_store_being_written_is_refused_and_a_missing_one_is_not_created(store
     import subprocess
     import sys
 
-    from extract.scale import _proc_start, acquire_lock, read_lock
+    from extract.contract.lock import _proc_start, acquire_lock, read_lock
 
     cfg = from_dict({"dictionaries": {"z": {"source": "clip/bg", "size": 4}}})
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import zarr
 
-from extract import schema
+from extract.contract import schema
+from extract.contract.schema import CacheError
+from extract.contract.store import ExtractError
 from extract.datasets import load_dataset
 from extract.pipeline import extract, fingerprint
-from extract.schema import CacheError
-from extract.store import ExtractError
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,7 +235,7 @@ def test_store_of_another_schema_version_is_refused(extracted, tmp_path):
 def _run_cli(args, cwd):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(
-        [sys.executable, "-m", "train.cli", "-q", *args],
+        [sys.executable, "-m", "train.main", "-q", *args],
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
@@ -390,7 +390,7 @@ def test_videos_shorter_than_the_frame_slots_are_reported(world, tmp_path):
     them from the store."""
     import zarr
 
-    from extract import schema
+    from extract.contract import schema
     from extract.inspect import cache_summary
     from extract.pipeline import extract
     from tests.conftest import tiny_config
@@ -510,8 +510,9 @@ def test_writes_overlap_the_next_groups_encoding(world, tmp_path, monkeypatch):
     the writes land in group order, and the store matches a run whose writes are immediate."""
     import threading
 
-    import extract.pipeline as pipeline
     import extract.store as store
+
+    import extract.pipeline as pipeline
 
     events, first_write_started = [], threading.Event()
     real_encode = pipeline.encode_on_device
@@ -566,7 +567,7 @@ def test_the_writer_raises_its_error_in_the_main_thread_and_keeps_what_was_hande
 
 def test_decode_workers_auto_fits_the_cores_and_shared_memory(world, tmp_path, monkeypatch, caplog):
     import extract.pipeline as pipeline
-    from extract.config import ConfigError
+    from extract.contract.config import ConfigError
 
     cfg = _config(world, tmp_path, frames={"decode_workers": "auto"})
     enc = pipeline.build_encoders(cfg, "cpu")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from extract.config import ConfigError, from_dict
-from extract.schema import FRAME_MASK
+from extract.contract.config import ConfigError, from_dict
+from extract.contract.schema import FRAME_MASK
 from tests.conftest import random_batch
 from train.engine import RunError, loss_fn, training_loss
 from train.grounding import (
@@ -727,7 +727,7 @@ def test_earlier_forms_stay_available(grounding):
 def test_pipeline_yaml_groundings_build():
     from pathlib import Path
 
-    from extract.config import load_config
+    from extract.contract.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "pipeline.yaml")
     # EIGV's code, train.py lines 27-32 (yl3800/EIGV): -a 0.1 (λ1 ~ Beta(a, a)), -a2 1 (λ2 ~ Beta(a2, a2)), -neg 5,
@@ -863,7 +863,7 @@ def test_grounding_scores_known_answers():
 
 
 def test_frame_relevance_follows_the_annotated_segments(tiny_cache):
-    from extract import schema
+    from extract.contract import schema
     from extract.datasets import load_dataset
     from train.data import CacheReader
 
@@ -1036,7 +1036,7 @@ def test_a_run_folder_takes_one_process_at_a_time(tiny_cache, tmp_path):
     import subprocess
     import sys
 
-    from extract.scale import _proc_start, acquire_lock, read_lock
+    from extract.contract.lock import _proc_start, acquire_lock, read_lock
     from train.engine import train
 
     cfg, store = tiny_cache
@@ -1076,11 +1076,11 @@ def test_ground_check_evaluates_every_fixed_mask_on_the_runs_own_objective(tiny_
     higher frame IoU than the oracle's (it maximises the IoU per video); a run without an indicator is refused."""
     from typer.testing import CliRunner
 
-    from train.cli import app
     from train.data import iterate_batches
     from train.engine import _load, load_run, train
     from train.ground_check import MASKS, ground_check
     from train.grounding import one_hot_targets, soft_loss
+    from train.main import app
 
     cfg, store = tiny_cache
     cfg = dataclasses.replace(

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from extract.config import from_dict
+from extract.contract.config import from_dict
 from tests.conftest import explicit_class_attention, explicit_readout, random_batch
 from train.heads import Batch, HeadContext, build_head, required_dictionaries
 from train.heads.cmdcl import (

@@ -326,7 +326,7 @@ def test_two_step_training_trains_the_frame_stream_alone_first():
 def test_table5_rows_read_their_own_dictionary_and_no_other(variant, reads):
     """Each Table 5 row's BD reads its dictionary: replacing that one changes the logits, replacing another
     row's Z does not; the rest of the row is the +TSC+BD model without GLCA."""
-    from extract.config import from_dict
+    from extract.contract.config import from_dict
     from train.heads import head_options
 
     opts = head_options(from_dict({}), "ecrl", variant)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import train.heads.pcmci as pcmci
-from extract.config import ConfigError
+from extract.contract.config import ConfigError
 from tests.conftest import explicit_class_attention, explicit_readout, random_batch
 from train.heads import Batch, HeadContext, head_entry
 from train.heads.causal import marginal_error
@@ -414,7 +414,7 @@ def test_order_must_be_a_permutation_of_the_enabled_stages(options):
 
 
 def test_order_is_checked_by_the_config_loader():
-    from extract.config import from_dict
+    from extract.contract.config import from_dict
 
     with pytest.raises(ConfigError, match="must name each enabled stage exactly once"):
         from_dict({"heads": {"pcmci": {"ici": False}}})

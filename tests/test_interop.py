@@ -9,10 +9,10 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from extract import schema
+from extract.contract import schema
 from extract.interop import H5Error, import_h5, resample_slots
 from tests.conftest import tiny_config
-from train.cli import app
+from train.main import app
 
 REPO = Path(__file__).resolve().parents[1]
 FEATURES = [schema.CLIP_FRAME, schema.CLIP_FG, schema.CLIP_BG, schema.TSF_FRAME, schema.TSF_CLS]

@@ -13,23 +13,14 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from extract import schema
+from extract.contract import schema
+from extract.contract.lock import StoreLocked, _alive, _proc_start, acquire_lock, check_lock, read_lock
+from extract.contract.schema import CacheError
+from extract.contract.store import ExtractError, create_store
 from extract.datasets import load_dataset
 from extract.inspect import _arrays
 from extract.pipeline import extract, fingerprint
-from extract.scale import (
-    StoreLocked,
-    _alive,
-    _proc_start,
-    acquire_lock,
-    check_lock,
-    cluster_device,
-    extract_distributed,
-    extract_shard,
-    read_lock,
-)
-from extract.schema import CacheError
-from extract.store import ExtractError, create_store
+from extract.scale import cluster_device, extract_distributed, extract_shard
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,7 +201,7 @@ def test_workers_on_different_kinds_of_device_are_refused(world, tmp_path):
 
 
 def test_bad_scheduler_is_one_sentence(world, tmp_path):
-    from extract.cli import app
+    from train.main import app
 
     for bad, words in (("local:zero", "local:N needs a number of workers"), ("head:8786", "neither local:N nor")):
         sets = [

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from extract.config import from_dict, to_dict
+from extract.contract.config import from_dict, to_dict
 from train.engine import train
 from train.stacked import NotStackable, clip_per_seed, train_stacked
 
@@ -314,7 +314,7 @@ def test_a_bad_scheduler_is_a_sentence(dict_cache, tmp_path):
     """`ltar ablate --scheduler` with neither local:N nor an address: exit 2 and the sentence, nothing trained."""
     from typer.testing import CliRunner
 
-    from train.cli import app
+    from train.main import app
 
     cfg, store = dict_cache
     sets = [f"dataset.root={cfg.dataset.root}", f"cache.root={cfg.cache.root}", "frames.num_frames=8"]

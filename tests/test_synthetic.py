@@ -126,7 +126,7 @@ def test_the_oracle_split_has_scene_and_activity_independent():
     assert plan(world, "train") == plan(MANY, "train") and plan(world, "test_ood") == plan(MANY, "test_ood")
     import hashlib
 
-    from extract.config import to_dict
+    from extract.contract.config import to_dict
 
     before = to_dict(MANY)  # the hash as it was before these splits and keys existed: old worlds keep their caches
     for split in ("train_oracle", "test_ood_scene", "test_ood_cooccur", "test_ood_distractor", "test_ood_idle"):

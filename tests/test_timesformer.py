@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from extract.config import Config, EncodersConfig, TimesformerConfig
+from extract.config import EncodersConfig, TimesformerConfig
+from extract.contract.config import Config
 from extract.encoders import build_encoder
 from extract.encoders.timesformer import (
     PRESETS,
@@ -290,8 +291,8 @@ def test_clips_match_the_official_test_pipeline(model, tmp_path):
     import yaml
 
     from bench._videos import render_video
-    from extract import schema
     from extract.config import FramesConfig
+    from extract.contract import schema
     from extract.pipeline import _GroupDecoder, build_encoders, decode_cap, encode_group
 
     mean, std = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)

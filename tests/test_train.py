@@ -11,13 +11,13 @@ import torch
 from sklearn.metrics import accuracy_score, average_precision_score, top_k_accuracy_score
 from typer.testing import CliRunner
 
-from extract.config import ConfigError
-from extract.schema import CacheError
+from extract.contract.config import ConfigError
+from extract.contract.schema import CacheError
 from tests.conftest import random_batch
-from train.cli import app
 from train.data import CacheReader, iterate_batches
 from train.engine import RunError, evaluate, resume_mismatch, train
 from train.heads import Batch, HeadContext, build_head, head_entry, head_names, variant_names
+from train.main import app
 from train.metrics import average_precision, compute_metrics, mean_average_precision, topk_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def _batch(ctx: HeadContext, seed: int) -> Batch:
 
 
 def _all_variants():
-    from extract.config import from_dict
+    from extract.contract.config import from_dict
 
     cfg = from_dict({})
     return [(h, v) for h in head_names() for v in [None, *variant_names(cfg, h)]]
@@ -85,7 +85,7 @@ def _table_row_pairs() -> list[tuple[str, str]]:
     """Every pair of rows of one head that some table of pipeline.yaml compares (the oracle row aside)."""
     from itertools import combinations
 
-    from extract.config import load_config
+    from extract.contract.config import load_config
     from train.heads import ORACLE_ROW, parse_row
 
     cfg = load_config(REPO / "pipeline.yaml", [])
@@ -101,7 +101,7 @@ def test_two_rows_of_a_table_start_from_the_same_weights_in_every_module_they_sh
     from identical parameters and buffers: a paired Δ measures the mechanism, not an initialisation. Without
     `initialise` (one global stream, modules built only when switched on) 135 parameter names differ over these
     pairs, ECRL's `w_a` between `ecrl` and `ecrl:bd_lambda_off` among them."""
-    from extract.config import load_config
+    from extract.contract.config import load_config
     from train.engine import new_model
     from train.heads import parse_row, required_dictionaries
 
@@ -150,7 +150,7 @@ def test_two_rows_of_a_table_start_from_the_same_weights_in_every_module_they_sh
 @pytest.mark.parametrize("multi_label", [False, True], ids=["activity", "atomic"])
 @pytest.mark.parametrize("head_name,variant", _all_variants())
 def test_every_head_and_variant(head_name, variant, multi_label):
-    from extract.config import from_dict
+    from extract.contract.config import from_dict
     from train.engine import loss_fn
     from train.heads import required_dictionaries
 
@@ -191,7 +191,7 @@ def test_every_head_and_variant(head_name, variant, multi_label):
 
 
 def test_unknown_head_and_variant_are_sentences():
-    from extract.config import from_dict
+    from extract.contract.config import from_dict
 
     with pytest.raises(KeyError, match="unknown head 'nope'; choose from"):
         head_entry("nope")
@@ -200,7 +200,7 @@ def test_unknown_head_and_variant_are_sentences():
 
 
 def test_frozen_text_keeps_t0_and_clip_only_reads_vp():
-    from extract.config import from_dict
+    from extract.contract.config import from_dict
 
     ctx = _context(False)
     frozen = build_head("baseline", from_dict({}), ctx, "frozen_text")
@@ -409,7 +409,7 @@ def test_a_run_whose_saved_tables_name_a_removed_variant_still_loads(tiny_cache,
     ckpt["config"]["ablations"]["old"] = {"rows": ["ecrl:no_such_variant"], "tasks": ["activity"]}
     torch.save(ckpt, run / "last.pt")
     with pytest.raises(ConfigError, match="no variant 'no_such_variant'"):
-        from extract.config import from_dict
+        from extract.contract.config import from_dict
 
         from_dict(ckpt["config"])  # the saved config as a whole no longer validates
     loaded = load_run(run / "last.pt", store)
@@ -437,8 +437,9 @@ def test_fewer_frames_from_one_cache_are_its_uniformly_spaced_slots(tiny_cache, 
 def test_a_frames_row_trains_on_its_frames_of_the_same_cache(tiny_cache, tmp_path):
     """A row `<row>/f<L'>` (Fig. 7b's frames on one cache): its runs see L' uniformly spaced slots of the cache's
     L, as train.num_frames does, and keep their own run folders; a malformed suffix is a sentence naming it."""
-    from extract.config import AblationTable, from_dict
+    from extract.contract.config import from_dict
     from train.ablate import run_table
+    from train.config import AblationTable
     from train.heads import parse_row, row_frames
 
     row = "cmdcl:variant2+igv/f8"
@@ -464,7 +465,7 @@ def test_a_frames_row_trains_on_its_frames_of_the_same_cache(tiny_cache, tmp_pat
 
 
 def test_step_schedule_and_adam_as_the_recipes_ask():
-    from extract.config import from_dict
+    from extract.contract.config import from_dict
     from train.engine import make_optimizer, schedule_lambda
 
     tc = from_dict({"train": {"schedule": "step", "step_epochs": 4, "step_gamma": 0.5, "warmup_epochs": 0.0}}).train
@@ -488,7 +489,7 @@ def test_step_schedule_and_adam_as_the_recipes_ask():
 
 
 def test_a_paper_recipe_replaces_its_keys_and_names_its_runs():
-    from extract.config import load_config
+    from extract.contract.config import load_config
     from train.engine import run_name
 
     cfg = load_config(REPO / "pipeline.yaml", ["train.recipe=ecrl_paper", "train.head=ecrl"])
@@ -521,11 +522,11 @@ def test_frame_epochs_must_leave_a_second_step(tiny_cache, tmp_path):
 def test_the_oracle_row_trains_on_the_unconfounded_split_and_gives_the_gap_closed(tiny_cache, tmp_path):
     """Also the `confounders` table's parts: every named confounder's ood split is evaluated, gets its gap
     closed, and the same-set pairs' order confusion is reported (checked against the saved predictions)."""
-    from extract.config import AblationTable
     from extract.pipeline import extract
     from extract.synthetic import ACTIVITIES, write_dataset
     from tests.conftest import tiny_config
     from train.ablate import Cell, MissingSplit, gap_closed, ood_gaps, order_partners, run_table
+    from train.config import AblationTable
     from train.engine import run_predictions
     from train.stats import Replicates
 
@@ -616,7 +617,7 @@ def test_a_run_saved_before_an_option_existed_is_read_as_what_it_computed_then()
     """ablate's reuse check: a saved options dict without `ivc_form` (runs before the front-door form) was
     computed as `residual` (its `predating` value), so it matches the residual row and not today's default;
     a key without `predating` counts as its default."""
-    from extract.config import to_dict
+    from extract.contract.config import to_dict
     from train.ablate import _same
     from train.heads.pcmci import PCMCIOptions
 
@@ -636,9 +637,9 @@ def test_a_dictionary_built_before_the_store_changed_is_refused(tiny_cache, tmp_
 
     import zarr
 
-    from extract import schema
+    from extract.contract import schema
+    from extract.contract.schema import CacheError
     from extract.dictionaries import build_dictionaries
-    from extract.schema import CacheError
     from train.data import CacheReader
 
     cfg, store = tiny_cache

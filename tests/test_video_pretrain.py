@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from extract.config import ConfigError, load_config
+from extract.contract.config import ConfigError, load_config
+from extract.contract.schema import CacheError
 from extract.encoders.timesformer import build_timesformer_encoder, load_timesformer
 from extract.pipeline import resolve_weights
-from extract.schema import CacheError
 from extract.synthetic import ATOMIC_ACTIONS, SCENES, render_video
 from extract.video_pretrain import ACTION_SCENE, build_clips, plan_clips, pretrain_video, video_checkpoint
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import extract.vlm as vlm
-from extract.config import ClipConfig, Config, EncodersConfig, SplitSizes, SyntheticConfig, VlmConfig
+from extract.config import ClipConfig, EncodersConfig, SplitSizes, SyntheticConfig, VlmConfig
+from extract.contract.config import Config
 from extract.encoders.clip import TINY_MODEL_NAME, build_clip_encoder
 from extract.synthetic import plan_split
 

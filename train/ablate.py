@@ -22,7 +22,6 @@ the others finish, and the table then raises one RunError naming the failed runs
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
 import json
@@ -39,8 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.config import AblationTable, Config, ConfigError
-from extract.schema import CacheError
+from extract.contract.config import Config, ConfigError
+from extract.contract.schema import CacheError
+from train.config import AblationTable
 from train.data import CacheReader
 from train.diagnose import diagnose as diagnose_run
 from train.diagnose import headline
@@ -291,50 +291,36 @@ def _release_splits(token: str | None = None) -> None:
         _DASK.pop("token")
 
 
-def _dask_unit(
-    cfgs: list[Config], store: Path, dirs: list[Path], stack: bool, threads: int | None, level: int, token: str
-) -> list[RunResult]:
-    """Dask task: `train_unit` in a worker, with `threads` intra-op threads (local:N; None keeps the worker's), the
-    driver's log level, and the splits read once per worker for table task `token` (an earlier task's are
-    dropped, so a long-lived worker holds one task's splits at most); on a local cluster of several GPUs, worker
-    i trains on GPU i mod count (a `dask worker` pinned by CUDA_VISIBLE_DEVICES sees one)."""
-    from extract.scale import _worker_name
-
-    if threads and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)  # in the thread that computes: OpenMP keeps the count per thread
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+def _dask_unit(cfgs: list[Config], store: Path, dirs: list[Path], stack: bool, token: str) -> list[RunResult]:
+    """A cluster task (extract/scale.py's task farm sets its threads, log level and GPU): `train_unit`, with the
+    splits read once per worker for table task `token` (an earlier task's are dropped, so a long-lived worker
+    holds one task's splits at most)."""
     if _DASK.get("token") != token:
         _release_splits()
         _DASK["stack"], _DASK["token"] = ExitStack(), token
         _DASK["stack"].enter_context(shared_splits())
-    name = _worker_name()
-    gpus = torch.cuda.device_count()
-    if gpus > 1 and cfgs[0].train.device == "auto" and (isinstance(name, int) or str(name).isdigit()):
-        torch.cuda.set_device(int(name) % gpus)
     return train_unit(cfgs, store, dirs, stack)
 
 
 @dataclass
 class Scheduler:
-    """`train.scheduler`'s dask client, connected when a table first has runs to train (a table whose runs are all
-    finished starts no cluster) and closed with the table (`exits`)."""
+    """`train.scheduler`'s task farm (extract/contract/cluster.py), connected when a table first has runs to train
+    (a table whose runs are all finished starts no cluster) and closed with the table (`exits`)."""
 
     address: str
     exits: ExitStack
-    client: Any = None
-    threads: int | None = None  # torch threads per worker: cores // N for local:N, None for a running cluster
+    farm: Any = None
 
-    def connect(self) -> tuple[Any, int | None]:
-        from extract.scale import connect
-        from extract.store import ExtractError
+    def connect(self) -> Any:
+        from extract.contract.cluster import task_farm
 
-        if self.client is None:
+        if self.farm is None:
             try:
-                self.client, self.threads = self.exits.enter_context(connect(self.address))
-            except ExtractError as e:
+                self.farm = task_farm(self.address, self.exits)
+                self.farm.connect()
+            except RuntimeError as e:  # ltar's own sentences (ExtractError, no farm registered)
                 raise RunError(f"{e} (train.scheduler; null trains without dask)") from None
-            log.info("training runs as dask tasks on %s", self.address)
-        return self.client, self.threads
+        return self.farm
 
 
 SENTENCES = (RunError, ConfigError, CacheError)  # errors whose message is a sentence for the user
@@ -420,74 +406,25 @@ def _dask_units(
     stack: bool,
     scheduler: Scheduler,
 ) -> Iterator[tuple[Unit, list[RunResult] | None, str | None]]:
-    """`_train_units` on dask: every unit a task, its outcome yielded as it completes. Paths go absolute (workers
-    of a running cluster share the filesystem, not the driver's working directory); a task whose worker died is
-    run again by dask (the run resumes from its last epoch); with workers that declare GPUs (`dask worker
-    --resources GPU=1`) each task takes one."""
+    """`_train_units` on the task farm: every unit a task, handed to the worker whose run just ended in the table's
+    order, its outcome yielded as it completes. Paths go absolute (workers of a running cluster share the
+    filesystem, not the driver's working directory); a task whose worker died is run again (the run resumes from
+    its last epoch)."""
     import uuid
 
-    from distributed import as_completed as dask_completed
-
-    from extract.scale import _gpu_resources
-
-    client, threads = scheduler.connect()
+    farm = scheduler.connect()
     token = uuid.uuid4().hex  # this call's tasks, and the splits the workers keep for them
-    level = logging.getLogger().getEffectiveLevel()
-    resources = _gpu_resources(client)
-
-    def submit(unit: Unit, worker: str) -> Any:
+    calls = []
+    for unit in units:
         cfgs, dirs = args(unit)
-        return client.submit(
-            _dask_unit,
-            [_absolute(c) for c in cfgs],
-            Path(store).absolute(),
-            [Path(d).absolute() for d in dirs],
-            stack,
-            threads,
-            level,
-            token,
-            key=f"ltar-train-{run_name(cfgs[0])}-{'-'.join(map(str, unit[1]))}-{token[:8]}",
-            pure=False,
-            resources=resources,
-            workers=[worker],
-            allow_other_workers=True,  # a preference: a worker that died does not hold its run back
-        )
-
-    # As a process pool does it: one run per worker thread, the next handed to the worker whose run just ended, in
-    # the table's order. Left to itself, dask placed every run at once by durations it does not know yet, and a
-    # worker could sit idle while another held two long runs (measured on 2 cores: 0.86 and 0.92 of the
-    # sequential table's time, against the process pool's 0.71 and 0.59 in the same runs).
-    queue = iter(units)
-    running: dict[Any, tuple[Unit, str]] = {}
-    completed = dask_completed()
-
-    def start(unit: Unit, worker: str) -> None:
-        future = submit(unit, worker)
-        running[future] = (unit, worker)
-        completed.add(future)
-
-    slots = _slots(client)
-    if not slots:
-        raise RunError(f"the dask cluster at {scheduler.address} has no workers left; start some and run again")
-    for worker, unit in zip(slots, queue, strict=False):
-        start(unit, worker)
+        key = f"ltar-train-{run_name(cfgs[0])}-{'-'.join(map(str, unit[1]))}-{token[:8]}"
+        cfg_abs, dirs_abs = [_absolute(c) for c in cfgs], [Path(d).absolute() for d in dirs]
+        calls.append((key, _dask_unit, (cfg_abs, Path(store).absolute(), dirs_abs, stack, token)))
     try:
-        for future in completed:
-            unit, worker = running.pop(future)
-            nxt = next(queue, None)
-            if nxt is not None:
-                start(nxt, worker)
-            yield outcome(unit, future.result)
-    finally:
-        client.cancel(list(running))
-        with contextlib.suppress(Exception):  # a worker gone meanwhile holds nothing
-            client.run(_release_splits, token)
-
-
-def _slots(client: Any) -> list[str]:
-    """The cluster's worker addresses, once per thread (a GPU worker runs one): the runs it trains at once."""
-    workers = client.scheduler_info().get("workers", {})
-    return [address for address, w in workers.items() for _ in range(int(w.get("nthreads", 1)))]
+        for i, result in farm.run(calls, finish=(_release_splits, (token,))):
+            yield outcome(units[i], result)
+    except RuntimeError as e:  # no workers left (ExtractError): a sentence
+        raise RunError(str(e)) from None
 
 
 def _absolute(cfg: Config) -> Config:

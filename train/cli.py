@@ -1,30 +1,25 @@
-"""Stage-2 commands (`ltar train`, `ltar evaluate`, `ltar diagnose`, `ltar ablate`) added to the `ltar` app.
-
-The console script points here: train depends on extract (the schema, the config), never the
-other way round, so the full command line is assembled in this package.
-"""
+"""Stage 2's commands (`ltar train`, `evaluate`, `diagnose`, `ground-check`, `ablate`) on the shared `ltar` app
+(extract/contract/cli.py); train/main.py, the console script, adds stage 1's beside them."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 
 import train.heads  # noqa: F401  (registers heads; the config loader checks heads/ablations against them)
-from extract.cli import (
+from extract.contract.cli import (
     EXIT_USAGE,
     LISTINGS,
     ConfigOpt,
     SetOpt,
-    _fail,
     app,
+    fail,
     progress_enabled,
     resolve_config,
-    run_app,
 )
-from extract.config import ConfigError, write_resolved
-from extract.schema import CacheError
+from extract.contract.config import ConfigError, write_resolved
+from extract.contract.schema import CacheError
 
 
 def _heads_listing() -> str:
@@ -47,7 +42,7 @@ TrustOpt = typer.Option(
 
 @app.command("train")
 def train_cmd(
-    config: Path = ConfigOpt,
+    config: list[Path] = ConfigOpt,
     set_: list[str] = SetOpt,
     head: str = typer.Option(None, "--head", help="Registered head (overrides train.head)."),
     variant: str = typer.Option(None, "--variant", help="Named variant of the head (overrides train.variant)."),
@@ -74,7 +69,7 @@ def train_cmd(
     try:
         result = train(cfg, store=store, resume=resume, progress=progress_enabled(), allow_partial=allow_partial)
     except (CacheError, RunError, ConfigError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     for split, metrics in result.metrics.items():
         typer.echo(f"{split}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     ran = result.steps if result.steps_run is None else result.steps_run
@@ -86,7 +81,7 @@ def train_cmd(
 def evaluate_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by `ltar train` (best.pt or last.pt)."),
     split: list[str] = typer.Option(["test_iid", "test_ood"], "--split", help="Split(s) to evaluate (repeatable)."),
-    config: Path = ConfigOpt,
+    config: list[Path] = ConfigOpt,
     set_: list[str] = SetOpt,
     store: Path = StoreOpt,
     trust: bool = TrustOpt,
@@ -104,7 +99,7 @@ def evaluate_cmd(
             typer.echo(f"{s}: " + " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
             typer.echo("wrote " + ", ".join(str(f) for f in (result.metrics_json, result.confusion_png) if f))
     except (CacheError, RunError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
 
 
 @app.command("diagnose")
@@ -113,7 +108,7 @@ def diagnose_cmd(
         ..., help="A run folder written by `ltar train` / `ltar ablate`, or its last.pt / best.pt."
     ),
     split: list[str] = typer.Option(["test_iid", "test_ood"], "--split", help="Split(s) to diagnose (repeatable)."),
-    config: Path = ConfigOpt,
+    config: list[Path] = ConfigOpt,
     set_: list[str] = SetOpt,
     store: Path = StoreOpt,
     trust: bool = TrustOpt,
@@ -134,7 +129,7 @@ def diagnose_cmd(
             typer.echo(files[0].read_text())
             typer.echo("wrote " + ", ".join(map(str, files)))
     except (CacheError, RunError, ConfigError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
 
 
 @app.command("ground-check")
@@ -165,12 +160,12 @@ def ground_check_cmd(
             typer.echo(files[0].read_text())
             typer.echo("wrote " + ", ".join(map(str, files)))
     except (CacheError, RunError, ConfigError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
 
 
 @app.command("ablate")
 def ablate_cmd(
-    config: Path = ConfigOpt,
+    config: list[Path] = ConfigOpt,
     set_: list[str] = SetOpt,
     table: list[str] = typer.Option(None, "--table", help="Table name(s) from `ablations` (default: every table)."),
     seeds: int = typer.Option(None, "--seeds", min=1, help="Seeds per row, at least 1 (overrides the table's own)."),
@@ -209,26 +204,17 @@ def ablate_cmd(
     names = table or sorted(cfg.ablations)
     unknown = [n for n in names if n not in cfg.ablations]
     if unknown:
-        raise _fail(f"no ablation table(s) {unknown} in {config}; defined: {sorted(cfg.ablations)}", EXIT_USAGE)
+        raise fail(f"no ablation table(s) {unknown} in {config}; defined: {sorted(cfg.ablations)}", EXIT_USAGE)
     for name in names:
         try:
             result = run_table(cfg, name, seeds=seeds, store=store, progress=progress_enabled(), diagnose=diagnose)
         except MissingSplit as e:
             if table:  # asked for by name: an error
-                raise _fail(str(e)) from None
+                raise fail(str(e)) from None
             typer.echo(f"skipped: {e}")  # every table: the ones this cache cannot serve are skipped
             continue
         except (CacheError, RunError, ConfigError) as e:
-            raise _fail(str(e)) from None
+            raise fail(str(e)) from None
         write_resolved(cfg, result.files[0].parent, f"{result.name}.config.yaml")
         typer.echo(result.files[0].read_text())
         typer.echo(f"{result.runs} runs in {result.seconds:.1f} s; wrote " + ", ".join(map(str, result.files)))
-
-
-def main() -> None:
-    """Console-script entry point: every command, its exit codes and sentences (`extract.cli.run_app`)."""
-    sys.exit(run_app(app))
-
-
-if __name__ == "__main__":
-    main()

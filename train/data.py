@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract import schema
-from extract.schema import CacheError
+from extract.contract import schema
+from extract.contract.schema import CacheError
 from train.heads import Batch, HeadContext
 
 log = logging.getLogger(__name__)

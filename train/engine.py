@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from extract.config import Config, ConfigError, from_dict, to_dict, write_resolved
-from extract.schema import FRAME_MASK, CacheError
+from extract.contract.config import Config, ConfigError, from_dict, to_dict, write_resolved
+from extract.contract.schema import FRAME_MASK, CacheError
 from train.data import CacheReader, SplitTensors, StreamedSplit, iterate_batches
 from train.grounding import GROUND_KEYS, frame_relevance, grounding_options, grounding_scores, wrap
 from train.heads import build_head, head_options, required_dictionaries
@@ -122,12 +122,14 @@ def seed_everything(seed: int) -> None:
 
 
 def find_store(cfg: Config, store: Path | None) -> Path:
-    """An explicit store, else the one the config names (its fingerprint, on any device)."""
+    """An explicit store, else the one `ltar extract` recorded for the config's stage-1 sections (the store of the
+    device this run trains on first, if one was extracted on each)."""
     if store is not None:
         return Path(store)
-    from extract.inspect import locate_store
+    from extract.contract.locate import find_store
 
-    return locate_store(cfg)
+    here = "cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else cfg.train.device.split(":")[0]
+    return find_store(cfg, prefer=(here,) if here in ("cuda", "cpu") else ())
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> torch.Tensor:
@@ -320,7 +322,7 @@ def train(
     max_steps: int | None = None,
 ) -> RunResult:
     """Train `cfg.train.head` (variant `cfg.train.variant`) on `cfg.train.task`; evaluate every epoch."""
-    from extract.scale import StoreLocked, acquire_lock
+    from extract.contract.lock import StoreLocked, acquire_lock
 
     run_dir = Path(run_dir or Path(cfg.train.runs_root) / run_name(cfg))
     try:

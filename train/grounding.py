@@ -137,8 +137,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extract.config import Config, ConfigError, bounds, build_section, predating
-from train.heads import Batch, HeadContext
+from extract.contract.config import Config, ConfigError, bounds, build_section, predating
+from train.heads.batch import Batch, HeadContext
 from train.heads.causal import masked_softmax
 
 log = logging.getLogger(__name__)
@@ -895,7 +895,7 @@ def frame_relevance(cfg: Config, reader: Any, rows: np.ndarray) -> np.ndarray | 
     """(N, L) bool: the sampled frame lies inside an annotated action segment (the dataset's `segments`).
 
     None when the dataset cannot be read here or annotates no segments (then no grounding score)."""
-    from extract import schema
+    from extract.contract import schema
     from extract.datasets import load_dataset
 
     try:

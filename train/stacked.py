@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from extract.config import Config, ConfigError, write_resolved
+from extract.contract.config import Config, ConfigError, write_resolved
 from train.data import iterate_batches
 from train.engine import (
     POSTFIX_EVERY,
@@ -127,7 +127,7 @@ def train_stacked(
     cfgs: list[Config], store: Path | None, run_dirs: list[Path], progress: bool = False
 ) -> list[RunResult]:
     """Train the runs `cfgs` (equal but for `train.seed`) as one stacked model, each into its run folder."""
-    from extract.scale import StoreLocked, acquire_lock
+    from extract.contract.lock import StoreLocked, acquire_lock
 
     seeds = [c.train.seed for c in cfgs]
     if len({repr(_without_seed(c)) for c in cfgs}) != 1:

@@ -44,8 +44,8 @@ from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 from torchvision.transforms import InterpolationMode
 
-from extract.config import Config, ConfigError
-from extract.store import sha256_of
+from extract.contract.config import Config, ConfigError
+from extract.contract.store import sha256_of
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from extract.config import bounds
-from train.heads import Batch, HeadContext, register_head
+from extract.contract.config import bounds
+from train.heads.batch import Batch, HeadContext
 from train.heads.common import ClassCrossAttention, ClassReadout, TemporalEncoder, TextQueries
+from train.heads.registry import register_head
 
 
 @dataclass(frozen=True)

@@ -77,10 +77,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extract.config import bounds
-from train.heads import Batch, CausalTerm, HeadContext, register_head
+from extract.contract.config import bounds
+from train.heads.batch import Batch, HeadContext
 from train.heads.causal import BackdoorAttention, SampleBankAttention, dictionary_prior, masked_softmax
 from train.heads.common import ClassCrossAttention, ClassReadout, TemporalEncoder, masked_mean
+from train.heads.registry import CausalTerm, register_head
 
 
 @dataclass(frozen=True)

@@ -82,10 +82,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from extract.config import ConfigError, bounds
-from train.heads import Batch, CausalTerm, HeadContext, register_head
+from extract.contract.config import ConfigError, bounds
+from train.heads.batch import Batch, HeadContext
 from train.heads.causal import BackdoorAttention, dictionary_prior, masked_softmax
 from train.heads.common import TemporalEncoder, TextQueries, masked_mean
+from train.heads.registry import CausalTerm, register_head
 
 GLOBAL_DICTIONARY = "global"  # the cache dictionary that initialises G
 

@@ -135,8 +135,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extract.config import ConfigError, bounds, predating
-from train.heads import Batch, CausalTerm, HeadContext, register_head
+from extract.contract.config import ConfigError, bounds, predating
+from train.heads.batch import Batch, HeadContext
 from train.heads.causal import (
     SampleBankAttention,
     dictionary_prior,
@@ -146,6 +146,7 @@ from train.heads.causal import (
     sinkhorn,
 )
 from train.heads.common import ClassCrossAttention, ClassReadout, TemporalEncoder, TextQueries, masked_mean
+from train.heads.registry import CausalTerm, register_head
 
 log = logging.getLogger(__name__)
 

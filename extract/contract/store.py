@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from extract import schema
-from extract.schema import ArraySpec, CacheError
+from extract.contract import schema
+from extract.contract.schema import ArraySpec, CacheError
 
 log = logging.getLogger(__name__)
 
