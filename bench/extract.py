@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._videos import render_long_video, time_decode  # noqa: E402
 from extract.contract.config import from_dict
+from extract.devices import resolve_device  # noqa: E402
 from extract.pipeline import (  # noqa: E402
     _GroupDecoder,
     _groups,
@@ -53,7 +54,6 @@ from extract.pipeline import (  # noqa: E402
     extract,
     group_bytes,
     resolve_decode_workers,
-    resolve_device,
 )
 from extract.synthetic import write_dataset  # noqa: E402
 

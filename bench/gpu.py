@@ -335,8 +335,9 @@ def kmeans(smoke: bool) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> None:
     from extract.datasets import load_dataset
+    from extract.devices import resolve_device
     from extract.dictionaries import build_dictionaries
-    from extract.pipeline import _groups, build_encoders, group_bytes, resolve_decode_workers, resolve_device
+    from extract.pipeline import _groups, build_encoders, group_bytes, resolve_decode_workers
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", type=int, default=128)

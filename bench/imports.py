@@ -1,11 +1,21 @@
-"""The import graph of `extract/` and `train/`, regenerable: which train module imports which extract module, the
-import circles, and which third-party libraries each stage reaches.
+"""The import graph of `extract/` and `train/`, regenerable, and the import contract it must keep.
 
-Every `import` and `from ... import` counts, at module level or inside a function (a lazy import is still an edge
-the module needs to run). A circle is a strongly connected component of more than one module. `--dot FILE` writes
-the graph in Graphviz's format (`dot -Tsvg FILE`); the last line is `key=value` pairs.
+Prints which train module imports which extract module, the import circles, and which third-party libraries each
+stage reaches. Every `import` and `from ... import` counts, at module level or inside a function (a lazy import is
+still an edge the module needs to run). A circle is a strongly connected component of more than one module.
+`--dot FILE` writes the graph in Graphviz's format (`dot -Tsvg FILE`); the last line is `key=value` pairs.
 
-Usage: python bench/imports.py [--root .] [--dot imports.dot]
+The import contract (`--check` exits 1 naming every breach; `make lint` runs it):
+1. train/ imports from extract/ only the contract, `extract.contract.*`; the one exception is the console script
+   `train.main`, which assembles both stages' commands.
+2. The contract imports nothing else of extract/, nothing of train/, and none of torch, torchvision, open_clip,
+   timm, av, faiss, dask.distributed (it is the schema, the store, the lock, the config loader, the CLI plumbing).
+3. No train module imports open_clip, timm, av, faiss or dask.distributed (train.main included: it reaches the
+   cluster code only through extract/scale.py).
+4. extract/ never imports train/.
+5. No import circles.
+
+Usage: python bench/imports.py [--root .] [--dot imports.dot] [--check]
 """
 
 from __future__ import annotations
@@ -17,7 +27,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("extract", "train")
-HEAVY = ("open_clip", "timm", "av", "faiss", "distributed")  # what stage 2 should never import
+HEAVY = ("open_clip", "timm", "av", "faiss", "distributed", "dask.distributed")  # what stage 2 never imports
+CONTRACT = "extract.contract"
+CONSOLE = "train.main"  # the console script: the one train module that imports stage 1 beyond the contract
+NOT_IN_CONTRACT = ("torch", "torchvision", *HEAVY)  # the contract is plain Python, numpy, zarr and yaml
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -60,6 +73,8 @@ def graph(root: Path, packages: tuple[str, ...] = PACKAGES) -> tuple[dict[str, s
                     edges[name].add(hit)
             else:
                 external[name].add(target.split(".")[0])
+                if target.startswith("dask.distributed"):
+                    external[name].add("dask.distributed")
         edges.setdefault(name, set())
     return dict(edges), dict(external)
 
@@ -99,10 +114,38 @@ def circles(edges: dict[str, set[str]]) -> list[list[str]]:
     return sorted(out, key=lambda c: (-len(c), c))
 
 
-def main(argv: list[str] | None = None) -> None:
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def breaches(edges: dict[str, set[str]], external: dict[str, set[str]]) -> list[str]:
+    """Every breach of the import contract (see the module docstring), one sentence each."""
+    out = []
+    for m in sorted(edges):
+        for t in sorted(edges[m]):
+            if _in(m, "train") and _in(t, "extract") and not _in(t, CONTRACT) and m != CONSOLE:
+                out.append(f"{m} imports {t}: train/ may import only {CONTRACT} (rule 1)")
+            if _in(m, CONTRACT) and not _in(t, CONTRACT):
+                out.append(f"{m} imports {t}: the contract imports nothing else of the project (rule 2)")
+            if _in(m, "extract") and _in(t, "train"):
+                out.append(f"{m} imports {t}: extract/ never imports train/ (rule 4)")
+        libs = external.get(m, set())
+        if _in(m, CONTRACT):
+            out += [
+                f"{m} imports {lib}: the contract imports no {lib} (rule 2)"
+                for lib in sorted(set(NOT_IN_CONTRACT) & libs)
+            ]
+        if _in(m, "train"):
+            out += [f"{m} imports {lib}: train/ never imports {lib} (rule 3)" for lib in sorted(set(HEAVY) & libs)]
+    out += [f"import circle: {' <-> '.join(loop)} (rule 5)" for loop in circles(edges)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=ROOT)
     ap.add_argument("--dot", type=Path, default=None, help="write the graph for Graphviz here")
+    ap.add_argument("--check", action="store_true", help="exit 1 when the import contract is broken")
     args = ap.parse_args(argv)
     edges, external = graph(args.root)
     cross = {m: sorted(t for t in ts if t.startswith("extract")) for m, ts in edges.items() if m.startswith("train")}
@@ -124,12 +167,18 @@ def main(argv: list[str] | None = None) -> None:
         lines += [f'  "{a}" -> "{b}";' for a in sorted(edges) for b in sorted(edges[a])]
         args.dot.write_text("\n".join([*lines, "}"]) + "\n")
         print(f"wrote {args.dot}")
+    broken = breaches(edges, external)
+    print(f"import contract: {len(broken)} breach(es)")
+    for b in broken:
+        print(f"  {b}")
     targets = sorted({t for ts in cross.values() for t in ts})
+    beyond = sorted({t for m, ts in cross.items() if m != CONSOLE for t in ts if not _in(t, CONTRACT)})
     print(
         f"modules={len(edges)} train_modules_importing_extract={len(cross)} extract_modules_imported_by_train="
-        f"{len(targets)} circles={len(loops)}"
+        f"{len(targets)} beyond_contract={len(beyond)} circles={len(loops)} breaches={len(broken)}"
     )
+    return 1 if args.check and broken else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -68,6 +68,9 @@ class DatasetIndex:
     counts: dict[str, int] = field(default_factory=dict)  # problems by kind (see ProblemLog), for the summary
     # what identifies the content beyond the video files themselves (the synthetic world's hash); in the fingerprint
     source: dict[str, Any] = field(default_factory=dict)
+    # activity classes made of the same actions in another order (the synthetic world names them); the store keeps
+    # them for stage 2's order confusion (not in the fingerprint: the world hash covers them)
+    same_set_pairs: list[tuple[str, str]] = field(default_factory=list)
 
     def split(self, name: str) -> list[VideoItem]:
         return [it for it in self.items if it.split == name]
@@ -329,8 +332,32 @@ def synthetic_dataset(cfg: Config) -> DatasetIndex:
     index = manifest_dataset(cfg)
     world_file = Path(cfg.dataset.root) / "world.json"
     try:
-        index.source["synthetic_world"] = json.loads(world_file.read_text()).get("config_hash")
+        world = json.loads(world_file.read_text())
+        index.source["synthetic_world"] = world.get("config_hash")
+        index.same_set_pairs = [(a, b) for a, b in world.get("world", {}).get("same_set_pairs", [])]
     except (OSError, json.JSONDecodeError):
         index.problems.append(f"{world_file}: missing or unreadable; run `ltar synth` to write the synthetic world")
         index.counts["other"] = index.counts.get("other", 0) + 1
     return index
+
+
+def annotated_segments(index: DatasetIndex) -> bool:
+    """Whether any video of the dataset has annotated action segments (`meta["segments"]`)."""
+    return any(it.meta.get("segments") for it in index.items)
+
+
+def segment_mask(items: list[VideoItem], times: Any) -> Any:
+    """(B, L) bool: the sampled frame at `times` (B, L) seconds lies inside one of its video's annotated action
+    segments ([start, end) seconds, `meta["segments"]`); all False for a video without any."""
+    import numpy as np
+
+    times = np.asarray(times, dtype=np.float64)
+    width = max([len(it.meta.get("segments") or ()) for it in items] + [1])
+    bounds = np.full((len(items), width, 2), np.nan)  # (B, S, 2) [start, end) per segment, NaN = none
+    for n, it in enumerate(items):  # per video: the annotation lists have different lengths
+        seg = [s[:2] for s in it.meta.get("segments") or ()]
+        if seg:
+            bounds[n, : len(seg)] = np.asarray(seg, dtype=np.float64)
+    start, end = bounds[:, None, :, 0], bounds[:, None, :, 1]  # (B, 1, S)
+    inside = (times[:, :, None] >= start) & (times[:, :, None] < end)  # (B, L, S); NaN compares False
+    return inside.any(-1)

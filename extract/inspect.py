@@ -16,7 +16,8 @@ def locate_store(cfg: Config) -> Path:
     """The store the config names (same fingerprint as `ltar extract` would compute); refused while a
     video file has changed since its row was written (the store would serve the old file's features)."""
     from extract.datasets import load_dataset
-    from extract.pipeline import fingerprint, resolve_device, resolve_weights, stale_rows
+    from extract.devices import resolve_device
+    from extract.pipeline import fingerprint, resolve_weights, stale_rows
 
     cfg = resolve_weights(cfg)
     index = load_dataset(cfg)

@@ -43,7 +43,7 @@ import numpy as np
 from extract.contract import schema
 from extract.contract.config import Config
 from extract.contract.store import ExtractError, sha256_of
-from extract.datasets import DatasetIndex, load_dataset
+from extract.datasets import DatasetIndex, load_dataset, segment_mask
 
 log = logging.getLogger(__name__)
 
@@ -428,6 +428,8 @@ def _read_block(
                 out[schema.TIMESTAMPS][i, keep] = np.asarray(attrs["timestamps"], dtype=np.float32)[src_row[keep]]
             else:
                 out[schema.TIMESTAMPS][i, keep] = src_row[keep] / fps if fps > 0 else src_row[keep]
+    in_segment = segment_mask(index.items[start:stop], out[schema.TIMESTAMPS])  # (b, L)
+    out[schema.SEGMENT_MASK] = in_segment & out[schema.FRAME_MASK]
     return out, ok
 
 

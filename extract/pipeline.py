@@ -25,7 +25,8 @@ from extract.contract import schema
 from extract.contract.config import Config, ConfigError, to_dict
 from extract.contract.schema import CacheError
 from extract.contract.store import contiguous_runs, create_store, open_for_writing, sha256_of, store_bytes, write_rows
-from extract.datasets import DatasetIndex, VideoItem, load_dataset
+from extract.datasets import DatasetIndex, VideoItem, annotated_segments, load_dataset, segment_mask
+from extract.devices import resolve_device, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -78,28 +79,6 @@ def resolve_weights(cfg: Config) -> Config:
     return cfg
 
 
-def resolve_device(cfg: Config) -> str:
-    """`encoders.device` as a torch device name: `auto` is CUDA where there is one; a named device this machine
-    lacks is a ConfigError (before any folder is made)."""
-    import torch
-
-    device = cfg.encoders.device
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        index = int(device.split(":", 1)[1]) if ":" in device else 0
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if index >= count:
-            seen = f"{count} CUDA GPU(s)" if count else "no CUDA GPU"
-            raise ConfigError(
-                f"encoders.device is {device!r} but torch sees {seen} on this machine; set encoders.device=auto "
-                "(CUDA where there is one, else the CPU) or encoders.device=cpu"
-            )
-    elif device == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("encoders.device is 'mps' but torch sees no Apple GPU here; set encoders.device=auto or cpu")
-    return device
-
-
 def file_stamp(path: Path) -> list[int] | None:
     """[size in bytes, modification time in ns] of a video file (how make judges a file), None when absent."""
     try:
@@ -120,6 +99,37 @@ def stale_rows(group: Any, index: DatasetIndex) -> np.ndarray:
         if it.id in recorded and (now := file_stamp(it.path)) is not None and now != recorded[it.id]
     ]
     return np.asarray(rows, dtype=np.int64)
+
+
+def upgrade_store(group: Any, index: DatasetIndex) -> None:
+    """A store of cache schema version 1 made version 2 in place: `segment_mask` of every finished row from its
+    timestamps and the dataset's annotated segments, `annotated_segments` and `same_set_pairs` (what stage 2 read
+    from the dataset before). No feature is recomputed; `schema_version` is written last, so an interrupted
+    upgrade is redone."""
+    from extract.contract.store import create_array
+
+    ids = list(group.attrs["video_ids"])
+    if ids != [it.id for it in index.items]:
+        raise schema.CacheError(f"{group.store}: its videos are not the dataset's now; it cannot be upgraded")
+    n, num_frames = group[schema.FRAME_MASK].shape
+    if schema.SEGMENT_MASK not in group:
+        spec = schema.ArraySpec(schema.SEGMENT_MASK, (n, num_frames), ("video", "frame"), "bool")
+        create_array(group, spec, schema.store_shard_videos(group))
+    done = np.asarray(group[schema.DONE][:])  # (N,)
+    valid = np.asarray(group[schema.FRAME_MASK][:])  # (N, L)
+    inside = segment_mask(index.items, np.asarray(group[schema.TIMESTAMPS][:]))  # (N, L)
+    group[schema.SEGMENT_MASK][:] = inside & valid & done[:, None]
+    group.attrs["annotated_segments"] = annotated_segments(index)
+    group.attrs["same_set_pairs"] = [list(p) for p in index.same_set_pairs]
+    old = group.attrs["schema_version"]
+    group.attrs["schema_version"] = schema.SCHEMA_VERSION
+    log.warning(
+        "%s: upgraded in place from cache schema version %s to %s (segment_mask, annotated_segments, "
+        "same_set_pairs); no feature was recomputed",
+        group.store,
+        old,
+        schema.SCHEMA_VERSION,
+    )
 
 
 def record_file_stamps(group: Any, index: DatasetIndex) -> None:
@@ -297,8 +307,6 @@ def resolve_decode_workers(cfg: Config, per_group: int, cores: int | None = None
 
     asked = cfg.frames.decode_workers
     if cores is None:
-        from extract.scale import usable_cores
-
         cores = usable_cores()
     workers = max(cores - 1, 0) if asked == "auto" else int(asked)
     if workers == 0 or per_group <= 0 or not SHM.is_dir():
@@ -648,6 +656,8 @@ def store_attrs(cfg: Config, index: DatasetIndex, fp: str, provenance: dict, dec
         "config": to_dict(cfg),
         "shard_videos": cfg.cache.shard_videos,
         "failures": {},
+        "annotated_segments": annotated_segments(index),
+        "same_set_pairs": [list(p) for p in index.same_set_pairs],
     }
 
 
@@ -800,6 +810,8 @@ def extract_groups(
             arrays[schema.TIMESTAMPS] = np.stack([np.asarray(v["pts"]) for v in ok])
             arrays[schema.FPS] = np.asarray([v["fps"] for v in ok], dtype=np.float32)
             rows = np.asarray([v["row"] for v in ok])
+            in_segment = segment_mask([items[r] for r in rows], arrays[schema.TIMESTAMPS])  # (B, L)
+            arrays[schema.SEGMENT_MASK] = in_segment & valid
             for b in np.flatnonzero(~finite):
                 result.failures[items[rows[b]].id] = "non-finite: the encoders produced NaN or inf"
             keep = finite & ~done[rows]  # rows done by an earlier run are never rewritten
@@ -878,7 +890,7 @@ def extract(cfg: Config, progress: bool = True, index: DatasetIndex | None = Non
     with acquire_lock(path):
         enc = build_encoders(cfg, device)
         n, L = len(index.items), cfg.frames.num_frames
-        group = open_for_writing(path, fp)
+        group = open_for_writing(path, fp, upgrade=lambda g: upgrade_store(g, index))
         if group is None:
             group = create_cache(cfg, index, enc, path, fp)
             shard = schema.store_shard_videos(group)

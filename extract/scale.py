@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import multiprocessing
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +39,7 @@ from extract.contract.config import Config, to_dict
 from extract.contract.lock import acquire_lock, check_lock
 from extract.contract.store import ExtractError
 from extract.datasets import DatasetIndex, VideoItem
+from extract.devices import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +68,10 @@ class ShardResult:
     short: dict[str, int] = field(default_factory=dict)  # video id -> distinct frames (frames repeat)
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (a container's or a `taskset`'s share, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def worker_device(cfg: Config, dask_worker: Any = None) -> str:
     """The torch device of this worker: `encoders.device`, or for `auto` with CUDA, GPU `name % count`
     (LocalCluster names its workers 0..N-1; a worker pinned by CUDA_VISIBLE_DEVICES sees one GPU)."""
-    from extract.pipeline import resolve_device
+    from extract.devices import resolve_device
 
     device = resolve_device(cfg)
     if cfg.encoders.device != "auto" or device != "cuda":
@@ -321,6 +316,7 @@ def extract_distributed(
         record_failures,
         record_file_stamps,
         resume_store,
+        upgrade_store,
     )
 
     t0 = time.perf_counter()
@@ -333,7 +329,7 @@ def extract_distributed(
         path = schema.store_path(cfg.cache.root, cfg.dataset.name, fp)
         resources = _gpu_resources(client)
         with acquire_lock(path) as lock:
-            group = open_for_writing(path, fp)
+            group = open_for_writing(path, fp, upgrade=lambda g: upgrade_store(g, index))
             if group is None:
                 client.submit(
                     create_store_task,

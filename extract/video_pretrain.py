@@ -294,7 +294,7 @@ def pretrain_video(cfg: Config, progress: bool = True) -> VideoResult:
     if done is not None:
         log.info("video encoder checkpoint %s exists for this config; nothing to train", done.checkpoint)
         return done
-    from extract.pipeline import resolve_device
+    from extract.devices import resolve_device
 
     device = torch.device(resolve_device(cfg))  # a named device this machine lacks: a sentence, exit 2
     with torch.random.fork_rng(devices=[]):

@@ -385,7 +385,7 @@ def pretrain_vlm(cfg: Config, progress: bool = True) -> VlmResult:
             "synthetic.videos.pretrain is 0: pretraining on %d videos of the pretrain split (rendered in memory)",
             DEFAULT_PRETRAIN_VIDEOS,
         )
-    from extract.pipeline import resolve_device
+    from extract.devices import resolve_device
 
     device = torch.device(resolve_device(cfg))  # a named device this machine lacks: a sentence, exit 2
     model = _create_model(vc.seed, device)

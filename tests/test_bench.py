@@ -111,9 +111,10 @@ def test_gpu_bench_smoke_runs_every_step_on_the_cpu(capsys):
     assert figures["gpu_util_mean"] == "none" and figures["kmeans_device"] == "cpu"
 
 
-def test_import_graph_finds_cross_stage_edges_and_circles(tmp_path, capsys):
+def test_import_graph_finds_cross_stage_edges_circles_and_breaches(tmp_path, capsys):
     """bench/imports.py on a made-up tree with a known answer: a lazy import inside a function, a relative import,
-    `from pkg import module`, one circle of three extract modules and one train -> extract edge."""
+    `from pkg import module`, one circle of three extract modules, and one breach of each contract rule beside the
+    edges the contract allows (train -> the contract, the console script train.main -> stage 1)."""
     from bench import imports
 
     files = {
@@ -122,9 +123,14 @@ def test_import_graph_finds_cross_stage_edges_and_circles(tmp_path, capsys):
         "extract/b.py": "def f():\n    from .c import x\n    import faiss\n",
         "extract/c.py": "import extract.a\nx = 1\n",
         "extract/d.py": "import numpy\n",
+        "extract/e.py": "import train.u\n",  # rule 4
+        "extract/contract/__init__.py": "",
+        "extract/contract/s.py": "import torch\nfrom extract import d\nimport yaml\n",  # rule 2, twice
         "train/__init__.py": "",
-        "train/t.py": "import torch\nfrom extract.d import thing\nfrom . import u\n",
-        "train/u.py": "def g():\n    import av\n",
+        "train/t.py": "import torch\nfrom extract.d import thing\nfrom . import u\n",  # rule 1
+        "train/u.py": "def g():\n    import av\n",  # rule 3
+        "train/v.py": "from extract.contract import s\nfrom dask.distributed import Client\n",  # rule 3
+        "train/main.py": "import extract.a\n",  # allowed: the console script
     }
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +139,30 @@ def test_import_graph_finds_cross_stage_edges_and_circles(tmp_path, capsys):
     assert edges["extract.b"] == {"extract.c"} and edges["train.t"] == {"extract.d", "train.u"}
     assert imports.circles(edges) == [["extract.a", "extract.b", "extract.c"]]
     assert external["extract.b"] == {"faiss"} and external["train.u"] == {"av"}
-    imports.main(["--root", str(tmp_path), "--dot", str(tmp_path / "g.dot")])
+    assert imports.breaches(edges, external) == [
+        "extract.contract.s imports extract.d: the contract imports nothing else of the project (rule 2)",
+        "extract.contract.s imports torch: the contract imports no torch (rule 2)",
+        "extract.e imports train.u: extract/ never imports train/ (rule 4)",
+        "train.t imports extract.d: train/ may import only extract.contract (rule 1)",
+        "train.u imports av: train/ never imports av (rule 3)",
+        "train.v imports dask.distributed: train/ never imports dask.distributed (rule 3)",
+        "import circle: extract.a <-> extract.b <-> extract.c (rule 5)",
+    ]
+    assert imports.main(["--root", str(tmp_path), "--dot", str(tmp_path / "g.dot")]) == 0  # reports, no --check
+    assert imports.main(["--root", str(tmp_path), "--check"]) == 1
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last == "modules=8 train_modules_importing_extract=1 extract_modules_imported_by_train=1 circles=1"
+    assert last == (
+        "modules=13 train_modules_importing_extract=3 extract_modules_imported_by_train=3 beyond_contract=1 "
+        "circles=1 breaches=7"
+    )
     assert '"train.t" -> "extract.d";' in (tmp_path / "g.dot").read_text()
+
+
+def test_the_project_keeps_its_import_contract():
+    """The real tree: train/ reaches stage 1 only through extract.contract (and the console script), the contract
+    imports no library of the encoders, decoders or the cluster, and no module is in an import circle."""
+    from bench import imports
+
+    edges, external = imports.graph(imports.ROOT)
+    assert imports.breaches(edges, external) == []
+    assert any(t.startswith("extract.contract") for t in edges["train.engine"])  # the graph sees the real edges

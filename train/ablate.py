@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import json
 import logging
 import multiprocessing
 import time
@@ -237,21 +236,16 @@ def main_metric(task_multi_label: bool) -> list[str]:
     return ["map"] if task_multi_label else ["acc1"]
 
 
-def order_partners(dataset_root: str | Path, class_names: list[str]) -> np.ndarray | None:
-    """(C,) each class's same-set partner (the activity with the same actions in another order), -1 for none,
-    from the synthetic world's `world.json` in `dataset_root`; None where the dataset names no such pairs."""
-    try:
-        world = json.loads((Path(dataset_root) / "world.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+def order_partners(pairs: list[tuple[str, str]], class_names: list[str]) -> np.ndarray | None:
+    """(C,) each class's same-set partner (the activity with the same actions in another order), -1 for none, from
+    the store's `same_set_pairs` (the dataset's, written by stage 1); None where it names no such pairs."""
     index = {name: i for i, name in enumerate(class_names)}
-    named = world.get("world", {}).get("same_set_pairs", [])
-    known = [(index[a], index[b]) for a, b in named if a in index and b in index]
+    known = [(index[a], index[b]) for a, b in pairs if a in index and b in index]
     if not known:
         return None
-    pairs = np.array(known)  # (P, 2) class indices
+    pairs_ = np.array(known)  # (P, 2) class indices
     partner = np.full(len(class_names), -1)
-    partner[pairs[:, 0]], partner[pairs[:, 1]] = pairs[:, 1], pairs[:, 0]
+    partner[pairs_[:, 0]], partner[pairs_[:, 1]] = pairs_[:, 1], pairs_[:, 0]
     return partner
 
 
@@ -538,11 +532,12 @@ def _run_table(
         splits = sorted(runs[0].metrics)
         multi = "acc1" not in runs[0].metrics[splits[0]]
         if table.order_confusion and not multi and task not in partners:
-            names = CacheReader(store, task, allow_partial=True).class_names
-            partners[task] = order_partners(cfg.dataset.root, names)
+            reader = CacheReader(store, task, allow_partial=True)
+            partners[task] = order_partners(reader.info.same_set_pairs, reader.class_names)
             if partners[task] is None:
-                where = Path(cfg.dataset.root) / "world.json"
-                log.warning(f"table {name}: {where} names no same-set pairs of {task} classes; no order confusion")
+                log.warning(
+                    f"table {name}: the store {store} names no same-set pairs of {task} classes; no order confusion"
+                )
         order = ["order"] if partners.get(task) is not None and not multi else []
         for split in splits:
             stacked = [run_predictions(r.run_dir, split, store) for r in runs]

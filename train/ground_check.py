@@ -215,7 +215,7 @@ def mask_objectives(
     relevant_all = frame_relevance(run.cfg, run.reader, data.rows)
     if relevant_all is None:
         raise RunError(
-            f"{checkpoint}: the dataset {run.cfg.dataset.root} annotates no action segments to check against"
+            f"{checkpoint}: the store {run.reader.info.path} holds no annotated action segments to check against"
         )
     oracle = model.opts.indicator == "oracle"  # its mask is the annotation: the objective the oracle trained to
     if oracle:

@@ -137,6 +137,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from extract.contract import schema
 from extract.contract.config import Config, ConfigError, bounds, build_section, predating
 from train.heads.batch import Batch, HeadContext
 from train.heads.causal import masked_softmax
@@ -892,31 +893,14 @@ def wrap(head: nn.Module, opts: GroundingOptions | None, ctx: HeadContext, name:
 
 
 def frame_relevance(cfg: Config, reader: Any, rows: np.ndarray) -> np.ndarray | None:
-    """(N, L) bool: the sampled frame lies inside an annotated action segment (the dataset's `segments`).
-
-    None when the dataset cannot be read here or annotates no segments (then no grounding score)."""
-    from extract.contract import schema
-    from extract.datasets import load_dataset
-
-    try:
-        index = load_dataset(cfg)
-    except Exception as e:  # noqa: BLE001 - the score is optional; say why it is missing
-        log.warning("no grounding score: the dataset %s could not be read (%s)", cfg.dataset.root, e)
+    """(N, L') bool: the sampled frame lies inside an annotated action segment (the store's `segment_mask`, which
+    stage 1 wrote from the dataset's segments), at the frames the heads see. None when the dataset annotates no
+    segments (then no grounding score)."""
+    if not reader.info.annotated_segments:
+        log.warning("no grounding score: dataset %s annotates no action segments", reader.info.attrs.get("dataset"))
         return None
-    segments = {it.id: it.meta.get("segments") for it in index.items}
-    ids = [reader.info.video_ids[r] for r in rows]
-    if not any(segments.get(i) for i in ids):
-        log.warning("no grounding score: dataset %s annotates no action segments", cfg.dataset.name)
-        return None
-    times = np.asarray(reader.group[schema.TIMESTAMPS].get_orthogonal_selection(rows))[:, reader.slots]  # (N, L')
-    width = max(len(segments.get(i) or ()) for i in ids)
-    bounds_ = np.full((len(ids), width, 2), np.nan)  # (N, S, 2) [start, end) per segment, NaN = none
-    for n, i in enumerate(ids):  # per video: the annotation lists have different lengths
-        for s, seg in enumerate(segments.get(i) or ()):
-            bounds_[n, s] = seg[0], seg[1]
-    start, end = bounds_[:, None, :, 0], bounds_[:, None, :, 1]  # (N, 1, S)
-    inside = (times[:, :, None] >= start) & (times[:, :, None] < end)  # (N, L, S); NaN compares False
-    return inside.any(-1)
+    inside = np.asarray(reader.group[schema.SEGMENT_MASK].get_orthogonal_selection(rows))  # (N, L)
+    return inside[:, reader.slots]
 
 
 def grounding_scores(used: np.ndarray, relevant: np.ndarray, mask: np.ndarray) -> dict[str, float]:

@@ -18,14 +18,23 @@ Arrays (N videos, L frames, Dc CLIP dim, Dv TimeSformer dim, h×w saliency map):
     frame_mask        (N, L) bool       True where the slot holds a real frame
     timestamps        (N, L) float32    seconds of the frame actually sampled per slot
     fps               (N,) float32      the video's average frame rate
+    segment_mask      (N, L) bool       True where the sampled frame lies inside one of the video's annotated action
+                                        segments (all False where the dataset annotates none: `annotated_segments`)
     done              (N,) bool         the row is complete
     video             (N,) string       the video ids: xarray's `video` coordinate, written at creation; a copy
                                         in each group whose arrays have a video axis (clip/, timesformer/,
                                         labels/), since xarray resolves coordinates per group
     labels/<task>     (N,) int32 (single label, -1 = none) or (N, C) bool (multi-hot)
     text/<task>       (C, Dc) fp16      T0: class-name embeddings averaged over prompt templates
-Attributes (root): schema_version, fingerprint, dataset, video_ids, splits, vocabularies,
-provenance (encoders, weights, libraries), config (resolved), shard_videos, failures {video_id: reason}.
+Attributes (root): schema_version, fingerprint, dataset, video_ids, video_paths, splits, vocabularies,
+provenance (encoders, weights, libraries), config (resolved), shard_videos, failures {video_id: reason},
+file_stamps {video_id: [size, mtime_ns]} and file_paths {video_id: absolute path} of the rows written,
+annotated_segments (whether `segment_mask` holds the dataset's annotation), same_set_pairs (pairs of activity
+class names made of the same actions in another order, as the dataset names them; [] where it names none).
+
+Schema versions: 1, the features and labels; 2 (now) adds segment_mask, annotated_segments, same_set_pairs
+and file_paths, what stage 2 read from the dataset before. `ltar extract` upgrades a version-1 store in place
+(no feature is recomputed).
 
 The shard size along the video axis is fixed per store when it is created (`cache.shard_videos`,
 default `SHARD_VIDEOS`): encoder groups restart at every shard, so a store's shard size decides its
@@ -41,7 +50,8 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+UPGRADABLE = (1,)  # versions `ltar extract` upgrades in place
 SHARD_VIDEOS = 64  # default videos per shard file along the video axis (cache.shard_videos)
 STRING = "StringDType()"  # variable-length UTF-8 (zarr v3 `string`), as numpy prints the dtype it reads back
 LOCK_FILE = "ltar.lock"  # inside the store directory: the run writing it (host, pid, start time)
@@ -50,6 +60,7 @@ CLIP_FRAME, CLIP_FG, CLIP_BG = "clip/frame", "clip/fg", "clip/bg"
 SALIENCY = "saliency"
 TSF_FRAME, TSF_CLS = "timesformer/frame", "timesformer/cls"
 FRAME_MASK, TIMESTAMPS, FPS, DONE = "frame_mask", "timestamps", "fps", "done"
+SEGMENT_MASK = "segment_mask"
 LABELS, TEXT = "labels", "text"
 VIDEO = "video"  # the video-id coordinate array (and the first dimension of every per-video array)
 VIDEO_COORDS = (VIDEO, f"clip/{VIDEO}", f"timesformer/{VIDEO}", f"{LABELS}/{VIDEO}")  # one per group, see above
@@ -91,6 +102,7 @@ def array_specs(sizes: Sizes, tasks: dict[str, tuple[int, bool]]) -> list[ArrayS
         ArraySpec(FRAME_MASK, (n, ll), ("video", "frame"), "bool"),
         ArraySpec(TIMESTAMPS, (n, ll), ("video", "frame"), "float32"),
         ArraySpec(FPS, (n,), ("video",), "float32"),
+        ArraySpec(SEGMENT_MASK, (n, ll), ("video", "frame"), "bool"),
     ]
     for task, (c, multi) in sorted(tasks.items()):
         if multi:
@@ -137,6 +149,16 @@ class CacheInfo:
     def failures(self) -> dict[str, str]:
         return dict(self.attrs.get("failures", {}))
 
+    @property
+    def annotated_segments(self) -> bool:
+        """`segment_mask` holds the dataset's annotated action segments (False: it annotates none)."""
+        return bool(self.attrs.get("annotated_segments", False))
+
+    @property
+    def same_set_pairs(self) -> list[tuple[str, str]]:
+        """Pairs of activity classes made of the same actions in another order (the dataset's; [] = none)."""
+        return [(a, b) for a, b in self.attrs.get("same_set_pairs", [])]
+
     def split_indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(np.asarray(self.splits) == split)
 
@@ -151,6 +173,13 @@ def open_cache(path: str | Path, mode: str = "r") -> tuple[Any, CacheInfo]:
     group = zarr.open_group(str(path), mode=mode)
     attrs = dict(group.attrs)
     version = attrs.get("schema_version")
+    if version in UPGRADABLE:
+        raise CacheError(
+            f"{path} was written with cache schema version {version}; this causal-ltar reads version "
+            f"{SCHEMA_VERSION}, which adds what stage 2 used to read from the dataset (annotated-segment masks, "
+            "same-set pairs). Run `ltar extract` with the config that made it: it upgrades the store in place "
+            "(no feature is recomputed)"
+        )
     if version != SCHEMA_VERSION:
         raise CacheError(
             f"{path} was written with cache schema version {version}, this causal-ltar reads version "

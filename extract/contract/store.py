@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +74,10 @@ def create_store(
     return group
 
 
-def open_for_writing(path: Path, fingerprint: str) -> Any | None:
-    """Reopen an existing store of this fingerprint for resuming; None when it must be created."""
+def open_for_writing(path: Path, fingerprint: str, upgrade: Callable[[Any], None] | None = None) -> Any | None:
+    """Reopen an existing store of this fingerprint for resuming; None when it must be created. A store of an
+    older schema version (schema.UPGRADABLE) is handed to `upgrade(group)` first, which writes what the newer
+    version adds and sets `schema_version` last (stage 1 knows the dataset it needs)."""
     import zarr
 
     if not (path / "zarr.json").exists():
@@ -84,6 +86,10 @@ def open_for_writing(path: Path, fingerprint: str) -> Any | None:
     if "schema_version" not in attrs:
         log.warning("%s: its creation was interrupted; creating it again", path)
         return None
+    if attrs["schema_version"] in schema.UPGRADABLE and upgrade is not None:
+        if attrs.get("fingerprint") != fingerprint:
+            raise CacheError(f"{path} holds fingerprint {attrs.get('fingerprint')}, not {fingerprint}; remove it")
+        upgrade(zarr.open_group(str(path), mode="r+"))
     group, info = schema.open_cache(path, mode="r+")
     if info.attrs.get("fingerprint") != fingerprint:
         raise CacheError(f"{path} holds fingerprint {info.attrs.get('fingerprint')}, not {fingerprint}; remove it")
