@@ -60,51 +60,41 @@ demo: setup
 world = $(LTAR) synth $(1) && $(LTAR) pretrain-vlm $(1) && $(LTAR) pretrain-video $(1) && $(LTAR) extract $(1) && \
 	$(LTAR) dictionaries $(1)
 
-# The powered benchmark: 512 videos per test split and the unconfounded train_oracle split, in its own
-# data and cache folders (the demo's stay as they are); the main table with its bounds (table `benchmark`).
-# train.eval_every=30: the 1,024 test videos are evaluated once, after the last epoch (best.pt is the last epoch
-# anyway); at the default 5 every run evaluated them six times (runs took 1-3 min each on 2 shared cores).
-BENCH_SET := synthetic.videos.test_iid=512 synthetic.videos.test_ood=512 synthetic.videos.train_oracle=192 train.eval_every=30 \
-	dataset.root=data/synthetic-benchmark
-BENCH_ARGS := --config $(CONFIG) $(foreach kv,$(BENCH_SET) $(SET),--set $(kv))
+# The worlds are override files in configs/worlds/ (each file's top comment says what its world is), deep-merged over
+# $(CONFIG) in order: `--config` repeats, a later file wins; SET's `--set`s apply after every file.
+
+# The powered benchmark: 512 videos per test split and the unconfounded train_oracle split, in its own data and
+# cache folders; the main table with its bounds (table `benchmark`).
+BENCH_ARGS := --config $(CONFIG) --config configs/worlds/benchmark.yaml $(foreach kv,$(SET),--set $(kv))
 
 benchmark: setup
 	$(call world,$(BENCH_ARGS))
 	$(LTAR) ablate --table benchmark --diagnose $(BENCH_ARGS)
 
-# CMDCL Fig. 7b: the benchmark world's videos extracted again at 32 frames (a second store beside the 16-frame one;
-# the rendered videos and the tiny encoders are reused), table cmdcl_frames (8, 16, 32 frames subsampled from it).
-FRAMES_ARGS := $(BENCH_ARGS) --set frames.num_frames=32
+# CMDCL Fig. 7b: the benchmark world extracted again at 32 frames (a second store beside the 16-frame one), table
+# cmdcl_frames (8, 16, 32 frames subsampled from it).
+FRAMES_ARGS := --config $(CONFIG) --config configs/worlds/benchmark.yaml --config configs/worlds/frames32.yaml \
+	$(foreach kv,$(SET),--set $(kv))
 
 frames: setup
 	$(call world,$(FRAMES_ARGS))
 	$(LTAR) ablate --table cmdcl_frames --diagnose $(FRAMES_ARGS)
 
-# Which head removes which bias: the world with the distractor and one ood split per named confounder (512 videos
-# each), in its own data and cache folders; table `confounders` (extract/synthetic.py names the confounders).
-CONF_SET := synthetic.videos.test_iid=512 synthetic.videos.test_ood=512 synthetic.videos.train_oracle=192 \
-	synthetic.videos.test_ood_scene=512 synthetic.videos.test_ood_cooccur=512 synthetic.videos.test_ood_distractor=512 \
-	synthetic.distractor=true train.eval_every=30 dataset.root=data/synthetic-confounders
-CONF_ARGS := --config $(CONFIG) $(foreach kv,$(CONF_SET) $(SET),--set $(kv))
+# Which head removes which bias: the world with the distractor and one ood split per named confounder; table
+# `confounders` and each head's paired table.
+CONF_ARGS := --config $(CONFIG) --config configs/worlds/confounders.yaml $(foreach kv,$(SET),--set $(kv))
 
 confounders: setup
 	$(call world,$(CONF_ARGS))
 	$(LTAR) ablate --table confounders --diagnose $(CONF_ARGS)
 	$(LTAR) ablate --table confounders_cmdcl --table confounders_pcmci --table confounders_ecrl $(CONF_ARGS)
 
-# IGV's premise test on three worlds (512 videos per test split, activity, 3 seeds), each in its own data and cache
-# folders: the idle-frame shortcut world (a marker only between actions, scene and co-occurrence unconfounded),
-# today's benchmark world, an unconfounded world; tables grounding_premise / grounding_today / grounding_unconfounded,
-# grounding_eigv (EIGV's code to our earlier form, one change per row, on the idle world) and grounding_indicator
-# (the indicator's noise, budget and empty side, on the unconfounded world).
-PREMISE_SET := synthetic.videos.test_iid=512 synthetic.videos.test_ood=512 synthetic.videos.train_oracle=192 \
-	synthetic.videos.test_ood_idle=512 synthetic.idle_marker=true synthetic.idle_rho=0.95 synthetic.rho=0.125 \
-	synthetic.cooccur_high=0.45 synthetic.cooccur_low=0.45 train.eval_every=30 dataset.root=data/synthetic-idle-only
-PREMISE_ARGS := --config $(CONFIG) $(foreach kv,$(PREMISE_SET) $(SET),--set $(kv))
-UNCONF_SET := synthetic.videos.test_iid=512 synthetic.videos.test_ood=512 synthetic.videos.train_oracle=192 \
-	synthetic.rho=0.125 synthetic.cooccur_high=0.45 synthetic.cooccur_low=0.45 train.eval_every=30 \
-	dataset.root=data/synthetic-unconfounded
-UNCONF_ARGS := --config $(CONFIG) $(foreach kv,$(UNCONF_SET) $(SET),--set $(kv))
+# IGV's premise test on three worlds (activity, 3 seeds), each in its own data and cache folders: the idle-frame
+# shortcut world (idle-only.yaml), today's benchmark world (benchmark.yaml), an unconfounded world
+# (unconfounded.yaml); tables grounding_premise / grounding_today / grounding_unconfounded, grounding_eigv and
+# grounding_oracle_control (idle world) and grounding_indicator (unconfounded world).
+PREMISE_ARGS := --config $(CONFIG) --config configs/worlds/idle-only.yaml $(foreach kv,$(SET),--set $(kv))
+UNCONF_ARGS := --config $(CONFIG) --config configs/worlds/unconfounded.yaml $(foreach kv,$(SET),--set $(kv))
 
 grounding-premise: setup
 	$(call world,$(PREMISE_ARGS))
