@@ -113,9 +113,12 @@ test: setup
 bench: setup
 	@for b in bench/[!_]*.py; do echo "== $$b"; $(PY) -m bench.$$(basename $$b .py) || exit 1; done
 
+# Style, and the import contract (bench/imports.py: train/ reaches stage 1 only through extract/contract/, the
+# contract imports no encoder, decoder or cluster library, no import circles).
 lint: setup
 	$(VENV)/bin/ruff check extract train tests bench
 	$(VENV)/bin/ruff format --check extract train tests bench
+	$(PY) -m bench.imports --check
 
 clean:
 	rm -rf data runs

@@ -31,23 +31,29 @@ def _keys(data, prefix=""):
 
 
 def test_pipeline_yaml_loads_and_names_every_key():
+    from extract.contract.config import dump_yaml, read_file
     from train.heads import head_entry, head_names
 
     cfg = load_config(REPO / "pipeline.yaml")
-    written = set(_keys(yaml.safe_load((REPO / "pipeline.yaml").read_text())))
+    raw = read_file(REPO / "pipeline.yaml")  # tables and recipes read in from their folders
+    written = set(_keys(raw))
     named = ("heads", "ablations", "dictionaries.", "grounding", "recipes")  # sections of named entries, below
     declared = {k for k in _keys(to_dict(Config())) if not k.startswith(named)}
     static = {k for k in written if not k.startswith(named)}
     # every named dictionary writes every field of DictionarySpec
     spec_fields = {f.name for f in dataclasses.fields(DictionarySpec)}
-    for name, entry in yaml.safe_load((REPO / "pipeline.yaml").read_text())["dictionaries"].items():
+    for name, entry in raw["dictionaries"].items():
         assert set(entry) == spec_fields, f"dictionaries.{name}: missing {sorted(spec_fields - set(entry))}"
     # pipeline.yaml is the configuration reference: every key the loader accepts is written there,
     assert declared == static, f"missing in pipeline.yaml: {declared - static}; unknown: {static - declared}"
-    # every option of every registered head too
+    # each head's defaults are written once, in code: pipeline.yaml sets none of them, and `ltar config show`
+    # prints every option of every registered head at its dataclass default, with every built-in variant
+    assert raw["heads"] == {}
+    shown = yaml.safe_load(dump_yaml(cfg))["heads"]
     for name in head_names():
-        options = {f"heads.{name}.{f.name}" for f in dataclasses.fields(head_entry(name).config)}
-        assert options <= written, f"pipeline.yaml lacks {sorted(options - written)}"
+        entry = head_entry(name)
+        assert {k: v for k, v in shown[name].items() if k != "variants"} == to_dict(entry.config())
+        assert shown[name]["variants"] == to_dict(entry.builtin_variants)
     # and every grounding option, in at least one named grounding
     from train.grounding import GroundingOptions
 
@@ -55,7 +61,7 @@ def test_pipeline_yaml_loads_and_names_every_key():
     missing = {f.name for f in dataclasses.fields(GroundingOptions)} - grounding_keys
     assert not missing, f"no grounding in pipeline.yaml writes {sorted(missing)}"
     # every recipe writes every field of Recipe, and every table its reference row
-    for name, entry in yaml.safe_load((REPO / "pipeline.yaml").read_text())["recipes"].items():
+    for name, entry in raw["recipes"].items():
         assert set(entry) == {f.name for f in dataclasses.fields(Recipe)}, f"recipes.{name}"
     assert all(t.reference in (*t.rows, "previous") for t in cfg.ablations.values())
     assert cfg.dataset.name == "synthetic"
@@ -120,6 +126,15 @@ def test_heads_and_ablations_are_checked_against_the_registry():
 def test_resolved_config_round_trips_and_is_frozen(tmp_path):
     cfg = load_config(REPO / "pipeline.yaml", ["synthetic.rho=0.5"])
     out = write_resolved(cfg, tmp_path)
-    assert load_config(out) == cfg
+    back = load_config(out)
+    # every section as it was; `heads` is written resolved (defaults from code, every variant), so it reads back to
+    # the same options for every head and variant rather than to the same (empty) mapping
+    assert dataclasses.replace(back, heads=cfg.heads) == cfg
+    from train.heads import head_names, head_options, variant_names
+
+    for name in head_names():
+        assert variant_names(back, name) == variant_names(cfg, name)
+        for variant in (None, *variant_names(cfg, name)):
+            assert head_options(back, name, variant) == head_options(cfg, name, variant)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.lr = 1.0  # type: ignore[misc]

@@ -17,9 +17,11 @@ from extract.contract.config import (
     ConfigError,
     bounds,
     build_section,
+    register_display,
     register_section,
     register_transform,
     register_validator,
+    to_dict,
 )
 
 _range = bounds
@@ -196,6 +198,22 @@ register_section("heads", dict[str, Any], order=110, stage="train")
 register_section("grounding", dict[str, Any], order=120, stage="train")
 register_section("ablations", dict[str, AblationTable], order=130, stage="train")  # named tables for `ltar ablate`
 register_section("recipes", dict[str, Recipe], order=140, stage="train")  # the papers' training recipes, by name
+
+
+def _heads_resolved(cfg: Config) -> dict[str, Any]:
+    """Every registered head's options as they resolve (the defaults in its options dataclass, the config's
+    overrides) and its variants (built in, then the config's), for `ltar config show`."""
+    from train.heads.registry import head_entry, head_names, head_options
+
+    out = {}
+    for name in head_names():
+        user = (cfg.heads.get(name) or {}).get("variants") or {}
+        variants = {**head_entry(name).builtin_variants, **user}
+        out[name] = {**to_dict(head_options(cfg, name)), "variants": to_dict(variants)}
+    return out
+
+
 register_transform(apply_recipe)
+register_display("heads", _heads_resolved)
 register_validator(_cross_checks)
 register_validator(_registries)

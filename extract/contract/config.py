@@ -138,6 +138,15 @@ def register_transform(fn: typing.Callable[[dict], dict]) -> None:
         _TRANSFORMS.append(fn)
 
 
+# How a section whose raw mapping leaves defaults to code is printed resolved (`ltar config show`, the resolved
+# YAML written beside every output): name -> fn(cfg) -> plain data that loads back to the same options.
+_DISPLAYS: dict[str, typing.Callable[[Config], Any]] = {}
+
+
+def register_display(name: str, fn: typing.Callable[[Config], Any]) -> None:
+    _DISPLAYS[name] = fn
+
+
 # Keys whose accepted values come from a registry rather than a fixed Literal.
 _REGISTRY_KEYS: dict[str, typing.Callable[[], list[str]]] = {}
 
@@ -405,7 +414,12 @@ def to_dict(cfg: Any) -> Any:
 
 
 def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+    """YAML of a section, or of a whole Config as resolved: a section with a registered display (`heads`: every
+    registered head with its defaults from code and all its variants) is printed resolved."""
+    data = to_dict(cfg)
+    if isinstance(cfg, Config):
+        data.update({name: show(cfg) for name, show in _DISPLAYS.items() if name in data})
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
 
 
 def write_resolved(cfg: Config, out_dir: str | Path, name: str = "config.resolved.yaml") -> Path:
