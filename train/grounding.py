@@ -1,11 +1,12 @@
 """Grounding interventions from causal video question answering, as a wrapper around any head.
 
-The causal video-QA line (the thesis "Causality Model for Semantic Understanding on Videos": IGV,
-EIGV, STR, IVRD) grounds a prediction in the part of the video that causes the answer and intervenes
-on the rest. On cached features these transfer to long-term action recognition with the class text
-embeddings `T0` in the role of the question. `Grounded(head, options, ctx)` wraps a registered head;
-`forward(batch) -> logits (B, C)` as every head, with the auxiliary losses left in `aux_loss` during
-training (the engine adds them to the head's CE/BCE):
+The causal video-QA line (the PhD thesis "Causality Model for Semantic Understanding on Videos",
+arXiv:2503.12447 (2025), https://arxiv.org/abs/2503.12447: IGV, EIGV, STR, IVRD; IGV's code
+https://github.com/yl3800/IGV, EIGV's https://github.com/yl3800/EIGV) grounds a prediction in the part of the
+video that causes the answer and intervenes on the rest. On cached features these transfer to long-term action
+recognition with the class text embeddings `T0` in the role of the question. `Grounded(head, options, ctx)`
+wraps a registered head; `forward(batch) -> logits (B, C)` as every head, with the auxiliary losses left in
+`aux_loss` during training (the engine adds them to the head's CE/BCE):
 
 - **STR temporal rationales** (`rationale_frames: K`): a frame scorer (cross-attention of each frame's CLIP
   embedding over the class text embeddings) ranks the frames; K frames, kept in temporal order, are the only

@@ -1,5 +1,9 @@
 """baseline: Text4Vis-like head, the common trunk of the paper heads.
 
+After Wu, Sun, Ouyang, "Revisiting Classifier: Transferring Vision-Language Models for Video Recognition", AAAI
+2023, https://arxiv.org/abs/2207.01297; code https://github.com/whwu95/Text4Vis (class text embeddings as the
+classifier over temporally pooled frame features).
+
 A temporal transformer over the TimeSformer frame features V (or the CLIP frame embeddings VP in the
 `clip_only` variant; the foreground FG or the background BG CLIP features alone in `fg_only` / `bg_only`,
 the bound rows: what the salient region alone, and the scene alone, predict), the class text embeddings T
