@@ -30,7 +30,9 @@ def _heads_listing() -> str:
 
 LISTINGS.append(_heads_listing)
 
-StoreOpt = typer.Option(None, "--store", help="A cache store path (default: the store the config names).")
+StoreOpt = typer.Option(
+    None, "--store", help="A cache store path (default: the one `ltar extract` recorded for these stage-1 settings)."
+)
 
 TrustOpt = typer.Option(
     False,
