@@ -525,7 +525,7 @@ def _params(spec: DictionarySpec, pts: _Points) -> tuple[dict[str, Any], str]:
     # with PCA the entries are the clusters' means in D (before: their centroids mapped back): old ones rebuild
     entries = {"pca_entries": "cluster_mean"} if used.get("pca") is not None else {}
     blob = json.dumps(
-        {"schema": schema.SCHEMA_VERSION, "variant": spec.variant, **used, **entries, "rows": pts.rows_digest()},
+        {"schema": schema.FEATURES_VERSION, "variant": spec.variant, **used, **entries, "rows": pts.rows_digest()},
         sort_keys=True,
     )
     return params, hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -262,7 +262,7 @@ def import_h5(cfg: Config, file: str | Path, mapping: list[str] | None = None, i
     sha = sha256_of(file)
     used = {s.kind: a for a, s in scan.sources.items()}
     payload = {
-        "schema": schema.SCHEMA_VERSION,
+        "schema": schema.FEATURES_VERSION,  # an upgraded store keeps its name
         "imported": sha,
         "mapping": used,
         "num_frames": L,

@@ -168,7 +168,7 @@ def fingerprint(cfg: Config, index: DatasetIndex, device: str) -> str:
         )
     enc = cfg.encoders
     payload = {
-        "schema": schema.SCHEMA_VERSION,
+        "schema": schema.FEATURES_VERSION,  # not SCHEMA_VERSION: an upgraded store keeps its name
         "dataset": cfg.dataset.name,
         "items": items,
         "source": index.source,

@@ -52,6 +52,10 @@ import numpy as np
 
 SCHEMA_VERSION = 2
 UPGRADABLE = (1,)  # versions `ltar extract` upgrades in place
+# The version of what the feature arrays hold, in the store's fingerprint (its name). Bumped only when the features
+# themselves change; a schema version that only adds what is computed without the encoders (version 2: segment
+# masks, same-set pairs) upgrades a store in place and keeps its name.
+FEATURES_VERSION = 1
 SHARD_VIDEOS = 64  # default videos per shard file along the video axis (cache.shard_videos)
 STRING = "StringDType()"  # variable-length UTF-8 (zarr v3 `string`), as numpy prints the dtype it reads back
 LOCK_FILE = "ltar.lock"  # inside the store directory: the run writing it (host, pid, start time)
