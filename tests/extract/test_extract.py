@@ -20,7 +20,7 @@ from extract.datasets import load_dataset
 from extract.pipeline import extract, fingerprint
 from tests.conftest import tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FEATURES = [
     schema.CLIP_FRAME,
     schema.CLIP_FG,
@@ -209,7 +209,7 @@ class _FullDisk:
 
 
 def test_full_disk_stops_with_a_sentence_and_keeps_finished_rows(world, tmp_path, monkeypatch):
-    import extract.store as store
+    import extract.contract.store as store
 
     calls = []
 
@@ -510,8 +510,7 @@ def test_writes_overlap_the_next_groups_encoding(world, tmp_path, monkeypatch):
     the writes land in group order, and the store matches a run whose writes are immediate."""
     import threading
 
-    import extract.store as store
-
+    import extract.contract.store as store
     import extract.pipeline as pipeline
 
     events, first_write_started = [], threading.Event()

@@ -19,7 +19,7 @@ from extract.pipeline import resolve_weights
 from extract.synthetic import ATOMIC_ACTIONS, SCENES, render_video
 from extract.video_pretrain import ACTION_SCENE, build_clips, plan_clips, pretrain_video, video_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = [
     "video.clips=256",
     "video.steps=150",
