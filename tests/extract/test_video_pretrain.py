@@ -41,9 +41,13 @@ def _cfg(tmp_path, extra=()):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """The pretrained checkpoint, trained with 2 torch threads, which this module's later tests keep; the count is
+    restored after the module (left at 2, every later module of the session ran its small ops on 2 threads)."""
+    before = torch.get_num_threads()
     cfg = _cfg(tmp_path_factory.mktemp("video"))
     torch.set_num_threads(2)
-    return cfg, pretrain_video(cfg, progress=False)
+    yield cfg, pretrain_video(cfg, progress=False)
+    torch.set_num_threads(before)
 
 
 def test_clips_are_balanced_one_action_each_and_tied_to_the_scene_as_configured(tmp_path):

@@ -3,7 +3,6 @@
 import dataclasses
 import itertools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -372,9 +371,9 @@ def test_partial_store_is_refused_unless_allowed(random_cache, tmp_path):
         CacheReader(copy, "verbs")
 
 
-def test_cli_train_evaluate_ablate(random_cache, tmp_path):
+def test_cli_train_evaluate_ablate(random_cache, tmp_path, monkeypatch):
     cfg, store = random_cache
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     sets = [
         f"dataset.name={cfg.dataset.name}",
         f"dataset.root={cfg.dataset.root}",
