@@ -3,7 +3,7 @@
 A frame's index is written as 16 black/white cells (2 rows x 8 columns, bit b in row b // 8, column b % 8)
 filling the frame, or its top half when `texture` adds a moving picture below (so the bitrate, and the
 decode cost, look like real footage). `read_index` reads it back through any codec noise.
-Used by tests/test_decode.py and bench/extract.py.
+Used by tests/extract/test_decode.py and bench/extract.py.
 """
 
 from __future__ import annotations

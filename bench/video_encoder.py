@@ -36,7 +36,7 @@ from extract.vlm import _frame_labels  # noqa: E402
 
 PROBE_VIDEOS = {"train": 192, "test_iid": 256, "test_ood": 256}  # videos per split for the probes
 
-SMOKE = [  # `--smoke`: the same code path in seconds (tests/test_bench.py runs it)
+SMOKE = [  # `--smoke`: the same code path in seconds (tests/extract/test_bench.py runs it)
     "video.steps=3",
     "video.batch_size=4",
     "video.clips=16",

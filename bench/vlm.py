@@ -36,7 +36,7 @@ from extract.vlm import pretrain_vlm, probe_vlm  # noqa: E402
 PROBE_TEST_VIDEOS = 256  # videos per test split for the zero-shot figures
 
 
-SMOKE = [  # `--smoke`: the same code path in seconds (tests/test_bench.py runs it)
+SMOKE = [  # `--smoke`: the same code path in seconds (tests/extract/test_bench.py runs it)
     "vlm.steps=3",
     "vlm.batch_size=8",
     "vlm.frames_per_video=2",

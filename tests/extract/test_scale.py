@@ -23,7 +23,7 @@ from extract.pipeline import extract, fingerprint
 from extract.scale import cluster_device, extract_distributed, extract_shard
 from tests.conftest import tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # 12 videos in shards of 4 = 3 shard tasks, each of 2 fixed groups of 2 videos (16 frames / L=8)
 SCALE = {"cache": {"shard_videos": 4}, "encoders": {"batch_frames": 16}}
 

@@ -20,7 +20,7 @@ from extract.datasets import load_dataset
 from extract.pipeline import extract, fingerprint
 from tests.conftest import tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FEATURES = [
     schema.CLIP_FRAME,
     schema.CLIP_FG,
@@ -511,7 +511,6 @@ def test_writes_overlap_the_next_groups_encoding(world, tmp_path, monkeypatch):
     import threading
 
     import extract.contract.store as store
-
     import extract.pipeline as pipeline
 
     events, first_write_started = [], threading.Event()

@@ -10,7 +10,7 @@ import torch
 
 from extract.contract.config import ConfigError, from_dict
 from extract.contract.schema import FRAME_MASK
-from tests.conftest import random_batch
+from tests.train.conftest import random_batch
 from train.engine import RunError, loss_fn, training_loss
 from train.grounding import (
     GROUND_KEYS,
@@ -729,7 +729,7 @@ def test_pipeline_yaml_groundings_build():
 
     from extract.contract.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "pipeline.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[2] / "pipeline.yaml")
     # EIGV's code, train.py lines 27-32 (yl3800/EIGV): -a 0.1 (λ1 ~ Beta(a, a)), -a2 1 (λ2 ~ Beta(a2, a2)), -neg 5,
     # -b 0.0125 (the InfoNCE's weight), -tau 0.1 (its temperature), -tau_gumbel 0.9; network.py lines 199-203: the
     # indicator grounded on the ground-truth question-answer; eval: the whole video (lines 192-194)
@@ -862,22 +862,22 @@ def test_grounding_scores_known_answers():
     assert s["ground_iou"] == 0.0 and s["ground_iou_random"] == 0.0 and np.isnan(s["ground_precision"])
 
 
-def test_frame_relevance_follows_the_annotated_segments(tiny_cache):
-    from extract.contract import schema
-    from extract.datasets import load_dataset
+def test_frame_relevance_is_the_stores_segment_mask_at_the_frames_the_heads_see(random_cache, random_store, tmp_path):
+    """`frame_relevance` reads `segment_mask` (what stage 1 wrote from the dataset's segments): at the slots a head
+    sees (all 8, or 4 of them) it is the truth the random store was drawn from; None (no grounding score) where the
+    store annotates no segments."""
+    from tests.train.random_cache import RandomWorld, write_random_cache
     from train.data import CacheReader
 
-    cfg, store = tiny_cache
+    cfg, store = random_cache
     reader = CacheReader(store, "activity")
     rows = reader.split_rows("test_ood")
     got = frame_relevance(cfg, reader, rows)
-    times = np.asarray(reader.group[schema.TIMESTAMPS].get_orthogonal_selection(rows))
-    items = {it.id: it for it in load_dataset(cfg).items}
-    for n, r in enumerate(rows):
-        segments = items[reader.info.video_ids[r]].meta["segments"]
-        want = [any(s <= t < e for s, e, _ in segments) for t in times[n]]
-        assert got[n].tolist() == want
-    assert got.any() and not got.all()
+    assert np.array_equal(got, random_store.segments[rows]) and got.any() and not got.all()
+    four = CacheReader(store, "activity", num_frames=4)
+    assert np.array_equal(frame_relevance(cfg, four, rows), random_store.segments[rows][:, [1, 3, 5, 7]])
+    plain = write_random_cache(tmp_path, RandomWorld(annotated_segments=False)).store
+    assert frame_relevance(cfg, CacheReader(plain, "activity"), rows) is None
 
 
 def test_config_names_and_checks_groundings():
@@ -903,10 +903,10 @@ def test_config_names_and_checks_groundings():
         wrap(build_head("baseline", _cfg(), ctx), too_many, ctx, "g")
 
 
-def test_grounding_table_end_to_end_and_stale_runs_refused(tiny_cache, tmp_path, monkeypatch):
+def test_grounding_table_end_to_end_and_stale_runs_refused(random_cache, tmp_path, monkeypatch):
     from train.ablate import run_table
 
-    cfg, store = tiny_cache
+    cfg, store = random_cache
     grounding = {
         "igv": {"method": "igv"},
         "rationale": {"rationale_frames": 4},
@@ -1007,11 +1007,11 @@ def _last_metrics(root):
 
 
 @pytest.mark.parametrize("source", ["batch", "bank"])
-def test_grounded_run_resumes_exactly_and_evaluates_from_its_checkpoint(tiny_cache, tmp_path, source):
+def test_grounded_run_resumes_exactly_and_evaluates_from_its_checkpoint(random_cache, tmp_path, source):
     """Also with the environment bank: it is in the checkpoint, so the resumed run draws from the same bank."""
     from train.engine import evaluate, train
 
-    cfg, store = tiny_cache
+    cfg, store = random_cache
     cfg = dataclasses.replace(
         cfg,
         grounding={"eigv": {"method": "eigv", "env_source": source, "env_bank": 4}},
@@ -1031,7 +1031,7 @@ def test_grounded_run_resumes_exactly_and_evaluates_from_its_checkpoint(tiny_cac
         assert (saved["bank_ids"] >= 0).all()  # filled with the training videos' split positions
 
 
-def test_a_run_folder_takes_one_process_at_a_time(tiny_cache, tmp_path):
+def test_a_run_folder_takes_one_process_at_a_time(random_cache, tmp_path):
     import json
     import subprocess
     import sys
@@ -1039,7 +1039,7 @@ def test_a_run_folder_takes_one_process_at_a_time(tiny_cache, tmp_path):
     from extract.contract.lock import _proc_start, acquire_lock, read_lock
     from train.engine import train
 
-    cfg, store = tiny_cache
+    cfg, store = random_cache
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         with acquire_lock(tmp_path / "run") as lock:
@@ -1053,7 +1053,7 @@ def test_a_run_folder_takes_one_process_at_a_time(tiny_cache, tmp_path):
     assert not (tmp_path / "run" / "last.pt").exists()
     keeps_all = dataclasses.replace(
         cfg,
-        grounding={"all": {"rationale_frames": 8}},  # the tiny cache holds 8 frames per video
+        grounding={"all": {"rationale_frames": 8}},  # the random store holds 8 frames per video
         train=dataclasses.replace(cfg.train, grounding="all"),
     )
     with pytest.raises(ConfigError, match="keeps every one of the 8 frames"):
@@ -1069,7 +1069,7 @@ CHECKED = {
 
 
 @pytest.mark.parametrize("form", list(CHECKED))
-def test_ground_check_evaluates_every_fixed_mask_on_the_runs_own_objective(tiny_cache, tmp_path, form):
+def test_ground_check_evaluates_every_fixed_mask_on_the_runs_own_objective(random_cache, tmp_path, form):
     """`ltar ground-check`: the learned mask's causal term is the run's own eval loss (where it predicts from the
     causal frames), the objective is the weighted sum of the terms the run trains, the other masks have the learned
     mask's size video by video (the budget, or the per-frame indicator's own choice), and at that size no mask has a
@@ -1082,7 +1082,7 @@ def test_ground_check_evaluates_every_fixed_mask_on_the_runs_own_objective(tiny_
     from train.grounding import one_hot_targets, soft_loss
     from train.main import app
 
-    cfg, store = tiny_cache
+    cfg, store = random_cache
     cfg = dataclasses.replace(
         cfg,
         grounding={"g": CHECKED[form]},
@@ -1169,14 +1169,14 @@ def test_environments_come_from_the_bank_never_the_video_itself():
     assert not plain.banked and "bank_ids" not in plain.state_dict()  # env_source: batch keeps no bank
 
 
-def test_oracle_indicator_grounds_on_the_annotated_frames_in_training_and_at_test(tiny_cache, tmp_path):
+def test_oracle_indicator_grounds_on_the_annotated_frames_in_training_and_at_test(random_cache, tmp_path):
     """`indicator: oracle` (a diagnostic): the causal frames are the annotated action frames of the split being
     read, so the run's frame grounding on every split is exactly the annotation's (a video without one keeps every
     frame); it is refused where it means nothing (EIGV)."""
     from train.data import CacheReader
     from train.engine import _load, train
 
-    cfg, store = tiny_cache
+    cfg, store = random_cache
     cfg = dataclasses.replace(
         cfg,
         grounding={"o": {"method": "igv", "indicator": "oracle"}},

@@ -19,7 +19,7 @@ from extract.pipeline import resolve_weights
 from extract.synthetic import ATOMIC_ACTIONS, SCENES, render_video
 from extract.video_pretrain import ACTION_SCENE, build_clips, plan_clips, pretrain_video, video_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = [
     "video.clips=256",
     "video.steps=150",
@@ -41,9 +41,13 @@ def _cfg(tmp_path, extra=()):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """The pretrained checkpoint, trained with 2 torch threads, which this module's later tests keep; the count is
+    restored after the module (left at 2, every later module of the session ran its small ops on 2 threads)."""
+    before = torch.get_num_threads()
     cfg = _cfg(tmp_path_factory.mktemp("video"))
     torch.set_num_threads(2)
-    return cfg, pretrain_video(cfg, progress=False)
+    yield cfg, pretrain_video(cfg, progress=False)
+    torch.set_num_threads(before)
 
 
 def test_clips_are_balanced_one_action_each_and_tied_to_the_scene_as_configured(tmp_path):

@@ -1,8 +1,8 @@
 """Stage 2: every registered head and variant, metrics against scikit-learn, checkpoints, the CLI."""
 
 import dataclasses
+import itertools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +13,14 @@ from typer.testing import CliRunner
 
 from extract.contract.config import ConfigError
 from extract.contract.schema import CacheError
-from tests.conftest import random_batch
+from tests.train.conftest import random_batch, with_train
 from train.data import CacheReader, iterate_batches
 from train.engine import RunError, evaluate, resume_mismatch, train
 from train.heads import Batch, HeadContext, build_head, head_entry, head_names, variant_names
 from train.main import app
 from train.metrics import average_precision, compute_metrics, mean_average_precision, topk_accuracy
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,6 +147,31 @@ def test_two_rows_of_a_table_start_from_the_same_weights_in_every_module_they_sh
     assert attn and all(torch.equal(m.out_proj.bias, torch.zeros_like(m.out_proj.bias)) for m in attn)
 
 
+@pytest.fixture(scope="module")
+def store_inputs(random_cache):
+    """Per task: the random store's HeadContext (its T0, every dictionary pipeline.yaml's heads read, L = 8,
+    Dc = 16 != Dv = 24) and its first two training batches of B videos as train.data reads them."""
+    _, store = random_cache
+    out = {}
+    for task in ("activity", "atomic"):
+        reader = CacheReader(store, task)
+        ctx = reader.context()
+        batches = iterate_batches(reader.load_split("train"), B, ctx.t0, ctx.dictionaries, "cpu")
+        out[task] = (ctx, [b for _, b in itertools.islice(batches, 2)])
+    return out
+
+
+def _copies(ctx: HeadContext, batches: list[Batch]) -> tuple[HeadContext, list[Batch]]:
+    """Fresh tensors for one test: a head that wrote into its inputs must not reach the next test."""
+    dicts = {k: (c.clone(), p.clone()) for k, (c, p) in ctx.dictionaries.items()}
+    ctx = dataclasses.replace(ctx, t0=ctx.t0.clone(), dictionaries=dicts)
+    fields = ("vp", "v", "fg", "bg", "mask", "labels")
+    return ctx, [
+        dataclasses.replace(b, t0=ctx.t0, dictionaries=dicts, **{f: getattr(b, f).clone() for f in fields})
+        for b in batches
+    ]
+
+
 @pytest.mark.parametrize("multi_label", [False, True], ids=["activity", "atomic"])
 @pytest.mark.parametrize("head_name,variant", _all_variants())
 def test_every_head_and_variant(head_name, variant, multi_label):
@@ -190,6 +215,47 @@ def test_every_head_and_variant(head_name, variant, multi_label):
     assert final < 0.5 * first, (first, final)
 
 
+@pytest.mark.parametrize("multi_label", [False, True], ids=["activity", "atomic"])
+@pytest.mark.parametrize("head_name,variant", _all_variants())
+def test_every_head_and_variant_reads_the_store(store_inputs, head_name, variant, multi_label):
+    """Built from the random store's context (T0, every dictionary pipeline.yaml's heads read, L = 8, Dc = 16 and
+    Dv = 24) on two of its training batches: finite (B, C) logits that the padded frames do not reach (those slots
+    refilled with noise change nothing); a step on the store's labels moves head parameters only, and the inputs,
+    T0 and the dictionaries stay as read."""
+    from extract.contract.config import from_dict
+    from train.engine import loss_fn
+
+    torch.manual_seed(0)
+    cfg = from_dict({})
+    ctx, batches = _copies(*store_inputs["atomic" if multi_label else "activity"])
+    assert all(not b.mask.all() for b in batches)  # padded frames in each batch
+    read = {k: (c.clone(), p.clone()) for k, (c, p) in ctx.dictionaries.items()}
+    features = [(b.vp.clone(), b.v.clone(), b.fg.clone(), b.bg.clone()) for b in batches]
+    head = build_head(head_name, cfg, ctx, variant).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for b in batches:
+            logits = head(b)
+            assert logits.shape == (B, ctx.num_classes) and torch.isfinite(logits).all()
+            pad = ~b.mask[..., None]  # (B, L, 1)
+            noisy = {
+                f: torch.where(pad, torch.randn(getattr(b, f).shape, generator=g).half(), getattr(b, f))
+                for f in ("vp", "v", "fg", "bg")
+            }
+            torch.testing.assert_close(head(dataclasses.replace(b, **noisy)), logits)
+    head.train()
+    before = {n: p.detach().clone() for n, p in head.named_parameters()}
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
+    loss = loss_fn(head(batches[0]), batches[0].labels, multi_label)
+    (loss + (getattr(head, "aux_loss", None) or 0)).backward()
+    opt.step()
+    assert any(not torch.equal(p, before[n]) for n, p in head.named_parameters()), "no parameter moved"
+    for b, kept in zip(batches, features, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip((b.vp, b.v, b.fg, b.bg), kept, strict=True))
+    for name, (c, p) in read.items():  # a head trains a copy of a dictionary (ECRL's G), never the one read
+        assert torch.equal(ctx.dictionaries[name][0], c) and torch.equal(ctx.dictionaries[name][1], p), name
+
+
 def test_unknown_head_and_variant_are_sentences():
     from extract.contract.config import from_dict
 
@@ -212,12 +278,12 @@ def test_frozen_text_keeps_t0_and_clip_only_reads_vp():
 
 
 # ------------------------------------------------------------------------------------------------
-# On the tiny extracted cache
+# On the random store (tests/train/random_cache.py)
 # ------------------------------------------------------------------------------------------------
 
 
-def test_streamed_split_equals_in_memory(tiny_cache):
-    cfg, store = tiny_cache
+def test_streamed_split_equals_in_memory(random_cache):
+    cfg, store = random_cache
     reader = CacheReader(store, "activity")
     mem = reader.load_split("train")
     streamed = reader.stream_split("train", block_rows=2)
@@ -228,8 +294,8 @@ def test_streamed_split_equals_in_memory(tiny_cache):
     assert sorted(got) == list(range(len(mem))) and all(torch.equal(got[i], mem.vp[i]) for i in got)
 
 
-def test_resume_gives_the_same_next_epoch(tiny_cache, tmp_path):
-    cfg, store = tiny_cache
+def test_resume_gives_the_same_next_epoch(random_cache, tmp_path):
+    cfg, store = random_cache
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3, runs_root=str(tmp_path)))
     full = train(cfg, store=store, progress=False, run_dir=tmp_path / "full")
     steps_per_epoch = full.steps // 3
@@ -252,10 +318,10 @@ def test_resume_gives_the_same_next_epoch(tiny_cache, tmp_path):
     assert (tmp_path / "cut" / "metrics.csv").read_text().count("\n") == 4
 
 
-def test_a_kill_while_writing_a_checkpoint_leaves_the_old_one(tiny_cache, tmp_path, monkeypatch):
+def test_a_kill_while_writing_a_checkpoint_leaves_the_old_one(random_cache, tmp_path, monkeypatch):
     import train.engine as engine
 
-    cfg, store = tiny_cache
+    cfg, store = random_cache
     train(cfg, store=store, progress=False, run_dir=tmp_path)
     good = torch.load(tmp_path / "last.pt", weights_only=True)
     real_save = torch.save
@@ -273,8 +339,8 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_old_one(tiny_cache, tmp_pa
     assert again["epoch"] == good["epoch"] and again["step"] == good["step"]
 
 
-def test_evaluate_refuses_a_checkpoint_from_another_cache(tiny_cache, tmp_path):
-    cfg, store = tiny_cache
+def test_evaluate_refuses_a_checkpoint_from_another_cache(random_cache, tmp_path):
+    cfg, store = random_cache
     result = train(cfg, store=store, progress=False, run_dir=tmp_path / "run")
     ev = evaluate(tmp_path / "run" / "best.pt", "test_ood", store=store)
     assert ev.metrics == pytest.approx(result.metrics["test_ood"])
@@ -287,16 +353,17 @@ def test_evaluate_refuses_a_checkpoint_from_another_cache(tiny_cache, tmp_path):
         evaluate(tmp_path / "other.pt", "test_ood", store=store)
 
 
-def test_partial_store_is_refused_unless_allowed(tiny_cache, tmp_path):
+def test_partial_store_is_refused_unless_allowed(random_cache, tmp_path):
     import shutil
 
     import zarr
 
-    cfg, store = tiny_cache
+    cfg, store = random_cache
     copy = tmp_path / "partial.zarr"
     shutil.copytree(store, copy)
     zarr.open_group(str(copy), mode="r+")["done"][0] = False
-    with pytest.raises(CacheError, match="1 of 12 videos have no features.*--allow-partial"):
+    total = len(CacheReader(store, "activity").done)
+    with pytest.raises(CacheError, match=f"1 of {total} videos have no features.*--allow-partial"):
         CacheReader(copy, "activity")
     reader = CacheReader(copy, "activity", allow_partial=True)
     assert 0 not in reader.split_rows("train")
@@ -304,24 +371,20 @@ def test_partial_store_is_refused_unless_allowed(tiny_cache, tmp_path):
         CacheReader(copy, "verbs")
 
 
-def test_cli_train_evaluate_ablate(tiny_cache, tmp_path):
-    cfg, store = tiny_cache
-    os.chdir(tmp_path)
+def test_cli_train_evaluate_ablate(random_cache, tmp_path, monkeypatch):
+    cfg, store = random_cache
+    monkeypatch.chdir(tmp_path)
     sets = [
-        "encoders.clip.weights=null",
-        "encoders.timesformer.weights=null",
+        f"dataset.name={cfg.dataset.name}",
         f"dataset.root={cfg.dataset.root}",
         f"cache.root={cfg.cache.root}",
-        "frames.num_frames=8",
         "train.epochs=2",
         "train.batch_size=4",
         f"train.runs_root={tmp_path / 'runs'}",
     ]
     common = ["--config", str(REPO / "pipeline.yaml")] + [a for s in sets for a in ("--set", s)]
     runner = CliRunner()
-    res = runner.invoke(
-        app, ["-q", "train", "--task", "atomic", *common, "--set", "synthetic.videos.train=6"] + ["--store", str(store)]
-    )
+    res = runner.invoke(app, ["-q", "train", "--task", "atomic", *common, "--store", str(store)])
     assert res.exit_code == 0, res.output
     assert "test_ood: map=" in res.output
     run = tmp_path / "runs" / "baseline-atomic-s0"
@@ -355,7 +418,7 @@ def test_cli_train_evaluate_ablate(tiny_cache, tmp_path):
     assert res.exit_code == 2 and "train.head: unknown head 'nope'" in res.output
 
 
-def test_a_checkpoint_is_read_as_data_and_a_bad_one_is_a_sentence(tiny_cache, tmp_path):
+def test_a_checkpoint_is_read_as_data_and_a_bad_one_is_a_sentence(random_cache, tmp_path):
     """Every checkpoint is read with torch.load(weights_only=True): a file whose pickle would create a file when
     read is refused with exit 2 and the file never appears; an empty, truncated or garbage file is a sentence
     with exit 2; a checkpoint holding a harmless object beyond plain data needs --trust-checkpoint."""
@@ -365,7 +428,7 @@ def test_a_checkpoint_is_read_as_data_and_a_bad_one_is_a_sentence(tiny_cache, tm
         def __reduce__(self):  # what a shared checkpoint could carry: unpickling it opens (creates) a file
             return (open, (str(tmp_path / "planted"), "w"))
 
-    cfg, store = tiny_cache
+    cfg, store = random_cache
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1))
     run = train(cfg, store=store, progress=False, run_dir=tmp_path / "run").run_dir
     good = torch.load(run / "last.pt", weights_only=True)  # what ltar writes reads as plain data
@@ -397,12 +460,12 @@ def test_a_checkpoint_is_read_as_data_and_a_bad_one_is_a_sentence(tiny_cache, tm
     assert res.exit_code == 0 and "test_iid: acc1=" in res.output, res.output
 
 
-def test_a_run_whose_saved_tables_name_a_removed_variant_still_loads(tiny_cache, tmp_path):
+def test_a_run_whose_saved_tables_name_a_removed_variant_still_loads(random_cache, tmp_path):
     """A run records the whole config, ablation tables included; a table row naming a variant since removed
     (ECRL's `dict_paper` became the default Z) must not make the run unreadable for evaluate / diagnose."""
     from train.engine import load_run
 
-    cfg, store = tiny_cache
+    cfg, store = random_cache
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1))
     run = train(cfg, store=store, progress=False, run_dir=tmp_path / "run").run_dir
     ckpt = torch.load(run / "last.pt", weights_only=True)
@@ -416,10 +479,10 @@ def test_a_run_whose_saved_tables_name_a_removed_variant_still_loads(tiny_cache,
     assert loaded.cfg.train == cfg.train and loaded.model is not None
 
 
-def test_fewer_frames_from_one_cache_are_its_uniformly_spaced_slots(tiny_cache, tmp_path):
+def test_fewer_frames_from_one_cache_are_its_uniformly_spaced_slots(random_cache, tmp_path):
     from train.engine import run_name
 
-    cfg, store = tiny_cache  # L = 8 cached slots
+    cfg, store = random_cache  # L = 8 cached slots
     full, four = CacheReader(store, "activity"), CacheReader(store, "activity", num_frames=4)
     assert four.slots.tolist() == [1, 3, 5, 7]  # the centre of each quarter of the 8 slots
     assert four.context().num_frames == 4 and full.context().num_frames == 8
@@ -434,7 +497,7 @@ def test_fewer_frames_from_one_cache_are_its_uniformly_spaced_slots(tiny_cache, 
     assert result.steps > 0 and np.isfinite(result.history[-1]["loss"])
 
 
-def test_a_frames_row_trains_on_its_frames_of_the_same_cache(tiny_cache, tmp_path):
+def test_a_frames_row_trains_on_its_frames_of_the_same_cache(random_cache, tmp_path):
     """A row `<row>/f<L'>` (Fig. 7b's frames on one cache): its runs see L' uniformly spaced slots of the cache's
     L, as train.num_frames does, and keep their own run folders; a malformed suffix is a sentence naming it."""
     from extract.contract.config import from_dict
@@ -449,7 +512,7 @@ def test_a_frames_row_trains_on_its_frames_of_the_same_cache(tiny_cache, tmp_pat
         row_frames("cmdcl/8")
     with pytest.raises(ConfigError, match=r"ablations.t.rows\[1\]: row 'baseline/f0'"):
         from_dict({"ablations": {"t": {"rows": ["baseline", "baseline/f0"]}}})
-    cfg, store = tiny_cache  # L = 8
+    cfg, store = random_cache  # L = 8
     table = AblationTable(rows=("baseline/f4", "baseline"), tasks=("activity",), seeds=1, reference="baseline")
     cfg = dataclasses.replace(
         cfg, ablations={"frames": table}, train=dataclasses.replace(cfg.train, epochs=1, runs_root=str(tmp_path))
@@ -508,8 +571,8 @@ def test_a_paper_recipe_replaces_its_keys_and_names_its_runs():
         load_config(REPO / "pipeline.yaml", ["recipes.mine.train.head=ecrl"])
 
 
-def test_frame_epochs_must_leave_a_second_step(tiny_cache, tmp_path):
-    cfg, store = tiny_cache
+def test_frame_epochs_must_leave_a_second_step(random_cache, tmp_path):
+    cfg, store = random_cache
     bad = dataclasses.replace(
         cfg,
         heads={"ecrl": {"frame_epochs": 2}},
@@ -519,18 +582,16 @@ def test_frame_epochs_must_leave_a_second_step(tiny_cache, tmp_path):
         train(bad, store=store, progress=False, run_dir=tmp_path / "r")
 
 
-def test_the_oracle_row_trains_on_the_unconfounded_split_and_gives_the_gap_closed(tiny_cache, tmp_path):
+def test_the_oracle_row_trains_on_the_unconfounded_split_and_gives_the_gap_closed(random_cache, tmp_path):
     """Also the `confounders` table's parts: every named confounder's ood split is evaluated, gets its gap
     closed, and the same-set pairs' order confusion is reported (checked against the saved predictions)."""
-    from extract.pipeline import extract
-    from extract.synthetic import ACTIVITIES, write_dataset
-    from tests.conftest import tiny_config
-    from train.ablate import Cell, MissingSplit, gap_closed, ood_gaps, order_partners, run_table
+    from tests.train.random_cache import ACTIVITIES, RandomWorld, write_random_cache
+    from train.ablate import Cell, MissingSplit, gap_closed, ood_gaps, run_table
     from train.config import AblationTable
     from train.engine import run_predictions
     from train.stats import Replicates
 
-    cfg, store = tiny_cache
+    cfg, store = random_cache
     table = AblationTable(rows=("baseline", "oracle"), tasks=("activity", "atomic"), seeds=1, order_confusion=True)
     plain = dataclasses.replace(
         cfg, ablations={"bounds": table}, train=dataclasses.replace(cfg.train, epochs=1, runs_root=str(tmp_path))
@@ -538,13 +599,9 @@ def test_the_oracle_row_trains_on_the_unconfounded_split_and_gives_the_gap_close
     with pytest.raises(MissingSplit, match="has no train_oracle split; render it with synthetic.videos.train_oracle"):
         run_table(plain, "bounds", store=store, progress=False)
     ood = ("test_ood", "test_ood_cooccur", "test_ood_distractor", "test_ood_scene")
-    videos = {"train": 6, "test_iid": 3, "train_oracle": 6, **dict.fromkeys(ood, 3)}
-    world = tiny_config(tmp_path / "world", tmp_path / "cache", synthetic={"videos": videos, "distractor": True})
-    write_dataset(world.synthetic, tmp_path / "world", progress=False)
-    oracle_store = extract(world, progress=False).store
-    cfg = dataclasses.replace(
-        world, ablations={"bounds": table}, train=dataclasses.replace(world.train, epochs=1, runs_root=str(tmp_path))
-    )
+    videos = {"train": 16, "test_iid": 8, "train_oracle": 16, **dict.fromkeys(ood, 8)}
+    oracle_store = write_random_cache(tmp_path / "cache", RandomWorld(videos=videos)).store
+    cfg = plain
     result = run_table(cfg, "bounds", store=oracle_store, progress=False)
     runs = {p.parent.name for p in (tmp_path / "ablations").rglob("last.pt")}
     assert runs == {f"baseline{o}-{t}-s0" for o in ("", "-train_oracle") for t in ("activity", "atomic")}
@@ -557,7 +614,9 @@ def test_the_oracle_row_trains_on_the_unconfounded_split_and_gives_the_gap_close
     scores, labels, _ = run_predictions(
         next((tmp_path / "ablations").rglob("baseline-activity-s0")), "test_ood", oracle_store
     )
-    partner = order_partners(tmp_path / "world", [a.name for a in ACTIVITIES])
+    names = list(ACTIVITIES)  # by hand: the store's one same-set pair, tea <-> tea_reversed
+    partner = np.full(len(names), -1)
+    partner[names.index("tea")], partner[names.index("tea_reversed")] = names.index("tea_reversed"), names.index("tea")
     paired = partner[labels] >= 0
     cell = next(
         c for c in result.cells if (c.row, c.task, c.split, c.metric) == ("baseline", "activity", "test_ood", "order")
@@ -630,7 +689,7 @@ def test_a_run_saved_before_an_option_existed_is_read_as_what_it_computed_then()
     assert not _same(without_tol, PCMCIOptions(ivc_form="residual", sinkhorn_grad="last_step", sinkhorn_tol=1e-3))
 
 
-def test_a_dictionary_built_before_the_store_changed_is_refused(tiny_cache, tmp_path):
+def test_a_dictionary_built_before_the_store_changed_is_refused(random_cache, tmp_path):
     """Each dictionary records its split's finished rows when it was built; once the store finishes other rows of
     that split (a video extracted again, or lost), training refuses it with a sentence instead of reading it."""
     import shutil
@@ -638,18 +697,51 @@ def test_a_dictionary_built_before_the_store_changed_is_refused(tiny_cache, tmp_
     import zarr
 
     from extract.contract import schema
-    from extract.contract.schema import CacheError
-    from extract.dictionaries import build_dictionaries
-    from train.data import CacheReader
 
-    cfg, store = tiny_cache
+    cfg, store = random_cache
     copy = tmp_path / store.name
     shutil.copytree(store, copy)
-    build_dictionaries(cfg, copy, progress=False)
     reader = CacheReader(copy, "activity")
-    assert reader.context().dictionaries  # as built: fresh
+    assert len(reader.context().dictionaries) == 8  # as written: fresh
     train_rows = reader.info.split_indices("train")
     done = zarr.open_array(str(copy / schema.DONE), mode="r+")
     done[int(train_rows[0])] = False  # the store's finished rows of the split change after the build
     with pytest.raises(CacheError, match=r"dictionary '.+' was built from other finished videos of split 'train'"):
         CacheReader(copy, "activity", allow_partial=True).context()
+
+
+def test_a_run_without_a_store_finds_the_one_its_stage_1_sections_point_to(random_cache, tmp_path):
+    """No --store: stage 2 reads the pointer `ltar extract` writes under cache.root, keyed by the config's stage-1
+    sections (extract/contract/locate.py); none for other sections is a sentence, and a store whose video file
+    changed since its row was written is refused."""
+    import shutil
+
+    import zarr
+
+    from extract.contract.locate import write_pointer
+
+    cfg, store = random_cache
+    root = tmp_path / "cache"
+    copy = root / cfg.dataset.name / store.name
+    shutil.copytree(store, copy)
+    cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, root=str(root)))
+    cfg = with_train(cfg, epochs=1, runs_root=str(tmp_path / "runs"))
+    with pytest.raises(CacheError, match="no cache store recorded in .*or pass --store"):
+        train(cfg, progress=False)
+    write_pointer(cfg, copy, "cpu", "a test")
+    run = train(cfg, progress=False).run_dir
+    assert torch.load(run / "last.pt", weights_only=True)["store"] == str(copy)
+    frames = dataclasses.replace(cfg.frames, num_frames=cfg.frames.num_frames * 2)
+    other = dataclasses.replace(cfg, frames=frames)  # other stage-1 sections: no store recorded for them
+    with pytest.raises(CacheError, match="no cache store recorded"):
+        train(with_train(other, runs_root=str(tmp_path / "other")), progress=False)
+    video = tmp_path / "video.mp4"
+    video.write_bytes(b"frames")
+    group = zarr.open_group(str(copy), mode="r+")
+    vid = group.attrs["video_ids"][0]
+    group.attrs.update(file_paths={vid: str(video)}, file_stamps={vid: [6, video.stat().st_mtime_ns]})
+    train(with_train(cfg, runs_root=str(tmp_path / "same")), progress=False)  # the file as its row was written
+    video.write_bytes(b"other frames")
+    with pytest.raises(CacheError, match=f"1 video file\\(s\\) changed since they were extracted \\(first: {vid}\\)"):
+        train(with_train(cfg, runs_root=str(tmp_path / "changed")), progress=False)
+    assert not (tmp_path / "changed").exists() or not any((tmp_path / "changed").rglob("*.pt"))

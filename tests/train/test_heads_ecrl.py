@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from tests.conftest import random_batch
+from tests.train.conftest import random_batch
 from train.heads import Batch, HeadContext
 from train.heads.ecrl import VARIANTS, Ecrl, EcrlOptions
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from extract.contract.config import from_dict
-from tests.conftest import explicit_class_attention, explicit_readout, random_batch
+from tests.train.conftest import explicit_class_attention, explicit_readout, random_batch
 from train.heads import Batch, HeadContext, build_head, required_dictionaries
 from train.heads.cmdcl import (
     CMDCLOptions,

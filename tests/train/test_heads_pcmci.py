@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import train.heads.pcmci as pcmci
 from extract.contract.config import ConfigError
-from tests.conftest import explicit_class_attention, explicit_readout, random_batch
+from tests.train.conftest import explicit_class_attention, explicit_readout, random_batch
 from train.heads import Batch, HeadContext, head_entry
 from train.heads.causal import marginal_error
 from train.heads.common import masked_mean

@@ -1,5 +1,5 @@
 """`ltar diagnose`: known answers on toy heads (a constant term, a term that carries the label), the
-registered heads' declared terms, and the CLI on a trained run of the tiny cache."""
+registered heads' declared terms, and the CLI on a trained run of the random store."""
 
 import dataclasses
 from pathlib import Path
@@ -15,7 +15,7 @@ from train.diagnose import _entropy_ratio, diagnose_model, head_terms
 from train.heads import CausalTerm, HeadContext, build_head, head_entry, head_names
 
 N, L, D, C = 40, 4, 6, 3
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _toy_data(seed: int = 0):
@@ -92,7 +92,7 @@ def test_entropy_ratio_known_answers():
 @pytest.mark.parametrize("name", head_names())
 def test_every_declared_term_names_a_module_of_the_full_head(name):
     from extract.contract.config import from_dict
-    from tests.test_train import _context
+    from tests.train.test_train import _context
 
     entry = head_entry(name)
     ctx = _context(False, ("confounder", "confounder_paper", "global", "global_video"))
@@ -115,11 +115,11 @@ def test_every_declared_term_names_a_module_of_the_full_head(name):
         assert entry.terms, "a causal head declares its causal terms"
 
 
-def test_diagnose_cli_on_a_trained_run(tiny_cache, tmp_path):
+def test_diagnose_cli_on_a_trained_run(random_cache, tmp_path):
     from train.engine import train
     from train.main import app
 
-    cfg, store = tiny_cache
+    cfg, store = random_cache
     cfg = dataclasses.replace(
         cfg,
         train=dataclasses.replace(cfg.train, head="cmdcl", epochs=1, runs_root=str(tmp_path)),

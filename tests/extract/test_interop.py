@@ -14,7 +14,7 @@ from extract.interop import H5Error, import_h5, resample_slots
 from tests.conftest import tiny_config
 from train.main import app
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FEATURES = [schema.CLIP_FRAME, schema.CLIP_FG, schema.CLIP_BG, schema.TSF_FRAME, schema.TSF_CLS]
 EXACT = [schema.FRAME_MASK, schema.TIMESTAMPS, schema.FPS, schema.DONE, "labels/activity", "labels/atomic", "video"]
 

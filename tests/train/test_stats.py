@@ -12,7 +12,7 @@ from sklearn.metrics import average_precision_score
 from train.metrics import average_precision, leave_one_out_average_precision
 from train.stats import Replicates, chance_level, fieller_ratio, holm, interval, paired_difference, replicates
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def _example(seed: int = 0, seeds: int = 3, videos: int = 9, classes: int = 3, skill: float = 1.0):
