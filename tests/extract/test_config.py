@@ -91,3 +91,37 @@ def test_resolved_config_round_trips_and_is_frozen(tmp_path):
     assert dataclasses.replace(back, heads=cfg.heads) == cfg
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_override_files_merge_key_by_key_and_sections_may_be_folders(tmp_path):
+    """`--config a.yaml --config b.yaml`: b's keys over a's, mapping by mapping (a list or value replaces); a section
+    of named entries given as a folder reads one `<name>.yaml` per entry, relative to the file naming it. Known
+    answer: the same configuration written inline in one file; and the benchmark world equals its old `--set` list."""
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "t1.yaml").write_text("rows: [baseline, cmdcl]\nseeds: 2\n")
+    (tmp_path / "tables" / "t1.md").write_text("# not a table: ignored\n")
+    (tmp_path / "a.yaml").write_text(
+        "ablations: tables\nsynthetic: {rho: 0.5, videos: {train: 10, test_iid: 4}}\nframes: {num_frames: 8}\n"
+    )
+    (tmp_path / "b.yaml").write_text("synthetic: {videos: {test_iid: 6}}\nablations: {t2: {rows: [pcmci]}}\n")
+    merged = load_config([tmp_path / "a.yaml", tmp_path / "b.yaml"], ["frames.num_frames=4"])
+    (tmp_path / "inline.yaml").write_text(
+        "synthetic: {rho: 0.5, videos: {train: 10, test_iid: 6}}\nframes: {num_frames: 4}\n"
+        "ablations: {t1: {rows: [baseline, cmdcl], seeds: 2}, t2: {rows: [pcmci]}}\n"
+    )
+    assert merged == load_config(tmp_path / "inline.yaml")
+    (tmp_path / "c.yaml").write_text("recipes: missing\n")
+    with pytest.raises(ConfigError, match="recipes: the folder .*missing does not exist"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("train: folder\n")
+    with pytest.raises(ConfigError, match="train: expected a mapping \\(section\\).*may name a folder"):
+        load_config(tmp_path / "d.yaml")
+    world = load_config([REPO / "pipeline.yaml", REPO / "configs" / "worlds" / "benchmark.yaml"])
+    old = [  # the Makefile's BENCH_SET before the worlds became files
+        "synthetic.videos.test_iid=512",
+        "synthetic.videos.test_ood=512",
+        "synthetic.videos.train_oracle=192",
+        "train.eval_every=30",
+        "dataset.root=data/synthetic-benchmark",
+    ]
+    assert world == load_config(REPO / "pipeline.yaml", old)
