@@ -347,7 +347,7 @@ def _train_units(
     cores // N threads each). Else `train.workers: 1`: in this process, in the table's order (today's path). More:
     `workers` processes (spawned, so no thread pool is inherited mid-use), each with cores // workers threads and its
     own `shared_splits`; a free worker takes the next unit. A run's numbers then equal the one-at-a-time path's at
-    that thread count, to the bytes of its predictions and metrics (tests/test_stacked.py), and match today's
+    that thread count, to the bytes of its predictions and metrics (tests/train/test_stacked.py), and match today's
     path in distribution, not bitwise: intra-op threads change the order of float reductions. Each run still
     trains in its own folder under its own lock, checkpointing every epoch, so a killed table resumes per run as
     before. A failing unit is reported (`log.error`, with its traceback where the error is not one of ltar's

@@ -344,7 +344,7 @@ def dictionary_hashes(cfg: Config, reader: CacheReader) -> dict[str, str]:
 
 
 # train keys that decide where a run lives or how it is read, not what it computes
-# stack_seeds, workers, scheduler: the same numbers in distribution (tests/test_stacked.py)
+# stack_seeds, workers, scheduler: the same numbers in distribution (tests/train/test_stacked.py)
 _NOT_RESULTS = ("runs_root", "memory_budget_mb", "eval_every", "stack_seeds", "workers", "scheduler")
 
 

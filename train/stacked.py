@@ -37,7 +37,7 @@ self time, dropout's Bernoulli draws another 24 % in the baseline), and the stac
 no batching rule, so it loops over the seeds). Hence `train.stack_seeds: false` by default; on a GPU, where
 these heads are launch-bound, it is the lever to measure first (no GPU was lent when this was written).
 Agreement with the one-at-a-time path: without dropout every head's per-seed losses, weights, Adam moments
-and metrics equal it to float tolerance (tests/test_stacked.py); with dropout the masks differ, drawn from
+and metrics equal it to float tolerance (tests/train/test_stacked.py); with dropout the masks differ, drawn from
 the same distribution.
 """
 

@@ -75,7 +75,7 @@ Deviations, each with its reason:
   constraints (`sinkhorn_grad: implicit`, `train.heads.causal.implicit_plan`; equal to the gradient
   unrolled through every iteration, tested); `last_step` keeps the gradient of one Sinkhorn step from the
   converged potentials, the earlier form (cosine 0.85 to the converged gradient at ε = 0.05, 0.95 at 0.1 on
-  a random cost, tests/test_causal.py). A plan returned at the iteration budget above `sinkhorn_tol` is
+  a random cost, tests/train/test_causal.py). A plan returned at the iteration budget above `sinkhorn_tol` is
   logged once per run, with its marginal error.
 - ICI's and ICH's maps act in CLIP's text space (width Dc) so that S = <T, VP> is the CLIP cosine whatever
   stage ran before; the paper's √d in G_k is our √d_k (`relation_dim`, the width of queries and keys).
@@ -104,7 +104,7 @@ Deviations, each with its reason:
 - The same K (`relation_bases`) is used for ICI and F; the paper's K ablation may concern ICI only.
 - **The paper's ICI is inert on frozen text where it runs first.** ICI reads only T: over the frozen T0 (V3, or
   any order that puts ICI before ICH) T* is one vector per class, the same for every video, a re-parametrised
-  class embedding (`tests/test_heads_pcmci.py` checks it; its variation over test videos is 0). We keep the
+  class embedding (`tests/train/test_heads_pcmci.py` checks it; its variation over test videos is 0). We keep the
   paper's form (`ici_form: paper`, strata weights p_k) and add ours beside it: `ici_form: video` (variants
   `ici_video`, `stages_v3_video`): the strata weights ∝ λ_bk p_k, renormalised, with log λ_bk = u_k · v̄P_b
   from the video's mean CLIP frame (the normalised λ·P form of ECRL's Eq. 6-7): R and its relation bases
