@@ -11,6 +11,16 @@ from extract.contract.config import from_dict
 torch.set_num_threads(1)  # small ops: a second thread mostly waits (and tests may run beside other work)
 
 
+def config_keys(data: dict, prefix: str = ""):
+    """Every dotted key path of a raw config mapping (a non-empty mapping is walked, anything else is a leaf)."""
+    for k, v in data.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            yield from config_keys(v, path + ".")
+        else:
+            yield path
+
+
 def tiny_config(root: Path, cache_root: Path, **sections):
     """12 videos of 3-4 s at 48x48, 8 frames each, tiny random encoders, inline decoding."""
     data = {

@@ -16,17 +16,9 @@ from extract.contract.config import (
     to_dict,
     write_resolved,
 )
+from tests.conftest import config_keys
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _keys(data, prefix=""):
-    for k, v in data.items():
-        path = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            yield from _keys(v, path + ".")
-        else:
-            yield path
 
 
 def test_pipeline_yaml_loads_and_names_every_key():
@@ -34,9 +26,9 @@ def test_pipeline_yaml_loads_and_names_every_key():
     named entries aside: tests/train/test_config.py checks stage 2's), every named dictionary writes every field."""
     cfg = load_config(REPO / "pipeline.yaml")
     raw = read_file(REPO / "pipeline.yaml")  # folders of named entries (tables, recipes) read in
-    written = set(_keys(raw))
+    written = set(config_keys(raw))
     named = ("heads", "ablations", "dictionaries.", "grounding", "recipes")  # sections of named entries
-    declared = {k for k in _keys(to_dict(Config())) if not k.startswith(named)}
+    declared = {k for k in config_keys(to_dict(Config())) if not k.startswith(named)}
     static = {k for k in written if not k.startswith(named)}
     # every named dictionary writes every field of DictionarySpec
     spec_fields = {f.name for f in dataclasses.fields(DictionarySpec)}

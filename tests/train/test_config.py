@@ -9,18 +9,10 @@ import pytest
 import yaml
 
 from extract.contract.config import ConfigError, dump_yaml, from_dict, load_config, read_file, to_dict, write_resolved
+from tests.conftest import config_keys
 from train.config import Recipe
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _keys(data, prefix=""):
-    for k, v in data.items():
-        path = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            yield from _keys(v, path + ".")
-        else:
-            yield path
 
 
 def test_pipeline_yaml_names_every_head_grounding_and_recipe_key():
@@ -29,7 +21,7 @@ def test_pipeline_yaml_names_every_head_grounding_and_recipe_key():
 
     cfg = load_config(REPO / "pipeline.yaml")
     raw = read_file(REPO / "pipeline.yaml")  # the recipes and tables folders read in
-    written = set(_keys(raw))
+    written = set(config_keys(raw))
     # each head's defaults are written once, in code: pipeline.yaml sets none of them, and `ltar config show`
     # prints every option of every registered head at its dataclass default, with every built-in variant
     assert raw["heads"] == {}
