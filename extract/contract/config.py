@@ -83,7 +83,14 @@ def load_sections() -> None:
     import importlib
     from importlib.metadata import entry_points
 
-    for ep in sorted(entry_points(group=ENTRY_POINTS), key=lambda e: e.name):
+    providers = sorted(entry_points(group=ENTRY_POINTS), key=lambda e: e.name)
+    if not providers:
+        _LOADED.clear()
+        raise ConfigError(
+            f"no package registers configuration sections (entry points {ENTRY_POINTS!r}): causal-ltar is not "
+            "installed in this Python; run `make setup` (or `pip install -e .`) in the repository"
+        )
+    for ep in providers:
         importlib.import_module(ep.value)
 
 
